@@ -1,0 +1,187 @@
+"""The ``mmbalance`` command line. Heavy imports (ray, polars) happen inside the commands."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rebalance image-text corpora before CLIP/SigLIP pretraining.")
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"mmbalance: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _known_error(exc: BaseException):
+    """The InputError/RecipeError behind an exception, also when Ray wrapped it on the way back."""
+    from mmbalance.schemas.contract import InputError
+    from mmbalance.schemas.recipe import RecipeError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (InputError, RecipeError)):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def _guarded(fn, debug: bool):
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume", 130)
+    except SystemExit as exc:  # SIGTERM during a run: outputs so far are complete shards only
+        if exc.code and exc.code != 0:
+            _fail("terminated; rerun the same command to resume", int(exc.code) if isinstance(exc.code, int) else 1)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
+        known = _known_error(exc)
+        if debug:
+            raise
+        if known is not None:
+            _fail(str(known).splitlines()[0])
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+
+def _load(recipe_path: Optional[Path]):
+    from mmbalance.schemas.recipe import Recipe, load_recipe
+
+    return load_recipe(recipe_path) if recipe_path else Recipe()
+
+
+@app.command()
+def rebalance(
+    shard_dir: Optional[str] = typer.Argument(None, help="Directory or URI of Parquet shards (default: recipe input.path)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory or URI of the run."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="ray | local (overrides the recipe)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT made from another recipe or input."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Validate, tag, solve and write a resampled manifest with a before/after report."""
+
+    def go():
+        from mmbalance.pipeline.rebalance import RunOptions, rebalance as run
+        from mmbalance.console import print_summary
+
+        spec = _load(recipe)
+        source = shard_dir or spec.input.path
+        if not source:
+            _fail("no shard directory: give SHARD_DIR or input.path in the recipe")
+        if executor not in (None, "ray", "local"):
+            _fail(f"--executor must be ray or local, got {executor!r}")
+        result = run(source, out, spec, RunOptions(executor=executor, address=address, num_cpus=num_cpus,
+                                                   overwrite=overwrite, show_progress=not quiet))
+        if not quiet:
+            print_summary(result.report, out)
+
+    _guarded(go, debug)
+
+
+@app.command()
+def validate(
+    shard_dir: str = typer.Argument(..., help="Directory or URI of Parquet shards."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (column mapping, attributes)."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Check every shard and row against the recipe without writing a run. Exit 1 if rows would be rejected."""
+
+    def go():
+        from mmbalance.pipeline.validate import validate_corpus
+        from mmbalance.console import print_validation
+
+        summary = validate_corpus(shard_dir, _load(recipe))
+        print_validation(summary)
+        if summary["rejected"]:
+            raise typer.Exit(1)
+
+    _guarded(go, debug)
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Argument(..., help="Directory to write the shards into."),
+    rows: int = typer.Option(10_000, "--rows", help="Rows in total."),
+    shards: int = typer.Option(4, "--shards", help="Number of Parquet files."),
+    seed: int = typer.Option(0, "--seed"),
+    dim: int = typer.Option(64, "--dim", help="Embedding dimension."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Include small PNG image bytes."),
+) -> None:
+    """Generate a deterministic demo corpus with planted gender-occupation association."""
+    from mmbalance.synth import synth_corpus
+
+    if rows < 0 or shards < 1 or dim < 2:
+        _fail("need --rows >= 0, --shards >= 1, --dim >= 2")
+    synth_corpus(out_dir, rows, shards, seed=seed, dim=dim, images=images)
+    typer.echo(f"wrote {rows} rows in {shards} shards to {out_dir}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("mmbalance-demo"), "--out", "-o", help="Where the corpus and run go."),
+    rows: int = typer.Option(20_000, "--rows"),
+    shards: int = typer.Option(8, "--shards"),
+    executor: str = typer.Option("ray", "--executor", help="ray | local"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Generate a small corpus, rebalance it on an embedded local Ray, print before/after."""
+
+    def go():
+        from mmbalance.pipeline.rebalance import RunOptions, rebalance as run
+        from mmbalance.console import print_summary
+        from mmbalance.schemas.recipe import parse_recipe
+        from mmbalance.synth import DEMO_RECIPE, synth_corpus
+
+        corpus = out / "corpus"
+        if not corpus.exists():
+            synth_corpus(corpus, rows, shards, seed=0)
+        spec = parse_recipe(DEMO_RECIPE, "demo recipe")
+        result = run(str(corpus), str(out / "run"), spec, RunOptions(executor=executor, overwrite=True))
+        print_summary(result.report, str(out / "run"))
+
+    _guarded(go, debug)
+
+
+@app.command("recipe")
+def recipe_cmd(
+    example: bool = typer.Option(False, "--example", help="Print a commented example recipe."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Validate a recipe file and print it resolved."),
+) -> None:
+    """Print an example recipe or check one."""
+    from mmbalance.schemas.recipe import EXAMPLE_RECIPE, RecipeError, load_recipe
+
+    if check:
+        try:
+            spec = load_recipe(check)
+        except RecipeError as err:
+            _fail(str(err))
+        import yaml
+
+        typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        return
+    if not example:
+        _fail("use --example or --check FILE")
+    typer.echo(EXAMPLE_RECIPE, nl=False)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Terminal summaries (rich tables) of a run report and of a validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}"
+
+
+def print_summary(report: dict[str, Any], out: str, console: Console | None = None) -> None:
+    console = console or Console()
+    rows, weights = report["rows"], report["weights"]
+    console.print(
+        f"[bold]mmbalance[/bold] {report['method']}: {rows['input']:,} input rows, {rows['manifest']:,} in the manifest, "
+        f"{rows['rejected']:,} rejected -> {out}"
+    )
+    for reason, n in rows["rejected_by_reason"].items():
+        console.print(f"  rejected: {n:,} x {reason}")
+    table = Table(title="before / after (expected weights / realised repeats)")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after (E)", justify="right")
+    table.add_column("after (repeats)", justify="right")
+    b, a, r = report["before"], report["after_expected"], report["after_realized"]
+    table.add_row("rows", f"{weights['rows']:,}", f"{weights['expected_rows']:,.1f}", f"{weights['realized_rows']:,}")
+    table.add_row("retention", "1.0000", _f(weights["retention"]), _f(weights["realized_retention"]))
+    table.add_row("ESS", f"{weights['rows']:,}", f"{weights['ess']:,.1f}", f"{weights['realized_ess']:,.1f}")
+    table.add_row("RB (max)", _f(b["rb"]), _f(a["rb"]), _f(r["rb"]))
+    table.add_row("AB (max)", _f(b["ab"]), _f(a["ab"]), _f(r["ab"]))
+    for name in b["concept_balance"]:
+        for key in ("gini", "normalized_entropy", "top1pct_share"):
+            table.add_row(
+                f"{name} {key}",
+                _f(b["concept_balance"][name][key]),
+                _f(a["concept_balance"][name][key]),
+                _f(r["concept_balance"][name][key]),
+            )
+    console.print(table)
+    console.print(f"largest repeat count: {weights['max_repeats']}; report: {out}/report.json; manifest: {out}/manifest/")
+
+
+def print_validation(summary: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(
+        f"{summary['shards']} shards, {summary['rows']:,} rows: {summary['valid']:,} valid, {summary['rejected']:,} would be rejected"
+    )
+    for reason, n in summary["rejected_by_reason"].items():
+        console.print(f"  {n:,} x {reason}")
+    for ex in summary["examples"]:
+        console.print(f"  e.g. {ex['shard']} row {ex['row']} uid={ex['uid']!r}: {ex['reason']}")

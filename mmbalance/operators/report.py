@@ -1,0 +1,143 @@
+"""Bias and balance metrics (algorithms.md section 7), computed from signature tables.
+
+A signature table has the tag columns and one weight column (``count`` before balancing, ``w_sum``
+for the expected weights, ``rep_sum`` for the realised repeats), so every metric is exact for the
+whole corpus and costs nothing to recompute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from mmbalance.schemas.contract import tag_column
+from mmbalance.schemas.recipe import Recipe
+
+
+def attribute_representation(frame: pl.DataFrame, weight: str, attr: str, values: list[str], target: dict[str, float]) -> dict[str, Any]:
+    """Shares of each value among rows carrying the attribute; RB = max_k |pi_k - E_w[s_k]|."""
+    col = tag_column(attr)
+    carrying = frame.filter(pl.col(col).is_not_null())
+    total = float(carrying[weight].sum()) if carrying.height else 0.0
+    shares, gaps = {}, {}
+    for v in values:
+        w = float(carrying.filter(pl.col(col) == v)[weight].sum()) if total else 0.0
+        shares[v] = w / total if total else 0.0
+        gaps[v] = target[v] - shares[v]
+    return {
+        "carrying_weight": total,
+        "share": shares,
+        "target": target,
+        "rb_vector": gaps,
+        "rb": max((abs(g) for g in gaps.values()), default=0.0),
+    }
+
+
+def association_gaps(
+    frame: pl.DataFrame, weight: str, attr: str, values: list[str], label: str, label_values: list[str], worst: int = 10
+) -> dict[str, Any]:
+    """AB table: E_w[y_r | s_k = 1] - E_w[y_r | s_k = 0] over rows carrying the attribute."""
+    s_col, y_col = tag_column(attr), tag_column(label)
+    carrying = frame.filter(pl.col(s_col).is_not_null())
+    joint = carrying.group_by([s_col, y_col]).agg(pl.col(weight).sum().alias("w"))
+    w_s = {v: float(joint.filter(pl.col(s_col) == v)["w"].sum()) for v in values}
+    total = sum(w_s.values())
+    table: dict[str, dict[str, float]] = {}
+    pairs = []
+    lookup = {(s, y): float(w) for s, y, w in joint.iter_rows()}
+    for v in values:
+        table[v] = {}
+        rest = total - w_s[v]
+        for r in label_values:
+            both = lookup.get((v, r), 0.0)
+            label_total = sum(lookup.get((u, r), 0.0) for u in values)
+            p_in = both / w_s[v] if w_s[v] > 0 else 0.0
+            p_out = (label_total - both) / rest if rest > 0 else 0.0
+            gap = p_in - p_out
+            table[v][r] = gap
+            pairs.append((abs(gap), v, r, gap))
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    return {
+        "attribute": attr,
+        "label": label,
+        "ab": pairs[0][0] if pairs else 0.0,
+        "gaps": table,
+        "worst_pairs": [{"value": v, "label": r, "gap": g} for _, v, r, g in pairs[:worst]],
+    }
+
+
+def concept_balance(frame: pl.DataFrame, weight: str, label: str) -> dict[str, Any]:
+    """Distribution of weight over a label's values: entropy, Gini, share of the largest 1%."""
+    col = tag_column(label)
+    sizes = (
+        frame.filter(pl.col(col).is_not_null()).group_by(col).agg(pl.col(weight).sum().alias("w"))["w"].to_numpy()
+    )
+    sizes = np.sort(sizes[sizes > 0])[::-1].astype(np.float64)
+    if len(sizes) == 0:
+        return {"values": 0, "entropy": 0.0, "normalized_entropy": 0.0, "gini": 0.0, "top1pct_share": 0.0, "largest": 0.0, "smallest": 0.0}
+    p = sizes / sizes.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    asc = np.sort(sizes)
+    n = len(asc)
+    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(asc) / (n * asc.sum())) if n > 1 else 0.0
+    top = max(1, math.ceil(0.01 * n))
+    return {
+        "values": int(n),
+        "entropy": entropy,
+        "normalized_entropy": entropy / math.log(n) if n > 1 else 1.0,
+        "gini": gini,
+        "top1pct_share": float(p[:top].sum()),
+        "largest": float(sizes[0]),
+        "smallest": float(sizes[-1]),
+    }
+
+
+def view_metrics(frame: pl.DataFrame, weight: str, recipe: Recipe, vocab: dict[str, list[str]]) -> dict[str, Any]:
+    targets = recipe.attribute_targets()
+    out: dict[str, Any] = {"total_weight": float(frame[weight].sum()) if frame.height else 0.0}
+    out["representation"] = {
+        a.name: attribute_representation(frame, weight, a.name, a.values, targets[a.name]) for a in recipe.attributes
+    }
+    out["rb"] = max((r["rb"] for r in out["representation"].values()), default=0.0)
+    assoc = [
+        association_gaps(frame, weight, a.name, a.values, lab.name, vocab[lab.name])
+        for a in recipe.attributes
+        for lab in recipe.labels
+    ]
+    out["association"] = assoc
+    out["ab"] = max((x["ab"] for x in assoc), default=0.0)
+    out["concept_balance"] = {lab.name: concept_balance(frame, weight, lab.name) for lab in recipe.labels}
+    return out
+
+
+def weight_summary(after: pl.DataFrame, rows: int) -> dict[str, Any]:
+    def s(col: str) -> float:
+        return float(after[col].sum()) if after.height else 0.0
+
+    w_sum, w2_sum, rep_sum, rep2_sum = s("w_sum"), s("w2_sum"), s("rep_sum"), s("rep2_sum")
+    return {
+        "rows": rows,
+        "expected_rows": w_sum,
+        "retention": w_sum / rows if rows else 0.0,
+        "ess": w_sum**2 / w2_sum if w2_sum else 0.0,
+        "realized_rows": int(rep_sum),
+        "realized_retention": rep_sum / rows if rows else 0.0,
+        "realized_ess": rep_sum**2 / rep2_sum if rep2_sum else 0.0,
+        "distinct_rows_kept": int(s("kept")),
+        "max_repeats": int(after["rep_max"].max()) if after.height else 0,
+    }
+
+
+def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]]) -> dict[str, Any]:
+    before_f, after_f = pl.from_arrow(before), pl.from_arrow(after)
+    rows = int(before_f["count"].sum()) if before_f.height else 0
+    return {
+        "weights": weight_summary(after_f, rows),
+        "before": view_metrics(before_f, "count", recipe, vocab),
+        "after_expected": view_metrics(after_f, "w_sum", recipe, vocab),
+        "after_realized": view_metrics(after_f, "rep_sum", recipe, vocab),
+    }

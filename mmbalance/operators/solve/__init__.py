@@ -1,0 +1,119 @@
+"""The solve step: merged statistics in, a small solution out; applying it is a per-shard map.
+
+Every balancing method plugs in the same way: a solver function registered under the recipe's
+``balance.method`` takes ``CorpusStats`` and returns a ``Solution``. A solution maps a row's tags
+(and utility) to its weight and round-trips through JSON, so the weigh stage on any worker, or a
+rerun after a crash, applies exactly what was solved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from mmbalance.schemas.recipe import Recipe
+
+
+@dataclass
+class CorpusStats:
+    """What a solver may read: the merged signature table of valid, de-duplicated rows."""
+
+    recipe: Recipe
+    signatures: pa.Table  # tag.<name> string columns, count[, utility_sum]
+    vocab: dict[str, list[str]]  # values seen per attribute/label name
+    total_rows: int
+
+
+class Solution(Protocol):
+    method: str
+    diagnostics: dict[str, Any]
+
+    def weights(self, tags: pa.Table) -> np.ndarray: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class LookupSolution:
+    """Weight as a function of some tag columns: covers cap, reweighing, water-filling over labels
+    and every method solved over hard-tag signatures."""
+
+    method: str
+    key_columns: list[str]  # tags-table column names
+    keys: dict[str, list[str | None]]
+    weight: list[float]
+    default: float | None = None  # weight of a key not in the table; None: an unseen key is an error
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, tags: pa.Table) -> np.ndarray:
+        if not self.key_columns:
+            return np.full(tags.num_rows, self.weight[0] if self.weight else (self.default or 0.0))
+        left = pl.from_arrow(tags.select(self.key_columns))
+        if isinstance(left, pl.Series):  # pragma: no cover
+            left = left.to_frame()
+        right = pl.DataFrame(
+            {**{c: pl.Series(c, self.keys[c], dtype=pl.String) for c in self.key_columns},
+             "__w": pl.Series("__w", self.weight, dtype=pl.Float64)}
+        )
+        joined = left.join(right, on=self.key_columns, how="left", nulls_equal=True, maintain_order="left")
+        w = joined.get_column("__w").to_numpy()
+        missing = np.isnan(w)
+        if missing.any():
+            if self.default is None:
+                example = left.row(int(np.flatnonzero(missing)[0]))
+                raise ValueError(f"solution '{self.method}' has no weight for tags {dict(zip(self.key_columns, example))}")
+            w = np.where(missing, self.default, w)
+        return w
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "lookup",
+            "method": self.method,
+            "key_columns": self.key_columns,
+            "keys": self.keys,
+            "weight": self.weight,
+            "default": self.default,
+            "diagnostics": self.diagnostics,
+        }
+
+
+SolverFn = Callable[[Any, CorpusStats], Solution]
+SOLVERS: dict[str, SolverFn] = {}
+
+
+def register(method: str) -> Callable[[SolverFn], SolverFn]:
+    def deco(fn: SolverFn) -> SolverFn:
+        SOLVERS[method] = fn
+        return fn
+
+    return deco
+
+
+def solve(stats: CorpusStats) -> Solution:
+    step = stats.recipe.balance
+    try:
+        solver = SOLVERS[step.method]
+    except KeyError:
+        raise ValueError(f"balance.method '{step.method}' has no solver (known: {sorted(SOLVERS)})") from None
+    return solver(step, stats)
+
+
+def solution_from_dict(data: dict[str, Any]) -> Solution:
+    if data.get("kind") == "lookup":
+        fields = {k: data[k] for k in ("method", "key_columns", "keys", "weight", "default", "diagnostics")}
+        return LookupSolution(**fields)
+    raise ValueError(f"unknown solution kind {data.get('kind')!r}")
+
+
+@register("none")
+def solve_none(step, stats: CorpusStats) -> Solution:
+    return LookupSolution("none", [], {}, [1.0], default=1.0, diagnostics={"note": "every valid row kept once"})
+
+
+# methods register themselves on import
+from mmbalance.operators.solve import cap as _cap  # noqa: E402,F401

@@ -1,0 +1,171 @@
+"""Row-level validation: every row is either valid or rejected with a one-line reason.
+
+Usable as a plain function on an Arrow table (``validate_rows``) and as a Ray Data operator
+(``RowValidator`` with ``map_batches(..., batch_format="pyarrow")``, which keeps the valid rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmbalance.schemas.contract import REJECTS_SCHEMA
+from mmbalance.schemas.recipe import Recipe
+
+_NONFINITE_MASKS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}
+
+
+@dataclass
+class ValidationResult:
+    valid: np.ndarray  # bool per row
+    rejects: pa.Table  # REJECTS_SCHEMA rows for the invalid ones
+    reason_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _to_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Rows of a 2-D float16/float32 matrix that hold a NaN or inf (exponent bits all ones)."""
+    utype, mask = _NONFINITE_MASKS[values.dtype.itemsize]
+    bits = values.view(utype)
+    return ((bits & mask) == mask).any(axis=1)
+
+
+def embedding_problems(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: (is null, has wrong dimension, has NaN/inf) for a list or fixed_size_list column."""
+    n = len(column)
+    is_null = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(column.type):
+        if column.type.list_size != dim:
+            return is_null, ~is_null, np.zeros(n, bool)
+        flat = column.values.slice(column.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+        bad = nonfinite_rows(flat.reshape(n, dim)) if n else np.zeros(0, bool)
+        # a NaN produced from a null child value is a bad embedding too
+        return is_null, np.zeros(n, bool), bad & ~is_null
+    lengths = pc.fill_null(pc.list_value_length(column), dim).to_numpy(zero_copy_only=False)
+    wrong_dim = (lengths != dim) & ~is_null
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    bad = np.zeros(n, bool)
+    if len(flat):
+        utype, mask = _NONFINITE_MASKS[flat.dtype.itemsize]
+        bad_elems = (flat.view(utype) & mask) == mask
+        if bad_elems.any():
+            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            bad[np.unique(parents[bad_elems])] = True
+    return is_null, wrong_dim, bad & ~wrong_dim
+
+
+class _Reasons:
+    """Collects the first failing check per row."""
+
+    def __init__(self, n: int):
+        self.bad = np.zeros(n, bool)
+        self.reason = np.empty(n, dtype=object)
+
+    def flag(self, mask: np.ndarray, message) -> None:
+        new = mask & ~self.bad
+        if not new.any():
+            return
+        idx = np.flatnonzero(new)
+        if callable(message):
+            for i in idx:
+                self.reason[i] = message(i)
+        else:
+            self.reason[idx] = message
+        self.bad |= new
+
+
+def validate_rows(
+    table: pa.Table,
+    recipe: Recipe,
+    embedding_dims: dict[str, int],
+    shard: str = "",
+    row_offset: int = 0,
+) -> ValidationResult:
+    """Check one batch of rows against the recipe's contract."""
+    n = table.num_rows
+    cols = recipe.input.columns
+    reasons = _Reasons(n)
+    uid = _to_array(table.column(cols.uid))
+    uid_str = pc.cast(uid, pa.string()) if not pa.types.is_string(uid.type) else uid
+    reasons.flag(uid_str.is_null().to_numpy(zero_copy_only=False), f"null uid (column '{cols.uid}')")
+    reasons.flag(pc.fill_null(pc.equal(pc.utf8_length(uid_str), 0), False).to_numpy(zero_copy_only=False),
+                 f"empty uid (column '{cols.uid}')")
+
+    if cols.status:
+        status = pc.cast(_to_array(table.column(cols.status)), pa.string())
+        ok = pc.fill_null(pc.equal(status, "success"), False).to_numpy(zero_copy_only=False)
+        status_py = status.to_pylist() if not ok.all() else None
+        reasons.flag(~ok, lambda i: f"status '{status_py[i]}' is not 'success' (column '{cols.status}')")
+
+    for role in ("image_embedding", "text_embedding"):
+        column = getattr(cols, role)
+        if not column:
+            continue
+        dim = embedding_dims[column]
+        arr = _to_array(table.column(column))
+        is_null, wrong_dim, nonfinite = embedding_problems(arr, dim)
+        reasons.flag(is_null, f"missing {role} (column '{column}' is null)")
+        if wrong_dim.any():
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+            reasons.flag(wrong_dim, lambda i, c=column, ln=lengths, d=dim: f"{role} '{c}' has {ln[i]} values, expected {d}")
+        reasons.flag(nonfinite, f"{role} (column '{column}') holds NaN or inf")
+
+    for attr in recipe.attributes:
+        values = pc.cast(_to_array(table.column(attr.source_column)), pa.string())
+        known = pc.is_in(values, value_set=pa.array(attr.values, pa.string()))
+        unknown = (values.is_valid().to_numpy(zero_copy_only=False)) & ~known.to_numpy(zero_copy_only=False)
+        if unknown.any():
+            vals = values.to_pylist()
+            reasons.flag(
+                unknown,
+                lambda i, a=attr, v=vals: f"attribute {a.name}: value {v[i]!r} (column '{a.source_column}') "
+                f"not in {a.values}",
+            )
+
+    if cols.utility:
+        util = pc.cast(_to_array(table.column(cols.utility)), pa.float64()).to_numpy(zero_copy_only=False)
+        reasons.flag(~np.isfinite(util), f"utility (column '{cols.utility}') is null, NaN or inf")
+        with np.errstate(invalid="ignore"):
+            reasons.flag(util < 0, f"utility (column '{cols.utility}') is negative")
+
+    rows = np.flatnonzero(reasons.bad)
+    reason_list = reasons.reason[rows].tolist()
+    rejects = pa.table(
+        {
+            "uid": uid_str.take(pa.array(rows, pa.int64())),
+            "shard": pa.array([shard] * len(rows), pa.string()),
+            "row": pa.array(rows + row_offset, pa.int64()),
+            "stage": pa.array(["validate"] * len(rows), pa.string()),
+            "reason": pa.array(reason_list, pa.string()),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    counts: dict[str, int] = {}
+    for r in reason_list:
+        key = r.split(":")[0] if r.startswith("attribute") else r.split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ValidationResult(valid=~reasons.bad, rejects=rejects, reason_counts=counts)
+
+
+REJECT_REASON_COLUMN = "reject_reason"
+
+
+class RowValidator:
+    """Ray Data operator: adds ``reject_reason`` (null for valid rows); no row is dropped here."""
+
+    def __init__(self, recipe: Recipe, embedding_dims: dict[str, int]):
+        self.recipe = recipe
+        self.embedding_dims = embedding_dims
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        result = validate_rows(batch, self.recipe, self.embedding_dims)
+        reasons = [None] * batch.num_rows
+        for row, reason in zip(result.rejects.column("row").to_pylist(), result.rejects.column("reason").to_pylist()):
+            reasons[row] = reason
+        return batch.append_column(REJECT_REASON_COLUMN, pa.array(reasons, pa.string()))

@@ -1,0 +1,1 @@
+"""Wiring, execution and resume."""

@@ -1,0 +1,93 @@
+"""Execution backends for per-shard work: a plain local loop, or Ray Data on a local or remote cluster.
+
+Both run the same picklable function over the same JSON-able task descriptions and yield each
+task's JSON-able summary as it finishes; outputs are written by the function itself, keyed by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class LocalExecutor:
+    """Runs tasks one after another in this process (debugging, tiny corpora, benchmarks)."""
+
+    name = "local"
+
+    def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for task in tasks:
+            yield fn(task)
+
+
+class _TaskBatchRunner:
+    """Ray Data batch function: each row carries one task as JSON."""
+
+    def __init__(self, fn: TaskFn):
+        self.fn = fn
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        return {"result": [json.dumps(self.fn(json.loads(str(t)))) for t in batch["task"]]}
+
+
+class RayExecutor:
+    """Streams tasks through Ray Data: one task per block, ``num_cpus`` each, results as they finish."""
+
+    name = "ray"
+
+    def __init__(self, num_cpus_per_task: float = 1.0):
+        self.num_cpus_per_task = num_cpus_per_task
+
+    def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if not tasks:
+            return
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the CLI draws one bar per stage itself
+        ctx.print_on_execution_start = False
+        items = [{"task": json.dumps(t)} for t in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(_TaskBatchRunner(fn), batch_size=1, num_cpus=self.num_cpus_per_task, batch_format="numpy")
+        for row in ds.iter_rows():
+            yield json.loads(row["result"])
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None):
+    """Connect to a cluster (``address`` or RAY_ADDRESS), or start a local Ray for this run and stop it
+    afterwards, also on SIGTERM or Ctrl-C, so no processes are left behind."""
+    import ray
+
+    if ray.is_initialized():  # inside a Ray job, or a caller's session: theirs to manage
+        yield
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if target:
+        ray.init(address=target, log_to_driver=False, runtime_env=env)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=(object_store_mb or 512) * 1024 * 1024,
+            runtime_env=env,
+        )
+
+    def _on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray.shutdown()

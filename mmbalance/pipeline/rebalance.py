@@ -1,0 +1,319 @@
+"""The rebalance run: wiring of the stages, resume, and the run record.
+
+    discover + inspect (footers, schemas)      every shard checked before work starts
+    scan        per shard   validate, tag, uid hashes        -> tags/, uids/, rejects/validate/
+    dedup       per bucket  duplicate uids across shards     -> dedup/
+    signatures  per shard   counts of first-occurrence rows  -> signatures/, rejects/dedup/
+    solve       global      merged signatures -> solution    -> solve/solution.json
+    weigh       per shard   weights, stochastic rounding     -> manifest/, after/
+    report      global      metrics before and after         -> report.json, stats/
+
+A per-shard stage skips every shard whose done marker exists, so a rerun after a crash redoes only
+unfinished shards; all randomness is a pure function of (seed, shard id, row), so results match.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+import mmbalance
+from mmbalance.operators import stats as stats_op
+from mmbalance.operators.dedup import bucket_bounds
+from mmbalance.operators.report import build_report
+from mmbalance.operators.solve import CorpusStats, solve
+from mmbalance.pipeline import stages
+from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
+from mmbalance.pipeline.progress import StageProgress
+from mmbalance.pipeline.shards import discover_shards, expected_embedding_dim, inspect_shards
+from mmbalance.pipeline.store import RunStore
+from mmbalance.schemas.contract import InputError, tag_column
+from mmbalance.schemas.recipe import Recipe
+
+RUN_FORMAT = 1
+
+
+@dataclass
+class RunOptions:
+    executor: str | None = None  # overrides recipe.execution.executor
+    address: str | None = None
+    num_cpus: int | None = None
+    overwrite: bool = False
+    show_progress: bool = True
+    stop_after: str | None = None  # "dedup": validation only, no solve or manifest
+    # test hook: called with the stage name after each finished unit of work
+    on_progress: Callable[[str, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class RunResult:
+    out: str
+    report: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import polars
+    import ray
+
+    return {
+        "mmbalance": mmbalance.__version__,
+        "python": platform.python_version(),
+        "pyarrow": pa.__version__,
+        "numpy": numpy.__version__,
+        "polars": polars.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def _input_fingerprint(shards) -> str:
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s.relpath}\0{s.size}\0{s.num_rows}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool) -> None:
+    if not store.exists("run.json"):
+        if store.exists() and store.list_files() and not overwrite:
+            names = store.list_files()
+            raise InputError(f"{store.uri}: output directory is not empty and holds no mmbalance run ({names[0]}, ...); "
+                             "choose another --out or pass --overwrite")
+        return
+    previous = store.read_json("run.json")
+    same = all(previous.get(k) == run[k] for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+    if same:
+        return
+    if not overwrite:
+        changed = [k for k in ("recipe_fingerprint", "input_fingerprint") if previous.get(k) != run[k]]
+        raise InputError(
+            f"{store.uri}: holds a run with a different {' and '.join(c.split('_')[0] for c in changed) or 'format'}; "
+            "pass --overwrite to replace it or choose another --out"
+        )
+    store.clear()
+
+
+class Rebalancer:
+    def __init__(self, input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None):
+        self.input_uri = input_uri
+        self.recipe = recipe
+        self.options = options or RunOptions()
+        self.store = RunStore(out)
+        self.stage_seconds: dict[str, float] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _run_stage(self, name: str, executor, fn, tasks: list[dict[str, Any]], keys: list[str], rows: list[int]) -> None:
+        """Run the tasks whose done marker is missing; progress counts finished and skipped work."""
+        start = time.perf_counter()
+        done = self.store.done_keys(name)
+        todo = [t for t, k in zip(tasks, keys) if k not in done]
+        skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
+        with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
+            bar.advance(len(tasks) - len(todo), skipped_rows)
+            row_of = dict(zip(keys, rows))
+            for summary in executor.map(fn, todo):
+                key = summary.get("shard_id") or summary.get("bucket")
+                bar.advance(1, row_of.get(key, 0))
+                if self.options.on_progress:
+                    self.options.on_progress(name, summary)
+        self.stage_seconds[name] = round(time.perf_counter() - start, 3)
+
+    def _summaries(self, stage: str, keys: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for key in keys:
+            summary = self.store.done_summary(stage, key)
+            if summary is None:
+                raise RuntimeError(f"stage {stage}: {key} did not finish")
+            out.append(summary)
+        return out
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        recipe, store = self.recipe, self.store
+        t0 = time.perf_counter()
+        fs, shards = discover_shards(self.input_uri, recipe.input.extensions)
+        inspected = inspect_shards(fs, shards, recipe)
+        shards = [i.shard for i in inspected]
+        layout_columns: list[str] = []
+        for item in inspected:
+            for c in item.layout.columns:
+                if c not in layout_columns:
+                    layout_columns.append(c)
+        dims = {}
+        for role in ("image_embedding", "text_embedding"):
+            column = getattr(recipe.input.columns, role)
+            if column:
+                dims[column] = expected_embedding_dim(fs, inspected, column, recipe)
+        self.stage_seconds["inspect"] = round(time.perf_counter() - t0, 3)
+
+        run = {
+            "format": RUN_FORMAT,
+            "input": self.input_uri,
+            "recipe": recipe.model_dump(mode="json"),
+            "recipe_fingerprint": recipe.fingerprint(),
+            "input_fingerprint": _input_fingerprint(shards),
+            "shards": len(shards),
+            "input_rows": sum(s.num_rows for s in shards),
+            "seeds": {"export": recipe.export.seed},
+            "embedding_dims": dims,
+            "versions": _versions(),
+        }
+        _check_previous_run(store, run, self.options.overwrite)
+        if not store.exists("run.json"):
+            store.write_json("run.json", obj=run)
+            store.write_json("shards.json", obj=[s.to_dict() for s in shards])
+
+        ctx = stages.RunContext(
+            input_uri=self.input_uri,
+            out=store.uri,
+            recipe=recipe,
+            source_columns=tuple(layout_columns),
+            embedding_dims=tuple(sorted(dims.items())),
+        )
+        executor_kind = self.options.executor or recipe.execution.executor
+        if executor_kind == "local":
+            return self._stages(ctx, shards, LocalExecutor(), run)
+        with ray_session(
+            self.options.address or recipe.execution.address,
+            self.options.num_cpus or recipe.execution.num_cpus,
+            recipe.execution.object_store_memory_mb,
+        ):
+            return self._stages(ctx, shards, RayExecutor(), run)
+
+    def _stages(self, ctx: stages.RunContext, shards, executor, run: dict[str, Any]) -> RunResult:
+        recipe, store = self.recipe, self.store
+        ids = [s.shard_id for s in shards]
+        rows = [s.num_rows for s in shards]
+
+        # scan
+        scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows} for s in shards]
+        self._run_stage("scan", executor, functools.partial(stages.scan_shard, ctx), scan_tasks, ids, rows)
+        scans = self._summaries("scan", ids)
+        valid_rows = sum(s["valid"] for s in scans)
+
+        # dedup: buckets sized so one bucket's hashes fit comfortably in a worker
+        buckets = max(1, math.ceil(valid_rows / recipe.execution.dedup_bucket_rows))
+        bucket_keys = [f"{b:05d}-of-{buckets:05d}" for b in range(buckets)]
+        dedup_tasks = [
+            {"bucket": b, "buckets": buckets, "lo": str(lo), "hi": str(hi), "shard_ids": ids}
+            for b, (lo, hi) in enumerate(bucket_bounds(buckets))
+        ]
+        per_bucket_rows = [valid_rows // buckets] * buckets
+        self._run_stage("dedup", executor, functools.partial(stages.dedup_bucket, ctx), dedup_tasks, bucket_keys, per_bucket_rows)
+        dups = self._duplicates(bucket_keys, shards)
+        if self.options.stop_after == "dedup":
+            n_dups = sum(len(d["rows"]) for d in dups.values())
+            return RunResult(store.uri, {"scans": scans, "duplicates": n_dups}, dict(self.stage_seconds))
+
+        # signatures
+        def with_dups(task: dict[str, Any], shard) -> dict[str, Any]:
+            d = dups.get(shard.index, {"rows": [], "first_shard": [], "first_row": []})
+            return {**task, "dup_rows": d["rows"], "dup_first_shard": d["first_shard"], "dup_first_row": d["first_row"]}
+
+        sig_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath}, s) for s in shards]
+        self._run_stage("signatures", executor, functools.partial(stages.signatures_shard, ctx), sig_tasks, ids, rows)
+
+        # solve (global, small)
+        t = time.perf_counter()
+        before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
+        store.write_table("signatures", "merged.parquet", table=before)
+        vocab = self._vocabulary(before)
+        corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0))
+        if not store.exists("solve", "solution.json"):
+            store.write_json("solve", "solution.json", obj=solve(corpus).to_dict())
+        solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
+        digest = hashlib.sha256(solution_json.encode()).hexdigest()[:16]
+        self.stage_seconds["solve"] = round(time.perf_counter() - t, 3)
+
+        # weigh
+        weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "solution_digest": digest}, s) for s in shards]
+        self._run_stage("weigh", executor, functools.partial(stages.weigh_shard, ctx), weigh_tasks, ids, rows)
+
+        # report
+        t = time.perf_counter()
+        after = stats_op.merge((store.read_table("after", f"{i}.parquet") for i in ids), ctx.tag_columns)
+        store.write_table("after", "merged.parquet", table=after)
+        report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
+        self.stage_seconds["report"] = round(time.perf_counter() - t, 3)
+        report["stage_seconds"] = dict(self.stage_seconds)
+        store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
+        store.write_json("report.json", obj=report)
+        return RunResult(store.uri, report, dict(self.stage_seconds))
+
+    def _duplicates(self, bucket_keys: list[str], shards) -> dict[int, dict[str, list]]:
+        """Duplicate rows per shard index. Memory grows with the number of duplicates, not rows."""
+        by_shard: dict[int, dict[str, list]] = defaultdict(lambda: {"rows": [], "first_shard": [], "first_row": []})
+        for key in bucket_keys:
+            table = self.store.read_table("dedup", f"bucket-{key}.parquet")
+            for s, r, fs, fr in zip(*(table.column(c).to_pylist() for c in ("shard_index", "row", "first_shard_index", "first_row"))):
+                entry = by_shard[s]
+                entry["rows"].append(r)
+                entry["first_shard"].append(shards[fs].relpath)
+                entry["first_row"].append(fr)
+        return dict(by_shard)
+
+    def _vocabulary(self, before: pa.Table) -> dict[str, list[str]]:
+        vocab = {a.name: list(a.values) for a in self.recipe.attributes}
+        for label in self.recipe.labels:
+            vocab[label.name] = list(label.values) if label.values else stats_op.vocabulary(before, tag_column(label.name))
+        return vocab
+
+    def _report(self, run, scans, before, after, vocab, solution, dups) -> dict[str, Any]:
+        reasons: dict[str, int] = defaultdict(int)
+        for s in scans:
+            for k, v in s["reasons"].items():
+                reasons[k] += v
+        n_dups = sum(len(d["rows"]) for d in dups.values())
+        if n_dups:
+            reasons["duplicate uid"] += n_dups
+        input_rows = sum(s["rows_in"] for s in scans)
+        rejected = sum(s["rejected"] for s in scans) + n_dups
+        manifest_rows = input_rows - rejected
+        report = {
+            "input": {"uri": run["input"], "shards": run["shards"], "fingerprint": run["input_fingerprint"]},
+            "rows": {
+                "input": input_rows,
+                "manifest": manifest_rows,
+                "rejected": rejected,
+                "rejected_by_reason": dict(sorted(reasons.items())),
+            },
+            "method": self.recipe.balance.method,
+            "solution": solution.get("diagnostics", {}),
+            "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
+        }
+        report.update(build_report(self.recipe, before, after, vocab))
+        if report["weights"]["rows"] != manifest_rows:
+            raise RuntimeError(f"row accounting broken: {manifest_rows} manifest rows, {report['weights']['rows']} weighed")
+        return report
+
+    def _stage_stats(self, ids: list[str], bucket_keys: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for stage, keys in (("scan", ids), ("dedup", bucket_keys), ("signatures", ids), ("weigh", ids)):
+            summaries = self._summaries(stage, keys)
+            out[stage] = {
+                "units": len(keys),
+                "task_seconds": round(sum(s.get("seconds", 0.0) for s in summaries), 3),
+                "wall_seconds": self.stage_seconds.get(stage),
+            }
+        out["scan"].update(
+            rows_in=sum(s["rows_in"] for s in self._summaries("scan", ids)),
+            rejected=sum(s["rejected"] for s in self._summaries("scan", ids)),
+        )
+        return out
+
+
+def rebalance(input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None) -> RunResult:
+    return Rebalancer(input_uri, out, recipe, options).run()

@@ -1,0 +1,142 @@
+"""Shard discovery and inspection: stable shard ids, footers read and checked before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mmbalance.pipeline.store import resolve_filesystem
+from mmbalance.schemas.contract import InputError, ShardLayout, check_shard_schema
+from mmbalance.schemas.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # position in the sorted shard list: the tie-breaker for duplicate uids
+    relpath: str  # relative to the input root, '/'-separated
+    path: str  # path inside the filesystem
+    size: int
+    shard_id: str  # stable: from relpath and size, never from Ray's block layout
+    num_rows: int = -1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shard_id_for(relpath: str, size: int) -> str:
+    digest = hashlib.sha1(f"{relpath}\0{size}".encode()).hexdigest()[:10]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", relpath.rsplit(".", 1)[0])[-80:]
+    return f"{stem}-{digest}"
+
+
+def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parquet",)) -> tuple[pafs.FileSystem, list[Shard]]:
+    """List the Parquet shards under ``uri`` (recursively), sorted by relative path."""
+    fs, root = resolve_filesystem(uri)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as err:
+        raise InputError(f"{uri}: cannot access input ({err})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{uri}: input path does not exist")
+    if info.type == pafs.FileType.File:
+        entries, root_dir = [info], root.rsplit("/", 1)[0]
+    else:
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        except OSError as err:
+            raise InputError(f"{uri}: cannot list input directory ({err})") from None
+        root_dir = root
+    files = []
+    for entry in entries:
+        if entry.type != pafs.FileType.File or not entry.base_name.endswith(tuple(extensions)):
+            continue
+        rel = entry.path[len(root_dir) :].lstrip("/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue  # hidden files, _SUCCESS markers, temporaries
+        files.append((rel, entry.path, entry.size))
+    if not files:
+        raise InputError(f"{uri}: no Parquet files ({', '.join(extensions)}) found")
+    files.sort()
+    shards = [Shard(i, rel, path, size, shard_id_for(rel, size)) for i, (rel, path, size) in enumerate(files)]
+    return fs, shards
+
+
+@dataclass
+class InspectedShard:
+    shard: Shard
+    layout: ShardLayout
+    schema: pa.Schema
+
+
+def _inspect_one(fs: pafs.FileSystem, shard: Shard, recipe: Recipe) -> InspectedShard:
+    try:
+        with fs.open_input_file(shard.path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+            schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise InputError(f"{shard.relpath}: unreadable Parquet ({str(err).splitlines()[0]})") from None
+    layout = check_shard_schema(schema, recipe, shard.relpath)
+    inspected = Shard(shard.index, shard.relpath, shard.path, shard.size, shard.shard_id, meta.num_rows)
+    return InspectedShard(inspected, layout, schema)
+
+
+def inspect_shards(fs: pafs.FileSystem, shards: list[Shard], recipe: Recipe, threads: int = 16) -> list[InspectedShard]:
+    """Read every footer and check every schema before any work starts; the first error stops the run."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(lambda s: _safe_inspect(fs, s, recipe), shards))
+    errors = [r for r in results if isinstance(r, InputError)]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad shards)" if len(errors) > 1 else ""
+        raise InputError(f"{errors[0]}{more}")
+    inspected = [r for r in results if isinstance(r, InspectedShard)]
+    _check_consistent_dims(inspected, recipe)
+    return inspected
+
+
+def _safe_inspect(fs, shard, recipe):
+    try:
+        return _inspect_one(fs, shard, recipe)
+    except InputError as err:
+        return err
+
+
+def _check_consistent_dims(inspected: list[InspectedShard], recipe: Recipe) -> None:
+    for role in ("image_embedding", "text_embedding"):
+        column = getattr(recipe.input.columns, role)
+        if not column:
+            continue
+        expected, first = recipe.input.embedding_dim, "input.embedding_dim"
+        for item in inspected:
+            dim = item.layout.embedding_dims.get(column)
+            if dim is None:
+                continue
+            if expected is None:
+                expected, first = dim, item.shard.relpath
+            elif dim != expected:
+                raise InputError(
+                    f"{item.shard.relpath}: column '{column}' has dimension {dim}, but {first} has {expected}"
+                )
+
+
+def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard], column: str, recipe: Recipe) -> int:
+    """The corpus-wide dimension of an embedding column: recipe, fixed-size schema, or first non-null row."""
+    if recipe.input.embedding_dim:
+        return recipe.input.embedding_dim
+    for item in inspected:
+        dim = item.layout.embedding_dims.get(column)
+        if dim is not None:
+            return dim
+    for item in inspected:
+        with fs.open_input_file(item.shard.path) as handle:
+            pfile = pq.ParquetFile(handle)
+            for batch in pfile.iter_batches(batch_size=1024, columns=[column]):
+                lengths = pa.compute.list_value_length(batch.column(0)).drop_null()
+                if len(lengths):
+                    return int(lengths[0].as_py())
+    raise InputError(f"column '{column}': every row is null, cannot tell the embedding dimension")

@@ -1,0 +1,242 @@
+"""The recipe: the single source of configuration for a run, validated by pydantic.
+
+Unknown keys are errors (``extra="forbid"``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnMap(StrictModel):
+    """Which input column plays which role. Only ``uid`` is required."""
+
+    uid: str = "uid"
+    caption: str | None = None
+    image: str | None = None
+    image_embedding: str | None = None
+    text_embedding: str | None = None
+    utility: str | None = None
+    # img2dataset writes status=success|failed_to_download|...; other values are rejected.
+    status: str | None = None
+
+
+class InputSpec(StrictModel):
+    path: str | None = None
+    columns: ColumnMap = ColumnMap()
+    # Expected embedding dimension; None = taken from the first shard that has embeddings.
+    embedding_dim: int | None = Field(default=None, gt=0)
+    extensions: list[str] = [".parquet"]
+
+
+class AttributeSpec(StrictModel):
+    """A sensitive attribute s: a closed set of values; null means "not applicable" (no person)."""
+
+    name: str
+    source: Literal["column"] = "column"
+    column: str | None = None
+    values: list[str] = Field(min_length=1)
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @field_validator("values")
+    @classmethod
+    def _unique_values(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("values must be unique")
+        return values
+
+
+class LabelSpec(StrictModel):
+    """A concept label y: one-hot over ``values`` or, when omitted, over the values seen."""
+
+    name: str
+    source: Literal["column"] = "column"
+    column: str | None = None
+    values: list[str] | None = None
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+
+class NoBalance(StrictModel):
+    """Keep every valid row once (weight 1): useful to audit a corpus."""
+
+    method: Literal["none"]
+
+
+class CapBalance(StrictModel):
+    """MetaCLIP balancing: each value e of ``by`` is kept with probability t / max(count_e, t)."""
+
+    method: Literal["cap"]
+    by: str
+    cap: int = Field(gt=0)
+    # Rows with no value for ``by``: MetaCLIP drops them ("drop"); keeping them is the safer default.
+    unlabeled: Literal["keep", "drop"] = "keep"
+    targets: dict[str, dict[str, float]] | None = None
+
+
+BalanceSpec = Annotated[Union[NoBalance, CapBalance], Field(discriminator="method")]
+
+
+class ExportSpec(StrictModel):
+    seed: int = 0
+    formats: list[Literal["parquet"]] = ["parquet"]
+
+
+class ExecutionSpec(StrictModel):
+    """How the run executes; the CLI flags override these."""
+
+    executor: Literal["ray", "local"] = "ray"
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0)
+    # Rows per Arrow batch inside a shard: bounds memory per worker (4k-25k measured fastest).
+    batch_rows: int = Field(default=16384, gt=0)
+    object_store_memory_mb: int | None = Field(default=None, gt=0)
+    # Rows per dedup bucket: bounds the memory of the global duplicate-uid check.
+    dedup_bucket_rows: int = Field(default=4_000_000, gt=0)
+
+
+class Recipe(StrictModel):
+    input: InputSpec = InputSpec()
+    attributes: list[AttributeSpec] = []
+    labels: list[LabelSpec] = []
+    balance: BalanceSpec = NoBalance(method="none")
+    export: ExportSpec = ExportSpec()
+    execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "Recipe":
+        names = [a.name for a in self.attributes] + [lab.name for lab in self.labels]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"attribute/label names must be unique, repeated: {dupes}")
+        if isinstance(self.balance, CapBalance):
+            label_names = [lab.name for lab in self.labels]
+            if self.balance.by not in label_names:
+                raise ValueError(
+                    f"balance.by names '{self.balance.by}', which is not a label (labels: {label_names})"
+                )
+        targets = getattr(self.balance, "targets", None) or {}
+        attrs = {a.name: a for a in self.attributes}
+        for name, target in targets.items():
+            if name not in attrs:
+                raise ValueError(f"balance.targets names '{name}', which is not an attribute")
+            unknown = sorted(set(target) - set(attrs[name].values))
+            if unknown:
+                raise ValueError(f"balance.targets.{name} has values not in its attribute: {unknown}")
+        return self
+
+    def attribute_targets(self) -> dict[str, dict[str, float]]:
+        """Target shares per attribute value: from the balance step, else uniform over values."""
+        given = getattr(self.balance, "targets", None) or {}
+        out = {}
+        for attr in self.attributes:
+            if attr.name in given:
+                out[attr.name] = {v: float(given[attr.name].get(v, 0.0)) for v in attr.values}
+            else:
+                out[attr.name] = {v: 1.0 / len(attr.values) for v in attr.values}
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the results (execution settings excluded: they must not)."""
+        payload = self.model_dump(mode="json", exclude={"execution": True, "input": {"path"}})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key '{loc}'"
+    elif first["type"] == "union_tag_invalid":
+        msg = f"{loc}.method: {first['msg']}"
+    else:
+        msg = f"{loc}: {first['msg']}" if loc else first["msg"]
+    more = len(err.errors()) - 1
+    suffix = f" (+{more} more)" if more else ""
+    return f"{source}: {msg}{suffix}"
+
+
+def _balance_methods() -> set[str]:
+    members = BalanceSpec.__origin__.__args__  # the classes inside Annotated[Union[...]]
+    return {m.model_fields["method"].annotation.__args__[0] for m in members}
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value into error locations: balance.cap.foo -> balance.foo
+    return part in _balance_methods()
+
+
+def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data or {})
+    except ValidationError as err:
+        raise RecipeError(_format_error(source, err)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return parse_recipe(data, str(path))
+
+
+EXAMPLE_RECIPE = """\
+# mmbalance recipe: every key is optional except where noted. Unknown keys are an error.
+input:
+  path: corpus/                 # shard directory or URI (s3://, gs://, ...); the CLI argument overrides it
+  columns:                      # which input column plays which role
+    uid: uid                    # required, unique across the corpus (img2dataset: key)
+    caption: caption
+    image_embedding: image_emb  # list or fixed_size_list of float16/float32, same dim everywhere
+    text_embedding: text_emb
+    # image: jpg                # image bytes, {bytes, path} struct, or a path
+    # utility: clip_score       # a quality prior u >= 0
+    # status: status            # img2dataset status: rows not 'success' are rejected with a reason
+  # embedding_dim: 512          # default: taken from the first shard
+attributes:                     # sensitive attributes s: a closed set of values; null = not applicable
+  - {name: gender, source: column, column: gender, values: [woman, man]}
+labels:                         # concept labels y: one-hot over `values`, or over the values seen
+  - {name: occupation, source: column, column: occupation}
+balance:
+  method: cap                   # none | cap (MetaCLIP per-value cap)
+  by: occupation                # a label name
+  cap: 1000                     # t: a value with count c is kept with probability t / max(c, t)
+  unlabeled: keep               # rows without a value: keep (weight 1) or drop (MetaCLIP)
+  # targets: {gender: {woman: 0.5, man: 0.5}}   # shares the report measures RB against (default uniform)
+export:
+  seed: 0                       # seeds the stochastic rounding of weights into repeat counts
+  formats: [parquet]
+execution:                      # how to run; never changes the results
+  executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
+  # address: ray://head:10001
+  batch_rows: 16384             # rows per Arrow batch inside a shard (bounds worker memory)
+"""
