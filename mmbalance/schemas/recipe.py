@@ -8,18 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+
+from mmbalance.schemas.balance import BalanceSpec, CapBalance, NoBalance, StrictModel, balance_methods
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line naming the file and key."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ColumnMap(StrictModel):
@@ -74,26 +73,6 @@ class LabelSpec(StrictModel):
     @property
     def source_column(self) -> str:
         return self.column or self.name
-
-
-class NoBalance(StrictModel):
-    """Keep every valid row once (weight 1): useful to audit a corpus."""
-
-    method: Literal["none"]
-
-
-class CapBalance(StrictModel):
-    """MetaCLIP balancing: each value e of ``by`` is kept with probability t / max(count_e, t)."""
-
-    method: Literal["cap"]
-    by: str
-    cap: int = Field(gt=0)
-    # Rows with no value for ``by``: MetaCLIP drops them ("drop"); keeping them is the safer default.
-    unlabeled: Literal["keep", "drop"] = "keep"
-    targets: dict[str, dict[str, float]] | None = None
-
-
-BalanceSpec = Annotated[Union[NoBalance, CapBalance], Field(discriminator="method")]
 
 
 class ExportSpec(StrictModel):
@@ -175,14 +154,9 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {msg}{suffix}"
 
 
-def _balance_methods() -> set[str]:
-    members = BalanceSpec.__origin__.__args__  # the classes inside Annotated[Union[...]]
-    return {m.model_fields["method"].annotation.__args__[0] for m in members}
-
-
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the discriminator value into error locations: balance.cap.foo -> balance.foo
-    return part in _balance_methods()
+    return part in balance_methods()
 
 
 def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
