@@ -112,7 +112,7 @@ def validate_rows(
         is_null, wrong_dim, nonfinite = embedding_problems(arr, dim)
         reasons.flag(is_null, f"missing {role} (column '{column}' is null)")
         if wrong_dim.any():
-            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+            lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy()
             reasons.flag(wrong_dim, lambda i, c=column, ln=lengths, d=dim: f"{role} '{c}' has {ln[i]} values, expected {d}")
         reasons.flag(nonfinite, f"{role} (column '{column}') holds NaN or inf")
 

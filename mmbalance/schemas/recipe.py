@@ -142,7 +142,9 @@ class Recipe(StrictModel):
 
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    parts = first["loc"]
+    # pydantic puts the discriminator value into locations: balance.cap.foo -> balance.foo
+    loc = ".".join(str(p) for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] == "balance" and p in balance_methods()))
     if first["type"] == "extra_forbidden":
         msg = f"unknown key '{loc}'"
     elif first["type"] == "union_tag_invalid":
@@ -152,11 +154,6 @@ def _format_error(source: str, err: ValidationError) -> str:
     more = len(err.errors()) - 1
     suffix = f" (+{more} more)" if more else ""
     return f"{source}: {msg}{suffix}"
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the discriminator value into error locations: balance.cap.foo -> balance.foo
-    return part in balance_methods()
 
 
 def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:

@@ -1,0 +1,74 @@
+"""Held-out corpora for tests: the recipe's layout, written without ``mmbalance synth``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HELD_OUT_OCCUPATIONS = {  # not synth's list: a different vocabulary, skew and association
+    "welder": (0.30, 0.05), "midwife": (0.02, 0.97), "architect": (0.12, 0.35), "judge": (0.05, 0.40),
+    "barista": (0.20, 0.55), "astronaut": (0.01, 0.25), "plumber": (0.15, 0.04), "florist": (0.05, 0.85),
+    "surgeon": (0.06, 0.30), "tailor": (0.04, 0.50),
+}
+
+
+def held_out_table(rows: int, seed: int, dim: int = 16, uid_prefix: str = "h", fixed_size: bool = False) -> pa.Table:
+    """Rows in the recipe's layout (uid, caption, image_emb, text_emb, gender, occupation)."""
+    rng = np.random.default_rng(seed)
+    names = list(HELD_OUT_OCCUPATIONS)
+    shares = np.array([v[0] for v in HELD_OUT_OCCUPATIONS.values()])
+    occ = rng.choice(len(names), size=rows, p=shares / shares.sum())
+    p_woman = np.array([v[1] for v in HELD_OUT_OCCUPATIONS.values()])[occ]
+    person = rng.random(rows) > 0.2
+    woman = rng.random(rows) < p_woman
+    gender = [("woman" if w else "man") if p else None for p, w in zip(person, woman)]
+    img = rng.normal(size=(rows, dim)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = rng.normal(size=(rows, dim)).astype(np.float32)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+
+    def emb(m: np.ndarray) -> pa.Array:
+        if fixed_size:
+            return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1).astype(np.float16)), dim)
+        return pa.array(list(m), pa.list_(pa.float32()))
+
+    return pa.table(
+        {
+            "uid": [f"{uid_prefix}{seed}-{i}" for i in range(rows)],
+            "caption": [f"{names[o]} at work, photo {i}" for i, o in enumerate(occ)],
+            "image_emb": emb(img),
+            "text_emb": emb(txt),
+            "gender": pa.array(gender, pa.string()),
+            "occupation": [names[o] for o in occ],
+        }
+    )
+
+
+RECIPE_FROM_ISSUE = """\
+input:
+  path: corpus/
+  columns: {uid: uid, caption: caption, image_embedding: image_emb, text_embedding: text_emb}
+attributes:                 # sensitive attributes s
+  - {name: gender, source: column, column: gender, values: [woman, man]}   # null = no person
+labels:                     # concept labels y (one-hot over the values seen)
+  - {name: occupation, source: column, column: occupation}
+balance:
+  method: cap               # MetaCLIP-style per-value cap; other methods come in other issues
+  by: occupation
+  cap: 1000
+export:
+  seed: 0
+  formats: [parquet]
+"""
+
+
+def write_shards(directory: Path, tables: dict[str, pa.Table]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=1000)
+    return directory

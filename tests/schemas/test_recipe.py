@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from mmbalance.schemas.recipe import EXAMPLE_RECIPE, Recipe, RecipeError, load_recipe, parse_recipe
+
+
+def test_issue_recipe_parses_as_written(issue_recipe):
+    assert issue_recipe.input.columns.image_embedding == "image_emb"
+    assert issue_recipe.attributes[0].values == ["woman", "man"]
+    assert issue_recipe.labels[0].values is None
+    assert issue_recipe.balance.method == "cap" and issue_recipe.balance.cap == 1000
+    assert issue_recipe.export.formats == ["parquet"]
+
+
+def test_example_recipe_is_valid():
+    recipe = parse_recipe(yaml.safe_load(EXAMPLE_RECIPE), "example")
+    assert recipe.balance.by == "occupation"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"inputs": {}}, "unknown key 'inputs'"),
+        ({"balance": {"method": "cap", "by": "x", "cap": 5, "cpa": 1}}, "unknown key 'balance.cpa'"),
+        ({"attributes": [{"name": "g", "values": ["a"], "colum": "x"}]}, "unknown key 'attributes.0.colum'"),
+        ({"balance": {"method": "cap", "by": "occupation", "cap": 5}}, "balance.by names 'occupation'"),
+        ({"balance": {"method": "cap", "by": "x", "cap": 0}}, "balance.cap"),
+        ({"balance": {"method": "magic"}}, "balance.method"),
+        ({"attributes": [{"name": "g", "values": ["a", "a"]}]}, "values must be unique"),
+        ({"attributes": [{"name": "g", "values": ["a"]}], "labels": [{"name": "g"}]}, "names must be unique"),
+    ],
+)
+def test_bad_recipes_name_the_key(data, expected):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(data, "r.yaml")
+    message = str(err.value)
+    assert message.startswith("r.yaml: ") and expected in message and "\n" not in message
+
+
+def test_targets_must_name_known_values():
+    data = {
+        "attributes": [{"name": "gender", "values": ["woman", "man"]}],
+        "labels": [{"name": "occ"}],
+        "balance": {"method": "cap", "by": "occ", "cap": 3, "targets": {"gender": {"women": 1.0}}},
+    }
+    with pytest.raises(RecipeError, match="not in its attribute"):
+        parse_recipe(data)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("input:\n  columns: {uid: uid\nbalance: 3\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_recipe(path)
+
+
+def test_fingerprint_ignores_execution_settings(issue_recipe):
+    faster = issue_recipe.model_copy(update={"execution": issue_recipe.execution.model_copy(update={"batch_rows": 7})})
+    assert faster.fingerprint() == issue_recipe.fingerprint()
+    other = parse_recipe({**issue_recipe.model_dump(), "export": {"seed": 1}})
+    assert other.fingerprint() != issue_recipe.fingerprint()
+
+
+def test_default_recipe_balances_nothing():
+    assert Recipe().balance.method == "none"
+    assert Recipe().attribute_targets() == {}
