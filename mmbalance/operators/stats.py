@@ -57,9 +57,10 @@ def _sorted(frame: pl.DataFrame, tag_columns: list[str]) -> pl.DataFrame:
 
 def merge(tables: Iterable[pa.Table], tag_columns: list[str]) -> pa.Table:
     """Sum per-shard signature tables into one."""
+    tables = list(tables)
     frames = [pl.from_arrow(t) for t in tables if t.num_rows]
-    if not frames:
-        return pa.table({c: pa.array([], pa.string()) for c in tag_columns} | {"count": pa.array([], pa.int64())})
+    if not frames:  # keep the columns, e.g. w_sum of an all-rejected corpus
+        return tables[0] if tables else pa.table({c: pa.array([], pa.string()) for c in tag_columns} | {"count": pa.array([], pa.int64())})
     frame = pl.concat(frames, how="vertical_relaxed")
     value_columns = [c for c in frame.columns if c not in tag_columns]
     aggs = [pl.col(c).max() if c in MAX_COLUMNS else pl.col(c).sum() for c in value_columns]

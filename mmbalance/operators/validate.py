@@ -40,6 +40,8 @@ def embedding_problems(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarr
     """Per row: (is null, has wrong dimension, has NaN/inf) for a list or fixed_size_list column."""
     n = len(column)
     is_null = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_null(column.type):
+        return is_null, np.zeros(n, bool), np.zeros(n, bool)
     if pa.types.is_fixed_size_list(column.type):
         if column.type.list_size != dim:
             return is_null, ~is_null, np.zeros(n, bool)

@@ -135,6 +135,8 @@ def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard],
     for item in inspected:
         with fs.open_input_file(item.shard.path) as handle:
             pfile = pq.ParquetFile(handle)
+            if pa.types.is_null(pfile.schema_arrow.field(column).type):
+                continue
             for batch in pfile.iter_batches(batch_size=1024, columns=[column]):
                 lengths = pa.compute.list_value_length(batch.column(0)).drop_null()
                 if len(lengths):

@@ -125,10 +125,11 @@ def check_shard_schema(schema: pa.Schema, recipe: Recipe, shard: str) -> ShardLa
                 f"columns present: {', '.join(schema.names[:20])}"
             )
         dtype = schema.field(idx).type
-        if not rule.check(dtype):
+        # an all-null column (e.g. an empty shard written from Python lists) has type null: every row is missing
+        if not pat.is_null(dtype) and not rule.check(dtype):
             raise InputError(f"{shard}: column '{rule.column}' ({rule.role}) has type {dtype}, expected {rule.accepts}")
         if rule.column not in layout.columns:
             layout.columns.append(rule.column)
-        if rule.role.endswith("embedding"):
+        if rule.role.endswith("embedding") and not pat.is_null(dtype):
             layout.embedding_dims[rule.column] = dtype.list_size if pat.is_fixed_size_list(dtype) else None
     return layout
