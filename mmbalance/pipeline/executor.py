@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,8 +48,11 @@ class RayExecutor:
     def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if not tasks:
             return
+        import logging
+
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the stage bars
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI draws one bar per stage itself
         ctx.print_on_execution_start = False
@@ -85,9 +89,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
     def _on_sigterm(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         ray.shutdown()

@@ -5,6 +5,7 @@ Unknown keys are errors (``extra="forbid"``) so a typo never silently falls back
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -140,18 +141,30 @@ class Recipe(StrictModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    parts = first["loc"]
+def _location(parts: tuple) -> str:
     # pydantic puts the discriminator value into locations: balance.cap.foo -> balance.foo
-    loc = ".".join(str(p) for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] == "balance" and p in balance_methods()))
+    return ".".join(
+        str(p) for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] == "balance" and p in balance_methods())
+    )
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    errors = err.errors()
+    # an unknown key explains the "field required" next to it (a typo): report it first
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    loc = _location(first["loc"])
     if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{loc}'"
+        parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+        missing = [_location(e["loc"]).rsplit(".", 1)[-1] for e in errors if e["type"] == "missing"
+                   and (_location(e["loc"]).rsplit(".", 1)[0] if "." in _location(e["loc"]) else "") == parent]
+        close = difflib.get_close_matches(loc.rsplit(".", 1)[-1], missing, n=1)
+        msg = f"unknown key '{loc}'" + (f" (did you mean '{close[0]}'?)" if close else "")
     elif first["type"] == "union_tag_invalid":
         msg = f"{loc}.method: {first['msg']}"
     else:
         msg = f"{loc}: {first['msg']}" if loc else first["msg"]
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     suffix = f" (+{more} more)" if more else ""
     return f"{source}: {msg}{suffix}"
 
@@ -163,21 +176,33 @@ def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
         raise RecipeError(_format_error(source, err)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+def recipe_from_yaml(text: str, source: str) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+        raise RecipeError(f"{source}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
     if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return parse_recipe(data, str(path))
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return parse_recipe(data, source)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load a recipe from a local path or a pyarrow filesystem URI (s3://bucket/recipe.yaml)."""
+    path = str(path)
+    try:
+        if "://" in path:
+            import pyarrow.fs as pafs
+
+            fs, inner = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(inner) as stream:
+                text = stream.read().decode()
+        else:
+            text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
+    return recipe_from_yaml(text, path)
 
 
 EXAMPLE_RECIPE = """\

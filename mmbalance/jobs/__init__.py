@@ -1,0 +1,1 @@
+"""Ray job entrypoints (``ray job submit -- python -m mmbalance.jobs.rebalance ...``)."""

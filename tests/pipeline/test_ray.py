@@ -1,0 +1,56 @@
+"""The Ray executor and the operators inside Ray Data, on one shared local Ray session."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from corpora import held_out_table
+
+from mmbalance.pipeline.rebalance import RunOptions, rebalance
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def test_ray_executor_matches_local(ray_cluster, held_out_corpus, tmp_path, issue_recipe):
+    rebalance(str(held_out_corpus), str(tmp_path / "local"), issue_recipe, RunOptions(executor="local", show_progress=False))
+    result = rebalance(str(held_out_corpus), str(tmp_path / "ray"), issue_recipe, RunOptions(executor="ray", show_progress=False))
+    assert ray_cluster.is_initialized()  # the run used the session, it did not stop it
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local" / "manifest").iterdir()}
+    remote = {p.name: p.read_bytes() for p in (tmp_path / "ray" / "manifest").iterdir()}
+    assert remote == local and len(remote) == 4
+    assert result.report["rows"]["manifest"] == sum(3000 + 250 * i for i in range(4))
+
+
+def test_operators_run_inside_ray_data(ray_cluster, issue_recipe):
+    import ray.data
+
+    from mmbalance.operators.tag import ColumnTagger
+    from mmbalance.operators.validate import REJECT_REASON_COLUMN, RowValidator
+
+    table = held_out_table(500, 9, dim=8, fixed_size=True)
+    gender = table.column("gender").to_pylist()
+    gender[17] = "other"
+    table = table.set_column(4, "gender", pa.array(gender, pa.string()))
+    ds = ray.data.from_arrow(table).map_batches(
+        RowValidator, fn_constructor_kwargs={"recipe": issue_recipe, "embedding_dims": {"image_emb": 8, "text_emb": 8}},
+        batch_format="pyarrow", batch_size=128, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+    )
+    out = ds.to_arrow_refs()
+    result = pa.concat_tables(ray.get(out))
+    assert result.num_rows == 500
+    assert result.column(REJECT_REASON_COLUMN).null_count == 499
+    tags = ray.data.from_arrow(table).map_batches(ColumnTagger(issue_recipe), batch_format="pyarrow").take_all()
+    assert {t["tag.occupation"] for t in tags} == set(table.column("occupation").to_pylist())
+
+
+def test_job_entrypoint_runs_on_the_current_cluster(ray_cluster, held_out_corpus, tmp_path, capsys):
+    from corpora import RECIPE_FROM_ISSUE
+
+    from mmbalance.jobs.rebalance import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE_FROM_ISSUE)
+    assert main(["--recipe", str(recipe), "--input", str(held_out_corpus), "--out", str(tmp_path / "o")]) == 0
+    assert "\"manifest\": 13500" in capsys.readouterr().out.replace("\n", "")
+    assert main(["--recipe", str(recipe), "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "mmbalance job failed: " in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""The command line as a user runs it: subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+def mmb(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmbalance.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_recipe_example_is_a_valid_recipe(tmp_path):
+    res = mmb("recipe", "--example")
+    assert res.returncode == 0
+    (tmp_path / "r.yaml").write_text(res.stdout)
+    checked = mmb("recipe", "--check", str(tmp_path / "r.yaml"))
+    assert checked.returncode == 0 and yaml.safe_load(checked.stdout)["balance"]["cap"] == 1000
+
+
+def test_synth_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert mmb("synth", str(tmp_path / name), "--rows", "3000", "--shards", "3", "--seed", "7").returncode == 0
+    digest = {n: hashlib.sha256(b"".join(p.read_bytes() for p in sorted((tmp_path / n).glob("*.parquet")))).hexdigest() for n in "ab"}
+    assert digest["a"] == digest["b"]
+    t = pq.read_table(tmp_path / "a" / "part-00000.parquet")
+    assert t.num_rows == 1000 and t.schema.field("image_emb").type == pa.list_(pa.float16(), 64)
+    assert t.column("image")[0].as_py().startswith(b"\x89PNG")
+    assert set(t.column("gender").drop_null().to_pylist()) == {"woman", "man"} and t.column("gender").null_count > 0
+
+
+def test_rebalance_with_the_issue_recipe(tmp_path):
+    corpus = write_shards(tmp_path / "corpus", {f"s{i}.parquet": held_out_table(1500, i) for i in range(3)})
+    (tmp_path / "r.yaml").write_text(RECIPE_FROM_ISSUE)
+    res = mmb("rebalance", str(corpus), "--out", str(tmp_path / "out"), "--recipe", str(tmp_path / "r.yaml"), "--executor", "local")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rows"]["input"] == 4500 and "RB (max)" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        ("missing_column", "s0.parquet: missing column 'gender'"),
+        ("corrupt", "bad.parquet: unreadable Parquet"),
+        ("empty_dir", "no Parquet files"),
+        ("recipe_typo", "r.yaml: unknown key 'balance.cpa'"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(tmp_path, setup, expected):
+    corpus = write_shards(tmp_path / "corpus", {"s0.parquet": held_out_table(50, 0)})
+    recipe_text = RECIPE_FROM_ISSUE
+    if setup == "missing_column":
+        pq.write_table(held_out_table(50, 0).drop_columns(["gender"]), corpus / "s0.parquet")
+    elif setup == "corrupt":
+        (corpus / "bad.parquet").write_bytes(b"PAR1garbage")
+    elif setup == "empty_dir":
+        corpus = tmp_path / "nothing"
+        corpus.mkdir()
+    elif setup == "recipe_typo":
+        recipe_text = recipe_text.replace("cap: 1000", "cpa: 1000")
+    (tmp_path / "r.yaml").write_text(recipe_text)
+    res = mmb("rebalance", str(corpus), "--out", str(tmp_path / "out"), "--recipe", str(tmp_path / "r.yaml"), "--executor", "local")
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mmbalance: error: ") and expected in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_validate_reports_rejects_with_exit_1(tmp_path):
+    t = held_out_table(200, 3)
+    gender = t.column("gender").to_pylist()
+    gender[4] = "W"
+    t = t.set_column(4, "gender", pa.array(gender, pa.string()))
+    corpus = write_shards(tmp_path / "c", {"a.parquet": t, "b.parquet": held_out_table(100, 3)})  # same uids: duplicates
+    (tmp_path / "r.yaml").write_text(RECIPE_FROM_ISSUE)
+    res = mmb("validate", str(corpus), "--recipe", str(tmp_path / "r.yaml"))
+    assert res.returncode == 1, res.stderr
+    # row 4 of a.parquet is rejected for its value, so b.parquet's row 4 is the first valid copy of that uid
+    assert "300 rows: 200 valid, 100 would be rejected" in res.stdout
+    assert "99 x duplicate uid" in res.stdout and "a.parquet row 4" in res.stdout
+    ok = mmb("validate", str(write_shards(tmp_path / "d", {"a.parquet": held_out_table(50, 1)})), "--recipe", str(tmp_path / "r.yaml"))
+    assert ok.returncode == 0 and "0 would be rejected" in ok.stdout
+
+
+def test_demo_runs_on_embedded_ray(tmp_path):
+    res = mmb("demo", "--out", str(tmp_path / "demo"), "--rows", "4000", "--shards", "3", timeout=280)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
+    assert report["rows"]["manifest"] == 4000 and report["method"] == "cap"
+    assert report["after_expected"]["concept_balance"]["occupation"]["gini"] < report["before"]["concept_balance"]["occupation"]["gini"]
+    # the embedded Ray is gone when the command returns
+    left = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path.name}"], capture_output=True)
+    assert left.returncode == 1
