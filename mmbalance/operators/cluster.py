@@ -1,0 +1,674 @@
+"""Clustering operators (algorithms.md sections 2, 3, 5): fit on a bounded sample, assign every row.
+
+- ``EmbeddingSpec`` / ``embedding_matrix``: (n, d) matrices from Arrow embedding columns (image,
+  text or their normalised mean) without per-row Python.
+- ``BottomKSampler`` / ``merge_samples``: a seeded uniform sample (or one capped per stratum) that
+  is the same whatever the shard split, so per-shard samples merge exactly in bounded memory.
+- ``fit_kmeans``: spherical k-means with faiss; ``KMeansModel`` saves centroids (npy) + metadata (json).
+- ``assign`` / ``ClusterAssigner``: nearest centroid by cosine, one batch at a time (Ray Data operator).
+- ``silhouette_cosine`` / ``sweep_k``: R&B Regroup's choice of k on a subsample.
+- ``sbcl_subclass_counts`` / ``fit_subclasses``: SBCL subclasses inside each class.
+
+Everything here works on unit-norm float32 vectors, where cosine similarity is the inner product.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmbalance.operators.dedup import hash_uids
+from mmbalance.operators.validate import _to_array
+
+EmbeddingSource = Literal["image", "text", "mean"]
+CLUSTER_ID_COLUMN = "cluster_id"
+CLUSTER_DISTANCE_COLUMN = "cluster_distance"
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """Which embedding is clustered: one column, or the normalised mean of image and text."""
+
+    source: EmbeddingSource = "image"
+    image_column: str | None = None
+    text_column: str | None = None
+
+    def __post_init__(self) -> None:
+        needed = {"image": ["image_column"], "text": ["text_column"], "mean": ["image_column", "text_column"]}
+        if self.source not in needed:
+            raise ValueError(f"embedding source must be image, text or mean, got {self.source!r}")
+        missing = [name for name in needed[self.source] if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"embedding source '{self.source}' needs {' and '.join(missing)}")
+
+    @property
+    def columns(self) -> list[str]:
+        cols = {"image": [self.image_column], "text": [self.text_column]}
+        return cols.get(self.source, [self.image_column, self.text_column])  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def extract(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) unit-norm float32 matrix and a mask of usable rows (null, NaN/inf or zero rows are
+        not usable and hold zeros)."""
+        if self.source == "mean":
+            a, va = unit_rows(*embedding_matrix(table.column(self.image_column)))
+            b, vb = unit_rows(*embedding_matrix(table.column(self.text_column)))
+            if a.shape[1] != b.shape[1]:
+                raise ValueError(f"image ({a.shape[1]}) and text ({b.shape[1]}) embeddings differ in dimension")
+            a += b
+            return unit_rows(a, va & vb)
+        return unit_rows(*embedding_matrix(table.column(self.columns[0])))
+
+
+def _one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    # combine_chunks copies even a single chunk; a batch is almost always one chunk
+    if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
+        return column.chunk(0)
+    return _to_array(column)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float16/float32 matrix of a list or fixed_size_list column and a mask of non-null rows.
+
+    A single-chunk fixed_size_list without null values is a zero-copy view of Arrow's buffer;
+    null rows of a variable-size list are zero-filled, a non-null row of the wrong length is an error.
+    """
+    arr = _one_array(column)
+    n = len(arr)
+    valid = ~arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.ones(n, bool)
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+        flat = arr.values.slice(arr.offset * d, n * d)
+        if flat.null_count:  # null child values: those rows are unusable
+            child_null = flat.is_null().to_numpy(zero_copy_only=False).reshape(n, d).any(axis=1)
+            valid &= ~child_null
+            flat = flat.fill_null(0)
+        return flat.to_numpy(zero_copy_only=False).reshape(n, d), valid
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise TypeError(f"embedding column must be a list or fixed_size_list of floats, got {arr.type}")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    seen = np.unique(lengths[valid])
+    d = int(seen[0]) if len(seen) else dim
+    if len(seen) > 1 or (dim is not None and d != dim) or d is None:
+        raise ValueError(f"embedding rows have lengths {seen.tolist()}, expected one length{f' {dim}' if dim else ''}")
+    flat = arr.flatten()  # skips null rows
+    if flat.null_count:
+        flat = flat.fill_null(float("nan"))  # NaN marks the row unusable in unit_rows
+    values = flat.to_numpy(zero_copy_only=False).reshape(-1, d)
+    if valid.all():
+        return values, valid
+    out = np.zeros((n, d), values.dtype)
+    out[valid] = values
+    return out, valid
+
+
+def unit_rows(matrix: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 copy of ``matrix`` with unit-norm rows; rows with NaN/inf or zero norm become unusable
+    (zeros in the output, False in the mask)."""
+    x = np.array(matrix, dtype=np.float32, order="C", copy=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    ok = np.isfinite(norms) & (norms > 0)
+    if valid is not None:
+        ok &= valid
+    x[~ok] = 0.0
+    x /= np.where(ok, norms, 1.0)[:, None].astype(np.float32)
+    return x, ok
+
+
+def _as_unit(data: np.ndarray | pa.Table, embedding: EmbeddingSpec | None) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(data, pa.Table):
+        if embedding is None:
+            raise ValueError("an Arrow table needs an EmbeddingSpec to say which column to use")
+        return embedding.extract(data)
+    return unit_rows(data)
+
+
+def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A matrix as an Arrow fixed_size_list column (zero-copy for a contiguous float matrix)."""
+    m = np.ascontiguousarray(matrix)
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+
+
+# --------------------------------------------------------------------------- sampling
+
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(30))
+    h = h * _M1
+    h = h ^ (h >> np.uint64(27))
+    h = h * _M2
+    return h ^ (h >> np.uint64(31))
+
+
+def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """Uniform uint64 priority per uid: a function of (uid, seed) only, so every shard agrees."""
+    salt = _splitmix64(np.array([seed], np.uint64) * _GOLDEN + _GOLDEN)
+    with np.errstate(over="ignore"):
+        return _splitmix64(hash_uids(uids) ^ salt)
+
+
+SAMPLE_UID, SAMPLE_PRIORITY, SAMPLE_STRATUM, SAMPLE_EMBEDDING = "uid", "priority", "stratum", "embedding"
+
+
+def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | None) -> pa.Table:
+    """Rows with the smallest (priority, uid), k overall or per stratum, in that canonical order.
+
+    The result depends only on the set of rows, never on their order or on how they were split,
+    so selecting from a union of selections equals selecting from the union (exact merge). The
+    canonical order matters too: faiss's own subsampling and initialisation depend on row order.
+    """
+    keys = [(SAMPLE_PRIORITY, "ascending"), (SAMPLE_UID, "ascending")]
+    if per_stratum is None:
+        if k is not None and table.num_rows > k:
+            # cheap pre-filter on priority alone; ties at the boundary are kept for the exact sort
+            prio = table.column(SAMPLE_PRIORITY).to_numpy()
+            kth = np.partition(prio, k - 1)[k - 1]
+            table = table.filter(pa.array(prio <= kth))
+        order = pc.sort_indices(table.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys)
+        return table.take(order[: k if k is not None else table.num_rows])
+    stratum_keys = [(SAMPLE_STRATUM, "ascending"), *keys]
+    order = pc.sort_indices(table.select([SAMPLE_STRATUM, SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=stratum_keys)  # nulls sort last
+    table = table.take(order)
+    if table.num_rows == 0:
+        return table
+    codes = pc.dictionary_encode(_to_array(table.column(SAMPLE_STRATUM)), null_encoding="encode")
+    idx = codes.indices.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    rank = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
+    if isinstance(per_stratum, dict):
+        names = codes.dictionary.to_pylist()
+        caps = np.array([per_stratum.get(name, 0) if name is not None else per_stratum.get(None, 0) for name in names],
+                        np.int64)
+        cap = caps[idx]
+    else:
+        cap = np.int64(per_stratum)
+    keep = table.filter(pa.array(rank < cap))
+    # final canonical order by priority (strata interleaved), so a capped sample is also uniform-looking
+    return keep.take(pc.sort_indices(keep.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys))
+
+
+class BottomKSampler:
+    """Streaming bottom-k sample of a corpus: keep the rows with the smallest seeded uid priority.
+
+    With ``k``: a uniform sample without replacement of size min(k, rows). With ``per_stratum``
+    (an int, or a dict of caps per stratum value; absent values get 0): up to that many rows per
+    value of ``stratum_column`` (nulls form their own stratum, keyed None), uniform within each.
+    Memory is bounded by the sample plus one batch. Uids must be unique (the dedup stage runs
+    first): a repeated uid has one priority and may be kept more than once.
+    """
+
+    def __init__(
+        self,
+        embedding: EmbeddingSpec,
+        *,
+        k: int | None = None,
+        seed: int = 0,
+        uid_column: str = "uid",
+        stratum_column: str | None = None,
+        per_stratum: int | dict[str, int] | None = None,
+    ):
+        if (k is None) == (per_stratum is None):
+            raise ValueError("give exactly one of k (uniform sample) or per_stratum (capped per stratum)")
+        if per_stratum is not None and stratum_column is None:
+            raise ValueError("per_stratum needs stratum_column")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.embedding, self.k, self.seed = embedding, k, seed
+        self.uid_column, self.stratum_column, self.per_stratum = uid_column, stratum_column, per_stratum
+        self._sample: pa.Table | None = None
+        self.rows_seen = 0
+        self.rows_unusable = 0
+
+    def update(self, batch: pa.Table) -> None:
+        self.rows_seen += batch.num_rows
+        uid = pc.cast(_to_array(batch.column(self.uid_column)), pa.string())
+        prio = sample_priority(uid, self.seed)
+        cand = np.arange(batch.num_rows)
+        if self.k is not None and self._sample is not None and self._sample.num_rows >= self.k:
+            # only rows that can enter the sample are decoded (ties kept for the exact sort)
+            cand = np.flatnonzero(prio <= self._sample.column(SAMPLE_PRIORITY)[-1].as_py())
+        if len(cand) == 0:
+            return
+        take = pa.array(cand)
+        sub = batch.select(self.embedding.columns).take(take)
+        x, ok = self.embedding.extract(sub)
+        self.rows_unusable += int((~ok).sum())
+        cols = {
+            SAMPLE_UID: uid.take(take).filter(pa.array(ok)),
+            SAMPLE_PRIORITY: pa.array(prio[cand][ok], pa.uint64()),
+        }
+        if self.stratum_column is not None:
+            stratum = pc.cast(_to_array(batch.column(self.stratum_column)), pa.string()).take(take)
+            cols[SAMPLE_STRATUM] = stratum.filter(pa.array(ok))
+        cols[SAMPLE_EMBEDDING] = fixed_size_list(x[ok])
+        new = pa.table(cols)
+        merged = new if self._sample is None else pa.concat_tables([self._sample, new])
+        self._sample = _select(merged, self.k, self.per_stratum)
+
+    def result(self) -> pa.Table:
+        """The sample as an Arrow table: uid, priority, [stratum], embedding (unit float32)."""
+        if self._sample is None:
+            fields = [pa.field(SAMPLE_UID, pa.string()), pa.field(SAMPLE_PRIORITY, pa.uint64())]
+            if self.stratum_column is not None:
+                fields.append(pa.field(SAMPLE_STRATUM, pa.string()))
+            fields.append(pa.field(SAMPLE_EMBEDDING, pa.list_(pa.float32(), 1)))
+            return pa.schema(fields).empty_table()
+        return self._sample
+
+
+def merge_samples(
+    samples: Iterable[pa.Table], *, k: int | None = None, per_stratum: int | dict[str, int] | None = None
+) -> pa.Table:
+    """Merge per-shard samples taken with the same seed and size: exactly the sample of the union."""
+    merged = None
+    for s in samples:
+        if s.num_rows == 0:
+            continue
+        merged = s if merged is None else _select(pa.concat_tables([merged, s]), k, per_stratum)
+    if merged is None:
+        raise ValueError("no non-empty sample to merge")
+    return _select(merged, k, per_stratum)
+
+
+def sample_matrix(sample: pa.Table) -> np.ndarray:
+    """The (m, d) float32 embedding matrix of a sample table."""
+    x, _ = embedding_matrix(sample.column(SAMPLE_EMBEDDING))
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def gpu_available() -> bool:
+    """faiss-gpu is installed and sees a GPU (faiss-cpu builds lack the GPU symbols)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass
+class KMeansModel:
+    centroids: np.ndarray  # (k, d) float32, unit rows
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    def save(self, directory: str | Path, name: str = "centroids") -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{name}.npy", self.centroids)
+        (d / f"{name}.json").write_text(json.dumps({**self.meta, "k": self.k, "dim": self.dim}, indent=2, sort_keys=True))
+        return d / f"{name}.npy"
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str = "centroids") -> "KMeansModel":
+        d = Path(directory)
+        centroids = np.load(d / f"{name}.npy")
+        meta = json.loads((d / f"{name}.json").read_text())
+        if (meta.get("k"), meta.get("dim")) != centroids.shape:
+            raise ValueError(f"{d / name}.json says k={meta.get('k')}, dim={meta.get('dim')}; npy has {centroids.shape}")
+        return cls(np.ascontiguousarray(centroids, dtype=np.float32), meta)
+
+
+def _faiss_seed(seed: int, *stream: int) -> int:
+    # faiss takes a 31-bit int seed; derive independent ones for sub-fits from (seed, stream...)
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def fit_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    max_points_per_centroid: int = 256,
+    nredo: int = 1,
+    init: Literal["kmeans++", "random"] = "kmeans++",
+    gpu: bool | None = None,
+    embedding: EmbeddingSpec | None = None,
+    init_centroids: np.ndarray | None = None,
+) -> KMeansModel:
+    """Spherical k-means of unit rows with faiss.
+
+    ``max_points_per_centroid`` is explicit because faiss otherwise silently trains on a random
+    256*k subset; the number of points actually used is recorded in the metadata. ``gpu=None``
+    uses a GPU when faiss-gpu sees one. Inertia is measured on all of ``x`` afterwards.
+    """
+    x, ok = unit_rows(x)
+    x = x[ok] if not ok.all() else x
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} clusters need at least k usable points, got {n}")
+    use_gpu = gpu_available() if gpu is None else bool(gpu)
+    init_method = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+                   "random": faiss.ClusteringInitMethod_RANDOM}[init]
+    km = faiss.Kmeans(
+        d, k, niter=niter, seed=_faiss_seed(seed), spherical=True, nredo=nredo, verbose=False,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,  # we size the sample ourselves; the warning is noise
+        init_method=init_method, gpu=use_gpu,
+    )
+    km.train(x, init_centroids=init_centroids)
+    centroids, _ = unit_rows(km.centroids)
+    _, sim = _search(x, _flat_ip(centroids))
+    meta = {
+        "algorithm": "faiss.Kmeans spherical", "faiss_version": faiss.__version__, "k": k, "dim": d,
+        "seed": seed, "niter": niter, "nredo": nredo, "init": init if init_centroids is None else "given",
+        "max_points_per_centroid": max_points_per_centroid,
+        "n_sample": n, "n_trained": min(n, k * max_points_per_centroid), "gpu": use_gpu,
+        # unit vectors: |x - c|^2 = 2 - 2 cos
+        "inertia": float(np.sum(2.0 - 2.0 * sim.astype(np.float64))),
+        "mean_cosine": float(sim.mean()),
+        "embedding": embedding.to_dict() if embedding else None,
+    }
+    return KMeansModel(centroids, meta)
+
+
+def _flat_ip(centroids: np.ndarray) -> faiss.Index:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def _search(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    sim, ids = index.search(x, 1)
+    return ids[:, 0].astype(np.int32), sim[:, 0]
+
+
+def assign(
+    data: np.ndarray | pa.Table,
+    centroids: np.ndarray | KMeansModel,
+    *,
+    embedding: EmbeddingSpec | None = None,
+    batch_rows: int = 16384,
+    index: faiss.Index | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine: (cluster_id int32, cosine distance 1 - cos float32).
+
+    Rows are processed ``batch_rows`` at a time, so the float32 working copy never exceeds one
+    batch. Unusable rows (null, NaN/inf, zero vector) get id -1 and distance NaN.
+    """
+    c = centroids.centroids if isinstance(centroids, KMeansModel) else centroids
+    index = index if index is not None else _flat_ip(unit_rows(c)[0])
+    n = data.num_rows if isinstance(data, pa.Table) else len(data)
+    ids = np.full(n, -1, np.int32)
+    dist = np.full(n, np.nan, np.float32)
+    for start in range(0, n, batch_rows):
+        part = data.slice(start, batch_rows) if isinstance(data, pa.Table) else data[start : start + batch_rows]
+        x, ok = _as_unit(part, embedding)
+        if x.shape[1] != index.d:
+            raise ValueError(f"embeddings have dimension {x.shape[1]}, centroids {index.d}")
+        if not ok.any():
+            continue
+        i, s = _search(x[ok] if not ok.all() else x, index)
+        rows = np.arange(start, start + len(ok))[ok]
+        ids[rows] = i
+        dist[rows] = np.clip(1.0 - s, 0.0, 2.0)
+    return ids, dist
+
+
+class ClusterAssigner:
+    """Ray Data operator (``map_batches(..., batch_format="pyarrow")``): adds ``cluster_id`` (int32,
+    -1 for unusable rows) and ``cluster_distance`` (1 - cos, float32), plus ``cluster_id_l2``...
+    when ``parents`` gives the upper levels of a hierarchy. Centroids load once per actor.
+
+    ``keep_columns``: None appends to the batch; a list returns only those columns plus the new
+    ones (a sidecar, e.g. ``["row", "uid"]``).
+    """
+
+    def __init__(
+        self,
+        centroids: KMeansModel | str | Path,
+        embedding: EmbeddingSpec,
+        *,
+        parents: Sequence[np.ndarray] = (),
+        keep_columns: list[str] | None = None,
+        id_column: str = CLUSTER_ID_COLUMN,
+        distance_column: str = CLUSTER_DISTANCE_COLUMN,
+        num_threads: int | None = None,
+    ):
+        if num_threads is not None:
+            faiss.omp_set_num_threads(num_threads)  # one actor per core: avoid oversubscription
+        model = centroids if isinstance(centroids, KMeansModel) else KMeansModel.load(*_split_model_path(centroids))
+        self.index = _flat_ip(model.centroids)
+        self.embedding, self.parents, self.keep_columns = embedding, [np.asarray(p) for p in parents], keep_columns
+        self.id_column, self.distance_column = id_column, distance_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, dist = assign(batch, None, embedding=self.embedding, batch_rows=max(batch.num_rows, 1), index=self.index)
+        out = batch if self.keep_columns is None else batch.select(self.keep_columns)
+        out = out.append_column(pa.field(self.id_column, pa.int32()), pa.array(ids, pa.int32()))
+        out = out.append_column(pa.field(self.distance_column, pa.float32()), pa.array(dist, pa.float32()))
+        level = ids
+        for depth, parent in enumerate(self.parents, start=2):
+            level = np.where(level >= 0, parent[np.maximum(level, 0)], -1).astype(np.int32)
+            out = out.append_column(pa.field(f"{self.id_column}_l{depth}", pa.int32()), pa.array(level, pa.int32()))
+        return out
+
+
+def _split_model_path(path: str | Path) -> tuple[Path, str]:
+    p = Path(path)
+    return (p.parent, p.stem) if p.suffix in (".npy", ".json") else (p, "centroids")
+
+
+# --------------------------------------------------------------------------- k selection (R&B Regroup)
+
+
+def silhouette_cosine(x: np.ndarray, labels: np.ndarray, *, chunk_rows: int = 1024) -> float:
+    """Mean silhouette with cosine distance of unit rows ``x`` (sklearn's definition: a point alone
+    in its cluster scores 0). Exact, O(m^2 d), in memory O(chunk_rows * m): for a subsample."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    codes, inv = np.unique(labels, return_inverse=True)
+    if not 2 <= len(codes) <= len(x) - 1:
+        raise ValueError(f"silhouette needs 2 <= clusters <= points - 1, got {len(codes)} clusters, {len(x)} points")
+    order = np.argsort(inv, kind="stable")
+    xs, lab = x[order], inv[order]
+    counts = np.bincount(lab)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    scores = np.empty(len(xs), np.float64)
+    for lo in range(0, len(xs), chunk_rows):
+        blk = xs[lo : lo + chunk_rows]
+        dist = 1.0 - blk @ xs.T  # (b, m) cosine distances
+        sums = np.add.reduceat(dist, starts, axis=1, dtype=np.float64)  # (b, clusters)
+        rows = np.arange(len(blk))
+        own = lab[lo : lo + len(blk)]
+        self_dist = 1.0 - np.einsum("ij,ij->i", blk, blk)  # ~0, but not exactly in float32
+        n_own = counts[own]
+        a = (sums[rows, own] - self_dist) / np.maximum(n_own - 1, 1)
+        mean_other = sums / counts
+        mean_other[rows, own] = np.inf
+        b = mean_other.min(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = (b - a) / np.maximum(a, b)
+        scores[lo : lo + len(blk)] = np.where(n_own > 1, np.nan_to_num(s), 0.0)
+    return float(scores.mean())
+
+
+@dataclass
+class KSweep:
+    best_k: int
+    scores: dict[int, float]  # silhouette per k
+    models: dict[int, KMeansModel]
+    score_rows: int
+
+    @property
+    def best(self) -> KMeansModel:
+        return self.models[self.best_k]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_k": self.best_k, "silhouette": {str(k): v for k, v in self.scores.items()},
+                "score_rows": self.score_rows, "inertia": {str(k): m.meta["inertia"] for k, m in self.models.items()}}
+
+
+def sweep_k(
+    x: np.ndarray,
+    ks: Sequence[int],
+    *,
+    score_rows: int = 10_000,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> KSweep:
+    """Fit spherical k-means for each k and keep the best cosine silhouette, scored on one seeded
+    subsample of ``x`` shared by every k (labels from assignment to each model's centroids).
+    Ties go to the smaller k."""
+    x, ok = unit_rows(x)
+    x = x[ok]
+    rng = np.random.default_rng([seed, 0x5111])
+    sub = x[np.sort(rng.choice(len(x), size=min(score_rows, len(x)), replace=False))]
+    scores: dict[int, float] = {}
+    models: dict[int, KMeansModel] = {}
+    for k in sorted(set(int(k) for k in ks)):
+        model = fit_kmeans(x, k, seed=seed, **fit_kwargs)
+        labels, _ = assign(sub, model)
+        scores[k] = silhouette_cosine(sub, labels) if len(np.unique(labels)) >= 2 else -1.0
+        model.meta["silhouette"] = scores[k]
+        models[k] = model
+    best = max(scores, key=lambda k: (scores[k], -k))
+    return KSweep(best, scores, models, len(sub))
+
+
+# --------------------------------------------------------------------------- SBCL subclasses
+
+
+def sbcl_subclass_counts(class_sizes: np.ndarray, m0: int) -> np.ndarray:
+    """SBCL: K_c = max(1, floor(n_c / max(min_c' n_c', M0))), the min over non-empty classes.
+    An empty class gets 0 subclasses (it has no rows to split)."""
+    n = np.asarray(class_sizes, dtype=np.int64)
+    if m0 < 1:
+        raise ValueError(f"M0 must be >= 1, got {m0}")
+    if np.any(n < 0):
+        raise ValueError("class sizes must be non-negative")
+    present = n > 0
+    if not present.any():
+        return np.zeros_like(n)
+    floor_size = max(int(n[present].min()), int(m0))
+    return np.where(present, np.maximum(1, n // floor_size), 0)
+
+
+def sbcl_sample_caps(class_sizes: np.ndarray, m0: int, points_per_subclass: int) -> np.ndarray:
+    """Per-class sample caps for a stratified fit: min(n_c, K_c * points_per_subclass)."""
+    n = np.asarray(class_sizes, dtype=np.int64)
+    return np.minimum(n, sbcl_subclass_counts(n, m0) * int(points_per_subclass))
+
+
+@dataclass
+class SubclassModel:
+    """SBCL subclasses: class i owns global ids offsets[i] .. offsets[i] + counts[i] - 1."""
+
+    classes: list[Any]  # class values (str or int), in the order of ``counts``
+    counts: np.ndarray  # K_c per class
+    centroids: np.ndarray  # (sum K_c, d), unit rows, grouped by class
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.counts)[:-1]].astype(np.int64)
+
+    def assign(self, x: np.ndarray, class_labels: pa.Array | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest subclass centroid of each row's own class: (global subclass id int32, 1 - cos);
+        -1 / NaN for rows whose class is null or unknown, or whose vector is unusable."""
+        x, ok = unit_rows(x)
+        labels = pa.array(class_labels) if not isinstance(class_labels, (pa.Array, pa.ChunkedArray)) else class_labels
+        value_set = pa.array(self.classes)
+        if labels.type != value_set.type:
+            labels = pc.cast(labels, value_set.type)
+        cls = pc.fill_null(pc.index_in(labels, value_set=value_set), -1).to_numpy(zero_copy_only=False)
+        ids = np.full(len(x), -1, np.int32)
+        dist = np.full(len(x), np.nan, np.float32)
+        use = ok & (cls >= 0)
+        offsets = self.offsets
+        order = np.argsort(np.where(use, cls, -1), kind="stable")
+        sorted_cls = np.where(use, cls, -1)[order]
+        bounds = np.flatnonzero(np.r_[True, sorted_cls[1:] != sorted_cls[:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            c = sorted_cls[lo]
+            if c < 0:
+                continue
+            rows = order[lo:hi]
+            block = self.centroids[offsets[c] : offsets[c] + self.counts[c]]
+            sim = x[rows] @ block.T  # K_c is small: a matmul beats building an index per class
+            best = sim.argmax(axis=1)
+            ids[rows] = offsets[c] + best
+            dist[rows] = np.clip(1.0 - sim[np.arange(len(rows)), best], 0.0, 2.0)
+        return ids, dist
+
+    def save(self, directory: str | Path, name: str = "subclasses") -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{name}.npy", self.centroids)
+        payload = {**self.meta, "classes": self.classes, "counts": self.counts.tolist()}
+        (d / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str = "subclasses") -> "SubclassModel":
+        d = Path(directory)
+        meta = json.loads((d / f"{name}.json").read_text())
+        classes, counts = meta.pop("classes"), np.asarray(meta.pop("counts"), np.int64)
+        centroids = np.ascontiguousarray(np.load(d / f"{name}.npy"), dtype=np.float32)
+        if centroids.shape[0] != counts.sum():
+            raise ValueError(f"{d / name}.npy has {centroids.shape[0]} centroids, counts sum to {counts.sum()}")
+        return cls(classes, counts, centroids, meta)
+
+
+def fit_subclasses(
+    x: np.ndarray,
+    class_labels: pa.Array | np.ndarray | list,
+    *,
+    m0: int,
+    class_sizes: dict[Any, int] | None = None,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> SubclassModel:
+    """SBCL subclasses by spherical k-means inside each class.
+
+    ``x``/``class_labels`` are the fit points (e.g. a sample stratified by class); ``class_sizes``
+    are the corpus counts n_c that set K_c (default: counted from ``class_labels``, i.e. the fit
+    points are the whole corpus). A class needs at least K_c fit points: the rule is never bent.
+    """
+    x, ok = unit_rows(x)
+    labels = pa.array(class_labels) if not isinstance(class_labels, (pa.Array, pa.ChunkedArray)) else _to_array(class_labels)
+    ok &= labels.is_valid().to_numpy(zero_copy_only=False)
+    x, labels = x[ok], labels.filter(pa.array(ok))
+    if class_sizes is None:
+        vc = pc.value_counts(labels)
+        class_sizes = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+    classes = sorted(c for c, size in class_sizes.items() if size > 0)
+    counts = sbcl_subclass_counts(np.array([class_sizes[c] for c in classes], np.int64), m0)
+    value_set = pa.array(classes)
+    if labels.type != value_set.type:
+        labels = pc.cast(labels, value_set.type)
+    code = pc.fill_null(pc.index_in(labels, value_set=value_set), -1).to_numpy(zero_copy_only=False)
+    blocks = []
+    for i, (c, k_c) in enumerate(zip(classes, counts)):
+        pts = x[code == i]
+        if len(pts) < k_c:
+            raise ValueError(f"class {c!r}: {len(pts)} fit points for K_c={k_c} subclasses "
+                             f"(n_c={class_sizes[c]}, M0={m0}); sample more points for this class")
+        if k_c == 1:
+            blocks.append(unit_rows(pts.sum(axis=0, keepdims=True))[0])  # spherical mean
+        else:
+            blocks.append(fit_kmeans(pts, int(k_c), seed=_faiss_seed(seed, i), **fit_kwargs).centroids)
+    centroids = np.concatenate(blocks) if blocks else np.zeros((0, x.shape[1]), np.float32)
+    meta = {"m0": m0, "seed": seed, "class_sizes": [int(class_sizes[c]) for c in classes],
+            "fit_points": [int((code == i).sum()) for i in range(len(classes))], **{k: v for k, v in fit_kwargs.items()
+                                                                                     if isinstance(v, (int, float, str))}}
+    return SubclassModel(classes, counts.astype(np.int64), centroids, meta)
