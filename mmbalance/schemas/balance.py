@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -32,7 +32,113 @@ class CapBalance(StrictModel):
     targets: dict[str, dict[str, float]] | None = None
 
 
-BalanceSpec = Annotated[Union[NoBalance, CapBalance], Field(discriminator="method")]
+def _check_shares(targets: dict[str, dict[str, float]], key: str) -> dict[str, dict[str, float]]:
+    """Target shares of one column: each in [0, 1], summing to 1 (unlisted values get share 0)."""
+    for name, shares in targets.items():
+        if not shares:
+            raise ValueError(f"{key}.{name} lists no values")
+        bad = sorted(v for v, p in shares.items() if not 0.0 <= p <= 1.0)
+        if bad:
+            raise ValueError(f"{key}.{name} shares must be in [0, 1] (bad: {bad})")
+        total = sum(shares.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"{key}.{name} shares must sum to 1, got {total:.6g}")
+    return targets
+
+
+class M4Tolerance(StrictModel):
+    """Bounds on the moments of algorithms.md section 1, as shares of the carrying rows' weight."""
+
+    representation: float = Field(default=0.01, ge=0.0, le=1.0)
+    association: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
+class M4Balance(StrictModel):
+    """M4 moment matching (algorithms.md section 1, our formulation), solved exactly in the dual.
+
+    ``targets`` gives first-order constraints per attribute; ``associate`` lists [attribute, label]
+    pairs for second-order constraints (proxies are more labels). An attribute that is associated
+    but has no target is held at its observed prevalence.
+    """
+
+    method: Literal["m4"]
+    targets: dict[str, dict[str, float]] = {}
+    associate: list[tuple[str, str]] = []
+    tolerance: M4Tolerance = M4Tolerance()
+    retention: float = Field(default=0.9, gt=0.0)  # eta: baseline keep rate and budget share
+    max_weight: float = Field(default=1.0, gt=0.0)  # Q: 1 = subsample only, > 1 allows repeats
+    objective: Literal["l2", "kl"] = "l2"
+    budget: bool = True  # enforce sum q = n * retention
+    # V: cap on the duals; the best-effort solution when the constraints cannot all hold
+    enforcement: float | None = Field(default=None, gt=0.0)
+    # when the constraints are infeasible at ``retention`` (and no enforcement is set): fail, or
+    # solve at the largest feasible retention instead
+    on_infeasible: Literal["error", "max_retention"] = "error"
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, targets: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        return _check_shares(targets, "targets")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "M4Balance":
+        if not self.targets and not self.associate:
+            raise ValueError("m4 needs balance.targets or balance.associate (no constraint to enforce)")
+        if self.budget and self.retention > self.max_weight:
+            raise ValueError(f"balance.retention {self.retention} exceeds balance.max_weight {self.max_weight}")
+        return self
+
+
+class ReweighBalance(StrictModel):
+    """Kamiran-Calders reweighing: cell (s, y) gets n_s n_y / (n n_sy); rows missing s or y keep 1."""
+
+    method: Literal["reweigh"]
+    attribute: str
+    label: str
+
+
+class RakeBalance(StrictModel):
+    """Raking (iterative proportional fitting) to target shares of attributes and labels."""
+
+    method: Literal["rake"]
+    targets: dict[str, dict[str, float]] = {}  # attributes (also what the report measures RB against)
+    label_targets: dict[str, dict[str, float]] = {}
+    tolerance: float = Field(default=1e-6, gt=0.0)  # largest share error at convergence
+    max_iterations: int = Field(default=1000, gt=0)
+    retention: float = Field(default=1.0, gt=0.0)  # weights are scaled so sum w = n * retention
+
+    @field_validator("targets", "label_targets")
+    @classmethod
+    def _shares(cls, targets: dict[str, dict[str, float]], info) -> dict[str, dict[str, float]]:
+        return _check_shares(targets, info.field_name)
+
+    @model_validator(mode="after")
+    def _some(self) -> "RakeBalance":
+        if not self.targets and not self.label_targets:
+            raise ValueError("rake needs balance.targets or balance.label_targets")
+        return self
+
+
+class WaterfillBalance(StrictModel):
+    """Max-min fair quotas over the values of a label to a target size (algorithms.md section 5)."""
+
+    method: Literal["waterfill"]
+    by: str
+    size: int | None = Field(default=None, ge=0)  # expected labeled rows kept
+    retention: float | None = Field(default=None, gt=0.0, le=1.0)  # or: this share of labeled rows
+    unlabeled: Literal["keep", "drop"] = "keep"
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "WaterfillBalance":
+        if (self.size is None) == (self.retention is None):
+            raise ValueError("waterfill needs exactly one of balance.size and balance.retention")
+        return self
+
+
+BalanceSpec = Annotated[
+    Union[NoBalance, CapBalance, M4Balance, ReweighBalance, RakeBalance, WaterfillBalance],
+    Field(discriminator="method"),
+]
 
 
 def balance_methods() -> set[str]:

@@ -117,3 +117,7 @@ def solve_none(step, stats: CorpusStats) -> Solution:
 
 # methods register themselves on import
 from mmbalance.operators.solve import cap as _cap  # noqa: E402,F401
+from mmbalance.operators.solve import m4 as _m4  # noqa: E402,F401
+from mmbalance.operators.solve import reweigh as _reweigh  # noqa: E402,F401
+from mmbalance.operators.solve import rake as _rake  # noqa: E402,F401
+from mmbalance.operators.solve import waterfill as _waterfill  # noqa: E402,F401

@@ -7,6 +7,11 @@ stage imports it); ``balance.method: waterfill`` applies it over the values of o
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
+
+from mmbalance.operators.solve import CorpusStats, LookupSolution, register
+from mmbalance.schemas.balance import WaterfillBalance
+from mmbalance.schemas.contract import tag_column
 
 
 def waterfill_quotas(sizes: np.ndarray, target: int) -> np.ndarray:
@@ -46,3 +51,41 @@ def waterfill_quotas(sizes: np.ndarray, target: int) -> np.ndarray:
         above = np.flatnonzero(n > x)[:remainder]
         quotas[above] += 1
     return quotas
+
+
+@register("waterfill")
+def solve_waterfill(step: WaterfillBalance, stats: CorpusStats) -> LookupSolution:
+    """Each value of ``by`` keeps quota / count of its rows: the expected size is the quota."""
+    labels = [lab.name for lab in stats.recipe.labels]
+    if step.by not in labels:
+        raise ValueError(f"balance.by names '{step.by}', which is not a label (labels: {labels})")
+    column = tag_column(step.by)
+    frame = pl.from_arrow(stats.signatures).group_by(column).agg(pl.col("count").sum()).sort(column, nulls_last=True)
+    labeled = frame.filter(pl.col(column).is_not_null())
+    values = labeled[column].to_list()
+    sizes = labeled["count"].to_numpy().astype(np.int64)
+    total = int(sizes.sum())
+    target = step.size if step.size is not None else int(round(step.retention * total))
+    quotas = waterfill_quotas(sizes, target)
+    weight = [float(q) / float(n) for q, n in zip(quotas, sizes)]
+    unlabeled = int(frame.filter(pl.col(column).is_null())["count"].sum())
+    unlabeled_weight = 1.0 if step.unlabeled == "keep" else 0.0
+    cap = int(quotas.max()) if quotas.size else 0
+    return LookupSolution(
+        method="waterfill",
+        key_columns=[column],
+        keys={column: [*values, None]},
+        weight=[*weight, unlabeled_weight],
+        default=None,
+        diagnostics={
+            "by": step.by,
+            "target": target,
+            "labeled_rows": total,
+            "expected_labeled_rows": int(quotas.sum()),
+            "cap": cap,
+            "values": len(values),
+            "values_capped": int(np.sum(quotas < sizes)),
+            "unlabeled_rows": unlabeled,
+            "unlabeled_weight": unlabeled_weight,
+        },
+    )

@@ -1,0 +1,497 @@
+"""M4 moment matching (algorithms.md section 1, "our formulation"), solved exactly in the dual.
+
+Compressed path: hard tags and a per-signature baseline, so samples with the same signature share
+one weight and the problem is over the rows of the signature table, with multiplicity ``count``:
+
+    minimise    sum_s n_s f(q_s; eta_s)              f = (q - eta)^2 / 2   or   q log(q/eta) - q + eta
+    subject to  sum_s n_s q_s c_sj <= 0              c_sj = +-b_sj - eps_j a_s,g(j)   (2K rows)
+                sum_s n_s q_s = n * retention        (optional budget)
+                0 <= q_s <= Q
+
+For duals x = (mu+, mu-, gamma) the minimiser is per signature and closed form, q_s = clip(eta_s -
+t_s, 0, Q) (L2) or min(eta_s exp(-t_s), Q) (KL) with t = C mu + gamma, so the dual has 2K + 1
+variables whatever n is. We maximise it with L-BFGS-B (bounds mu >= 0, or <= V for the
+bounded-dual variant), then polish with projected Newton steps on the active set (the dual is
+piecewise quadratic for L2) to machine precision.
+
+Per-sample utility would give every sample its own baseline and needs the streaming path (a
+map-reduce of K-vectors per dual evaluation); here utility enters per signature as utility_sum /
+count, which is exact when utility is constant within a signature.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from scipy.optimize import linprog, minimize
+from scipy.special import xlogy
+
+from mmbalance.operators.solve import CorpusStats, LookupSolution, register
+from mmbalance.schemas.balance import M4Balance
+from mmbalance.schemas.contract import tag_column
+
+FEASIBILITY_TOL = 1e-9  # largest constraint violation, as a share of the carrying weight, we call feasible
+KKT_TOL = 1e-13  # natural-residual target of the Newton polish (duals and moments are O(1))
+MAX_POLISH_VARIABLES = 4000  # the polish forms a dense Hessian over the duals
+
+
+@dataclass
+class MomentProblem:
+    """The compressed problem; ``weight`` is counts / n so every quantity is O(1) whatever n is."""
+
+    weight: np.ndarray  # (S,) share of rows per signature, sums to 1
+    rows: int  # n
+    eta: np.ndarray  # (S,) baseline keep rate in [0, Q]
+    B: sp.csr_matrix  # (S, K) b_sj (zero on rows not carrying the coordinate's attribute)
+    A: sp.csr_matrix  # (S, G) 1 where the signature carries attribute group g
+    group: np.ndarray  # (K,) attribute group of each coordinate
+    eps: np.ndarray  # (K,) tolerance of each coordinate
+    max_weight: float  # Q
+    budget: float | None  # target of sum_s weight_s q_s (the retention); None: no budget
+    objective: str = "l2"
+
+    @property
+    def K(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def G(self) -> int:
+        return self.A.shape[1]
+
+
+@dataclass
+class DualResult:
+    x: np.ndarray  # (mu+ [K], mu- [K], gamma [1 if budget])
+    q: np.ndarray  # (S,) primal weights
+    dual_value: float  # per row
+    primal_value: float  # per row
+    kkt_residual: float
+    moments: np.ndarray  # (K,) sum_s w_s q_s b_sj
+    carrying: np.ndarray  # (G,) sum_s w_s q_s a_sg
+    violation: np.ndarray  # (K,) max(0, |moment| - eps * carrying) / carrying
+    budget_residual: float
+    infeasible_certificate: bool  # dual value exceeded every feasible primal value
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_violation(self) -> float:
+        v = float(self.violation.max()) if self.violation.size else 0.0
+        return max(v, abs(self.budget_residual))
+
+
+class _Dual:
+    """Evaluations of the dual: t = N T x with N = [B, -A, 1] (sparse) and T small and dense."""
+
+    def __init__(self, p: MomentProblem):
+        self.p = p
+        K, G, S = p.K, p.G, p.B.shape[0]
+        self.nx = 2 * K + (1 if p.budget is not None else 0)
+        self.N = sp.hstack([p.B, -p.A, sp.csr_matrix(np.ones((S, 1)))], format="csr")
+        T = np.zeros((K + G + 1, self.nx))
+        T[:K, :K] = np.eye(K)
+        T[:K, K : 2 * K] = -np.eye(K)
+        T[K + p.group, np.arange(K)] = p.eps  # e_g = sum_{j in g} eps_j (mu+_j + mu-_j)
+        T[K + p.group, K + np.arange(K)] = p.eps
+        if p.budget is not None:
+            T[K + G, 2 * K] = 1.0
+        self.T = T
+        self.NT = self.N.T.tocsr()
+        with np.errstate(divide="ignore"):
+            self.log_eta = np.log(p.eta)
+        self.log_q_max = math.log(p.max_weight)
+        self.evaluations = 0
+
+    def primal(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """q(t), f(q), -dq/dt and t per signature."""
+        p = self.p
+        t = self.N @ (self.T @ x)
+        if p.objective == "l2":
+            z = p.eta - t
+            q = np.clip(z, 0.0, p.max_weight)
+            f = 0.5 * (q - p.eta) ** 2
+            curv = ((z > 0.0) & (z < p.max_weight)).astype(np.float64)
+        else:
+            logq = np.minimum(self.log_eta - t, self.log_q_max)
+            q = np.exp(logq)
+            with np.errstate(invalid="ignore"):  # eta = 0: q = 0 and f = 0
+                f = np.where(q > 0, q * (logq - self.log_eta), 0.0) - q + p.eta
+            curv = np.where(self.log_eta - t < self.log_q_max, q, 0.0)
+        return q, f, curv, t
+
+    def value_grad(self, x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        self.evaluations += 1
+        p = self.p
+        q, f, _, t = self.primal(x)
+        wq = p.weight * q
+        value = float(p.weight @ f + wq @ t)
+        grad = self.T.T @ (self.NT @ wq)
+        if p.budget is not None:
+            value -= x[-1] * p.budget
+            grad[-1] -= p.budget
+        return value, grad, q
+
+    def hessian(self, x: np.ndarray) -> np.ndarray:
+        """Minus the (generalised) Hessian of the dual: T' N' diag(w dq/dt) N T."""
+        _, _, curv, _ = self.primal(x)
+        NW = self.N.multiply((self.p.weight * curv)[:, None]).tocsr()
+        Hz = (self.NT @ NW).toarray()
+        return self.T.T @ Hz @ self.T
+
+
+def primal_upper_bound(p: MomentProblem) -> float:
+    """Largest value the primal objective takes on [0, Q]^S: a dual value above it certifies infeasibility."""
+    if p.objective == "l2":
+        worst = 0.5 * np.maximum(p.eta, p.max_weight - p.eta) ** 2
+    else:
+        fq = np.where(p.eta > 0, xlogy(p.max_weight, p.max_weight) - xlogy(p.max_weight, p.eta) - p.max_weight + p.eta, 0.0)
+        worst = np.maximum(p.eta, fq)
+    return float(p.weight @ worst)
+
+
+def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True) -> DualResult:
+    """Maximise the dual (L-BFGS-B), then polish with projected Newton on the active set."""
+    start = time.perf_counter()
+    dual = _Dual(p)
+    lo = np.zeros(dual.nx)
+    hi = np.full(dual.nx, np.inf if enforcement is None else float(enforcement))
+    if p.budget is not None:
+        lo[-1], hi[-1] = -np.inf, np.inf
+    bound = primal_upper_bound(p)
+    certificate = False
+
+    def fun(x):
+        v, g, _ = dual.value_grad(x)
+        return -v, -g
+
+    def callback(intermediate_result):
+        nonlocal certificate
+        if -intermediate_result.fun > bound * (1 + 1e-9) + 1e-12:
+            certificate = True  # weak duality: no feasible q has this objective
+            raise StopIteration
+
+    x0 = np.zeros(dual.nx)
+    if p.budget is not None:
+        x0[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
+    bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(hi), hi, None)))
+    res = minimize(
+        fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+        options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 30},
+    )
+    x = np.clip(res.x, lo, hi)
+    info: dict[str, Any] = {
+        "lbfgsb_iterations": int(res.nit), "lbfgsb_status": str(res.message), "polish_iterations": 0,
+    }
+    if not certificate and polish and dual.nx <= MAX_POLISH_VARIABLES:
+        x, info["polish_iterations"] = _polish(dual, x, lo, hi)
+    value, grad, q = dual.value_grad(x)
+    if not certificate and value > bound * (1 + 1e-9) + 1e-12:
+        certificate = True
+    kkt = float(np.max(np.abs(x - np.clip(x + grad, lo, hi)))) if dual.nx else 0.0
+    wq = p.weight * q
+    moments = p.B.T @ wq
+    carrying = p.A.T @ wq
+    W = carrying[p.group]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        violation = np.where(W > 0, np.maximum(0.0, np.abs(moments) - p.eps * W) / W, 0.0)
+    _, f, _, _ = dual.primal(x)
+    budget_residual = float(wq.sum() - p.budget) if p.budget is not None else 0.0
+    if p.budget is not None and p.budget > 0:
+        budget_residual /= p.budget
+    info["dual_evaluations"] = dual.evaluations
+    info["seconds"] = round(time.perf_counter() - start, 6)
+    return DualResult(
+        x=x, q=q, dual_value=value, primal_value=float(p.weight @ f), kkt_residual=kkt, moments=moments,
+        carrying=carrying, violation=violation, budget_residual=budget_residual,
+        infeasible_certificate=certificate, info=info,
+    )
+
+
+def _polish(dual: _Dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter: int = 50) -> tuple[np.ndarray, int]:
+    """Projected Newton on the dual: on each piece the dual is quadratic (L2), so a few steps reach
+    the exact maximiser once L-BFGS-B has found the right active set."""
+    value, grad, _ = dual.value_grad(x)
+    residual = np.max(np.abs(x - np.clip(x + grad, lo, hi)))
+    it = 0
+    for it in range(1, max_iter + 1):
+        if residual <= KKT_TOL:
+            return x, it - 1
+        fixed = ((x <= lo) & (grad <= 0)) | ((x >= hi) & (grad >= 0))
+        free = ~fixed
+        H = dual.hessian(x)[np.ix_(free, free)]
+        step = np.zeros_like(x)
+        # minimum-norm step: the duals are not unique (the moments of one attribute sum to zero)
+        step[free] = np.linalg.lstsq(H, grad[free], rcond=1e-12)[0]
+        alpha, accepted = 1.0, False
+        while alpha > 1e-12:
+            x_new = np.clip(x + alpha * step, lo, hi)
+            v_new, g_new, _ = dual.value_grad(x_new)
+            r_new = np.max(np.abs(x_new - np.clip(x_new + g_new, lo, hi)))
+            if v_new >= value - 1e-15 * max(1.0, abs(value)) and (v_new > value or r_new < residual):
+                accepted = True
+                break
+            alpha *= 0.5
+        if not accepted:
+            break
+        x, value, grad, residual = x_new, v_new, g_new, r_new
+    return x, it
+
+
+def max_feasible_retention(p: MomentProblem) -> float:
+    """Largest sum_s w_s q_s over q in [0, Q] meeting the moment constraints: one LP (HiGHS).
+
+    The feasible retentions form an interval [0, eta_max] (q = 0 is feasible and the set is
+    convex), so the LP gives what bisection on the retention would, in one solve.
+    """
+    S, K, G = p.B.shape[0], p.K, p.G
+    WB = (sp.diags(p.weight) @ p.B).T.tocsr()  # (K, S)
+    E = sp.csr_matrix((p.eps, (np.arange(K), p.group)), shape=(K, G))
+    A_ub = sp.vstack([sp.hstack([WB, -E]), sp.hstack([-WB, -E])], format="csr")
+    WA = (sp.diags(p.weight) @ p.A).T.tocsr()  # (G, S)
+    A_eq = sp.hstack([-WA, sp.identity(G)], format="csr")
+    c = np.concatenate([-p.weight, np.zeros(G)])
+    bounds = [(0.0, p.max_weight)] * S + [(0.0, None)] * G
+    res = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * K), A_eq=A_eq, b_eq=np.zeros(G), bounds=bounds, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"m4: the largest-retention LP failed ({res.message})")
+    return float(-res.fun)
+
+
+# -- from the recipe and the signature table --------------------------------------------------------
+
+
+@dataclass
+class Coordinate:
+    kind: str  # representation | association
+    attribute: str
+    value: str
+    label: str | None = None
+    label_value: str | None = None
+
+    def name(self) -> str:
+        base = f"{self.attribute}={self.value}"
+        return base if self.label is None else f"{base} x {self.label}={self.label_value}"
+
+
+def _codes(column: list[str | None], values: list[str]) -> np.ndarray:
+    index = {v: i for i, v in enumerate(values)}
+    return np.array([-1 if v is None else index.get(v, -2) for v in column], dtype=np.int64)
+
+
+def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None = None) -> tuple[MomentProblem, pl.DataFrame, list[Coordinate], dict[str, Any]]:
+    """The compressed problem over signatures; returns it, the key frame and coordinate names."""
+    recipe = stats.recipe
+    attrs = {a.name: a for a in recipe.attributes}
+    label_names = [lab.name for lab in recipe.labels]
+    for name in step.targets:
+        if name not in attrs:
+            raise ValueError(f"balance.targets names '{name}', which is not an attribute (attributes: {sorted(attrs)})")
+    pairs: list[tuple[str, str]] = []
+    for a, lab in step.associate:
+        if a not in attrs:
+            raise ValueError(f"balance.associate pair [{a}, {lab}]: '{a}' is not an attribute (attributes: {sorted(attrs)})")
+        if lab not in label_names:
+            raise ValueError(f"balance.associate pair [{a}, {lab}]: '{lab}' is not a label (labels: {label_names})")
+        if (a, lab) not in pairs:
+            pairs.append((a, lab))
+    used_attrs = [a.name for a in recipe.attributes if a.name in step.targets or any(p[0] == a.name for p in pairs)]
+    used_labels = [lab for lab in label_names if any(p[1] == lab for p in pairs)]
+
+    frame = pl.from_arrow(stats.signatures)
+    use_utility = "utility_sum" in frame.columns
+    if use_utility:  # the baseline differs between full signatures: key on every tag column
+        key_cols = [c for c in frame.columns if c.startswith("tag.")]
+    else:
+        key_cols = [tag_column(n) for n in used_attrs + used_labels]
+        frame = frame.group_by(key_cols).agg(pl.col("count").sum()).sort(key_cols, nulls_last=True)
+    frame = frame.filter(pl.col("count") > 0)
+    counts = frame["count"].to_numpy().astype(np.float64)
+    n = int(counts.sum())
+    S = frame.height
+    weight = counts / n if n else counts
+    eta_target = step.retention if retention is None else retention
+    if use_utility and n:
+        u = frame["utility_sum"].to_numpy().astype(np.float64) / counts
+        mean_u = float(frame["utility_sum"].sum()) / n
+        eta = np.clip(eta_target * u / mean_u, 0.0, step.max_weight) if mean_u > 0 else np.full(S, eta_target)
+    else:
+        eta = np.full(S, min(eta_target, step.max_weight))
+
+    rows_i: list[np.ndarray] = []
+    cols_j: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    coords: list[Coordinate] = []
+    eps: list[float] = []
+    groups: list[int] = []
+    a_cols = []
+    notes: dict[str, Any] = {"pi": {}}
+    for g, name in enumerate(used_attrs):
+        values = list(attrs[name].values)
+        m = len(values)
+        code = _codes(frame[tag_column(name)].to_list(), values)
+        if np.any(code == -2):
+            bad = frame[tag_column(name)].to_list()[int(np.flatnonzero(code == -2)[0])]
+            raise ValueError(f"attribute '{name}' has value {bad!r}, not one of its values {values}")
+        carrying = np.flatnonzero(code >= 0)
+        a_cols.append(carrying)
+        carried = np.bincount(code[carrying], weights=counts[carrying], minlength=m)
+        if name in step.targets:
+            pi = np.array([float(step.targets[name].get(v, 0.0)) for v in values])
+            for k, v in enumerate(values):
+                if pi[k] > step.tolerance.representation and carried[k] == 0:
+                    raise ValueError(f"balance.targets.{name}.{v} is {pi[k]} but no row has {name}={v}")
+        else:  # association only: hold the attribute at its observed prevalence
+            pi = carried / carried.sum() if carried.sum() else np.full(m, 1.0 / m)
+        notes["pi"][name] = dict(zip(values, pi.tolist()))
+        centred = (code[carrying, None] == np.arange(m)[None, :]) - pi[None, :]  # (carrying, m)
+        if name in step.targets:
+            base = len(coords)
+            rows_i.append(np.repeat(carrying, m))
+            cols_j.append(np.tile(base + np.arange(m), len(carrying)))
+            vals.append(centred.reshape(-1))
+            coords += [Coordinate("representation", name, v) for v in values]
+            eps += [step.tolerance.representation] * m
+            groups += [g] * m
+        for a_name, lab in pairs:
+            if a_name != name:
+                continue
+            label_values = list(stats.vocab.get(lab, []))
+            R = len(label_values)
+            y = _codes(frame[tag_column(lab)].to_list(), label_values)[carrying]
+            has = y >= 0
+            base = len(coords)
+            rows_i.append(np.repeat(carrying[has], m))
+            cols_j.append((base + np.arange(m)[None, :] * R + y[has, None]).reshape(-1))
+            vals.append(centred[has].reshape(-1))
+            coords += [Coordinate("association", name, v, lab, r) for v in values for r in label_values]
+            eps += [step.tolerance.association] * (m * R)
+            groups += [g] * (m * R)
+    K = len(coords)
+    if rows_i:
+        B = sp.csr_matrix(
+            (np.concatenate(vals).astype(np.float64), (np.concatenate(rows_i), np.concatenate(cols_j))), shape=(S, K)
+        )
+    else:
+        B = sp.csr_matrix((S, K))
+    B.eliminate_zeros()
+    # a coordinate no signature touches is 0 <= eps * W whatever q is: drop it
+    used = np.flatnonzero(np.diff(B.tocsc().indptr) > 0)
+    B = B[:, used].tocsr()
+    coords = [coords[j] for j in used]
+    A = sp.csr_matrix(
+        (np.ones(sum(len(c) for c in a_cols)), (np.concatenate(a_cols) if a_cols else np.zeros(0, np.int64),
+         np.concatenate([np.full(len(c), g) for g, c in enumerate(a_cols)]) if a_cols else np.zeros(0, np.int64))),
+        shape=(S, len(used_attrs)),
+    )
+    problem = MomentProblem(
+        weight=weight, rows=n, eta=eta, B=B, A=A, group=np.array(groups, dtype=np.int64)[used],
+        eps=np.array(eps, dtype=np.float64)[used], max_weight=float(step.max_weight),
+        budget=float(eta_target) if step.budget else None, objective=step.objective,
+    )
+    notes["utility"] = "per-signature mean (utility_sum / count)" if use_utility else None
+    return problem, frame.select(key_cols), coords, notes
+
+
+def _with_retention(p: MomentProblem, step: M4Balance, stats: CorpusStats, retention: float) -> MomentProblem:
+    rebuilt, _, _, _ = build_problem(step, stats, retention=retention)
+    return replace(p, eta=rebuilt.eta, budget=rebuilt.budget)
+
+
+def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step: M4Balance, enforcement: float | None) -> dict[str, Any]:
+    K = p.K
+    mu_plus, mu_minus = r.x[:K], r.x[K : 2 * K]
+    scale = max(1.0, float(np.max(r.x[: 2 * K]))) if K else 1.0
+    binding_mask = (mu_plus > 1e-10 * scale) | (mu_minus > 1e-10 * scale)
+    W = r.carrying[p.group] if K else np.zeros(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(W > 0, r.moments / W, 0.0)
+    table = []
+    for j, c in enumerate(coords):
+        table.append({
+            "constraint": c.name(), "kind": c.kind, "moment": float(share[j]), "tolerance": float(p.eps[j]),
+            "violation": float(r.violation[j]), "dual": float(mu_plus[j] - mu_minus[j]), "binding": bool(binding_mask[j]),
+        })
+    order = sorted(range(K), key=lambda j: (-r.violation[j], -abs(share[j]) / max(p.eps[j], 1e-300)))
+    limit = 200
+    n = p.rows
+    wq = p.weight * r.q
+    sum_q = float(wq.sum())
+    sum_q2 = float(p.weight @ (r.q**2))
+    penalty = 0.0
+    if enforcement is not None and K:
+        Wg = r.carrying[p.group]
+        over = np.maximum(0.0, r.moments - p.eps * Wg) + np.maximum(0.0, -r.moments - p.eps * Wg)
+        penalty = float(enforcement * over.sum())
+    out = {
+        "objective": step.objective,
+        "objective_value": r.primal_value * n,
+        "objective_per_row": r.primal_value,
+        "dual_value": r.dual_value * n,
+        "duality_gap": (r.primal_value + penalty - r.dual_value) * n,
+        "relative_duality_gap": (r.primal_value + penalty - r.dual_value) / max(abs(r.primal_value), 1e-300),
+        "kkt_residual": r.kkt_residual,
+        "max_violation": r.max_violation,
+        "budget_residual": r.budget_residual,
+        "retention": sum_q,
+        "expected_rows": sum_q * n,
+        "ess": (sum_q**2 / sum_q2) * n if sum_q2 > 0 else 0.0,
+        "largest_weight": float(r.q.max()) if r.q.size else 0.0,
+        "signatures": int(p.B.shape[0]),
+        "constraints": 2 * K + (1 if p.budget is not None else 0),
+        "binding": [table[j] for j in range(K) if binding_mask[j]][:limit],
+        "moments": [table[j] for j in order[:limit]],
+        "moments_truncated": max(0, K - limit),
+        "solver": r.info,
+    }
+    return out
+
+
+@register("m4")
+def solve_m4(step: M4Balance, stats: CorpusStats) -> LookupSolution:
+    problem, keys, coords, notes = build_problem(step, stats)
+    key_columns = keys.columns
+    key_values = {c: keys[c].to_list() for c in key_columns}
+    base = {
+        "requested_retention": step.retention, "max_weight": step.max_weight, "budget": step.budget,
+        "tolerance": step.tolerance.model_dump(), "enforcement": step.enforcement, "pi": notes["pi"],
+        "utility": notes["utility"], "rows": problem.rows,
+    }
+    if problem.rows == 0:
+        return LookupSolution("m4", key_columns, key_values, [], None, {**base, "note": "no rows"})
+    result = solve_moments(problem, step.enforcement)
+    status = "optimal"
+    extra: dict[str, Any] = {}
+    if result.max_violation > FEASIBILITY_TOL:
+        # q = 0 on carrying rows always meets the moments: only the budget can make it infeasible
+        largest = max_feasible_retention(problem) if problem.budget is not None else None
+        feasible = largest is not None and largest >= step.retention * (1 - 1e-9)
+        extra["largest_feasible_retention"] = largest
+        if feasible and step.enforcement is None:
+            raise RuntimeError(
+                f"m4: the dual solve did not converge (max violation {result.max_violation:.3g}, {result.info})"
+            )
+        if feasible:
+            status = "enforcement_bound"  # feasible, but the duals needed exceed balance.enforcement
+        elif step.enforcement is not None:
+            status = "infeasible_best_effort"
+        elif step.on_infeasible == "max_retention" and largest and largest > 0:
+            used = largest * (1 - 1e-6)  # strictly inside: the LP's own tolerance is ~1e-9
+            problem = _with_retention(problem, step, stats, used)
+            result = solve_moments(problem, None)
+            status = "solved_at_largest_feasible_retention"
+            if result.max_violation > 1e-6:
+                raise RuntimeError(f"m4: solve at the largest feasible retention {used:.6g} left violation {result.max_violation:.3g}")
+        else:
+            raise ValueError(
+                f"balance.retention {step.retention} is infeasible for these constraints (largest feasible "
+                f"retention {largest:.6g}); lower balance.retention, raise balance.max_weight or the tolerances, "
+                f"set balance.on_infeasible: max_retention, or balance.enforcement for a best-effort solution"
+            )
+    diagnostics = {**base, "status": status, "feasible": status in ("optimal", "solved_at_largest_feasible_retention"), **extra}
+    diagnostics.update(_diagnostics(problem, result, coords, step, step.enforcement))
+    return LookupSolution("m4", key_columns, key_values, result.q.tolist(), None, diagnostics)
