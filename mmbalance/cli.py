@@ -178,8 +178,46 @@ def recipe_cmd(
     typer.echo(EXAMPLE_RECIPE, nl=False)
 
 
+# -- report and inspect (issue 9) ------------------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    out: str = typer.Argument(..., help="Run directory or URI (holds report.json)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Write OUT/report.html (self-contained, plots embedded) from a finished run and print its path."""
+
+    def go():
+        from mmbalance.operators.report_html import write_html_report
+
+        if "://" not in out and not Path(out).is_dir():
+            _fail(f"{out}: not a directory")
+        typer.echo(write_html_report(out))
+
+    _guarded(go, debug)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="A shard directory (footers + a bounded sample) or a run directory."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe naming the tag columns of a shard directory."),
+    sample_rows: int = typer.Option(5000, "--sample-rows", help="Rows sampled from a shard directory."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Summarise a corpus or a run: schema, row counts, tag prevalence, top associations, label/cluster sizes."""
+
+    def go():
+        from mmbalance.inspect import inspect_path
+
+        if sample_rows < 0:
+            _fail("--sample-rows must be >= 0")
+        inspect_path(path, recipe=_load(recipe) if recipe else None, sample_rows=sample_rows)
+
+    _guarded(go, debug)
+
+
 def main() -> None:
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     app()
 
 
