@@ -422,11 +422,10 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
     wq = p.weight * r.q
     sum_q = float(wq.sum())
     sum_q2 = float(p.weight @ (r.q**2))
-    penalty = 0.0
-    if enforcement is not None and K:
-        Wg = r.carrying[p.group]
-        over = np.maximum(0.0, r.moments - p.eps * Wg) + np.maximum(0.0, -r.moments - p.eps * Wg)
-        penalty = float(enforcement * over.sum())
+    # summed excess over the tolerances (per row): what the bounded-dual variant penalises by V
+    Wg = r.carrying[p.group]
+    excess = float((np.maximum(0.0, r.moments - p.eps * Wg) + np.maximum(0.0, -r.moments - p.eps * Wg)).sum())
+    penalty = float(enforcement * excess) if enforcement is not None else 0.0
     out = {
         "objective": step.objective,
         "objective_value": r.primal_value * n,
@@ -436,6 +435,7 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
         "relative_duality_gap": (r.primal_value + penalty - r.dual_value) / max(abs(r.primal_value), 1e-300),
         "kkt_residual": r.kkt_residual,
         "max_violation": r.max_violation,
+        "total_excess": excess,
         "budget_residual": r.budget_residual,
         "retention": sum_q,
         "expected_rows": sum_q * n,
