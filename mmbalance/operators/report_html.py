@@ -255,6 +255,7 @@ def plot_histograms(hist: dict[str, Any]) -> str:
     edges, counts = hist["weight_edges"], hist["weight_counts"]
     axes[0].bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=_COLORS["after (E)"])
     axes[0].set_yscale("log")
+    axes[0].set_ylim(bottom=0.8)
     axes[0].set_xlabel("weight (expected repeats)")
     axes[0].set_ylabel("rows")
     axes[0].set_title("weights")
@@ -262,6 +263,7 @@ def plot_histograms(hist: dict[str, Any]) -> str:
     axes[1].bar(np.arange(len(reps)), reps, color=_COLORS["after (repeats)"])
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     axes[1].set_yscale("log")
+    axes[1].set_ylim(bottom=0.8)
     axes[1].set_xlabel("repeats")
     axes[1].set_title("realised repeats")
     return _png(fig, "histograms of weights and repeats")
@@ -339,7 +341,9 @@ def reject_examples(store: RunStore, reasons: list[str], per_reason: int = REJEC
             seen += 1
             table = store.read_table("rejects", stage, name)
             for row in table.slice(0, 2000).to_pylist():
-                bucket = out.setdefault(row["reason"], [])
+                # row reasons carry details ("duplicate uid: first seen in ..."); group by the summary reason
+                key = max((r for r in reasons if row["reason"].startswith(r)), key=len, default=row["reason"])
+                bucket = out.setdefault(key, [])
                 if len(bucket) < per_reason:
                     bucket.append(row)
     return out
@@ -496,7 +500,7 @@ def _rejects_section(report: dict[str, Any], store: RunStore) -> str:
         return '<p class="muted">No rows were rejected.</p>'
     rows = [[_e(r), num(n, pointer("rows", "rejected_by_reason", r))] for r, n in reasons.items()]
     examples = reject_examples(store, list(reasons))
-    ex_rows = [[_e(r), _e(x.get("stage")), _e(x.get("shard")), num(x.get("row")), _e(x.get("uid"))] for r, xs in examples.items() for x in xs]
+    ex_rows = [[_e(x.get("reason")), _e(x.get("stage")), _e(x.get("shard")), num(x.get("row")), _e(x.get("uid"))] for r, xs in examples.items() for x in xs]
     return ('<div class="row">' + plot_rejects(reasons) + _table(["reason", "rows"], rows) + "</div>"
             + "<h4>examples</h4>" + _table(["reason", "stage", "shard", "row", "uid"], ex_rows))
 

@@ -129,6 +129,8 @@ def test_run_has_rejects_and_accounting(rendered):
     assert "reconciles" in page and "does NOT reconcile" not in page
     assert "MISMATCH" not in page
     assert "extra-0" in page  # a rejected row shown as an example
+    examples = re.findall(r"<td>(duplicate uid: first seen in [^<]*)</td>", page)
+    assert 1 <= len(examples) <= 5  # a few per reason, not every rejected row
 
 
 def test_manifest_histograms_reconcile(run_dir, rendered):
