@@ -202,13 +202,17 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
     return keep.take(pc.sort_indices(keep.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys))
 
 
+_MIN_COMPACT_ROWS = 65536
+
+
 class BottomKSampler:
     """Streaming bottom-k sample of a corpus: keep the rows with the smallest seeded uid priority.
 
     With ``k``: a uniform sample without replacement of size min(k, rows). With ``per_stratum``
     (an int, or a dict of caps per stratum value; absent values get 0): up to that many rows per
     value of ``stratum_column`` (nulls form their own stratum, keyed None), uniform within each.
-    Memory is bounded by the sample plus one batch. Uids must be unique (the dedup stage runs
+    Memory is bounded by about twice the sample plus one batch (candidates are buffered and the
+    sample recomputed when the buffer doubles, at least ``buffer_rows``). Uids must be unique (the dedup stage runs
     first): a repeated uid has one priority and may be kept more than once.
     """
 
@@ -221,6 +225,7 @@ class BottomKSampler:
         uid_column: str = "uid",
         stratum_column: str | None = None,
         per_stratum: int | dict[str, int] | None = None,
+        buffer_rows: int = _MIN_COMPACT_ROWS,
     ):
         if (k is None) == (per_stratum is None):
             raise ValueError("give exactly one of k (uniform sample) or per_stratum (capped per stratum)")
@@ -230,45 +235,80 @@ class BottomKSampler:
             raise ValueError(f"k must be >= 1, got {k}")
         self.embedding, self.k, self.seed = embedding, k, seed
         self.uid_column, self.stratum_column, self.per_stratum = uid_column, stratum_column, per_stratum
-        self._sample: pa.Table | None = None
+        self._parts: list[pa.Table] = []  # the last compacted sample + candidates since
+        self._pending = 0
+        self._buffer_rows = buffer_rows
+        self._compact_at = buffer_rows
+        self._limits: tuple[pa.Array, np.ndarray] | None = None  # full strata and their max priority
         self.rows_seen = 0
         self.rows_unusable = 0
+
+    def _candidates(self, prio: np.ndarray, stratum: pa.Array | None) -> np.ndarray:
+        """Rows that can still enter the sample: priority <= the largest kept in their full
+        stratum (or in the sample). Ties pass; the exact sort settles them."""
+        if self._limits is None:
+            return np.arange(len(prio))
+        names, limit = self._limits
+        if stratum is None:
+            return np.flatnonzero(prio <= limit[0])
+        idx = pc.fill_null(pc.index_in(stratum, value_set=names, skip_nulls=False), -1).to_numpy(zero_copy_only=False)
+        return np.flatnonzero(prio <= np.append(limit, np.iinfo(np.uint64).max)[idx])
 
     def update(self, batch: pa.Table) -> None:
         self.rows_seen += batch.num_rows
         uid = pc.cast(_to_array(batch.column(self.uid_column)), pa.string())
         prio = sample_priority(uid, self.seed)
-        cand = np.arange(batch.num_rows)
-        if self.k is not None and self._sample is not None and self._sample.num_rows >= self.k:
-            # only rows that can enter the sample are decoded (ties kept for the exact sort)
-            cand = np.flatnonzero(prio <= self._sample.column(SAMPLE_PRIORITY)[-1].as_py())
+        stratum = None
+        if self.stratum_column is not None:
+            stratum = pc.cast(_to_array(batch.column(self.stratum_column)), pa.string())
+        cand = self._candidates(prio, stratum)
         if len(cand) == 0:
             return
         take = pa.array(cand)
-        sub = batch.select(self.embedding.columns).take(take)
-        x, ok = self.embedding.extract(sub)
+        x, ok = self.embedding.extract(batch.select(self.embedding.columns).take(take))  # decode candidates only
         self.rows_unusable += int((~ok).sum())
-        cols = {
-            SAMPLE_UID: uid.take(take).filter(pa.array(ok)),
-            SAMPLE_PRIORITY: pa.array(prio[cand][ok], pa.uint64()),
-        }
-        if self.stratum_column is not None:
-            stratum = pc.cast(_to_array(batch.column(self.stratum_column)), pa.string()).take(take)
-            cols[SAMPLE_STRATUM] = stratum.filter(pa.array(ok))
+        keep = pa.array(ok)
+        cols = {SAMPLE_UID: uid.take(take).filter(keep), SAMPLE_PRIORITY: pa.array(prio[cand][ok], pa.uint64())}
+        if stratum is not None:
+            cols[SAMPLE_STRATUM] = stratum.take(take).filter(keep)
         cols[SAMPLE_EMBEDDING] = fixed_size_list(x[ok])
-        new = pa.table(cols)
-        merged = new if self._sample is None else pa.concat_tables([self._sample, new])
-        self._sample = _select(merged, self.k, self.per_stratum)
+        self._parts.append(pa.table(cols))
+        self._pending += int(ok.sum())
+        # compact only when the buffer doubles: copying the sample every batch would cost O(k) per batch
+        if self._pending >= self._compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._parts:
+            return
+        sample = _select(pa.concat_tables(self._parts).combine_chunks(), self.k, self.per_stratum)
+        self._parts, self._pending = [sample], sample.num_rows
+        self._compact_at = max(2 * sample.num_rows, self._buffer_rows)
+        prio = sample.column(SAMPLE_PRIORITY)
+        if self.k is not None:
+            if sample.num_rows >= self.k:
+                self._limits = (pa.array([], pa.string()), np.array([pc.max(prio).as_py()], np.uint64))
+            return
+        groups = sample.group_by(SAMPLE_STRATUM).aggregate([(SAMPLE_PRIORITY, "max"), (SAMPLE_PRIORITY, "count")])
+        names = groups.column(SAMPLE_STRATUM).combine_chunks()
+        if isinstance(self.per_stratum, dict):
+            caps = np.array([self.per_stratum.get(v, 0) for v in names.to_pylist()], np.int64)
+        else:
+            caps = np.full(len(names), self.per_stratum, np.int64)
+        full = groups.column(f"{SAMPLE_PRIORITY}_count").to_numpy() >= caps
+        self._limits = (names.filter(pa.array(full)),
+                        groups.column(f"{SAMPLE_PRIORITY}_max").to_numpy()[full].astype(np.uint64))
 
     def result(self) -> pa.Table:
         """The sample as an Arrow table: uid, priority, [stratum], embedding (unit float32)."""
-        if self._sample is None:
+        self._compact()
+        if not self._parts:
             fields = [pa.field(SAMPLE_UID, pa.string()), pa.field(SAMPLE_PRIORITY, pa.uint64())]
             if self.stratum_column is not None:
                 fields.append(pa.field(SAMPLE_STRATUM, pa.string()))
-            fields.append(pa.field(SAMPLE_EMBEDDING, pa.list_(pa.float32(), 1)))
+            fields.append(pa.field(SAMPLE_EMBEDDING, pa.list_(pa.float32(), 1)))  # dimension unknown: no rows
             return pa.schema(fields).empty_table()
-        return self._sample
+        return self._parts[0]
 
 
 def merge_samples(

@@ -113,8 +113,12 @@ def test_bottom_k_merge_is_independent_of_shard_split():
     rng = np.random.default_rng(3)
     # shuffled row order, several shard splits and batch sizes: always the same sample, same order
     shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
-    for cuts, batch_rows in [([], 6000), ([100, 2500, 2501, 5000], 333), (sorted(rng.choice(6000, 9, replace=False).tolist()), 97)]:
-        samples = _sample_shards(shuffled, cuts, batch_rows, k=500, seed=7)
+    splits = [([], 6000, 65536), ([100, 2500, 2501, 5000], 333, 600), (sorted(rng.choice(6000, 9, replace=False).tolist()), 97, 1)]
+    for cuts, batch_rows, buffer_rows in splits:  # small buffers exercise the pre-filter thresholds
+        samples = _sample_shards(shuffled, cuts, batch_rows, k=500, seed=7, buffer_rows=buffer_rows)
+        for lo, hi, sample in zip([0, *cuts], [*cuts, 6000], samples):  # each shard's sample is exact too
+            shard_uids = shuffled.column("uid").to_pylist()[lo:hi]
+            assert sample.column("uid").to_pylist() == _brute_force_bottom_k(shard_uids, seed=7, k=500)
         merged = merge_samples(samples[::-1], k=500)
         assert merged.column("uid").to_pylist() == want
     # the embeddings travel with their uids (fp16 -> unit float32)
@@ -144,8 +148,13 @@ def test_stratified_sample_caps_each_stratum_and_merges_exactly():
     caps = {"head": 150, "mid": 150, "tail": 150, None: 10}
     kwargs = dict(per_stratum=caps, stratum_column="cls", seed=11)
     one = _sample_shards(table, [], 3000, **kwargs)[0]
-    split = merge_samples(_sample_shards(table, [700, 1900], 256, **kwargs), per_stratum=caps)
-    assert one.column("uid").to_pylist() == split.column("uid").to_pylist()
+    for buffer_rows in (65536, 200, 1):
+        shards = _sample_shards(table, [700, 1900], 256, buffer_rows=buffer_rows, **kwargs)
+        for lo, hi, shard in zip([0, 700, 1900], [700, 1900, 3000], shards):
+            want = _sample_shards(table.slice(lo, hi - lo), [], 3000, **kwargs)[0]  # one batch, no pre-filter
+            assert shard.column("uid").to_pylist() == want.column("uid").to_pylist()
+        split = merge_samples(shards, per_stratum=caps)
+        assert one.column("uid").to_pylist() == split.column("uid").to_pylist()
     got = {v: c for v, c in zip(*[pc.value_counts(one.column("stratum")).field(f).to_pylist() for f in ("values", "counts")])}
     true = {v: int((names == v).sum()) if v else int(sum(n is None for n in names)) for v in caps}
     assert got == {v: min(caps[v], true[v]) for v in caps}
