@@ -47,6 +47,8 @@ def _max_error(counts, w, codes, targets) -> float:
         mass = np.bincount(code[has], weights=(counts * w)[has], minlength=len(target))
         if mass.sum() > 0:
             worst = max(worst, float(np.max(np.abs(mass / mass.sum() - target))))
+        elif has.any():  # every carrying row went to weight 0: no share can match its target
+            worst = max(worst, float(np.max(target)))
     return worst
 
 

@@ -1,7 +1,8 @@
 """Reweighing (Kamiran & Calders; algorithms.md section 6): cell (s, y) gets n_s n_y / (n n_sy).
 
 Cells are over the rows that carry both the attribute and the label; the others have no cell and
-keep weight 1. Marginals of s and y over those rows are kept and s, y become independent.
+keep weight 1. When every (s, y) cell is non-empty, the marginals of s and y over those rows are
+kept and s, y become independent; an empty cell makes exact independence impossible.
 """
 
 from __future__ import annotations
