@@ -55,7 +55,7 @@ def test_rake_meets_the_target_marginals():
 
 
 def test_rake_reports_non_convergence():
-    # occ=c only occurs with g=m: asking for c with g=w only... is incompatible with these shares
+    # occ=c only occurs with g=m, so "g=w only" and "occ=c only" cannot both hold: the weights collapse
     sol = solve(stats({
         "method": "rake", "targets": {"g": {"w": 1.0, "m": 0.0}},
         "label_targets": {"occ": {"a": 0.0, "b": 0.0, "c": 1.0}}, "max_iterations": 50,
