@@ -41,7 +41,8 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
                 _f(r["concept_balance"][name][key]),
             )
     console.print(table)
-    console.print(f"largest repeat count: {weights['max_repeats']}; report: {out}/report.json; manifest: {out}/manifest/")
+    console.print(f"largest repeat count: {weights['max_repeats']}")
+    console.print(f"report: {out}/report.html (and report.json); manifest: {out}/manifest/")
 
 
 def print_validation(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -48,11 +49,10 @@ class RayExecutor:
     def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if not tasks:
             return
-        import logging
-
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the stage bars
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": ours replace them
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI draws one bar per stage itself
         ctx.print_on_execution_start = False
@@ -75,10 +75,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
     target = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     if target:
-        ray.init(address=target, log_to_driver=False, runtime_env=env)
+        ray.init(address=target, log_to_driver=False, runtime_env=env, logging_level=logging.WARNING)
     else:
         ray.init(
             address="local",
+            logging_level=logging.WARNING,
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,

@@ -14,6 +14,7 @@ class StageProgress:
         self.total_rows = total_rows
         self.total_units = total_units
         self.rows = 0
+        self.skipped_rows = 0  # finished in an earlier run: not part of this run's rate
         self.enabled = enabled
         self._progress: Progress | None = None
 
@@ -34,13 +35,18 @@ class StageProgress:
             self._task = self._progress.add_task(self.stage, total=self.total_units, rows="0", rate="")
         return self
 
+    def skip(self, units: int, rows: int) -> None:
+        self.skipped_rows += rows
+        self.advance(units, rows)
+
     def advance(self, units: int, rows: int) -> None:
         self.rows += rows
         if self._progress is None:
             return
         task = self._progress.tasks[0]
         elapsed = task.elapsed or 0.0
-        rate = f"{self.rows / elapsed:,.0f} rows/s" if elapsed > 0.5 and self.rows else ""
+        fresh = self.rows - self.skipped_rows
+        rate = f"{fresh / elapsed:,.0f} rows/s" if elapsed > 0.5 and fresh else ""
         self._progress.update(self._task, advance=units, rows=f"{self.rows:,}/{self.total_rows:,}", rate=rate)
 
     def __exit__(self, *exc) -> None:

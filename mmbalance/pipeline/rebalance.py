@@ -50,6 +50,7 @@ class RunOptions:
     num_cpus: int | None = None
     overwrite: bool = False
     show_progress: bool = True
+    html_report: bool = True  # OUT/report.html at the end of every run (matplotlib, ~2 s)
     stop_after: str | None = None  # "dedup": validation only, no solve or manifest
     # test hook: called with the stage name after each finished unit of work
     on_progress: Callable[[str, dict[str, Any]], None] | None = None
@@ -121,7 +122,7 @@ class Rebalancer:
         todo = [t for t, k in zip(tasks, keys) if k not in done]
         skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
         with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
-            bar.advance(len(tasks) - len(todo), skipped_rows)
+            bar.skip(len(tasks) - len(todo), skipped_rows)
             row_of = dict(zip(keys, rows))
             for summary in executor.map(fn, todo):
                 key = summary.get("shard_id") or summary.get("bucket")
@@ -251,6 +252,10 @@ class Rebalancer:
         report["stage_seconds"] = dict(self.stage_seconds)
         store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
         store.write_json("report.json", obj=report)
+        if self.options.html_report:
+            from mmbalance.operators.report_html import write_html_report
+
+            write_html_report(store.uri)
         return RunResult(store.uri, report, dict(self.stage_seconds))
 
     def _duplicates(self, bucket_keys: list[str], shards) -> dict[int, dict[str, list]]:

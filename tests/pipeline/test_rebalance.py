@@ -16,7 +16,7 @@ from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import parse_recipe
 
-LOCAL = RunOptions(executor="local", show_progress=False)
+LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)
 
 
 def read_dir(path: Path) -> pl.DataFrame:
