@@ -432,7 +432,8 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
         "objective_per_row": r.primal_value,
         "dual_value": r.dual_value * n,
         "duality_gap": (r.primal_value + penalty - r.dual_value) * n,
-        "relative_duality_gap": (r.primal_value + penalty - r.dual_value) / max(abs(r.primal_value), 1e-300),
+        # relative to the objective, floored: at a zero objective (nothing binds) only the absolute gap means anything
+        "relative_duality_gap": (r.primal_value + penalty - r.dual_value) / max(abs(r.primal_value), 1e-12),
         "kkt_residual": r.kkt_residual,
         "max_violation": r.max_violation,
         "total_excess": excess,
