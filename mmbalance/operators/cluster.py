@@ -374,6 +374,36 @@ def _faiss_seed(seed: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def greedy_kmeanspp(x: np.ndarray, k: int, *, seed: int = 0, init_size: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (as in scikit-learn) of unit rows, on a seeded subsample of
+    ``init_size`` rows (default min(n, 30 k)): each step draws 2 + ln k candidates by D^2 and keeps
+    the one that lowers the potential most. Cost ~ k (2 + ln k) init_size d flops.
+
+    faiss's own k-means++ draws one candidate per step; on Zipf-sized clusters that left k-means
+    in visibly worse optima (benchmarks/bench_cluster.py records both)."""
+    rng = np.random.default_rng([seed, 0x6B2B])
+    m = min(len(x), init_size or 30 * k)
+    pts = x[np.sort(rng.choice(len(x), size=m, replace=False))] if m < len(x) else x
+    trials = 2 + int(np.log(k))
+    chosen = [int(rng.integers(m))]
+    closest = np.maximum(2.0 - 2.0 * (pts @ pts[chosen[0]]), 0.0).astype(np.float64)
+    for _ in range(1, k):
+        cum = np.cumsum(closest)
+        if cum[-1] <= 0:  # fewer distinct points than k: faiss splits the duplicates later
+            chosen.append(int(rng.integers(m)))
+            continue
+        cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1]), m - 1)
+        dist = np.maximum(2.0 - 2.0 * (pts[cand] @ pts.T), 0.0)
+        pot = np.minimum(closest, dist).sum(axis=1, dtype=np.float64)
+        best = int(pot.argmin())
+        chosen.append(int(cand[best]))
+        closest = np.minimum(closest, dist[best])
+    return np.ascontiguousarray(pts[chosen], dtype=np.float32)
+
+
+KMeansInit = Literal["greedy-kmeans++", "kmeans++", "random"]
+
+
 def fit_kmeans(
     x: np.ndarray,
     k: int,
@@ -382,7 +412,8 @@ def fit_kmeans(
     niter: int = 20,
     max_points_per_centroid: int = 256,
     nredo: int = 1,
-    init: Literal["kmeans++", "random"] = "kmeans++",
+    init: KMeansInit = "greedy-kmeans++",
+    init_size: int | None = None,
     gpu: bool | None = None,
     embedding: EmbeddingSpec | None = None,
     init_centroids: np.ndarray | None = None,
@@ -391,7 +422,8 @@ def fit_kmeans(
 
     ``max_points_per_centroid`` is explicit because faiss otherwise silently trains on a random
     256*k subset; the number of points actually used is recorded in the metadata. ``gpu=None``
-    uses a GPU when faiss-gpu sees one. Inertia is measured on all of ``x`` afterwards.
+    uses a GPU when faiss-gpu sees one. ``nredo`` restarts keep the best mean cosine. Inertia
+    (sum of squared distances, = 2 - 2 cos for unit vectors) is measured on all of ``x``.
     """
     x, ok = unit_rows(x)
     x = x[ok] if not ok.all() else x
@@ -399,23 +431,34 @@ def fit_kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} clusters need at least k usable points, got {n}")
     use_gpu = gpu_available() if gpu is None else bool(gpu)
-    init_method = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-                   "random": faiss.ClusteringInitMethod_RANDOM}[init]
-    km = faiss.Kmeans(
-        d, k, niter=niter, seed=_faiss_seed(seed), spherical=True, nredo=nredo, verbose=False,
-        max_points_per_centroid=max_points_per_centroid,
-        min_points_per_centroid=1,  # we size the sample ourselves; the warning is noise
-        init_method=init_method, gpu=use_gpu,
-    )
-    km.train(x, init_centroids=init_centroids)
-    centroids, _ = unit_rows(km.centroids)
-    _, sim = _search(x, _flat_ip(centroids))
+    faiss_init = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+                  "random": faiss.ClusteringInitMethod_RANDOM,
+                  "greedy-kmeans++": faiss.ClusteringInitMethod_RANDOM}[init]
+    ours = init_centroids is None and init == "greedy-kmeans++"
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    # faiss's nredo would restart from the same given centroids: run our restarts ourselves
+    for redo in range(nredo if ours or init_centroids is not None else 1):
+        start = greedy_kmeanspp(x, k, seed=_faiss_seed(seed, 7, redo), init_size=init_size) if ours else init_centroids
+        km = faiss.Kmeans(
+            d, k, niter=niter, seed=_faiss_seed(seed, redo), spherical=True, verbose=False,
+            nredo=1 if start is not None else nredo,
+            max_points_per_centroid=max_points_per_centroid,
+            min_points_per_centroid=1,  # we size the sample ourselves; the warning is noise
+            init_method=faiss_init, gpu=use_gpu,
+        )
+        km.train(x, init_centroids=start)
+        centroids, _ = unit_rows(km.centroids)
+        _, sim = _search(x, _flat_ip(centroids))
+        score = float(sim.astype(np.float64).sum())
+        if best is None or score > best[0]:
+            best = (score, centroids, sim)
+    _, centroids, sim = best
     meta = {
         "algorithm": "faiss.Kmeans spherical", "faiss_version": faiss.__version__, "k": k, "dim": d,
         "seed": seed, "niter": niter, "nredo": nredo, "init": init if init_centroids is None else "given",
+        "init_size": min(n, init_size or 30 * k) if ours else None,
         "max_points_per_centroid": max_points_per_centroid,
         "n_sample": n, "n_trained": min(n, k * max_points_per_centroid), "gpu": use_gpu,
-        # unit vectors: |x - c|^2 = 2 - 2 cos
         "inertia": float(np.sum(2.0 - 2.0 * sim.astype(np.float64))),
         "mean_cosine": float(sim.mean()),
         "embedding": embedding.to_dict() if embedding else None,

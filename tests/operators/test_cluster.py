@@ -25,6 +25,7 @@ from mmbalance.operators.cluster import (  # noqa: E402
     fit_kmeans,
     fit_subclasses,
     fixed_size_list,
+    greedy_kmeanspp,
     merge_samples,
     sample_matrix,
     sample_priority,
@@ -192,6 +193,18 @@ def test_fit_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(a.centroids, b.centroids)
     with pytest.raises(ValueError, match="at least k"):
         fit_kmeans(x[:5], 6)
+
+
+def test_greedy_seeding_and_restarts():
+    x, labels, _ = planted(4000, 8, 16, 0.8, seed=18, sizes=2.0 ** -np.arange(8))
+    seeds = greedy_kmeanspp(x, 8, seed=1, init_size=1000)
+    np.testing.assert_array_equal(seeds, greedy_kmeanspp(x, 8, seed=1, init_size=1000))
+    assert len(np.unique(seeds, axis=0)) == 8 and np.all((seeds[:, None] == x[None]).all(-1).any(1))
+    one = fit_kmeans(x, 8, seed=2, niter=5, nredo=1)
+    three = fit_kmeans(x, 8, seed=2, niter=5, nredo=3)  # the first restart is the nredo=1 run
+    assert three.meta["mean_cosine"] >= one.meta["mean_cosine"] and three.meta["init_size"] == 240
+    for init in ("kmeans++", "random"):
+        assert fit_kmeans(x, 8, seed=2, niter=5, init=init).meta["init"] == init
 
 
 def test_assign_from_arrow_fp16_equals_assign_from_float32_matrix():
