@@ -172,7 +172,13 @@ class Rebalancer:
             "embedding_dims": dims,
             "versions": _versions(),
         }
+        with store.lock():
+            return self._locked_run(run, shards, layout_columns, dims)
+
+    def _locked_run(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int]) -> RunResult:
+        recipe, store = self.recipe, self.store
         _check_previous_run(store, run, self.options.overwrite)
+        store.sweep_temporaries()
         if not store.exists("run.json"):
             store.write_json("run.json", obj=run)
             store.write_json("shards.json", obj=[s.to_dict() for s in shards])

@@ -37,6 +37,10 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+class RunLockedError(RuntimeError):
+    pass
+
+
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     # Dictionary encoding slows embedding lists 4x (stack notes); only string columns use it.
     dict_cols = [f.name for f in schema if pa.types.is_string(f.type)]
@@ -131,6 +135,44 @@ class RunStore:
     def done_keys(self, stage: str) -> set[str]:
         return {n[: -len(".json")] for n in self.list_files("_done", stage, suffix=".json")}
 
+    def sweep_temporaries(self) -> int:
+        """Delete temporaries a killed writer left behind; only call while holding the run lock."""
+        if not self.exists():
+            return 0
+        removed = 0
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+            if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
+                self.fs.delete_file(info.path)
+                removed += 1
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per run directory. A kernel lock (flock) on local disks: released even on kill -9."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            yield  # object stores have no cheap lock; markers still keep results consistent
+            return
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(os.path.join(self.root, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLockedError(f"{self.uri}: another mmbalance run is writing to this directory") from None
+            yield
+        finally:
+            os.close(fd)
+
     def clear(self) -> None:
-        if self.exists():
-            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+        """Delete the run's files, keeping the lock held by this process."""
+        if not self.exists():
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+            if info.base_name == ".lock":
+                continue
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            else:
+                self.fs.delete_file(info.path)

@@ -218,3 +218,16 @@ def test_null_uids_everywhere_and_zero_valid_rows(tmp_path, issue_recipe):
     result = rebalance(str(corpus), str(tmp_path / "o"), issue_recipe, LOCAL)
     assert result.report["rows"]["rejected"] == 20 and result.report["rows"]["manifest"] == 0
     assert result.report["weights"]["retention"] == 0.0
+
+
+def test_second_writer_is_refused_and_stale_temporaries_are_swept(held_out_corpus, tmp_path, issue_recipe):
+    from mmbalance.pipeline.store import RunLockedError, RunStore
+
+    out = tmp_path / "o"
+    (out / "tags").mkdir(parents=True)
+    (out / "tags" / ".tmp-deadbeef-x.parquet").write_bytes(b"half-written by a killed worker")
+    with RunStore(str(out)).lock():
+        with pytest.raises(RunLockedError, match="another mmbalance run is writing"):
+            rebalance(str(held_out_corpus), str(out), issue_recipe, LOCAL)
+    rebalance(str(held_out_corpus), str(out), issue_recipe, LOCAL)
+    assert not list(out.rglob(".tmp-*"))
