@@ -102,7 +102,9 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None)
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     seen = np.unique(lengths[valid])
     d = int(seen[0]) if len(seen) else dim
-    if len(seen) > 1 or (dim is not None and d != dim) or d is None:
+    if d is None:  # no non-null row (or no row): nothing to decode, every row unusable
+        return np.zeros((n, 0), np.float32), valid
+    if len(seen) > 1 or (dim is not None and d != dim):
         raise ValueError(f"embedding rows have lengths {seen.tolist()}, expected one length{f' {dim}' if dim else ''}")
     flat = arr.flatten()  # skips null rows
     if flat.null_count:
@@ -401,7 +403,9 @@ def greedy_kmeanspp(x: np.ndarray, k: int, *, seed: int = 0, init_size: int | No
     return np.ascontiguousarray(pts[chosen], dtype=np.float32)
 
 
-KMeansInit = Literal["greedy-kmeans++", "kmeans++", "random"]
+KMeansInit = Literal["auto", "greedy-kmeans++", "kmeans++", "random"]
+# greedy seeding costs ~k^2 (2 + ln k) 30 d flops: beyond this k, "auto" uses faiss's k-means++
+GREEDY_INIT_MAX_K = 2048
 
 
 def fit_kmeans(
@@ -412,7 +416,7 @@ def fit_kmeans(
     niter: int = 20,
     max_points_per_centroid: int = 256,
     nredo: int = 1,
-    init: KMeansInit = "greedy-kmeans++",
+    init: KMeansInit = "auto",
     init_size: int | None = None,
     gpu: bool | None = None,
     embedding: EmbeddingSpec | None = None,
@@ -431,6 +435,8 @@ def fit_kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} clusters need at least k usable points, got {n}")
     use_gpu = gpu_available() if gpu is None else bool(gpu)
+    if init == "auto":
+        init = "greedy-kmeans++" if k <= GREEDY_INIT_MAX_K else "kmeans++"
     faiss_init = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                   "random": faiss.ClusteringInitMethod_RANDOM,
                   "greedy-kmeans++": faiss.ClusteringInitMethod_RANDOM}[init]
@@ -498,10 +504,10 @@ def assign(
     for start in range(0, n, batch_rows):
         part = data.slice(start, batch_rows) if isinstance(data, pa.Table) else data[start : start + batch_rows]
         x, ok = _as_unit(part, embedding)
-        if x.shape[1] != index.d:
-            raise ValueError(f"embeddings have dimension {x.shape[1]}, centroids {index.d}")
         if not ok.any():
             continue
+        if x.shape[1] != index.d:
+            raise ValueError(f"embeddings have dimension {x.shape[1]}, centroids {index.d}")
         i, s = _search(x[ok] if not ok.all() else x, index)
         rows = np.arange(start, start + len(ok))[ok]
         ids[rows] = i
@@ -515,7 +521,8 @@ class ClusterAssigner:
     when ``parents`` gives the upper levels of a hierarchy. Centroids load once per actor.
 
     ``keep_columns``: None appends to the batch; a list returns only those columns plus the new
-    ones (a sidecar, e.g. ``["row", "uid"]``).
+    ones (a sidecar, e.g. ``["row", "uid"]``). ``gpu``: False (default, CPU actors), True, or None
+    for a GPU when one is visible.
     """
 
     def __init__(
@@ -528,11 +535,16 @@ class ClusterAssigner:
         id_column: str = CLUSTER_ID_COLUMN,
         distance_column: str = CLUSTER_DISTANCE_COLUMN,
         num_threads: int | None = None,
+        gpu: bool | None = False,
     ):
         if num_threads is not None:
             faiss.omp_set_num_threads(num_threads)  # one actor per core: avoid oversubscription
         model = centroids if isinstance(centroids, KMeansModel) else KMeansModel.load(*_split_model_path(centroids))
         self.index = _flat_ip(model.centroids)
+        if gpu or (gpu is None and gpu_available()):  # None: a GPU when this actor sees one
+            if not gpu_available():
+                raise RuntimeError("gpu=True but faiss-gpu sees no GPU in this worker")
+            self.index = faiss.index_cpu_to_all_gpus(self.index)
         self.embedding, self.parents, self.keep_columns = embedding, [np.asarray(p) for p in parents], keep_columns
         self.id_column, self.distance_column = id_column, distance_column
 

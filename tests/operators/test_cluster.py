@@ -74,6 +74,12 @@ def test_variable_lists_with_nulls_and_wrong_length():
     np.testing.assert_array_equal(m, [[1, 0], [0, 0], [0, 2]])
     with pytest.raises(ValueError, match="lengths"):
         embedding_matrix(pa.array([[1.0, 0.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32())))
+    # empty and all-null batches decode to nothing usable instead of failing
+    empty = pa.table({"img": pa.array([], pa.list_(pa.float32()))})
+    nulls = pa.table({"img": pa.array([None, None], pa.list_(pa.float32()))})
+    centroids = np.eye(2, dtype=np.float32)
+    assert assign(empty, centroids, embedding=IMG)[0].tolist() == []
+    assert assign(nulls, centroids, embedding=IMG)[0].tolist() == [-1, -1]
 
 
 def test_mean_embedding_is_normalised_mean_of_normalised_columns():
@@ -203,6 +209,7 @@ def test_greedy_seeding_and_restarts():
     one = fit_kmeans(x, 8, seed=2, niter=5, nredo=1)
     three = fit_kmeans(x, 8, seed=2, niter=5, nredo=3)  # the first restart is the nredo=1 run
     assert three.meta["mean_cosine"] >= one.meta["mean_cosine"] and three.meta["init_size"] == 240
+    assert one.meta["init"] == "greedy-kmeans++"  # "auto" at small k
     for init in ("kmeans++", "random"):
         assert fit_kmeans(x, 8, seed=2, niter=5, init=init).meta["init"] == init
 
