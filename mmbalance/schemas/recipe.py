@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 
-from mmbalance.schemas.balance import BalanceSpec, CapBalance, NoBalance, StrictModel, balance_methods
+from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
 
 
 class RecipeError(ValueError):
@@ -91,7 +91,7 @@ class ExecutionSpec(StrictModel):
     batch_rows: int = Field(default=16384, gt=0)
     object_store_memory_mb: int | None = Field(default=None, gt=0)
     # Rows per dedup bucket: bounds the memory of the global duplicate-uid check.
-    dedup_bucket_rows: int = Field(default=4_000_000, gt=0)
+    dedup_bucket_rows: int = Field(default=1_000_000, gt=0)
 
 
 class Recipe(StrictModel):
@@ -108,21 +108,36 @@ class Recipe(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"attribute/label names must be unique, repeated: {dupes}")
-        if isinstance(self.balance, CapBalance):
-            label_names = [lab.name for lab in self.labels]
-            if self.balance.by not in label_names:
-                raise ValueError(
-                    f"balance.by names '{self.balance.by}', which is not a label (labels: {label_names})"
-                )
-        targets = getattr(self.balance, "targets", None) or {}
+        self._check_balance_names()
+        return self
+
+    def _check_balance_names(self) -> None:
+        """Every attribute or label a balance step names must exist, so typos fail before any work."""
+        step = self.balance
         attrs = {a.name: a for a in self.attributes}
-        for name, target in targets.items():
-            if name not in attrs:
-                raise ValueError(f"balance.targets names '{name}', which is not an attribute")
+        labels = [lab.name for lab in self.labels]
+
+        def need(kind: str, key: str, name: str) -> None:
+            pool = list(attrs) if kind == "attribute" else labels
+            if name not in pool:
+                raise ValueError(f"{key} names '{name}', which is not {'an' if kind == 'attribute' else 'a'} {kind} ({kind}s: {pool})")
+
+        if getattr(step, "by", None) is not None:
+            need("label", "balance.by", step.by)
+        if getattr(step, "attribute", None) is not None:
+            need("attribute", "balance.attribute", step.attribute)
+        if getattr(step, "label", None) is not None:
+            need("label", "balance.label", step.label)
+        for i, pair in enumerate(getattr(step, "associate", None) or []):
+            need("attribute", f"balance.associate.{i}", pair[0])
+            need("label", f"balance.associate.{i}", pair[1])
+        for name in getattr(step, "label_targets", None) or {}:
+            need("label", "balance.label_targets", name)
+        for name, target in (getattr(step, "targets", None) or {}).items():
+            need("attribute", "balance.targets", name)
             unknown = sorted(set(target) - set(attrs[name].values))
             if unknown:
                 raise ValueError(f"balance.targets.{name} has values not in its attribute: {unknown}")
-        return self
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""
@@ -163,7 +178,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     elif first["type"] == "union_tag_invalid":
         msg = f"{loc}.method: {first['msg']}"
     else:
-        msg = f"{loc}: {first['msg']}" if loc else first["msg"]
+        text = first["msg"].removeprefix("Value error, ")
+        msg = f"{loc}: {text}" if loc else text
     more = len(errors) - 1
     suffix = f" (+{more} more)" if more else ""
     return f"{source}: {msg}{suffix}"

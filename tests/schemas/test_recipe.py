@@ -64,3 +64,26 @@ def test_fingerprint_ignores_execution_settings(issue_recipe):
 def test_default_recipe_balances_nothing():
     assert Recipe().balance.method == "none"
     assert Recipe().attribute_targets() == {}
+
+
+@pytest.mark.parametrize(
+    "balance, expected",
+    [
+        ({"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}}, "associate": [["gender", "job"]]},
+         "balance.associate.0 names 'job', which is not a label"),
+        ({"method": "m4", "associate": [["sex", "occupation"]]}, "balance.associate.0 names 'sex', which is not an attribute"),
+        ({"method": "reweigh", "attribute": "gender", "label": "occ"}, "balance.label names 'occ'"),
+        ({"method": "waterfill", "by": "gender", "size": 10}, "balance.by names 'gender', which is not a label"),
+        ({"method": "rake", "label_targets": {"job": {"a": 1.0}}}, "balance.label_targets names 'job'"),
+        ({"method": "m4", "targets": {"gender": {"woman": 0.7, "man": 0.7}}}, "balance.targets: targets.gender shares must sum to 1, got 1.4"),
+    ],
+)
+def test_balance_steps_name_existing_columns(balance, expected):
+    data = {
+        "attributes": [{"name": "gender", "values": ["woman", "man"]}],
+        "labels": [{"name": "occupation"}],
+        "balance": balance,
+    }
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(data, "r.yaml")
+    assert expected in str(err.value) and "Value error" not in str(err.value)

@@ -6,7 +6,7 @@ import polars as pl
 
 from mmbalance.operators.solve import CorpusStats, LookupSolution, register
 from mmbalance.schemas.contract import tag_column
-from mmbalance.schemas.recipe import CapBalance
+from mmbalance.schemas.balance import CapBalance
 
 
 def cap_probabilities(counts: dict[str, int], cap: int) -> dict[str, float]:

@@ -199,14 +199,15 @@ def test_utility_scales_the_baseline_per_signature():
 
 
 @pytest.mark.parametrize("balance, message", [
-    ({"method": "m4", "associate": [["occ", "g"]]}, "balance.associate pair .occ, g.: 'occ' is not an attribute"),
-    ({"method": "m4", "associate": [["g", "job"]]}, "balance.associate pair .g, job.: 'job' is not a label"),
+    # names are checked when the recipe is parsed, before any shard is read
+    ({"method": "m4", "associate": [["occ", "g"]]}, "balance.associate.0 names 'occ', which is not an attribute"),
+    ({"method": "m4", "associate": [["g", "job"]]}, "balance.associate.0 names 'job', which is not a label"),
     ({"method": "m4", "targets": {"g": {"v0": 0.3, "v1": 0.7}}, "tolerance": {"representation": 0.01}},
      "balance.targets.g.v0 is 0.3 but no row has g=v0"),
 ])
 def test_user_errors_name_the_recipe_key(balance, message):
-    recipe = parse_recipe({"attributes": [{"name": "g", "values": ["v0", "v1"]}], "labels": [{"name": "occ"}], "balance": balance})
     table = pa.table({"tag.g": ["v1", None], "tag.occ": ["a", "a"], "count": pa.array([5, 5], pa.int64())})
     with pytest.raises(ValueError, match=message) as err:
+        recipe = parse_recipe({"attributes": [{"name": "g", "values": ["v0", "v1"]}], "labels": [{"name": "occ"}], "balance": balance})
         solve(CorpusStats(recipe, table, {"g": ["v0", "v1"], "occ": ["a"]}, 10))
     assert "\n" not in str(err.value)

@@ -1,0 +1,149 @@
+"""Throughput and peak memory of ``mmbalance rebalance`` (method: cap) against a bare scan.
+
+For each corpus size: generate a synth corpus (512-d fp16 embeddings, no images), time a bare
+pyarrow scan of exactly the columns rebalance reads, then run ``mmbalance rebalance`` in a
+subprocess per executor while sampling the resident memory of its whole process tree (driver and
+Ray workers). Writes benchmarks/results/rebalance.json.
+
+    python benchmarks/bench_rebalance.py --rows 1000000 4000000 --executors local ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+RECIPE = """\
+input:
+  columns: {uid: uid, caption: caption, image_embedding: image_emb, text_embedding: text_emb}
+attributes:
+  - {name: gender, source: column, column: gender, values: [woman, man]}
+labels:
+  - {name: occupation, source: column, column: occupation}
+balance: {method: cap, by: occupation, cap: 1000}
+export: {seed: 0, formats: [parquet]}
+"""
+COLUMNS = ["uid", "caption", "image_emb", "text_emb", "gender", "occupation"]
+
+
+def bare_scan(corpus: Path, batch_rows: int) -> dict:
+    start = time.perf_counter()
+    rows = 0
+    for path in sorted(corpus.glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=COLUMNS):
+            rows += batch.num_rows
+    seconds = time.perf_counter() - start
+    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds)}
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "mmbalance.cli", "rebalance", str(corpus), "--out", str(out),
+           "--recipe", str(recipe), "--executor", executor, "-q"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss(ps))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"rebalance failed: {err}")
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]["input"]
+    return {
+        "executor": executor,
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds),
+        "stage_seconds": report["stage_seconds"],
+        "peak_rss_mb_process_tree": round(peak / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    parser.add_argument("--rows-per-shard", type=int, default=250_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--executors", nargs="+", default=["local", "ray"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmbalance-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rebalance.json")
+    args = parser.parse_args()
+
+    from mmbalance.synth import synth_corpus
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    recipe = args.work / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    results = []
+    for rows in args.rows:
+        corpus = args.work / f"corpus-{rows}-{args.dim}"
+        if not (corpus / "_synth.json").exists():
+            t = time.perf_counter()
+            synth_corpus(corpus, rows, max(1, rows // args.rows_per_shard), seed=0, dim=args.dim, images=False)
+            print(f"synth {rows} rows: {time.perf_counter() - t:.1f} s", flush=True)
+        entry = {"rows": rows, "shards": len(list(corpus.glob("*.parquet"))), "dim": args.dim,
+                 "bytes_on_disk": sum(p.stat().st_size for p in corpus.glob("*.parquet"))}
+        entry["bare_scan"] = bare_scan(corpus, 16384)
+        entry["rebalance"] = []
+        for executor in args.executors:
+            res = run_rebalance(corpus, args.work / f"out-{rows}-{executor}", recipe, executor)
+            res["throughput_vs_bare_scan"] = round(res["rows_per_s"] / entry["bare_scan"]["rows_per_s"], 3)
+            entry["rebalance"].append(res)
+            print(json.dumps(res), flush=True)
+        results.append(entry)
+        print(json.dumps({"rows": rows, "bare_scan": entry["bare_scan"]}), flush=True)
+    by_exec = {}
+    for executor in args.executors:
+        peaks = [next(r for r in e["rebalance"] if r["executor"] == executor)["peak_rss_mb_process_tree"] for e in results]
+        if len(peaks) > 1:
+            by_exec[executor] = round(peaks[-1] / peaks[0], 3)
+    payload = {
+        "benchmark": "rebalance (cap) vs bare pyarrow scan of the same columns",
+        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "python": platform.python_version()},
+        "command": " ".join(["python", *sys.argv]),
+        "results": results,
+        "peak_rss_ratio_largest_vs_smallest": by_exec,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
