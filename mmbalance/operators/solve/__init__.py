@@ -27,6 +27,9 @@ class CorpusStats:
     signatures: pa.Table  # tag.<name> string columns, count[, utility_sum]
     vocab: dict[str, list[str]]  # values seen per attribute/label name
     total_rows: int
+    # a seeded uniform sample of valid rows (row, uid, tag.* columns, image_emb/text_emb as
+    # fixed_size_list float16) for methods that need embeddings, e.g. R&B; None when not sampled
+    sample: pa.Table | None = None
 
 
 class Solution(Protocol):
