@@ -367,3 +367,20 @@ def test_sbcl_refuses_too_few_fit_points():
     x, _, _ = planted(50, 2, 8, 0.5, seed=17)
     with pytest.raises(ValueError, match="fit points"):
         fit_subclasses(x, ["a"] * 50, m0=1, class_sizes={"a": 5000, "b": 10})
+
+
+def test_sbcl_on_top_level_clusters_as_classes(tmp_path):
+    # classes can be cluster ids (ints): split each top-level cluster into SBCL subclasses
+    x, labels, _ = planted(3000, 4, 24, 0.5, seed=19, sizes=[6, 3, 2, 1])
+    top = fit_kmeans(x, 4, seed=0, niter=10, nredo=2)
+    cls, _ = assign(x, top)
+    model = fit_subclasses(x, cls, m0=10, seed=0, niter=5)
+    sizes = np.bincount(cls, minlength=4)
+    np.testing.assert_array_equal(model.counts, sbcl_subclass_counts(sizes, 10))
+    assert model.classes == [0, 1, 2, 3]
+    ids, _ = model.assign(x, cls)
+    assert ids.min() >= 0 and len(np.unique(ids)) == model.counts.sum()
+    model.save(tmp_path)
+    from mmbalance.operators.cluster import SubclassModel
+
+    np.testing.assert_array_equal(SubclassModel.load(tmp_path).assign(x, cls)[0], ids)
