@@ -1,0 +1,76 @@
+"""Export options: which trainer-ready files ``mmbalance export`` writes from a run's manifest.
+
+``ExportOptions`` holds every option; the recipe's ``export`` section can subclass it and add
+``seed`` and ``formats: list[ExportFormat]``. All paths are relative to the run directory unless
+they contain ``://`` or start with ``/``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mmbalance.schemas.balance import StrictModel
+
+# parquet: the canonical manifest itself (nothing to write); the rest are trainer formats
+ExportFormat = Literal["parquet", "csv", "webdataset", "wids", "bigvision", "hf", "streaming", "datacomp"]
+EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__  # type: ignore[attr-defined]
+
+
+class DomainOptions(StrictModel):
+    """How rows are grouped into domains (one tar set / jsonl / stream per domain).
+
+    ``by`` names a tag (column ``tag.<by>`` of ``OUT/tags/``); ``column`` names any other column of
+    the per-shard tables in ``OUT/<source>/`` (e.g. ``cluster_id`` in ``clusters/``). Neither: one
+    domain holding every row.
+    """
+
+    by: str | None = None
+    column: str | None = None
+    source: str = "tags"  # run subdirectory with <shard_id>.parquet tables keyed by ``row``
+    unlabeled: str = "unlabeled"  # domain of rows whose value is null
+
+    def column_name(self) -> str | None:
+        if self.by is not None and self.column is not None:
+            raise ValueError("export.domain: give by (a tag) or column, not both")
+        return f"tag.{self.by}" if self.by is not None else self.column
+
+
+class CsvOptions(StrictModel):
+    """open_clip ``--dataset-type csv``: columns ``filepath`` and ``title``, one row per repeat."""
+
+    separator: Literal["\t", ","] = "\t"
+    # images as files under csv/images/ when the corpus holds bytes; absolute paths in the file
+    absolute_paths: bool = True
+
+
+class WebdatasetOptions(StrictModel):
+    """Tar shards per domain: ``{key}.png|jpg|webp``, ``{key}.txt``, ``{key}.json``."""
+
+    shard_size: int = Field(default=10_000, gt=0)  # samples per tar
+
+
+class BigVisionOptions(StrictModel):
+    shuffle_buffer_size: int = Field(default=50_000, gt=0)  # per-domain buffer in the snippet
+
+
+class StreamingOptions(StrictModel):
+    size_limit: int = Field(default=1 << 26, gt=0)  # MDS shard bytes
+
+
+class ExportOptions(StrictModel):
+    dest: str = "export"  # output directory (relative to the run directory, or absolute/URI)
+    input: str | None = None  # where the source shards are now (default: run.json ``input``)
+    image_column: str | None = None  # default: recipe input.columns.image, else a column 'image'
+    caption_column: str | None = None  # default: recipe input.columns.caption
+    domain: DomainOptions = DomainOptions()
+    # samples per epoch (open_clip --train-num-samples); default: the manifest's total repeats
+    epoch_size: int | None = Field(default=None, gt=0)
+    # per-domain formats: each kept sample once (mixture via domain weights), or once per repeat
+    copies: Literal["once", "repeats"] = "once"
+    batch_rows: int = Field(default=8192, gt=0)  # source rows per read (bounds memory)
+    csv: CsvOptions = CsvOptions()
+    webdataset: WebdatasetOptions = WebdatasetOptions()
+    bigvision: BigVisionOptions = BigVisionOptions()
+    streaming: StreamingOptions = StreamingOptions()
