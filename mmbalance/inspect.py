@@ -113,7 +113,7 @@ def _roles(recipe: Recipe | None, frame: pl.DataFrame, candidates: list[str], ui
     """(attribute columns, label columns, how they were chosen)."""
     if recipe is not None and (recipe.attributes or recipe.labels):
         attrs = [a.source_column for a in recipe.attributes if a.source == "column"]
-        labels = [lab.source_column for lab in recipe.labels if lab.source == "column"]
+        labels = [lab.source_column for lab in recipe.labels if "column" in lab.sources]
         return [c for c in attrs if c in frame.columns], [c for c in labels if c in frame.columns], "from the recipe"
     attrs, labels = [], []
     for c in candidates:
@@ -166,7 +166,7 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
     uid = recipe.input.columns.uid if recipe else ("uid" if "uid" in columns else None)
     candidates = [n for n, c in columns.items() if c["tag_type"]]
     if recipe is not None:
-        candidates = list(dict.fromkeys(candidates + [s.source_column for s in [*recipe.attributes, *recipe.labels] if s.source_column in columns]))
+        candidates = list(dict.fromkeys(candidates + [s.source_column for s in [*recipe.attributes, *recipe.labels] if "column" in s.sources and s.source_column in columns]))
     sample = pl.from_arrow(_sample(fs, footers, candidates, sample_rows, sample_shards))
     attrs, labels, how = _roles(recipe, sample, candidates, uid)
     picked_from = min(sample_shards, sum(1 for f in footers if f["rows"] > 0))

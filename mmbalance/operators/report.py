@@ -104,13 +104,13 @@ def view_metrics(frame: pl.DataFrame, weight: str, recipe: Recipe, vocab: dict[s
     }
     out["rb"] = max((r["rb"] for r in out["representation"].values()), default=0.0)
     assoc = [
-        association_gaps(frame, weight, a.name, a.values, lab.name, vocab[lab.name])
+        association_gaps(frame, weight, a.name, a.values, lab, vocab[lab])
         for a in recipe.attributes
-        for lab in recipe.labels
+        for lab in recipe.label_names()
     ]
     out["association"] = assoc
     out["ab"] = max((x["ab"] for x in assoc), default=0.0)
-    out["concept_balance"] = {lab.name: concept_balance(frame, weight, lab.name) for lab in recipe.labels}
+    out["concept_balance"] = {lab: concept_balance(frame, weight, lab) for lab in recipe.label_names()}
     return out
 
 

@@ -1,16 +1,26 @@
-"""Tagging from columns the corpus already has: attributes s and concept labels y as strings.
+"""Tagging: attributes s and concept labels y as string tags, from columns and captions.
 
-Zero-shot and caption-lexicon sources plug in beside ``source: column`` (see the tagging issue).
+Each attribute/label names one or more sources (``column``, ``caption``); with several, they are
+combined by the recipe's rule and ``fired.<name>`` records which sources tagged the row. Per-shard
+audit counts (prevalence per source, agreement) and a seeded uid sample per value merge across
+shards by summing, for the report's tagging audit.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.schemas.contract import UTILITY_COLUMN, tag_column, tags_schema
-from mmbalance.schemas.recipe import Recipe
+from mmbalance.data import load_vocabulary
+from mmbalance.operators.lexicon import CAPTION_SOURCE, LexiconAttribute, LexiconTagger, source_tag_column
+from mmbalance.operators.zero_shot import SourceTags, audit_counts, combine_sources, merge_audit, merge_uid_samples, sample_uids
+from mmbalance.schemas.contract import UTILITY_COLUMN, fired_column, tag_column, tags_schema
+from mmbalance.schemas.recipe import AttributeSpec, LabelSpec, Recipe, RecipeError
+
+AUDIT_UIDS_PER_VALUE = 5
 
 
 def _string_column(table: pa.Table, column: str) -> pa.Array:
@@ -18,26 +28,92 @@ def _string_column(table: pa.Table, column: str) -> pa.Array:
     return arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
 
 
+def _blank_to_null(values: pa.Array) -> pa.Array:
+    # an empty string carries no value: treat it as null, like a missing tag
+    return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+
+
+def _caption_tagger(spec: AttributeSpec | LabelSpec) -> LexiconTagger:
+    try:
+        vocab = load_vocabulary(spec.caption.vocabulary)
+    except (ValueError, OSError) as err:
+        raise RecipeError(f"{spec.name}.caption.vocabulary: {err}") from None
+    values = list(spec.values) if spec.values else list(vocab.values)
+    missing = [v for v in values if not vocab.lexicon.get(v)]
+    if missing:
+        raise RecipeError(f"{spec.name}.caption.vocabulary '{spec.caption.vocabulary}' has no words for values {missing}")
+    lexicon = LexiconAttribute(spec.name, tuple(values), {v: vocab.lexicon[v] for v in values}, spec.caption.multiple)
+    return LexiconTagger([lexicon], negation_window=spec.caption.negation_window, longest_only=spec.caption.longest_only)
+
+
+class RowTagger:
+    """Plain-function form: ``tagger(table, rows)`` -> (tags table, audit counts). Build once per
+    process: caption lexicons compile here, so recipe mistakes surface before any shard is read."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.specs = [*recipe.attributes, *recipe.labels]
+        self.caption = {s.name: _caption_tagger(s) for s in self.specs if "caption" in s.sources}
+
+    def _source_tags(self, table: pa.Table, spec) -> dict[str, pa.Array]:
+        out = {}
+        for source in spec.sources:
+            if source == "column":
+                out["column"] = _blank_to_null(_string_column(table, spec.source_column))
+            else:
+                captions = table.column(self.recipe.input.columns.caption)
+                tagged = self.caption[spec.name].tag(captions)
+                out["caption"] = tagged.column(source_tag_column(spec.name, CAPTION_SOURCE)).combine_chunks()
+        return out
+
+    def __call__(self, table: pa.Table, rows: np.ndarray) -> tuple[pa.Table, dict[str, Any]]:
+        uids = _string_column(table, self.recipe.input.columns.uid)
+        data: dict[str, pa.Array] = {"row": pa.array(rows, pa.int64()), "uid": uids}
+        audit: dict[str, Any] = {}
+        for spec in self.specs:
+            per_source = self._source_tags(table, spec)
+            if len(per_source) == 1:
+                tag = next(iter(per_source.values()))
+            else:
+                sources = [SourceTags(name, "text", arr) for name, arr in per_source.items()]
+                tag, fired = combine_sources(sources, spec.combine)
+                data[fired_column(spec.name)] = pa.array(fired, pa.int32())
+            data[tag_column(spec.name)] = tag
+            if "caption" in spec.sources:  # the audit is about inferred tags; given columns are facts
+                audit[spec.name] = {
+                    "counts": audit_counts({**per_source, "combined": tag} if len(per_source) > 1 else per_source),
+                    "uids": sample_uids(uids, tag, AUDIT_UIDS_PER_VALUE, self.recipe.sample.seed),
+                }
+        if self.recipe.input.columns.utility:
+            data[UTILITY_COLUMN] = pc.cast(table.column(self.recipe.input.columns.utility).combine_chunks(), pa.float64())
+        schema = tags_schema(self.recipe)
+        return pa.table({f.name: data[f.name] for f in schema}, schema=schema), audit
+
+
+def merge_audits(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-batch or per-shard audits (JSON-able: uid samples as [hash, uid] lists)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for name, item in part.items():
+            uids = {v: [tuple(x) for x in items] for v, items in item["uids"].items()}
+            if name not in out:
+                out[name] = {"counts": item["counts"], "uids": uids}
+            else:
+                out[name]["counts"] = merge_audit(out[name]["counts"], item["counts"])
+                out[name]["uids"] = merge_uid_samples([out[name]["uids"], uids], AUDIT_UIDS_PER_VALUE)
+    return out
+
+
 def tag_rows(table: pa.Table, recipe: Recipe, rows: np.ndarray) -> pa.Table:
-    """The tags table (TAGS schema) of ``table``; ``rows`` are the source row indices of its rows."""
-    data: dict[str, pa.Array] = {
-        "row": pa.array(rows, pa.int64()),
-        "uid": _string_column(table, recipe.input.columns.uid),
-    }
-    for spec in [*recipe.attributes, *recipe.labels]:
-        values = _string_column(table, spec.source_column)
-        # an empty string carries no value: treat it as null, like a missing tag
-        data[tag_column(spec.name)] = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-    if recipe.input.columns.utility:
-        data[UTILITY_COLUMN] = pc.cast(table.column(recipe.input.columns.utility).combine_chunks(), pa.float64())
-    return pa.table(data, schema=tags_schema(recipe))
+    """The tags table of ``table``; ``rows`` are the source row indices of its rows."""
+    return RowTagger(recipe)(table, rows)[0]
 
 
 class ColumnTagger:
     """Ray Data operator: a batch of source rows in, its tags table out (``row`` counts within the batch)."""
 
     def __init__(self, recipe: Recipe):
-        self.recipe = recipe
+        self.tagger = RowTagger(recipe)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return tag_rows(batch, self.recipe, np.arange(batch.num_rows))
+        return self.tagger(batch, np.arange(batch.num_rows))[0]

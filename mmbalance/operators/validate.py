@@ -118,7 +118,7 @@ def validate_rows(
             reasons.flag(wrong_dim, lambda i, c=column, ln=lengths, d=dim: f"{role} '{c}' has {ln[i]} values, expected {d}")
         reasons.flag(nonfinite, f"{role} (column '{column}') holds NaN or inf")
 
-    for attr in recipe.attributes:
+    for attr in (a for a in recipe.attributes if "column" in a.sources):
         values = pc.cast(_to_array(table.column(attr.source_column)), pa.string())
         known = pc.is_in(values, value_set=pa.array(attr.values, pa.string()))
         unknown = (values.is_valid().to_numpy(zero_copy_only=False)) & ~known.to_numpy(zero_copy_only=False)

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from mmbalance.data import NONE_VALUE, Vocabulary
 from mmbalance.operators.dedup import hash_uids
 from mmbalance.operators.lexicon import BOTH_SEPARATOR, source_tag_column
-from mmbalance.schemas.contract import tag_column
+from mmbalance.schemas.contract import fired_column, tag_column
 
 IMAGE_SOURCE, TEXT_SOURCE = "image", "text"
 CombineRule = Literal["any", "all", "image", "text", "vote", "mean"]
@@ -38,9 +38,6 @@ def score_column(name: str, source: str) -> str:
     return f"score.{name}.{source}"
 
 
-def fired_column(name: str) -> str:
-    """int32 bitmask of the sources that tagged a row (bit j = j-th source given to the combiner)."""
-    return f"fired.{name}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ from mmbalance.operators import stats as stats_op
 from mmbalance.operators.dedup import bucket_bounds
 from mmbalance.operators.report import build_report
 from mmbalance.operators.solve import CorpusStats, solve
-from mmbalance.pipeline import stages
+from mmbalance.operators import tag as tag_op
+from mmbalance.operators.zero_shot import summarise_audit
+from mmbalance.pipeline import fit, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import discover_shards, expected_embedding_dim, inspect_shards
@@ -41,6 +43,7 @@ from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
 
 RUN_FORMAT = 1
+SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample
 
 
 @dataclass
@@ -153,6 +156,7 @@ class Rebalancer:
             for c in item.layout.columns:
                 if c not in layout_columns:
                     layout_columns.append(c)
+        stages.row_tagger(recipe)  # compile caption lexicons now: a bad vocabulary fails before any work
         dims = {}
         for role in ("image_embedding", "text_embedding"):
             column = getattr(recipe.input.columns, role)
@@ -189,6 +193,7 @@ class Rebalancer:
             recipe=recipe,
             source_columns=tuple(layout_columns),
             embedding_dims=tuple(sorted(dims.items())),
+            sample_threshold=fit.sample_threshold(recipe, run["input_rows"]),
         )
         executor_kind = self.options.executor or recipe.execution.executor
         if executor_kind == "local":
@@ -225,6 +230,9 @@ class Rebalancer:
             n_dups = sum(len(d["rows"]) for d in dups.values())
             return RunResult(store.uri, {"scans": scans, "duplicates": n_dups}, dict(self.stage_seconds))
 
+        # fit (global, on the sample) and assign (per shard): clusters and subclasses as labels
+        fit_info = self._fit(ctx, executor, shards, dups, valid_rows) if recipe.needs_sample() else {}
+
         # signatures
         def with_dups(task: dict[str, Any], shard) -> dict[str, Any]:
             d = dups.get(shard.index, {"rows": [], "first_shard": [], "first_row": []})
@@ -238,7 +246,8 @@ class Rebalancer:
         before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
-        corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0))
+        corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
+                             sample=store.read_table("fit", "sample.parquet") if recipe.balance.method in SAMPLE_METHODS else None)
         if not store.exists("solve", "solution.json"):
             store.write_json("solve", "solution.json", obj=solve(corpus).to_dict())
         solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
@@ -254,6 +263,14 @@ class Rebalancer:
         after = stats_op.merge((store.read_table("after", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("after", "merged.parquet", table=after)
         report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
+        if fit_info:
+            report["fit"] = fit_info
+        audit = tag_op.merge_audits([s.get("audit") or {} for s in scans])
+        if audit:
+            report["audit"] = {
+                name: {**summarise_audit(item["counts"]), "sample_uids": {v: [u for _, u in items] for v, items in item["uids"].items()}}
+                for name, item in audit.items()
+            }
         self.stage_seconds["report"] = round(time.perf_counter() - t, 3)
         report["stage_seconds"] = dict(self.stage_seconds)
         store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
@@ -263,6 +280,24 @@ class Rebalancer:
 
             write_html_report(store.uri)
         return RunResult(store.uri, report, dict(self.stage_seconds))
+
+    def _fit(self, ctx: stages.RunContext, executor, shards, dups, valid_rows: int) -> dict[str, Any]:
+        recipe, store = self.recipe, self.store
+        t = time.perf_counter()
+        info = store.done_summary("fit", "models")
+        if info is None:
+            n_dups = sum(len(d["rows"]) for d in dups.values())
+            sample = fit.merge_sample(store, shards, dups, recipe.sample.size)
+            sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups)
+            store.write_table("fit", "sample.parquet", table=sample)
+            store.mark_done("fit", "models", info)
+        self.stage_seconds["fit"] = round(time.perf_counter() - t, 3)
+        if recipe.clusters or recipe.subclasses:
+            digest = fit.models_digest(store)
+            tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "models_digest": digest} for s in shards]
+            self._run_stage("assign", executor, functools.partial(stages.assign_shard, ctx), tasks,
+                            [s.shard_id for s in shards], [s.num_rows for s in shards])
+        return info
 
     def _duplicates(self, bucket_keys: list[str], shards) -> dict[int, dict[str, list]]:
         """Duplicate rows per shard index. Memory grows with the number of duplicates, not rows."""
@@ -278,8 +313,9 @@ class Rebalancer:
 
     def _vocabulary(self, before: pa.Table) -> dict[str, list[str]]:
         vocab = {a.name: list(a.values) for a in self.recipe.attributes}
-        for label in self.recipe.labels:
-            vocab[label.name] = list(label.values) if label.values else stats_op.vocabulary(before, tag_column(label.name))
+        declared = {lab.name: lab.values for lab in self.recipe.labels}
+        for name in self.recipe.label_names():
+            vocab[name] = list(declared[name]) if declared.get(name) else stats_op.vocabulary(before, tag_column(name))
         return vocab
 
     def _report(self, run, scans, before, after, vocab, solution, dups) -> dict[str, Any]:

@@ -14,11 +14,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from mmbalance.operators import dedup, stats, tag, validate, weigh
+from mmbalance.operators import cluster, dedup, stats, tag, validate, weigh
 from mmbalance.operators.solve import solution_from_dict
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
-from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, tag_column, tags_schema
+from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
+
+
+SAMPLE_IMAGE, SAMPLE_TEXT = "image_emb", "text_emb"  # embedding columns of the fit sample
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,12 @@ class RunContext:
     recipe: Recipe
     source_columns: tuple[str, ...]
     embedding_dims: tuple[tuple[str, int], ...]
+    # rows whose sample priority is at most this join the fit sample; None: no sample needed
+    sample_threshold: int | None = None
 
     @property
     def tag_columns(self) -> list[str]:
-        return [tag_column(s.name) for s in [*self.recipe.attributes, *self.recipe.labels]]
+        return [tag_column(n) for n in [a.name for a in self.recipe.attributes] + self.recipe.label_names()]
 
 
 def _timed(fn):
@@ -47,7 +52,55 @@ def _timed(fn):
     return wrapper
 
 
-# -- scan: validate + tag + uid hashes ---------------------------------------------------------
+# -- scan: validate + tag + uid hashes + sample candidates -------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _row_tagger(recipe_json: str) -> tag.RowTagger:
+    return tag.RowTagger(Recipe.model_validate_json(recipe_json))
+
+
+def row_tagger(recipe: Recipe) -> tag.RowTagger:
+    """One tagger per process and recipe: caption lexicons compile once, not per shard."""
+    return _row_tagger(recipe.model_dump_json())
+
+
+def read_batches(handle, relpath: str, columns: list[str], batch_rows: int):
+    """Record batches of a source shard; a corrupt page is an input error naming the file."""
+    try:
+        pfile = pq.ParquetFile(handle)
+        batches = pfile.iter_batches(batch_size=batch_rows, columns=columns)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})") from None
+
+
+def embedding_columns(recipe: Recipe) -> dict[str, str]:
+    """Source embedding columns by sample-table name."""
+    cols = recipe.input.columns
+    out = {}
+    if cols.image_embedding:
+        out[SAMPLE_IMAGE] = cols.image_embedding
+    if cols.text_embedding:
+        out[SAMPLE_TEXT] = cols.text_embedding
+    return out
+
+
+def _sample_candidates(ctx: RunContext, table: pa.Table, tags: pa.Table, keep: np.ndarray) -> pa.Table | None:
+    priority = cluster.sample_priority(tags.column("uid"), ctx.recipe.sample.seed)
+    chosen = np.flatnonzero(priority <= np.uint64(ctx.sample_threshold))
+    if len(chosen) == 0:
+        return None
+    out = tags.take(chosen).append_column("priority", pa.array(priority[chosen], pa.uint64()))
+    for name, column in embedding_columns(ctx.recipe).items():
+        matrix, _ = cluster.embedding_matrix(table.column(column).take(pa.array(keep[chosen])), dict(ctx.embedding_dims)[column])
+        out = out.append_column(name, cluster.fixed_size_list(matrix.astype(np.float16)))
+    return out
 
 
 @_timed
@@ -56,23 +109,28 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     fs, _ = resolve_filesystem(ctx.input_uri)
     shard_id, relpath = task["shard_id"], task["relpath"]
     dims = dict(ctx.embedding_dims)
+    tagger = row_tagger(ctx.recipe)
     rows_in = valid = 0
     reasons: dict[str, int] = {}
-    hashes, hash_rows = [], []
+    hashes, hash_rows, audits, samples = [], [], [], []
     with fs.open_input_file(task["path"]) as handle, \
             store.table_writer("tags", f"{shard_id}.parquet", schema=tags_schema(ctx.recipe)) as tags_out, \
             store.table_writer("rejects", "validate", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
-        pfile = pq.ParquetFile(handle)
-        for batch in pfile.iter_batches(batch_size=ctx.recipe.execution.batch_rows, columns=list(ctx.source_columns)):
-            table = pa.Table.from_batches([batch])
+        for table in read_batches(handle, relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows):
             result = validate.validate_rows(table, ctx.recipe, dims, relpath, rows_in)
             keep = np.flatnonzero(result.valid)
-            tags = tag.tag_rows(table.take(keep), ctx.recipe, keep + rows_in)
+            tags, audit = tagger(table.take(keep), keep + rows_in)
             tags_out.write_table(tags)
             if result.rejects.num_rows:
                 rejects_out.write_table(result.rejects)
             hashes.append(dedup.hash_uids(tags.column("uid")))
             hash_rows.append(keep + rows_in)
+            if audit:
+                audits.append(audit)
+            if ctx.sample_threshold is not None and len(keep):
+                candidates = _sample_candidates(ctx, table, tags, keep)
+                if candidates is not None:
+                    samples.append(candidates)
             for k, v in result.reason_counts.items():
                 reasons[k] = reasons.get(k, 0) + v
             rows_in += table.num_rows
@@ -85,12 +143,18 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         table=pa.table({"uid_hash": all_hashes[order], "row": all_rows[order].astype(np.int64)}, schema=UID_HASH_SCHEMA),
         row_group_size=65536,
     )
+    sampled = 0
+    if ctx.sample_threshold is not None:
+        sample = pa.concat_tables(samples) if samples else None
+        if sample is not None:
+            sampled = sample.num_rows
+            store.write_table("sample", f"{shard_id}.parquet", table=sample)
     if rows_in != task["num_rows"]:
-        raise RuntimeError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
-    summary = {"shard_id": shard_id, "rows_in": rows_in, "valid": valid, "rejected": rows_in - valid, "reasons": reasons}
+        raise InputError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
+    summary = {"shard_id": shard_id, "rows_in": rows_in, "valid": valid, "rejected": rows_in - valid,
+               "reasons": reasons, "sampled": sampled, "audit": tag.merge_audits(audits)}
     store.mark_done("scan", shard_id, summary)
     return summary
-
 
 
 # -- dedup: one bucket of the uid-hash space -----------------------------------------------------
@@ -148,7 +212,7 @@ def _drop_duplicates(tags: pa.Table, dup_rows: list[int]) -> tuple[pa.Table, pa.
 def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
-    tags = store.read_table("tags", f"{shard_id}.parquet")
+    tags = load_tags(ctx, store, shard_id)
     kept, dups = _drop_duplicates(tags, task["dup_rows"])
     if dups.num_rows:
         first = {int(r): (fs, int(fr)) for r, fs, fr in zip(task["dup_rows"], task["dup_first_shard"], task["dup_first_row"])}
@@ -184,7 +248,7 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
-    tags, _ = _drop_duplicates(store.read_table("tags", f"{shard_id}.parquet"), task["dup_rows"])
+    tags, _ = _drop_duplicates(load_tags(ctx, store, shard_id), task["dup_rows"])
     manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"])
     weights = manifest.column("weight").to_numpy()
     repeats = manifest.column("repeats").to_numpy()
@@ -199,3 +263,61 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store.mark_done("weigh", shard_id, summary)
     return summary
 
+
+
+# -- assign: cluster and subclass ids from the fitted models ------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _load_models(out: str, digest: str):
+    from mmbalance.pipeline.fit import load_models
+
+    return load_models(RunStore(out))
+
+
+@_timed
+def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    """Cluster/subclass ids of every valid row, in the row order of the tags sidecar."""
+    from mmbalance.pipeline.fit import assign_table, assigned_schema
+
+    store = RunStore(ctx.out)
+    fs, _ = resolve_filesystem(ctx.input_uri)
+    shard_id, relpath = task["shard_id"], task["relpath"]
+    models = _load_models(ctx.out, task["models_digest"])
+    tags = store.read_table("tags", f"{shard_id}.parquet")
+    valid_rows = tags.column("row").to_numpy()
+    columns = list(embedding_columns(ctx.recipe).values())
+    parts, offset, start = [], 0, 0
+    with fs.open_input_file(task["path"]) as handle, \
+            store.table_writer("assign", f"{shard_id}.parquet", schema=assigned_schema(ctx.recipe)) as out:
+        for table in read_batches(handle, relpath, columns, ctx.recipe.execution.batch_rows):
+            rows = np.arange(start, start + table.num_rows)
+            start += table.num_rows
+            # tags rows are ascending, so each batch's valid rows are the next slice of them
+            stop = offset + int(np.searchsorted(valid_rows[offset:], rows[-1], side="right")) if len(rows) else offset
+            mine = valid_rows[offset:stop]
+            offset = stop
+            if len(mine) == 0:
+                continue
+            batch = table.take(pa.array(mine - rows[0]))
+            out.write_table(assign_table(ctx, models, batch, tags.slice(offset - len(mine), len(mine))))
+            parts.append(len(mine))
+    if offset != len(valid_rows):
+        raise RuntimeError(f"{relpath}: assigned {offset} of {len(valid_rows)} valid rows")
+    summary = {"shard_id": shard_id, "rows": int(sum(parts))}
+    store.mark_done("assign", shard_id, summary)
+    return summary
+
+
+def load_tags(ctx: RunContext, store: RunStore, shard_id: str) -> pa.Table:
+    """The tags sidecar joined with assigned cluster/subclass tags (same rows, same order)."""
+    tags = store.read_table("tags", f"{shard_id}.parquet")
+    if not (ctx.recipe.clusters or ctx.recipe.subclasses):
+        return tags
+    assigned = store.read_table("assign", f"{shard_id}.parquet")
+    if not tags.column("row").equals(assigned.column("row")):
+        raise RuntimeError(f"shard {shard_id}: assign/ and tags/ rows differ")
+    for name in assigned.column_names:
+        if name != "row":
+            tags = tags.append_column(name, assigned.column(name))
+    return tags

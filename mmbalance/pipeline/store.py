@@ -86,6 +86,13 @@ class RunStore:
         with self.atomic_output(*parts) as stream:
             stream.write(data)
 
+    def write_bytes(self, *parts: str, data: bytes) -> None:
+        self._write_bytes(parts, data)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as stream:
+            return stream.read()
+
     def write_json(self, *parts: str, obj: Any) -> None:
         self._write_bytes(parts, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

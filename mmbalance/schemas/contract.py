@@ -40,6 +40,10 @@ UID_HASH_SCHEMA = pa.schema([pa.field("uid_hash", pa.uint64()), pa.field("row", 
 UTILITY_COLUMN = "__utility"
 
 
+def fired_column(name: str) -> str:
+    return f"fired.{name}"
+
+
 def tag_column(name: str) -> str:
     """Column holding attribute/label ``name`` in the tags sidecar (prefixed: names are user-chosen)."""
     return f"tag.{name}"
@@ -49,6 +53,8 @@ def tags_schema(recipe: Recipe) -> pa.Schema:
     fields = [pa.field("row", pa.int64(), nullable=False), pa.field("uid", pa.string(), nullable=False)]
     for spec in [*recipe.attributes, *recipe.labels]:
         fields.append(pa.field(tag_column(spec.name), pa.string()))
+        if len(spec.sources) > 1:  # which sources fired, bit j = spec.sources[j]
+            fields.append(pa.field(fired_column(spec.name), pa.int32()))
     if recipe.input.columns.utility:
         fields.append(pa.field(UTILITY_COLUMN, pa.float64()))
     return pa.schema(fields)
@@ -107,9 +113,9 @@ def column_rules(recipe: Recipe) -> list[ColumnRule]:
         ("status", cols.status, "string", _is_stringish),
     ]
     rules += [ColumnRule(role, c, desc, fn) for role, c, desc, fn in optional if c]
-    for spec in recipe.attributes:
+    for spec in (a for a in recipe.attributes if "column" in a.sources):
         rules.append(ColumnRule(f"attribute {spec.name}", spec.source_column, "string, integer or bool", _is_categorical))
-    for spec in recipe.labels:
+    for spec in (lab for lab in recipe.labels if "column" in lab.sources):
         rules.append(ColumnRule(f"label {spec.name}", spec.source_column, "string, integer or bool", _is_categorical))
     return rules
 

@@ -43,17 +43,51 @@ class InputSpec(StrictModel):
     extensions: list[str] = [".parquet"]
 
 
-class AttributeSpec(StrictModel):
-    """A sensitive attribute s: a closed set of values; null means "not applicable" (no person)."""
+TagSource = Literal["column", "caption"]
+
+
+class CaptionSourceSpec(StrictModel):
+    """Tags from caption words: whole-word, case-insensitive lexicon matching (mmbalance/data)."""
+
+    vocabulary: str  # a shipped name (perceived_gender, age_group, occupation) or a YAML path
+    # several values in one caption ("he and she"): null (unknown) or the most frequent (majority)
+    multiple: Literal["unknown", "majority"] = "unknown"
+    negation_window: int = Field(default=2, ge=0)  # "no women", "without a man": 0 turns it off
+    longest_only: bool = True  # "old man" is a senior, not also a man
+
+
+class TaggedSpec(StrictModel):
+    """Shared by attributes and labels: where the tag comes from."""
 
     name: str
-    source: Literal["column"] = "column"
+    source: TagSource | list[TagSource] = "column"
     column: str | None = None
-    values: list[str] = Field(min_length=1)
+    caption: CaptionSourceSpec | None = None
+    # several sources: any = the value every tagging source agrees on; all = every source tags and
+    # agrees; vote = the most frequent value (ties give null)
+    combine: Literal["any", "all", "vote"] = "any"
 
     @property
     def source_column(self) -> str:
         return self.column or self.name
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @model_validator(mode="after")
+    def _source_settings(self):
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ValueError("source must name each of column, caption at most once")
+        if "caption" in self.sources and self.caption is None:
+            raise ValueError("source caption needs a caption: {vocabulary: ...} section")
+        return self
+
+
+class AttributeSpec(TaggedSpec):
+    """A sensitive attribute s: a closed set of values; null means "not applicable" (no person)."""
+
+    values: list[str] = Field(min_length=1)
 
     @field_validator("values")
     @classmethod
@@ -63,17 +97,52 @@ class AttributeSpec(StrictModel):
         return values
 
 
-class LabelSpec(StrictModel):
+class LabelSpec(TaggedSpec):
     """A concept label y: one-hot over ``values`` or, when omitted, over the values seen."""
 
-    name: str
-    source: Literal["column"] = "column"
-    column: str | None = None
     values: list[str] | None = None
 
-    @property
-    def source_column(self) -> str:
-        return self.column or self.name
+
+class ClusterSpec(StrictModel):
+    """Concept clusters as a label: spherical k-means (faiss) fit on the sample, assigned to every row.
+
+    A list ``k`` is swept and the best silhouette kept (R&B Regroup). The label's values are the
+    cluster ids as strings; balance steps may name ``name`` like any label.
+    """
+
+    name: str = "cluster"
+    embedding: Literal["image", "text", "mean"] = "image"
+    k: int | list[int] = Field(default=100)
+    niter: int = Field(default=20, gt=0)
+    seed: int = 0
+    silhouette_rows: int = Field(default=10_000, gt=10)
+
+    @field_validator("k")
+    @classmethod
+    def _positive_k(cls, k):
+        ks = [k] if isinstance(k, int) else k
+        if not ks or min(ks) < 1:
+            raise ValueError("k must be a positive integer or a non-empty list of them")
+        return k
+
+
+class SubclassSpec(StrictModel):
+    """SBCL subclasses of a label: class c splits into max(1, floor(n_c / max(min n, m0))) k-means
+    clusters of its embeddings; values are '<class>/<j>', unique across classes."""
+
+    name: str
+    of: str  # a label (or cluster) name
+    m0: int = Field(default=10, gt=0)
+    embedding: Literal["image", "text", "mean"] = "image"
+    niter: int = Field(default=20, gt=0)
+    seed: int = 0
+
+
+class SampleSpec(StrictModel):
+    """The uniform sample that clustering and R&B fit on (bottom-k by a hash of uid and seed)."""
+
+    size: int = Field(default=100_000, gt=0)
+    seed: int = 0
 
 
 class ExportSpec(StrictModel):
@@ -98,16 +167,32 @@ class Recipe(StrictModel):
     input: InputSpec = InputSpec()
     attributes: list[AttributeSpec] = []
     labels: list[LabelSpec] = []
+    clusters: list[ClusterSpec] = []
+    subclasses: list[SubclassSpec] = []
+    sample: SampleSpec = SampleSpec()
     balance: BalanceSpec = NoBalance(method="none")
     export: ExportSpec = ExportSpec()
     execution: ExecutionSpec = ExecutionSpec()
 
     @model_validator(mode="after")
     def _check_references(self) -> "Recipe":
-        names = [a.name for a in self.attributes] + [lab.name for lab in self.labels]
+        names = [a.name for a in self.attributes] + self.label_names()
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"attribute/label names must be unique, repeated: {dupes}")
+            raise ValueError(f"attribute/label/cluster names must be unique, repeated: {dupes}")
+        uses_caption = [t.name for t in [*self.attributes, *self.labels] if "caption" in t.sources]
+        if uses_caption and not self.input.columns.caption:
+            raise ValueError(f"{uses_caption[0]} is tagged from captions but input.columns.caption is not set")
+        embeddings = {"image": self.input.columns.image_embedding, "text": self.input.columns.text_embedding}
+        for spec in [*self.clusters, *self.subclasses]:
+            need = ["image", "text"] if spec.embedding == "mean" else [spec.embedding]
+            for side in need:
+                if not embeddings[side]:
+                    raise ValueError(f"{spec.name} clusters {spec.embedding} embeddings but input.columns.{side}_embedding is not set")
+        order = [lab.name for lab in self.labels] + [c.name for c in self.clusters]
+        for spec in self.subclasses:
+            if spec.of not in order:
+                raise ValueError(f"subclasses {spec.name}: 'of' names '{spec.of}', which is not a label or cluster")
         self._check_balance_names()
         return self
 
@@ -115,7 +200,7 @@ class Recipe(StrictModel):
         """Every attribute or label a balance step names must exist, so typos fail before any work."""
         step = self.balance
         attrs = {a.name: a for a in self.attributes}
-        labels = [lab.name for lab in self.labels]
+        labels = self.label_names()
 
         def need(kind: str, key: str, name: str) -> None:
             pool = list(attrs) if kind == "attribute" else labels
@@ -138,6 +223,13 @@ class Recipe(StrictModel):
             unknown = sorted(set(target) - set(attrs[name].values))
             if unknown:
                 raise ValueError(f"balance.targets.{name} has values not in its attribute: {unknown}")
+
+    def label_names(self) -> list[str]:
+        """Labels y in order: declared labels, then clusters, then subclasses."""
+        return [lab.name for lab in self.labels] + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
+
+    def needs_sample(self) -> bool:
+        return bool(self.clusters or self.subclasses or self.balance.method == "rnb")
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""

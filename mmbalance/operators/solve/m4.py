@@ -287,7 +287,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     """The compressed problem over signatures; returns it, the key frame and coordinate names."""
     recipe = stats.recipe
     attrs = {a.name: a for a in recipe.attributes}
-    label_names = [lab.name for lab in recipe.labels]
+    label_names = recipe.label_names()
     for name in step.targets:
         if name not in attrs:
             raise ValueError(f"balance.targets names '{name}', which is not an attribute (attributes: {sorted(attrs)})")

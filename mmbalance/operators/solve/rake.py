@@ -56,7 +56,7 @@ def _max_error(counts, w, codes, targets) -> float:
 def solve_rake(step: RakeBalance, stats: CorpusStats) -> LookupSolution:
     recipe = stats.recipe
     attrs = {a.name: list(a.values) for a in recipe.attributes}
-    labels = [lab.name for lab in recipe.labels]
+    labels = recipe.label_names()
     for name in step.targets:
         if name not in attrs:
             raise ValueError(f"balance.targets names '{name}', which is not an attribute (attributes: {sorted(attrs)})")

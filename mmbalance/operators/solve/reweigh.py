@@ -29,7 +29,7 @@ def reweigh_cells(cells: dict[tuple[str, str], int]) -> dict[tuple[str, str], fl
 def solve_reweigh(step: ReweighBalance, stats: CorpusStats) -> LookupSolution:
     recipe = stats.recipe
     attrs = [a.name for a in recipe.attributes]
-    labels = [lab.name for lab in recipe.labels]
+    labels = recipe.label_names()
     if step.attribute not in attrs:
         raise ValueError(f"balance.attribute names '{step.attribute}', which is not an attribute (attributes: {attrs})")
     if step.label not in labels:

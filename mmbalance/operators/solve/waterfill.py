@@ -56,7 +56,7 @@ def waterfill_quotas(sizes: np.ndarray, target: int) -> np.ndarray:
 @register("waterfill")
 def solve_waterfill(step: WaterfillBalance, stats: CorpusStats) -> LookupSolution:
     """Each value of ``by`` keeps quota / count of its rows: the expected size is the quota."""
-    labels = [lab.name for lab in stats.recipe.labels]
+    labels = stats.recipe.label_names()
     if step.by not in labels:
         raise ValueError(f"balance.by names '{step.by}', which is not a label (labels: {labels})")
     column = tag_column(step.by)

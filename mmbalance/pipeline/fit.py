@@ -1,0 +1,195 @@
+"""The global fit: the uniform sample, and the cluster and subclass models fitted on it.
+
+The scan keeps, per shard, the rows whose seeded uid priority falls under a threshold sized for
+~1.5x the requested sample; here those candidates (duplicates removed) are cut to the exact
+bottom-k by priority: a uniform sample of valid rows, the same whatever the sharding or worker
+count. Models are small (centroids) and saved under OUT/models/; every shard is then assigned in
+a streaming per-shard stage, so memory is bounded by the sample, not the corpus.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmbalance.operators import cluster
+from mmbalance.pipeline.store import RunStore
+from mmbalance.schemas.contract import InputError, tag_column
+from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
+
+SAMPLE_OVERSAMPLING = 1.5
+
+
+def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
+    """Priority cut-off (uint64) keeping ~1.5x the sample size in expectation; None: no sample needed."""
+    if not recipe.needs_sample():
+        return None
+    share = min(1.0, SAMPLE_OVERSAMPLING * recipe.sample.size / max(total_rows, 1) + 64 / max(total_rows, 1))
+    return 2**64 - 1 if share >= 1.0 else int(share * 2**64)
+
+
+def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int) -> pa.Table:
+    """Bottom-``size`` of all shards' candidates by priority, duplicates excluded."""
+    parts = []
+    for shard in shards:
+        if not store.exists("sample", f"{shard.shard_id}.parquet"):
+            continue
+        part = store.read_table("sample", f"{shard.shard_id}.parquet")
+        dup_rows = dups.get(shard.index, {}).get("rows", [])
+        if dup_rows:
+            part = part.filter(pc.invert(pc.is_in(part.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
+        parts.append(part.append_column("shard_index", pa.array(np.full(part.num_rows, shard.index, np.int64))))
+    if not parts:
+        raise InputError("the fit sample is empty: no valid rows to cluster")
+    sample = pa.concat_tables(parts)
+    order = pc.sort_indices(sample, sort_keys=[("priority", "ascending"), ("shard_index", "ascending"), ("row", "ascending")])
+    return sample.take(order.slice(0, size))
+
+
+def _embedding(spec: ClusterSpec | SubclassSpec, image: str | None, text: str | None) -> cluster.EmbeddingSpec:
+    return cluster.EmbeddingSpec(spec.embedding, image_column=image, text_column=text)
+
+
+def sample_embedding(spec) -> cluster.EmbeddingSpec:
+    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT
+
+    return _embedding(spec, SAMPLE_IMAGE, SAMPLE_TEXT)
+
+
+def source_embedding(spec, recipe: Recipe) -> cluster.EmbeddingSpec:
+    cols = recipe.input.columns
+    return _embedding(spec, cols.image_embedding, cols.text_embedding)
+
+
+def _save_array(store: RunStore, name: str, array: np.ndarray, meta: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
+    store.write_bytes("models", f"{name}.npy", data=buf.getvalue())
+    store.write_json("models", f"{name}.json", obj=meta)
+
+
+def _cluster_tags(ids: np.ndarray) -> pa.Array:
+    return pa.array([str(i) if i >= 0 else None for i in ids.tolist()], pa.string())
+
+
+def _subclass_tags(model: cluster.SubclassModel, ids: np.ndarray) -> pa.Array:
+    owner = np.searchsorted(model.offsets, ids, side="right") - 1
+    return pa.array(
+        [f"{model.classes[o]}/{i - model.offsets[o]}" if i >= 0 else None for i, o in zip(ids.tolist(), owner.tolist())],
+        pa.string(),
+    )
+
+
+def class_counts(store: RunStore, shards, dups: dict[int, dict[str, list]], column: str) -> dict[str, int]:
+    """Exact counts of a tag's values over valid, first-occurrence rows, shard by shard."""
+    counts: dict[str, int] = {}
+    for shard in shards:
+        tags = store.read_table("tags", f"{shard.shard_id}.parquet", columns=["row", column])
+        dup_rows = dups.get(shard.index, {}).get("rows", [])
+        if dup_rows:
+            tags = tags.filter(pc.invert(pc.is_in(tags.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
+        vc = pc.value_counts(tags.column(column).drop_null())
+        for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+            counts[value] = counts.get(value, 0) + int(n)
+    return counts
+
+
+def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Fit every cluster and subclass model on the sample; returns the sample with their tags."""
+    info: dict[str, Any] = {"sample_rows": sample.num_rows}
+    for spec in recipe.clusters:
+        x, ok = sample_embedding(spec).extract(sample)
+        ks = [spec.k] if isinstance(spec.k, int) else list(spec.k)
+        if ok.sum() < max(ks):
+            raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many sampled rows, got {int(ok.sum())}; "
+                             "raise sample.size")
+        # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)
+        kwargs = {"seed": spec.seed, "niter": spec.niter, "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
+        if len(ks) > 1:
+            sweep = cluster.sweep_k(x[ok], ks, score_rows=spec.silhouette_rows, **kwargs)
+            model, meta = sweep.best, {**sweep.best.meta, "sweep": sweep.to_dict()}
+        else:
+            model = cluster.fit_kmeans(x[ok], ks[0], **kwargs)
+            meta = dict(model.meta)
+        meta.update(kind="cluster", name=spec.name, embedding=spec.embedding)
+        _save_array(store, spec.name, model.centroids, meta)
+        ids, _ = cluster.assign(x, model.centroids)
+        ids[~ok] = -1
+        sample = sample.append_column(tag_column(spec.name), _cluster_tags(ids))
+        info[spec.name] = {k: v for k, v in meta.items() if k != "embedding"}
+    for spec in recipe.subclasses:
+        x, ok = sample_embedding(spec).extract(sample)
+        of = tag_column(spec.of)
+        if spec.of in [c.name for c in recipe.clusters]:
+            # cluster sizes are known only after assignment: estimate n_c from the sample
+            vc = pc.value_counts(sample.column(of).drop_null())
+            scale = valid_rows / max(sample.num_rows, 1)
+            sizes = {v: int(round(n * scale)) for v, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
+            exact = False
+        else:
+            sizes, exact = class_counts(store, shards, dups, of), True
+        labels = sample.column(of).combine_chunks()
+        try:
+            model = cluster.fit_subclasses(x, pc.if_else(pa.array(ok), labels, pa.scalar(None, pa.string())),
+                                           m0=spec.m0, class_sizes=sizes, seed=spec.seed, niter=spec.niter)
+        except ValueError as err:
+            raise InputError(f"subclasses {spec.name}: {err}; raise sample.size") from None
+        meta = {**model.meta, "kind": "subclass", "name": spec.name, "of": spec.of, "m0": spec.m0,
+                "embedding": spec.embedding, "classes": model.classes, "counts": model.counts.tolist(),
+                "class_sizes": sizes, "class_sizes_exact": exact}
+        _save_array(store, spec.name, model.centroids, meta)
+        ids, _ = model.assign(x, labels)
+        sample = sample.append_column(tag_column(spec.name), _subclass_tags(model, ids))
+        info[spec.name] = {"subclasses": int(model.counts.sum()), "classes": len(model.classes), "m0": spec.m0,
+                           "class_sizes_exact": exact}
+    return sample, info
+
+
+def load_models(store: RunStore) -> dict[str, Any]:
+    models = {}
+    for name in store.list_files("models", suffix=".json"):
+        meta = store.read_json("models", name)
+        centroids = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
+        if meta["kind"] == "cluster":
+            models[meta["name"]] = ("cluster", centroids)
+        else:
+            models[meta["name"]] = ("subclass", cluster.SubclassModel(meta["classes"], np.asarray(meta["counts"], np.int64), centroids, meta))
+    return models
+
+
+def models_digest(store: RunStore) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in store.list_files("models"):
+        h.update(name.encode())
+        h.update(store.read_bytes("models", name))
+    return h.hexdigest()[:16]
+
+
+def assigned_schema(recipe: Recipe) -> pa.Schema:
+    names = [c.name for c in recipe.clusters] + [s.name for s in recipe.subclasses]
+    return pa.schema([pa.field("row", pa.int64())] + [pa.field(tag_column(n), pa.string()) for n in names])
+
+
+def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -> pa.Table:
+    """Cluster then subclass tags for one batch of valid rows (``batch``: their source embeddings)."""
+    recipe = ctx.recipe
+    data: dict[str, pa.Array] = {"row": tags.column("row").combine_chunks()}
+    for spec in recipe.clusters:
+        _, centroids = models[spec.name]
+        ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe))
+        data[tag_column(spec.name)] = _cluster_tags(ids)
+    for spec in recipe.subclasses:
+        _, model = models[spec.name]
+        x, ok = source_embedding(spec, recipe).extract(batch)
+        of = tag_column(spec.of)
+        labels = data[of] if of in data else tags.column(of).combine_chunks()
+        ids, _ = model.assign(x, labels)
+        ids[~ok] = -1
+        data[tag_column(spec.name)] = _subclass_tags(model, ids)
+    return pa.table(data, schema=assigned_schema(recipe))
