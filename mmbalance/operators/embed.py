@@ -1,0 +1,735 @@
+"""Image and caption embeddings from an open_clip model.
+
+Three layers, each usable alone:
+  * ``decode_image`` / ``ImageSource``: bytes, HF ``{bytes, path}`` structs or paths (local, pyarrow
+    filesystem URIs, fsspec URLs) -> RGB PIL images; every failure is a one-line reason, never an
+    exception. No torch needed.
+  * ``load_model(spec) -> ModelBundle``: the model, tokenizer, preprocessing and the record of what was
+    loaded (``bundle.info``: name, tag, checkpoint sha256, dim, versions) for run.json and sidecars.
+  * ``embed_table`` (plain function on an Arrow table), ``EmbedBatches`` (Ray Data callable class,
+    ``pa.Table`` in and out) and ``embed_shard`` (streams one shard).
+
+Outputs are L2-normalised float16 fixed_size_list columns (see ``mmbalance.schemas.embed``).
+torch and open_clip are imported lazily: the module imports without the ``embed`` extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mmbalance.operators.precomputed import Half, assemble, uid_strings
+from mmbalance.schemas.embed import EMBED_NOTE, IMAGE_EMB, RANDOM_INIT, TEXT_EMB, EmbedSpec
+
+log = logging.getLogger(__name__)
+
+REJECT_REASON = "embed_reject_reason"
+
+
+@dataclass(frozen=True)
+class EmbedColumns:
+    """Input columns the embed operator reads; ``image`` or ``caption`` may be absent."""
+
+    uid: str = "uid"
+    image: str | None = None
+    caption: str | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "EmbedColumns":
+        cols = recipe.input.columns
+        return cls(uid=cols.uid, image=cols.image, caption=cols.caption)
+
+    def names(self) -> list[str]:
+        return [c for c in (self.uid, self.image, self.caption) if c]
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+class ImageError(Exception):
+    """Why one image cannot be used: ``problem`` is a stable short key, ``detail`` free text."""
+
+    def __init__(self, problem: str, detail: str = ""):
+        super().__init__(problem, detail)
+        self.problem, self.detail = problem, detail
+
+    def reason(self, column: str) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"image {self.problem} (column '{column}'{detail})"
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text[:160]
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB, as open_clip does (alpha dropped); 16-bit and float greyscale rescaled."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | None, max_pixels: int = 89_478_485, draft=None):
+    """Bytes -> RGB PIL image (first frame of GIF/WebP animations). Raises ``ImageError`` only.
+
+    ``draft(w, h) -> (w', h') | None``: for JPEGs, decode at the smallest DCT scale >= that size.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        raise ImageError("missing", "null")
+    if len(data) == 0:
+        raise ImageError("empty", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF/palette noise
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError("zero size", f"{w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError("too large", f"{w}x{h} is over {max_pixels} pixels")
+            if draft is not None and img.format == "JPEG":
+                size = draft(w, h)
+                if size is not None:
+                    img.draft(img.mode, size)
+            img.load()
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError("too large", _short(err)) from None
+    except UnidentifiedImageError:
+        raise ImageError("undecodable", f"unknown format, {len(data)} bytes starting {data[:8]!r}") from None
+    except OSError as err:
+        problem = "truncated" if "truncated" in str(err).lower() else "undecodable"
+        raise ImageError(problem, _short(err)) from None
+    except Exception as err:  # decoders raise ValueError, SyntaxError, struct.error, ...
+        raise ImageError("undecodable", f"{type(err).__name__}: {_short(err)}") from None
+
+
+class ImageSource:
+    """Reads image bytes for a row: inline bytes, or a path relative to ``base`` (the shard's directory)."""
+
+    def __init__(self, fs: pafs.FileSystem | None = None, base: str | None = None):
+        self.fs = fs or pafs.LocalFileSystem()
+        self.base = base
+        self._uri_fs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def rows(self, column: pa.Array | pa.ChunkedArray) -> list[tuple[bytes | None, str | None]]:
+        """(bytes, path) per row; exactly one is used: bytes when not null, else path."""
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        t = arr.type
+        if pa.types.is_null(t):
+            return [(None, None)] * len(arr)
+        if pa.types.is_struct(t):
+            names = {t.field(i).name for i in range(t.num_fields)}
+            valid = arr.is_valid().to_pylist()
+            data = arr.field("bytes").to_pylist() if "bytes" in names else [None] * len(arr)
+            paths = arr.field("path").to_pylist() if "path" in names else [None] * len(arr)
+            return [(d, p) if ok else (None, None) for ok, d, p in zip(valid, data, paths)]
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return [(d, None) for d in arr.to_pylist()]
+        if pa.types.is_dictionary(t):
+            arr = arr.cast(t.value_type)
+        return [(None, p) for p in arr.to_pylist()]
+
+    def read(self, data: bytes | None, path: str | None) -> bytes | None:
+        if data is not None:
+            return data
+        if path is None:
+            return None
+        if not path:
+            raise ImageError("missing", "empty path")
+        try:
+            if "://" in path:
+                return self._read_uri(path)
+            full = path if (os.path.isabs(path) or self.base is None) else f"{self.base.rstrip('/')}/{path}"
+            fs = self.fs if not os.path.isabs(path) else pafs.LocalFileSystem()
+            with fs.open_input_stream(full) as stream:
+                return stream.read()
+        except ImageError:
+            raise
+        except FileNotFoundError:
+            raise ImageError("not found", path[-200:]) from None
+        except Exception as err:
+            raise ImageError("unreadable", f"{path[-120:]}: {_short(err)}") from None
+
+    def _read_uri(self, uri: str) -> bytes:
+        scheme = uri.split("://", 1)[0]
+        with self._lock:
+            fs = self._uri_fs.get(scheme)
+        if fs is None:
+            try:
+                fs, _ = pafs.FileSystem.from_uri(uri)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                fs = "fsspec"  # http(s), memory, ...: schemes pyarrow does not have
+            with self._lock:
+                self._uri_fs[scheme] = fs
+        if fs == "fsspec":
+            import fsspec
+
+            with fsspec.open(uri, "rb") as handle:
+                return handle.read()
+        _, inner = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(inner) as stream:
+            return stream.read()
+
+
+# -- model ------------------------------------------------------------------------------------
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 23), b""):
+                digest.update(chunk)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def state_dict_sha256(model) -> str:
+    """Hash of the weights themselves (names, shapes, dtypes, bytes): identifies random inits."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update((t.float() if t.is_floating_point() else t).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _local_checkpoint(uri: str) -> str:
+    """A local file for a checkpoint path or URI (URIs are copied once into a cache directory)."""
+    if "://" not in uri:
+        if not os.path.isfile(uri):
+            raise FileNotFoundError(f"embed.pretrained: checkpoint file not found: {uri}")
+        return uri
+    cache = os.environ.get("MMBALANCE_CACHE", os.path.join(tempfile.gettempdir(), "mmbalance-checkpoints"))
+    os.makedirs(cache, exist_ok=True)
+    name = hashlib.sha1(uri.encode()).hexdigest()[:16] + "-" + uri.rsplit("/", 1)[-1]
+    local = os.path.join(cache, name)
+    if not os.path.exists(local):
+        tmp = f"{local}.tmp-{os.getpid()}"
+        try:
+            fs, inner = pafs.FileSystem.from_uri(uri)
+            with fs.open_input_stream(inner) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 23):
+                    dst.write(chunk)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            import fsspec
+
+            with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 23):
+                    dst.write(chunk)
+        os.replace(tmp, local)
+    return local
+
+
+def classify_pretrained(model: str, pretrained: str | None) -> str:
+    """'local-dir' | 'hub' | 'random' | 'file' | 'tag' for a (model, pretrained) pair."""
+    if model.startswith("local-dir:"):
+        return "file" if pretrained not in (None, RANDOM_INIT) else ("random" if pretrained == RANDOM_INIT else "local-dir")
+    if model.startswith("hf-hub:") or (pretrained or "").startswith("hf-hub:"):
+        return "hub"
+    if pretrained == RANDOM_INIT:
+        return "random"
+    if pretrained and ("://" in pretrained or os.sep in pretrained or os.path.exists(pretrained)
+                       or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))):
+        return "file"
+    return "tag"
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"embedding with a model needs torch and open_clip (pip install 'mmbalance[embed]'): {err}"
+        ) from None
+    return torch, open_clip
+
+
+def resolve_device(spec: EmbedSpec) -> str:
+    torch, _ = _import_open_clip()
+    if spec.device == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if spec.device == "cuda":
+        if not available:
+            raise RuntimeError("embed.device is 'cuda' but CUDA is not available on this worker")
+        return "cuda"
+    if spec.num_gpus > 0 and not available:
+        log.warning("embed.num_gpus=%s but CUDA is not available: embedding on CPU", spec.num_gpus)
+    return "cuda" if spec.num_gpus > 0 and available else "cpu"
+
+
+def _precision(spec: EmbedSpec, device: str) -> tuple[str, str | None]:
+    """(open_clip precision for the weights, autocast dtype name or None)."""
+    if device == "cpu" or spec.precision == "fp32":
+        return "fp32", None
+    if spec.precision in ("auto", "amp"):
+        return "fp32", "float16"
+    return spec.precision, "float16" if spec.precision == "fp16" else "bfloat16"
+
+
+class Preprocessor:
+    """open_clip's eval transform, split: geometry on the CPU (PIL -> uint8 HWC), then ToTensor +
+    Normalize on the model's device in one batched op (same arithmetic, so identical values)."""
+
+    def __init__(self, preprocess_cfg: dict):
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = {k: v for k, v in preprocess_cfg.items()}
+        self.cfg = cfg
+        full = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        steps = list(full.transforms)
+        names = [type(s).__name__ for s in steps[-2:]]
+        self.geometry = steps[:-2] if names == ["MaybeToTensor", "Normalize"] else None
+        self.full = full
+        size = cfg["size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (h, w)
+        self.mean = tuple(float(x) for x in cfg["mean"])
+        self.std = tuple(float(x) for x in cfg["std"])
+        self.resize_mode = cfg.get("resize_mode", "shortest")
+
+    def draft_size(self, w: int, h: int) -> tuple[int, int] | None:
+        """Smallest decode size that still covers the resize target (for JPEG draft mode)."""
+        th, tw = self.size
+        if self.resize_mode == "squash":
+            return (tw, th) if tw < w and th < h else None
+        scale = min(tw / w, th / h) if self.resize_mode == "longest" else max(tw / w, th / h)
+        if scale >= 1:
+            return None
+        return (math.ceil(w * scale), math.ceil(h * scale))
+
+    def pixels(self, img) -> np.ndarray:
+        """RGB PIL image -> uint8 (h, w, 3), or float32 (3, h, w) normalised when the transform is custom."""
+        if self.geometry is None:
+            return self.full(img).numpy()
+        for step in self.geometry:
+            img = step(img)
+        return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model and everything needed to embed with it; ``info`` is the JSON-able record."""
+
+    spec: EmbedSpec
+    model: Any
+    tokenizer: Any
+    preprocessor: Preprocessor
+    device: str
+    autocast_dtype: str | None
+    info: dict
+    _pools: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["embedding_dim"])
+
+    def pool(self, name: str) -> ThreadPoolExecutor:
+        if name not in self._pools:
+            workers = (self.spec.decode_threads or self.spec.threads()) if name == "decode" else 1
+            self._pools[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"embed-{name}")
+        return self._pools[name]
+
+    def _autocast(self):
+        import contextlib
+
+        torch, _ = _import_open_clip()
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=getattr(torch, self.autocast_dtype))
+
+    def _input_dtype(self):
+        torch, _ = _import_open_clip()
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.info["precision"], torch.float32)
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (n, h, w, 3) or normalised float32 (n, 3, h, w) -> unit float16 (n, dim)."""
+        torch, _ = _import_open_clip()
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), np.float16)
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels)
+            if self.device != "cpu":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                # exactly torchvision's ToTensor + Normalize, batched
+                x = x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+                mean = torch.tensor(self.preprocessor.mean, device=x.device).view(1, -1, 1, 1)
+                std = torch.tensor(self.preprocessor.std, device=x.device).view(1, -1, 1, 1)
+                x = x.sub_(mean).div_(std)
+            x = x.to(self._input_dtype())
+            with self._autocast():
+                feats = self.model.encode_image(x)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            return feats.to(torch.float16).cpu().numpy()
+
+    def tokenize(self, texts: list[str]):
+        return self.tokenizer(texts)  # truncates to the context length as open_clip does
+
+    def encode_tokens(self, tokens) -> np.ndarray:
+        torch, _ = _import_open_clip()
+        if len(tokens) == 0:
+            return np.zeros((0, self.dim), np.float16)
+        with torch.inference_mode():
+            tokens = tokens.to(self.device, non_blocking=True)
+            with self._autocast():
+                feats = self.model.encode_text(tokens)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            return feats.to(torch.float16).cpu().numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.encode_tokens(self.tokenize(texts))
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
+        self._pools.clear()
+
+
+def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelBundle:
+    """Build the open_clip model named by the spec; never downloads unless the spec names a tag/hub."""
+    torch, open_clip = _import_open_clip()
+    if isinstance(spec, dict):
+        spec = EmbedSpec.model_validate(spec)
+    if not spec.uses_model:
+        raise ValueError("embed.npz is set: embeddings come from .npz files, not a model")
+    threads = num_threads or spec.threads()
+    torch.set_num_threads(threads)
+    device = resolve_device(spec)
+    weights_precision, autocast_dtype = _precision(spec, device)
+    kind = classify_pretrained(spec.model, spec.pretrained)
+    name = spec.pretrained if kind == "hub" and (spec.pretrained or "").startswith("hf-hub:") else spec.model
+    info: dict[str, Any] = {"source": "open_clip", "model": spec.model, "pretrained": spec.pretrained,
+                            "pretrained_kind": kind, "checkpoint_sha256": None}
+    checkpoint = None
+    force_pp = None
+    quick_gelu = False
+    if kind == "tag":
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(spec.model)
+            raise ValueError(
+                f"embed.pretrained '{spec.pretrained}' is not an open_clip tag of '{spec.model}', nor an existing "
+                f"file (tags: {', '.join(tags) or 'none'})"
+            )
+        checkpoint = open_clip.pretrained.download_pretrained(tag_cfg)
+        force_pp = {k: v for k, v in tag_cfg.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # open_clip only warns on a mismatch
+        info["quick_gelu"] = quick_gelu
+    elif kind == "file":
+        checkpoint = _local_checkpoint(spec.pretrained)
+        info["checkpoint_uri"] = spec.pretrained
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns on random init
+            try:
+                model = open_clip.create_model(
+                    name,
+                    pretrained=None,  # tags and files are loaded below; schema names load their own
+                    load_weights=kind not in ("random", "file"),
+                    force_preprocess_cfg=force_pp,
+                    force_quick_gelu=quick_gelu,
+                )
+            finally:
+                logging.getLogger().disabled = was
+    if checkpoint:
+        open_clip.load_checkpoint(model, checkpoint, strict=True)
+    if kind == "local-dir":
+        from open_clip.factory import _find_checkpoint_in_dir
+        from pathlib import Path
+
+        checkpoint = _find_checkpoint_in_dir(Path(spec.model[len("local-dir:"):]))
+        if checkpoint is None:
+            kind = info["pretrained_kind"] = "random"  # a config without weights: open_clip inits randomly
+    if kind == "hub" and checkpoint is None:
+        try:
+            from open_clip.pretrained import download_pretrained_from_hf
+
+            checkpoint = download_pretrained_from_hf(name.removeprefix("hf-hub:"))  # cached by create_model
+        except Exception:  # the hash is best effort for hub models
+            checkpoint = None
+    if checkpoint:
+        info["checkpoint_sha256"] = file_sha256(checkpoint)
+    if kind == "random":
+        info["seed"] = spec.seed
+        info["weights_sha256"] = state_dict_sha256(model)
+
+    model.eval()
+    if weights_precision != "fp32":
+        from open_clip.factory import _set_model_device_and_precision
+
+        _set_model_device_and_precision(model, torch.device(device), weights_precision, False)
+    else:
+        model.to(device)
+    pp_cfg = open_clip.get_model_preprocess_cfg(model)
+    preprocessor = Preprocessor(pp_cfg)
+    tokenizer = open_clip.get_tokenizer(name)
+    dim = getattr(model.visual, "output_dim", None)
+    if dim is None:  # timm / custom towers: ask the model
+        with torch.inference_mode():
+            h, w = preprocessor.size
+            dim = model.encode_image(torch.zeros(1, 3, h, w, device=device)).shape[-1]
+    info.update({
+        "embedding_dim": int(dim),
+        "image_size": list(preprocessor.size),
+        "context_length": int(getattr(tokenizer, "context_length", 0) or 0),
+        "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp_cfg.items()},
+        "jpeg_draft": spec.jpeg_draft,
+        "open_clip_version": open_clip.__version__,
+        "torch_version": torch.__version__,
+        "precision": weights_precision if autocast_dtype is None or weights_precision != "fp32" else "amp",
+        "device": device,
+    })
+    return ModelBundle(spec, model, tokenizer, preprocessor, device, autocast_dtype, info)
+
+
+def model_info(spec: EmbedSpec | dict) -> dict:
+    """The record for run.json without keeping the model (loads it once on the CPU)."""
+    if isinstance(spec, dict):
+        spec = EmbedSpec.model_validate(spec)
+    bundle = load_model(spec.model_copy(update={"device": "cpu", "num_gpus": 0.0}))
+    bundle.close()
+    info = dict(bundle.info)
+    for key in ("precision", "device"):
+        info.pop(key, None)
+    return info
+
+
+# -- the operator -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    start: int
+    stop: int
+    pixels: np.ndarray | None
+    image_ok: np.ndarray | None
+    image_reason: np.ndarray | None
+    tokens: Any
+    text_ok: np.ndarray | None
+    text_reason: np.ndarray | None
+    seconds: dict
+
+
+def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
+    t0 = time.perf_counter()
+    draft = bundle.preprocessor.draft_size if bundle.spec.jpeg_draft else None
+    try:
+        img = decode_image(source.read(*item), bundle.spec.max_image_pixels, draft)
+    except ImageError as err:
+        return None, err.reason(column), time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        arr = bundle.preprocessor.pixels(img)
+    except Exception as err:
+        return None, ImageError("undecodable", f"preprocess: {_short(err)}").reason(column), t1 - t0, 0.0
+    return arr, None, t1 - t0, time.perf_counter() - t1
+
+
+def _prepare(bundle: ModelBundle, columns: EmbedColumns, source: ImageSource, images, captions,
+             start: int, stop: int) -> _Prepared:
+    n = stop - start
+    seconds = {"decode": 0.0, "preprocess": 0.0, "tokenize": 0.0}
+    pixels = image_ok = image_reason = None
+    if images is not None:
+        results = list(bundle.pool("decode").map(lambda it: _decode_one(bundle, source, it, columns.image),
+                                                 images[start:stop]))
+        image_ok = np.array([r[0] is not None for r in results], bool)
+        image_reason = np.array([r[1] for r in results], dtype=object)
+        good = [r[0] for r in results if r[0] is not None]
+        pixels = np.stack(good) if good else None
+        seconds["decode"] = sum(r[2] for r in results)
+        seconds["preprocess"] = sum(r[3] for r in results)
+    tokens = text_ok = text_reason = None
+    if captions is not None:
+        t0 = time.perf_counter()
+        chunk = captions[start:stop]
+        text_reason = np.full(n, None, dtype=object)
+        for i, c in enumerate(chunk):
+            if c is None:
+                text_reason[i] = f"caption missing (column '{columns.caption}' is null)"
+            elif not c.strip():
+                text_reason[i] = f"caption empty (column '{columns.caption}')"
+        text_ok = np.array([r is None for r in text_reason], bool)
+        tokens = bundle.tokenize([c for c, ok in zip(chunk, text_ok) if ok]) if text_ok.any() else []
+        seconds["tokenize"] = time.perf_counter() - t0
+    return _Prepared(start, stop, pixels, image_ok, image_reason, tokens, text_ok, text_reason, seconds)
+
+
+def _add(timings: dict | None, key: str, value: float) -> None:
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + value
+
+
+def embed_table(
+    table: pa.Table,
+    bundle: ModelBundle,
+    columns: EmbedColumns,
+    shard: str = "",
+    row_offset: int = 0,
+    rows: np.ndarray | None = None,
+    source: ImageSource | None = None,
+    timings: dict | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Embed one batch of rows -> (sidecar rows, REJECTS_SCHEMA rows), see ``precomputed.assemble``.
+
+    ``rows`` (default ``row_offset + arange``) are the shard row indices written to ``row``.
+    ``timings`` accumulates thread-seconds per stage (decode, preprocess, tokenize, image_model,
+    text_model) and counts (images, captions).
+    """
+    n = table.num_rows
+    dim = bundle.dim
+    source = source or ImageSource()
+    if rows is None:
+        rows = np.arange(row_offset, row_offset + n, dtype=np.int64)
+    images = source.rows(table.column(columns.image)) if columns.image else None
+    captions = None
+    if columns.caption:
+        cap = table.column(columns.caption)
+        captions = (cap.cast(pa.string()) if not pa.types.is_string(cap.type) else cap).to_pylist()
+
+    img_vals = np.zeros((n, dim), np.float16) if images is not None else None
+    txt_vals = np.zeros((n, dim), np.float16) if captions is not None else None
+    img_ok, img_reason = np.zeros(n, bool), np.full(n, None, dtype=object)
+    txt_ok, txt_reason = np.zeros(n, bool), np.full(n, None, dtype=object)
+    bs = bundle.spec.batch_size
+    bounds = [(s, min(s + bs, n)) for s in range(0, n, bs)]
+    prep = bundle.pool("prepare")
+
+    def submit(k):
+        return prep.submit(_prepare, bundle, columns, source, images, captions, *bounds[k])
+
+    pending = submit(0) if bounds else None
+    for k in range(len(bounds)):
+        p = pending.result()
+        pending = submit(k + 1) if k + 1 < len(bounds) else None  # decode the next chunk meanwhile
+        for key, value in p.seconds.items():
+            _add(timings, key, value)
+        sl = slice(p.start, p.stop)
+        if images is not None:
+            idx = np.flatnonzero(p.image_ok) + p.start
+            if len(idx):
+                t0 = time.perf_counter()
+                img_vals[idx] = bundle.encode_images(p.pixels)
+                _add(timings, "image_model", time.perf_counter() - t0)
+            img_ok[sl], img_reason[sl] = p.image_ok, p.image_reason
+            _add(timings, "images", p.stop - p.start)
+        if captions is not None:
+            idx = np.flatnonzero(p.text_ok) + p.start
+            if len(idx):
+                t0 = time.perf_counter()
+                txt_vals[idx] = bundle.encode_tokens(p.tokens)
+                _add(timings, "text_model", time.perf_counter() - t0)
+            txt_ok[sl], txt_reason[sl] = p.text_ok, p.text_reason
+            _add(timings, "captions", p.stop - p.start)
+    image = Half(img_vals, img_ok, img_reason) if images is not None else None
+    text = Half(txt_vals, txt_ok, txt_reason) if captions is not None else None
+    return assemble(uid_strings(table.column(columns.uid)), np.asarray(rows, np.int64), image, text, dim, shard,
+                    bundle.spec.on_image_error, bundle.spec.on_missing_caption, bundle.info)
+
+
+class EmbedBatches:
+    """Ray Data callable class: ``ds.map_batches(EmbedBatches, fn_constructor_kwargs=...,
+    batch_format="pyarrow", compute=ActorPoolStrategy(size=spec.actors), **spec.resources())``.
+
+    The model is loaded once per actor. Returns every input row: ``keep`` columns, ``row``, the
+    embeddings, ``embed_note`` and ``embed_reject_reason`` (null for kept rows). Row indices come from
+    the batch's ``row`` column when present, else 0..n-1.
+    """
+
+    def __init__(self, spec: EmbedSpec | dict, columns: EmbedColumns | dict, keep: tuple[str, ...] = (),
+                 shard: str = "", image_base: str | None = None):
+        self.spec = EmbedSpec.model_validate(spec) if isinstance(spec, dict) else spec
+        self.columns = EmbedColumns(**columns) if isinstance(columns, dict) else columns
+        self.keep = tuple(keep)
+        self.shard = shard
+        self.bundle = load_model(self.spec, num_threads=self.spec.threads())
+        fs, base = (None, None)
+        if image_base:
+            from mmbalance.pipeline.store import resolve_filesystem
+
+            fs, base = resolve_filesystem(image_base)
+        self.source = ImageSource(fs, base)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        rows = (batch.column("row").to_numpy() if "row" in batch.column_names
+                else np.arange(n, dtype=np.int64)).astype(np.int64)
+        sidecar, rejects = embed_table(batch, self.bundle, self.columns, self.shard, rows=rows, source=self.source)
+        pos = {int(r): i for i, r in enumerate(rows)}
+        where = np.full(n, -1, np.int64)
+        where[[pos[int(r)] for r in sidecar.column("row").to_pylist()]] = np.arange(sidecar.num_rows)
+        take = pa.array(where, mask=where < 0)
+        reasons = np.full(n, None, dtype=object)
+        for r, reason in zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist()):
+            reasons[pos[int(r)]] = reason
+        out = {c: batch.column(c) for c in self.keep if c != "row"}
+        out["row"] = pa.array(rows, pa.int64())
+        for c in (IMAGE_EMB, TEXT_EMB, EMBED_NOTE):
+            out[c] = sidecar.column(c).take(take)
+        out[REJECT_REASON] = pa.array(reasons.tolist(), pa.string())
+        return pa.table(out)
+
+
+def embed_shard(
+    fs: pafs.FileSystem,
+    path: str,
+    shard: str,
+    bundle: ModelBundle,
+    columns: EmbedColumns,
+    batch_rows: int | None = None,
+    image_base: str | None = None,
+    timings: dict | None = None,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Stream one Parquet shard in batches: yields (sidecar rows, rejects) per batch.
+
+    Relative image paths resolve against ``image_base`` (default: the shard's directory, same fs).
+    """
+    base = image_base if image_base is not None else path.rsplit("/", 1)[0] if "/" in path else ""
+    source = ImageSource(fs, base)
+    done = 0
+    with fs.open_input_file(path) as handle:
+        pfile = pq.ParquetFile(handle)
+        for batch in pfile.iter_batches(batch_size=batch_rows or 8 * bundle.spec.batch_size, columns=columns.names()):
+            table = pa.Table.from_batches([batch])
+            yield embed_table(table, bundle, columns, shard, row_offset=done, source=source, timings=timings)
+            done += table.num_rows
