@@ -230,7 +230,10 @@ class NpyMember:
         self.stream = archive.open(name)
         try:
             version = np.lib.format.read_magic(self.stream)
-            shape, fortran, dtype = np.lib.format._read_array_header(self.stream, version)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dtype = read_header[version](self.stream)
         except ValueError as err:
             raise InputError(f"{self.where}: not a .npy array ({err})") from None
         if dtype.hasobject or dtype.kind != "f" or len(shape) != 2 or (fortran and shape[0] > 1):
@@ -270,8 +273,9 @@ def npz_sidecar_batches(
     with npz_file, fs.open_input_file(shard_path) as handle:
         try:
             archive = zipfile.ZipFile(npz_file)
-        except zipfile.BadZipFile as err:
-            raise InputError(f"{npz}: not an .npz file ({err})") from None
+        except (zipfile.BadZipFile, pa.ArrowInvalid, OSError, EOFError) as err:
+            # a file shorter than the zip trailer fails pyarrow's seek rather than zipfile's check
+            raise InputError(f"{npz}: not an .npz file ({str(err).splitlines()[0]})") from None
         with archive:
             pfile = pq.ParquetFile(handle)
             num_rows = pfile.metadata.num_rows
