@@ -135,8 +135,40 @@ class WaterfillBalance(StrictModel):
         return self
 
 
+class RnbBalance(StrictModel):
+    """R&B Balance (algorithms.md section 2): domains are the values of a label or cluster ``by``.
+
+    A short proxy run on the sample's frozen embeddings (a linear image-to-text projection trained
+    with the CLIP loss) gives per-domain final-layer gradients each round; the mixture becomes
+    ``p = softmax(lam * G p_eval / ||G p_eval||)``. Rows get weight ``p_d / (n_d / n)``.
+    """
+
+    method: Literal["rnb"]
+    by: str
+    lam: float = Field(default=3.0, gt=0.0)  # softmax temperature of the update
+    rounds: int = Field(default=5, gt=0)
+    steps_per_round: int = Field(default=40, gt=0)
+    batch_size: int = Field(default=256, gt=1)
+    lr: float = Field(default=1.0, gt=0.0)  # SGD step on the projection
+    logit_scale: float = Field(default=20.0, gt=0.0)  # fixed 1/temperature of the contrastive loss
+    init: Literal["uniform", "natural"] = "uniform"  # p before the first round
+    # p_eval over the domains (missing ones get 0); default uniform, or from an evaluation sample
+    eval_shares: dict[str, float] | None = None
+    min_sample_rows: int = Field(default=2, gt=0)  # domains with fewer sample rows keep weight 1
+    unlabeled: Literal["keep", "drop"] = "keep"  # rows without a value: weight 1, or dropped
+    gradient_dim: int = Field(default=65536, gt=0)  # larger gradients are sketched to this size
+    seed: int = 0
+
+    @field_validator("eval_shares")
+    @classmethod
+    def _eval(cls, shares: dict[str, float] | None) -> dict[str, float] | None:
+        if shares is not None and (any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0):
+            raise ValueError("eval_shares must be non-negative with a positive sum")
+        return shares
+
+
 BalanceSpec = Annotated[
-    Union[NoBalance, CapBalance, M4Balance, ReweighBalance, RakeBalance, WaterfillBalance],
+    Union[NoBalance, CapBalance, M4Balance, ReweighBalance, RakeBalance, WaterfillBalance, RnbBalance],
     Field(discriminator="method"),
 ]
 

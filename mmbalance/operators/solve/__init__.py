@@ -124,3 +124,4 @@ from mmbalance.operators.solve import m4 as _m4  # noqa: E402,F401
 from mmbalance.operators.solve import reweigh as _reweigh  # noqa: E402,F401
 from mmbalance.operators.solve import rake as _rake  # noqa: E402,F401
 from mmbalance.operators.solve import waterfill as _waterfill  # noqa: E402,F401
+from mmbalance.operators.solve import rnb as _rnb  # noqa: E402,F401
