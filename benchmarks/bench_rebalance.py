@@ -49,7 +49,11 @@ def bare_scan(corpus: Path, batch_rows: int) -> dict:
 
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # a child exited while we listed them
+        return 0
+    for p in members:
         try:
             total += p.memory_info().rss
         except psutil.Error:

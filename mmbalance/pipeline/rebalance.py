@@ -247,9 +247,13 @@ class Rebalancer:
         store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
         corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
-                             sample=store.read_table("fit", "sample.parquet") if recipe.balance.method in SAMPLE_METHODS else None)
+                             sample=store.read_table("fit", "sample.parquet") if any(st.method in SAMPLE_METHODS for st in recipe.balance_steps()) else None)
         if not store.exists("solve", "solution.json"):
-            store.write_json("solve", "solution.json", obj=solve(corpus).to_dict())
+            try:
+                solution = solve(corpus)
+            except ValueError as err:  # solvers raise ValueError for what the recipe asks and the data can't give
+                raise InputError(f"solve: {err}") from None
+            store.write_json("solve", "solution.json", obj=solution.to_dict())
         solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
         digest = hashlib.sha256(solution_json.encode()).hexdigest()[:16]
         self.stage_seconds["solve"] = round(time.perf_counter() - t, 3)
@@ -337,7 +341,7 @@ class Rebalancer:
                 "rejected": rejected,
                 "rejected_by_reason": dict(sorted(reasons.items())),
             },
-            "method": self.recipe.balance.method,
+            "method": self.recipe.balance_method(),
             "solution": solution.get("diagnostics", {}),
             "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
         }

@@ -170,7 +170,9 @@ class Recipe(StrictModel):
     clusters: list[ClusterSpec] = []
     subclasses: list[SubclassSpec] = []
     sample: SampleSpec = SampleSpec()
-    balance: BalanceSpec = NoBalance(method="none")
+    # one step, or several applied in order: each balances the distribution the previous ones
+    # produced (its counts are their weighted counts) and the weights multiply
+    balance: BalanceSpec | list[BalanceSpec] = NoBalance(method="none")
     export: ExportSpec = ExportSpec()
     execution: ExecutionSpec = ExecutionSpec()
 
@@ -196,9 +198,20 @@ class Recipe(StrictModel):
         self._check_balance_names()
         return self
 
+    def balance_steps(self) -> list[Any]:
+        return list(self.balance) if isinstance(self.balance, list) else [self.balance]
+
+    def balance_method(self) -> str:
+        return "+".join(step.method for step in self.balance_steps())
+
     def _check_balance_names(self) -> None:
+        if isinstance(self.balance, list) and not self.balance:
+            raise ValueError("balance: an empty list of steps (use {method: none})")
+        for i, step in enumerate(self.balance_steps()):
+            self._check_step_names(step, "balance" if not isinstance(self.balance, list) else f"balance.{i}")
+
+    def _check_step_names(self, step, prefix: str) -> None:
         """Every attribute or label a balance step names must exist, so typos fail before any work."""
-        step = self.balance
         attrs = {a.name: a for a in self.attributes}
         labels = self.label_names()
 
@@ -208,32 +221,34 @@ class Recipe(StrictModel):
                 raise ValueError(f"{key} names '{name}', which is not {'an' if kind == 'attribute' else 'a'} {kind} ({kind}s: {pool})")
 
         if getattr(step, "by", None) is not None:
-            need("label", "balance.by", step.by)
+            need("label", f"{prefix}.by", step.by)
         if getattr(step, "attribute", None) is not None:
-            need("attribute", "balance.attribute", step.attribute)
+            need("attribute", f"{prefix}.attribute", step.attribute)
         if getattr(step, "label", None) is not None:
-            need("label", "balance.label", step.label)
+            need("label", f"{prefix}.label", step.label)
         for i, pair in enumerate(getattr(step, "associate", None) or []):
-            need("attribute", f"balance.associate.{i}", pair[0])
-            need("label", f"balance.associate.{i}", pair[1])
+            need("attribute", f"{prefix}.associate.{i}", pair[0])
+            need("label", f"{prefix}.associate.{i}", pair[1])
         for name in getattr(step, "label_targets", None) or {}:
-            need("label", "balance.label_targets", name)
+            need("label", f"{prefix}.label_targets", name)
         for name, target in (getattr(step, "targets", None) or {}).items():
-            need("attribute", "balance.targets", name)
+            need("attribute", f"{prefix}.targets", name)
             unknown = sorted(set(target) - set(attrs[name].values))
             if unknown:
-                raise ValueError(f"balance.targets.{name} has values not in its attribute: {unknown}")
+                raise ValueError(f"{prefix}.targets.{name} has values not in its attribute: {unknown}")
 
     def label_names(self) -> list[str]:
         """Labels y in order: declared labels, then clusters, then subclasses."""
         return [lab.name for lab in self.labels] + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
 
     def needs_sample(self) -> bool:
-        return bool(self.clusters or self.subclasses or self.balance.method == "rnb")
+        return bool(self.clusters or self.subclasses or any(s.method == "rnb" for s in self.balance_steps()))
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""
-        given = getattr(self.balance, "targets", None) or {}
+        given: dict[str, dict[str, float]] = {}
+        for step in self.balance_steps():  # a later step's targets win: they shape the result
+            given.update(getattr(step, "targets", None) or {})
         out = {}
         for attr in self.attributes:
             if attr.name in given:
@@ -249,14 +264,24 @@ class Recipe(StrictModel):
 
 
 def _location(parts: tuple) -> str:
-    # pydantic puts the discriminator value into locations: balance.cap.foo -> balance.foo
-    return ".".join(
-        str(p) for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] == "balance" and p in balance_methods())
-    )
+    # pydantic puts union branches and the discriminator value into locations:
+    # balance.tagged-union[...].cap.foo -> balance.foo; balance.list[...].1.tagged-union[...].cap.foo -> balance.1.foo
+    kept: list[str] = []
+    for i, p in enumerate(parts):
+        branch = isinstance(p, str) and p.startswith(("tagged-union[", "list[", "function-"))
+        before = parts[i - 1] if i else None
+        after_union = isinstance(before, str) and before.startswith("tagged-union[")
+        after_item = isinstance(before, int) and i >= 2 and str(parts[i - 2]).startswith("list[")
+        if not (branch or ((after_union or after_item) and p in balance_methods())):
+            kept.append(str(p))
+    return ".".join(kept)
 
 
 def _format_error(source: str, err: ValidationError) -> str:
     errors = err.errors()
+    # one step or a list of steps: drop the errors of the branch the input was clearly not meant for
+    shapes = {"list_type", "dict_type", "model_type", "model_attributes_type"}
+    errors = [e for e in errors if e["type"] not in shapes] or errors
     # an unknown key explains the "field required" next to it (a typo): report it first
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]

@@ -87,3 +87,16 @@ def test_balance_steps_name_existing_columns(balance, expected):
     with pytest.raises(RecipeError) as err:
         parse_recipe(data, "r.yaml")
     assert expected in str(err.value) and "Value error" not in str(err.value)
+
+
+def test_balance_steps_compose_and_errors_point_into_the_list():
+    base = {"attributes": [{"name": "gender", "values": ["woman", "man"]}], "labels": [{"name": "occupation"}]}
+    recipe = parse_recipe({**base, "balance": [
+        {"method": "waterfill", "by": "occupation", "retention": 0.8},
+        {"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}}, "retention": 0.9},
+    ]})
+    assert recipe.balance_method() == "waterfill+m4" and len(recipe.balance_steps()) == 2
+    with pytest.raises(RecipeError, match=r"r.yaml: unknown key 'balance.1.cpa' \(did you mean 'cap'\?\)"):
+        parse_recipe({**base, "balance": [{"method": "none"}, {"method": "cap", "by": "occupation", "cpa": 3}]}, "r.yaml")
+    with pytest.raises(RecipeError, match="balance.0.by names 'job'"):
+        parse_recipe({**base, "balance": [{"method": "cap", "by": "job", "cap": 3}]}, "r.yaml")

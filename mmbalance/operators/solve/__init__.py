@@ -9,7 +9,7 @@ rerun after a crash, applies exactly what was solved.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,13 +97,43 @@ def register(method: str) -> Callable[[SolverFn], SolverFn]:
     return deco
 
 
-def solve(stats: CorpusStats) -> Solution:
-    step = stats.recipe.balance
+def _solve_step(step, stats: CorpusStats) -> Solution:
     try:
         solver = SOLVERS[step.method]
     except KeyError:
         raise ValueError(f"balance.method '{step.method}' has no solver (known: {sorted(SOLVERS)})") from None
     return solver(step, stats)
+
+
+def solve(stats: CorpusStats) -> Solution:
+    """Solve the recipe's balance step, or compose its steps: step k sees the signature counts
+    weighted by steps 1..k-1 and the final weight is the product (e.g. water-fill over clusters,
+    then M4 on the water-filled distribution)."""
+    steps = stats.recipe.balance_steps()
+    if len(steps) == 1:
+        return _solve_step(steps[0], stats)
+    sig = stats.signatures
+    tag_columns = [c for c in sig.column_names if c.startswith("tag.")]
+    count = np.asarray(sig.column("count").to_numpy(), dtype=np.float64)
+    weight = np.ones(sig.num_rows)
+    diagnostics = []
+    for i, step in enumerate(steps):
+        weighted = sig.set_column(sig.schema.get_field_index("count"), "count", pa.array(count * weight))
+        if "utility_sum" in sig.column_names:
+            util = np.asarray(sig.column("utility_sum").to_numpy(), dtype=np.float64) * weight
+            weighted = weighted.set_column(sig.schema.get_field_index("utility_sum"), "utility_sum", pa.array(util))
+        part = _solve_step(step, replace(stats, signatures=weighted))
+        weight = weight * part.weights(sig.select(tag_columns))
+        diagnostics.append({"step": i, "method": step.method, **part.diagnostics,
+                            "retention_so_far": float((count * weight).sum() / count.sum()) if count.sum() else 0.0})
+    return LookupSolution(
+        method="+".join(step.method for step in steps),
+        key_columns=tag_columns,
+        keys={c: sig.column(c).to_pylist() for c in tag_columns},
+        weight=weight.tolist(),
+        default=None,
+        diagnostics={"steps": diagnostics},
+    )
 
 
 def solution_from_dict(data: dict[str, Any]) -> Solution:

@@ -63,11 +63,12 @@ def solve_waterfill(step: WaterfillBalance, stats: CorpusStats) -> LookupSolutio
     frame = pl.from_arrow(stats.signatures).group_by(column).agg(pl.col("count").sum()).sort(column, nulls_last=True)
     labeled = frame.filter(pl.col(column).is_not_null())
     values = labeled[column].to_list()
-    sizes = labeled["count"].to_numpy().astype(np.int64)
+    # counts are weighted (floats) when water-filling follows another step: round to whole rows
+    sizes = np.rint(labeled["count"].to_numpy()).astype(np.int64)
     total = int(sizes.sum())
     target = step.size if step.size is not None else int(round(step.retention * total))
     quotas = waterfill_quotas(sizes, target)
-    weight = [float(q) / float(n) for q, n in zip(quotas, sizes)]
+    weight = [float(q) / float(n) if n else 0.0 for q, n in zip(quotas, sizes)]
     unlabeled = int(frame.filter(pl.col(column).is_null())["count"].sum())
     unlabeled_weight = 1.0 if step.unlabeled == "keep" else 0.0
     cap = int(quotas.max()) if quotas.size else 0
