@@ -216,6 +216,70 @@ def inspect_cmd(
     _guarded(go, debug)
 
 
+# -- export (issue 7) -------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_cmd(
+    out: str = typer.Argument(..., help="Run directory or URI (holds run.json and manifest/)."),
+    formats: list[str] = typer.Option([], "--format", "-f", help="csv | webdataset | wids | bigvision | hf | streaming | datacomp | parquet; repeat or comma-separate (default: the recipe's export.formats)."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Tag (label, cluster) whose values are the domains."),
+    domain_column: Optional[str] = typer.Option(None, "--domain-column", help="Or: a column of OUT/<domain-source>/ tables, e.g. cluster_id."),
+    domain_source: Optional[str] = typer.Option(None, "--domain-source", help="Run subdirectory holding the domain column (default tags)."),
+    dest: Optional[str] = typer.Option(None, "--dest", help="Output directory (default OUT/export)."),
+    input_uri: Optional[str] = typer.Option(None, "--input", help="Where the source shards are now (default: run.json input)."),
+    epoch_size: Optional[int] = typer.Option(None, "--epoch-size", help="Samples per epoch (--train-num-samples); default the manifest's repeats."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per webdataset tar."),
+    copies: Optional[str] = typer.Option(None, "--copies", help="once | repeats: per-domain formats hold each sample once or once per repeat."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Write trainer-ready files (open_clip TSV/webdataset + command line, big_vision, HF, DataComp) from a run, without recomputing."""
+
+    def go():
+        from mmbalance.operators.export import _load_run, export_run
+        from mmbalance.schemas.export import ExportOptions
+
+        _, info, _, _ = _load_run(out)
+        section = dict((info.get("recipe") or {}).get("export") or {})
+        names = [f.strip() for item in formats for f in item.split(",") if f.strip()]
+        names = names or [f for f in section.get("formats", []) if f != "parquet"]
+        if not names:
+            _fail("no format: pass --format (csv, webdataset, wids, bigvision, hf, streaming, datacomp)")
+        data = {k: v for k, v in section.items() if k in ExportOptions.model_fields}
+        dom = dict(data.get("domain") or {})
+        if domain is not None or domain_column is not None:
+            dom = {"by": domain, "column": domain_column, "source": dom.get("source", "tags"), "unlabeled": dom.get("unlabeled", "unlabeled")}
+        if domain_source is not None:
+            dom["source"] = domain_source
+        data["domain"] = dom
+        for key, value in (("dest", dest), ("input", input_uri), ("epoch_size", epoch_size), ("copies", copies)):
+            if value is not None:
+                data[key] = value
+        if shard_size is not None:
+            data["webdataset"] = {**(data.get("webdataset") or {}), "shard_size": shard_size}
+        try:
+            opts = ExportOptions.model_validate(data)
+            opts.domain.column_name()
+        except ValueError as err:
+            _fail(f"export options: {str(err).splitlines()[0] if 'validation' not in str(err) else err}")
+        result = export_run(out, names, opts)
+        mix = result["mixture"]
+        typer.echo(f"mixture: {len(mix['domains'])} domains, epoch size {mix['epoch_size']}")
+        for name in names:
+            summary = result.get(name)
+            if summary is None:
+                continue
+            if "skipped" in summary and isinstance(summary["skipped"], str):
+                typer.echo(f"{name}: skipped: {summary['skipped']}")
+            elif name in ("webdataset", "wids"):
+                typer.echo(f"{name}: {summary['dir']}")
+                typer.echo(summary["open_clip_command"])
+            else:
+                typer.echo(f"{name}: {summary.get('file') or summary.get('dir')}")
+
+    _guarded(go, debug)
+
+
 def main() -> None:
     app()
 

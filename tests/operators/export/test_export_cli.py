@@ -1,0 +1,31 @@
+"""``mmbalance export OUT --format ...`` re-exports an existing run without recomputing."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mmbalance.cli import app
+from mmbalance.pipeline.rebalance import RunOptions, rebalance
+from mmbalance.schemas.recipe import parse_recipe
+from mmbalance.synth import DEMO_RECIPE, synth_corpus
+
+
+def test_export_command(tmp_path):
+    synth_corpus(tmp_path / "corpus", 200, 2, seed=1, dim=8)
+    recipe = parse_recipe({**DEMO_RECIPE, "balance": {"method": "cap", "by": "occupation", "cap": 15}})
+    rebalance(str(tmp_path / "corpus"), str(tmp_path / "run"), recipe, RunOptions(executor="local", show_progress=False, html_report=False))
+    manifest_before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "run" / "manifest").iterdir())
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "webdataset,datacomp", "--domain", "occupation", "--shard-size", "5"])
+    assert res.exit_code == 0, res.output
+    assert "--train-data-upsampling-factors" in res.output and "--dataset-resampled" in res.output
+    spec = json.loads((tmp_path / "run" / "export" / "webdataset" / "open_clip.json").read_text())
+    assert spec["open_clip_command"] in res.output
+    assert (tmp_path / "run" / "export" / "datacomp" / "uids.npy").is_file()
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "run" / "manifest").iterdir()) == manifest_before
+    bad = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "csv", "--domain", "nope"])
+    assert bad.exit_code == 2 and "tag.nope" in bad.output
+    none = runner.invoke(app, ["export", str(tmp_path / "run")])
+    assert none.exit_code == 2 and "no format" in none.output
