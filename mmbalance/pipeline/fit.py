@@ -32,8 +32,8 @@ def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
     return 2**64 - 1 if share >= 1.0 else int(share * 2**64)
 
 
-def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int) -> pa.Table:
-    """Bottom-``size`` of all shards' candidates by priority, duplicates excluded."""
+def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int) -> pa.Table | None:
+    """Bottom-``size`` of all shards' candidates by priority, duplicates excluded; None if empty."""
     parts = []
     for shard in shards:
         if not store.exists("sample", f"{shard.shard_id}.parquet"):
@@ -44,7 +44,7 @@ def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size
             part = part.filter(pc.invert(pc.is_in(part.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
         parts.append(part.append_column("shard_index", pa.array(np.full(part.num_rows, shard.index, np.int64))))
     if not parts:
-        raise InputError("the fit sample is empty: no valid rows to cluster")
+        return None
     sample = pa.concat_tables(parts)
     order = pc.sort_indices(sample, sort_keys=[("priority", "ascending"), ("shard_index", "ascending"), ("row", "ascending")])
     return sample.take(order.slice(0, size))

@@ -269,6 +269,13 @@ class Rebalancer:
         report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
         if fit_info:
             report["fit"] = fit_info
+        if recipe.attributes and recipe.report.leakage and store.exists("fit", "sample.parquet"):
+            from mmbalance.operators.leakage import leakage_report
+            from mmbalance.operators.solve import solution_from_dict
+
+            sample = store.read_table("fit", "sample.parquet")
+            weights = solution_from_dict(json.loads(solution_json)).weights(sample)
+            report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
         audit = tag_op.merge_audits([s.get("audit") or {} for s in scans])
         if audit:
             report["audit"] = {
@@ -279,7 +286,7 @@ class Rebalancer:
         report["stage_seconds"] = dict(self.stage_seconds)
         store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
         store.write_json("report.json", obj=report)
-        if self.options.html_report:
+        if self.options.html_report and recipe.report.html:
             from mmbalance.operators.report_html import write_html_report
 
             write_html_report(store.uri)
@@ -292,8 +299,13 @@ class Rebalancer:
         if info is None:
             n_dups = sum(len(d["rows"]) for d in dups.values())
             sample = fit.merge_sample(store, shards, dups, recipe.sample.size)
-            sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups)
-            store.write_table("fit", "sample.parquet", table=sample)
+            if sample is None:
+                if recipe.clusters or recipe.subclasses:
+                    raise InputError("the fit sample is empty: no valid rows to cluster")
+                info = {"sample_rows": 0}
+            else:
+                sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups)
+                store.write_table("fit", "sample.parquet", table=sample)
             store.mark_done("fit", "models", info)
         self.stage_seconds["fit"] = round(time.perf_counter() - t, 3)
         if recipe.clusters or recipe.subclasses:

@@ -138,6 +138,15 @@ class SubclassSpec(StrictModel):
     seed: int = 0
 
 
+class ReportSpec(StrictModel):
+    """What the report computes beyond counts."""
+
+    html: bool = True  # OUT/report.html
+    # leakage probes: predict each attribute from the labels and from the embeddings, before/after
+    leakage: bool = True
+    leakage_rows: int = Field(default=20_000, gt=100)
+
+
 class SampleSpec(StrictModel):
     """The uniform sample that clustering and R&B fit on (bottom-k by a hash of uid and seed)."""
 
@@ -170,6 +179,7 @@ class Recipe(StrictModel):
     clusters: list[ClusterSpec] = []
     subclasses: list[SubclassSpec] = []
     sample: SampleSpec = SampleSpec()
+    report: ReportSpec = ReportSpec()
     # one step, or several applied in order: each balances the distribution the previous ones
     # produced (its counts are their weighted counts) and the weights multiply
     balance: BalanceSpec | list[BalanceSpec] = NoBalance(method="none")
@@ -242,7 +252,8 @@ class Recipe(StrictModel):
         return [lab.name for lab in self.labels] + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
 
     def needs_sample(self) -> bool:
-        return bool(self.clusters or self.subclasses or any(s.method == "rnb" for s in self.balance_steps()))
+        leakage = bool(self.attributes) and self.report.leakage
+        return bool(self.clusters or self.subclasses or leakage or any(s.method == "rnb" for s in self.balance_steps()))
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""
