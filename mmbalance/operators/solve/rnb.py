@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mmbalance.mixer import OnlineMixer
 from mmbalance.operators.solve import CorpusStats, LookupSolution, register
@@ -135,9 +136,9 @@ def solve_rnb(step: RnbBalance, stats: CorpusStats) -> LookupSolution:
     img_col, txt_col = _embedding_columns(stats, sample)
     if col not in sample.column_names:
         raise ValueError(f"balance.method rnb: the sample has no column {col!r} (balance.by = {step.by!r})")
-    sample = sample.filter(pa.compute.and_(
-        pa.compute.and_(pa.compute.is_valid(sample.column(col)), pa.compute.is_valid(sample.column(img_col))),
-        pa.compute.is_valid(sample.column(txt_col))))
+    sample = sample.filter(pc.and_(
+        pc.and_(pc.is_valid(sample.column(col)), pc.is_valid(sample.column(img_col))),
+        pc.is_valid(sample.column(txt_col))))
     sample = sample.sort_by("uid") if "uid" in sample.column_names else sample  # order-independent
 
     # corpus counts per value (null = unlabeled)
@@ -152,7 +153,7 @@ def solve_rnb(step: RnbBalance, stats: CorpusStats) -> LookupSolution:
         raise ValueError(f"balance.method rnb: no value of {step.by!r} has {step.min_sample_rows}+ rows in the sample")
     m = len(domains)
     index = {v: i for i, v in enumerate(domains)}
-    keep = pa.compute.is_in(sample.column(col), value_set=pa.array(domains, pa.string()))
+    keep = pc.is_in(sample.column(col), value_set=pa.array(domains, pa.string()))
     sample = sample.filter(keep)
     d_idx = np.array([index[v] for v in sample.column(col).to_pylist()], dtype=np.int64)
     x = embedding_matrix(sample.column(img_col))
