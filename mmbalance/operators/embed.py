@@ -456,21 +456,25 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         checkpoint = _local_checkpoint(spec.pretrained)
         info["checkpoint_uri"] = spec.pretrained
 
-    with torch.random.fork_rng(devices=[]):
+    quiet = kind in ("random", "file", "tag")  # we load these weights ourselves: no "random init" warning
+    root = logging.getLogger()
+    was_disabled = root.disabled
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(spec.seed)
-        with warnings.catch_warnings():
+        if quiet:
             warnings.simplefilter("ignore")
-            logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns on random init
-            try:
-                model = open_clip.create_model(
-                    name,
-                    pretrained=None,  # tags and files are loaded below; schema names load their own
-                    load_weights=kind not in ("random", "file"),
-                    force_preprocess_cfg=force_pp,
-                    force_quick_gelu=quick_gelu,
-                )
-            finally:
-                logging.getLogger().disabled = was
+            root.disabled = True  # open_clip logs through the root logger
+        try:
+            model = open_clip.create_model(
+                name,
+                pretrained=None,  # tags and files are loaded below; schema names load their own
+                load_weights=kind not in ("random", "file"),
+                force_preprocess_cfg=force_pp,
+                force_quick_gelu=quick_gelu,
+                require_pretrained=kind == "hub",  # never fall back to random weights silently
+            )
+        finally:
+            root.disabled = was_disabled
     if checkpoint:
         open_clip.load_checkpoint(model, checkpoint, strict=True)
     if kind == "local-dir":
@@ -478,8 +482,9 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         from pathlib import Path
 
         checkpoint = _find_checkpoint_in_dir(Path(spec.model[len("local-dir:"):]))
-        if checkpoint is None:
-            kind = info["pretrained_kind"] = "random"  # a config without weights: open_clip inits randomly
+        if checkpoint is None:  # a config without weights: open_clip inits randomly
+            log.warning("embed.model %s holds no weights: random init (seed %d)", spec.model, spec.seed)
+            kind = info["pretrained_kind"] = "random"
     if kind == "hub" and checkpoint is None:
         try:
             from open_clip.pretrained import download_pretrained_from_hf
