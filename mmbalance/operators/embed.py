@@ -354,6 +354,7 @@ class ModelBundle:
     device: str
     autocast_dtype: str | None
     info: dict
+    trim_text: bool = False  # run the text tower only up to each group's longest caption
     _pools: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -402,16 +403,32 @@ class ModelBundle:
     def tokenize(self, texts: list[str]):
         return self.tokenizer(texts)  # truncates to the context length as open_clip does
 
-    def encode_tokens(self, tokens) -> np.ndarray:
+    def _text_features(self, tokens):
         torch, _ = _import_open_clip()
-        if len(tokens) == 0:
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self._autocast():
+            feats = _encode_text_trimmed(self.model, tokens) if self.trim_text else self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).to(torch.float16)
+
+    def encode_tokens(self, tokens) -> np.ndarray:
+        """Token ids (n, context) -> unit float16 (n, dim). With ``trim_text``, captions are grouped by
+        length and each group runs only up to its longest caption (causal mask: same result)."""
+        torch, _ = _import_open_clip()
+        n = len(tokens)
+        if n == 0:
             return np.zeros((0, self.dim), np.float16)
         with torch.inference_mode():
-            tokens = tokens.to(self.device, non_blocking=True)
-            with self._autocast():
-                feats = self.model.encode_text(tokens)
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-            return feats.to(torch.float16).cpu().numpy()
+            if not self.trim_text:
+                return self._text_features(tokens).cpu().numpy()
+            lengths = (tokens != 0).sum(dim=1)
+            order = torch.argsort(lengths, stable=True)
+            group = max(32, self.spec.batch_size // 4)
+            out = torch.empty((n, self.dim), dtype=torch.float16)
+            for g in range(0, n, group):
+                idx = order[g : g + group]
+                width = int(lengths[idx].max())
+                out[idx] = self._text_features(tokens[idx, :width]).cpu()
+            return out.numpy()
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.encode_tokens(self.tokenize(texts))
@@ -420,6 +437,40 @@ class ModelBundle:
         for pool in self._pools.values():
             pool.shutdown(wait=False)
         self._pools.clear()
+
+
+def _encode_text_trimmed(model, tokens):
+    """open_clip's ``CLIP.encode_text`` for token rows cut after the longest caption: positional
+    embedding and causal mask sliced to the length (pads after EOT never reach the pooled EOT)."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    width = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:width].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:width, :width])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def _can_trim_text(model, tokenizer) -> bool:
+    """Only for open_clip's plain CLIP text tower (causal mask, EOT-argmax pooling), and only if a
+    self-check on this model agrees with the untrimmed forward."""
+    torch, open_clip = _import_open_clip()
+    if type(model) is not open_clip.CLIP or getattr(model, "text_pool_type", None) != "argmax":
+        return False
+    if getattr(model, "attn_mask", None) is None or not isinstance(tokenizer, open_clip.SimpleTokenizer):
+        return False
+    tokens = tokenizer(["a photo", "a longer caption of a dog on a red sofa next to a window"])
+    width = int((tokens != 0).sum(dim=1).max())
+    with torch.inference_mode():
+        full = model.encode_text(tokens).float()
+        cut = _encode_text_trimmed(model, tokens[:, :width]).float()
+    return bool(torch.allclose(full, cut, rtol=1e-4, atol=1e-5 * float(full.abs().max())))
 
 
 def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelBundle:
@@ -499,6 +550,8 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         info["weights_sha256"] = state_dict_sha256(model)
 
     model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    trim_text = _can_trim_text(model, tokenizer)  # checked on the CPU in fp32, before any cast
     if weights_precision != "fp32":
         from open_clip.factory import _set_model_device_and_precision
 
@@ -507,7 +560,6 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         model.to(device)
     pp_cfg = open_clip.get_model_preprocess_cfg(model)
     preprocessor = Preprocessor(pp_cfg)
-    tokenizer = open_clip.get_tokenizer(name)
     dim = getattr(model.visual, "output_dim", None)
     if dim is None:  # timm / custom towers: ask the model
         with torch.inference_mode():
@@ -519,12 +571,13 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         "context_length": int(getattr(tokenizer, "context_length", 0) or 0),
         "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp_cfg.items()},
         "jpeg_draft": spec.jpeg_draft,
+        "trim_text": trim_text,
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,
         "precision": weights_precision if autocast_dtype is None or weights_precision != "fp32" else "amp",
         "device": device,
     })
-    return ModelBundle(spec, model, tokenizer, preprocessor, device, autocast_dtype, info)
+    return ModelBundle(spec, model, tokenizer, preprocessor, device, autocast_dtype, info, trim_text)
 
 
 def model_info(spec: EmbedSpec | dict) -> dict:

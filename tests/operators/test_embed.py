@@ -371,3 +371,19 @@ def test_spec_rules_and_cpu_fallback(tiny_dir):
             load_model(tiny_spec(tiny_dir, num_gpus=1, device="cuda"))
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         load_model(tiny_spec(tiny_dir, pretrained="/nonexistent/ckpt.pt"))
+
+
+def test_trimmed_text_tower_matches_full_context(bundle):
+    assert bundle.trim_text and bundle.info["trim_text"]
+    captions = ["a", "a photo of a dog", " ".join(["long"] * 60), "two words", " ".join(["w"] * 200)] * 9
+    tokens = bundle.tokenize(captions)
+    got = bundle.encode_tokens(tokens).astype(np.float32)
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(bundle.model.encode_text(tokens), dim=-1).numpy()
+    assert np.abs(got - want).max() < 2e-3
+    bundle.trim_text = False
+    try:
+        full = bundle.encode_tokens(tokens).astype(np.float32)
+    finally:
+        bundle.trim_text = True
+    assert np.abs(full - want).max() < 2e-3
