@@ -180,7 +180,8 @@ def test_fit_on_sample_assign_all_recovers_planted_clusters(tmp_path):
     sampler = BottomKSampler(IMG, k=3000, seed=0)
     for batch in table.to_batches(4096):
         sampler.update(pa.Table.from_batches([batch]))
-    model = fit_kmeans(sample_matrix(sampler.result()), 12, seed=0, niter=20, max_points_per_centroid=200, embedding=IMG)
+    model = fit_kmeans(sample_matrix(sampler.result()), 12, seed=0, niter=20, nredo=3, max_points_per_centroid=200,
+                       embedding=IMG)
     assert model.meta["n_sample"] == 3000 and model.meta["n_trained"] == 2400  # 12 * 200: faiss's subsample
     assert model.meta["max_points_per_centroid"] == 200 and model.meta["embedding"]["image_column"] == "img"
     ids, dist = assign(table, model, embedding=IMG, batch_rows=5000)
@@ -208,7 +209,7 @@ def test_greedy_seeding_and_restarts():
     assert len(np.unique(seeds, axis=0)) == 8 and np.all((seeds[:, None] == x[None]).all(-1).any(1))
     one = fit_kmeans(x, 8, seed=2, niter=5, nredo=1)
     three = fit_kmeans(x, 8, seed=2, niter=5, nredo=3)  # the first restart is the nredo=1 run
-    assert three.meta["mean_cosine"] >= one.meta["mean_cosine"] and three.meta["init_size"] == 240
+    assert three.meta["mean_cosine"] >= one.meta["mean_cosine"] and three.meta["init_size"] == 4000
     assert one.meta["init"] == "greedy-kmeans++"  # "auto" at small k
     for init in ("kmeans++", "random"):
         assert fit_kmeans(x, 8, seed=2, niter=5, init=init).meta["init"] == init
