@@ -191,6 +191,10 @@ def test_fit_on_sample_assign_all_recovers_planted_clusters(tmp_path):
     again = KMeansModel.load(tmp_path)
     np.testing.assert_array_equal(again.centroids, model.centroids)
     assert again.meta["seed"] == 0 and again.meta["inertia"] == pytest.approx(model.meta["inertia"])
+    # a Ray actor gets a path (directory or .npy) and loads the centroids once
+    for path in (tmp_path, tmp_path / "centroids.npy"):
+        out = ClusterAssigner(str(path), IMG, keep_columns=["uid"])(table.slice(0, 1000))
+        np.testing.assert_array_equal(out.column("cluster_id").to_numpy(), ids[:1000])
 
 
 def test_fit_is_deterministic_for_a_seed():
