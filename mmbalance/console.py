@@ -42,6 +42,10 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
             )
     console.print(table)
     console.print(f"largest repeat count: {weights['max_repeats']}")
+    for line in solver_lines(report.get("solution", {}), report.get("method", "")):
+        console.print(line)
+    for line in leakage_lines(report.get("leakage", {})):
+        console.print(line)
     console.print(f"report: {out}/report.html (and report.json); manifest: {out}/manifest/")
 
 
@@ -54,3 +58,39 @@ def print_validation(summary: dict[str, Any], console: Console | None = None) ->
         console.print(f"  {n:,} x {reason}")
     for ex in summary["examples"]:
         console.print(f"  e.g. {ex['shard']} row {ex['row']} uid={ex['uid']!r}: {ex['reason']}")
+
+
+def solver_lines(solution: dict[str, Any], method: str = "") -> list[str]:
+    """One line per solved step: status, violation and, when infeasible, the largest feasible retention."""
+    steps = solution.get("steps") or [{"method": method, **solution}]
+    lines = []
+    for step in steps:
+        if "status" not in step:
+            continue
+        parts = [f"solver {step.get('method', '')}: {step['status']}"]
+        if step.get("max_violation") is not None:
+            parts.append(f"max violation {step['max_violation']:.2e}")
+        if step.get("largest_feasible_retention") is not None:
+            parts.append(f"largest feasible retention {step['largest_feasible_retention']:.4f}")
+        binding = step.get("binding") or step.get("binding_constraints")
+        if binding:
+            parts.append(f"{len(binding)} binding constraints")
+        lines.append(", ".join(parts))
+    return lines
+
+
+def leakage_lines(leakage: dict[str, Any]) -> list[str]:
+    """Probe accuracy before -> after against the majority rate, per attribute and feature set."""
+    lines = []
+    for attr, probes in leakage.items():
+        if not isinstance(probes, dict):
+            continue
+        for feature, views in probes.items():
+            before, after = views.get("before"), views.get("after")
+            if not before or not after:
+                continue
+            lines.append(
+                f"leakage {attr} from {feature.replace('_', ' ')}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+                f"(majority {before['majority_rate']:.3f} -> {after['majority_rate']:.3f})"
+            )
+    return lines

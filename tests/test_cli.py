@@ -103,3 +103,21 @@ def test_demo_runs_on_embedded_ray(tmp_path):
     # the embedded Ray is gone when the command returns
     left = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path.name}"], capture_output=True)
     assert left.returncode == 1
+
+
+def test_m4_summary_names_solver_status_and_leakage(tmp_path):
+    corpus = write_shards(tmp_path / "corpus", {f"s{i}.parquet": held_out_table(2000, 60 + i) for i in range(2)})
+    recipe = RECIPE_FROM_ISSUE.replace(
+        "  method: cap               # MetaCLIP-style per-value cap; other methods come in other issues\n  by: occupation\n  cap: 1000\n",
+        "  method: m4\n  targets: {gender: {woman: 0.5, man: 0.5}}\n  associate: [[gender, occupation]]\n"
+        "  retention: 0.9\n  on_infeasible: max_retention\n",
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    res = mmb("rebalance", str(corpus), "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "r.yaml"), "--executor", "local")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert f"largest feasible retention {report['solution']['largest_feasible_retention']:.4f}" in text
+    assert "solver m4: solved_at_largest_feasible_retention" in text
+    before = report["leakage"]["gender"]["dataset"]["before"]["accuracy"]
+    assert f"leakage gender from dataset: accuracy {before:.3f}" in text

@@ -283,6 +283,16 @@ class Rebalancer:
                 for name, item in audit.items()
             }
         self.stage_seconds["report"] = round(time.perf_counter() - t, 3)
+
+        # export: trainer formats from the manifest (rewritten whole each run: byte-identical)
+        formats = [f for f in recipe.export.formats if f != "parquet"]
+        if formats:
+            from mmbalance.operators.export import export_run
+
+            t = time.perf_counter()
+            exported = export_run(store.uri, formats, recipe.export)
+            report["export"] = {"dest": recipe.export.dest, "formats": formats, "mixture": exported.get("mixture")}
+            self.stage_seconds["export"] = round(time.perf_counter() - t, 3)
         report["stage_seconds"] = dict(self.stage_seconds)
         store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
         store.write_json("report.json", obj=report)

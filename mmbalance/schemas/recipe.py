@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 
 from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
+from mmbalance.schemas.export import ExportFormat, ExportOptions
 
 
 class RecipeError(ValueError):
@@ -154,9 +155,11 @@ class SampleSpec(StrictModel):
     seed: int = 0
 
 
-class ExportSpec(StrictModel):
-    seed: int = 0
-    formats: list[Literal["parquet"]] = ["parquet"]
+class ExportSpec(ExportOptions):
+    """Trainer-ready outputs written at the end of a run (``mmbalance export OUT`` rewrites them)."""
+
+    seed: int = 0  # seeds the stochastic rounding of weights into repeat counts
+    formats: list[ExportFormat] = ["parquet"]
 
 
 class ExecutionSpec(StrictModel):

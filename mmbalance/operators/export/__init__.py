@@ -257,6 +257,11 @@ def _domain_values(ctx_run: RunStore, opts: ExportOptions, column: str | None, s
     if column is None:
         return ["all"] * len(rows)
     source = opts.domain.source
+    if source == "tags" and ctx_run.exists("assign", f"{shard_id}.parquet"):
+        # clusters and subclasses are tags too, assigned after the scan into assign/
+        assigned = ctx_run.read_table("assign", f"{shard_id}.parquet")
+        if column in assigned.column_names:
+            source = "assign"
     try:
         table = ctx_run.read_table(source, f"{shard_id}.parquet")
     except FileNotFoundError:
