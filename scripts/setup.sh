@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a development environment from the repo's own files: .venv with mmbalance[dev], and Chromium
+# Set up a development environment from the repo's own files: .venv with mmbalance[dev,embed] (torch and
+# open_clip for the embedding and training tests), and Chromium
 # (Debian's package) for the report test. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,embed]"
