@@ -174,7 +174,8 @@ def machine(args) -> dict:
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "open_clip": open_clip.__version__, "torch_threads": args.threads,
-            "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}  # shared machines: read figures with it
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

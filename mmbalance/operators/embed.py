@@ -777,10 +777,12 @@ def embed_shard(
     batch_rows: int | None = None,
     image_base: str | None = None,
     timings: dict | None = None,
+    only_rows: np.ndarray | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream one Parquet shard in batches: yields (sidecar rows, rejects) per batch.
 
     Relative image paths resolve against ``image_base`` (default: the shard's directory, same fs).
+    ``only_rows`` (sorted shard row indices, e.g. the rows validation kept) limits the work to those.
     """
     base = image_base if image_base is not None else path.rsplit("/", 1)[0] if "/" in path else ""
     source = ImageSource(fs, base)
@@ -789,5 +791,12 @@ def embed_shard(
         pfile = pq.ParquetFile(handle)
         for batch in pfile.iter_batches(batch_size=batch_rows or 8 * bundle.spec.batch_size, columns=columns.names()):
             table = pa.Table.from_batches([batch])
-            yield embed_table(table, bundle, columns, shard, row_offset=done, source=source, timings=timings)
+            rows = np.arange(done, done + table.num_rows, dtype=np.int64)
             done += table.num_rows
+            if only_rows is not None:
+                lo, hi = np.searchsorted(only_rows, [rows[0], rows[-1] + 1]) if len(rows) else (0, 0)
+                rows = np.asarray(only_rows[lo:hi], np.int64)
+                if not len(rows):
+                    continue
+                table = table.take(pa.array(rows - (done - batch.num_rows)))
+            yield embed_table(table, bundle, columns, shard, rows=rows, source=source, timings=timings)

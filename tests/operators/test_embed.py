@@ -343,6 +343,16 @@ def test_embed_shard_streams_batches(tmp_path, bundle):
     assert np.abs(matrix(sidecar.column("image_emb")).astype(np.float32)
                   - matrix(whole.column("image_emb")).astype(np.float32)).max() < 2e-3
     assert timings["images"] == n and timings["captions"] == n and timings["image_model"] > 0
+    # only the rows validation kept (here 1, 2, 9, 10): other batches are skipped
+    keep = np.array([1, 2, 9, 10])
+    parts = list(embed_shard(pafs.LocalFileSystem(), str(path), "shard.parquet", bundle, COLS, batch_rows=4,
+                             only_rows=keep))
+    assert len(parts) == 2
+    sub = pa.concat_tables([p[0] for p in parts])
+    assert sub.column("row").to_pylist() == [1, 2, 9, 10]
+    assert sub.column("uid").to_pylist() == ["u1", "u2", "u9", "u10"]
+    assert np.abs(matrix(sub.column("image_emb")).astype(np.float32)
+                  - matrix(whole.column("image_emb")).astype(np.float32)[[1, 2, 8, 9]]).max() < 2e-3
 
 
 def test_jpeg_draft_decodes_smaller(tiny_dir):
