@@ -32,6 +32,35 @@ def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
     return 2**64 - 1 if share >= 1.0 else int(share * 2**64)
 
 
+def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table:
+    """Up to ``sample.size`` image embeddings of an evaluation shard directory (first rows in shard
+    order: evaluation sets are small), as the ``image_emb`` column; bad rows are skipped."""
+    from mmbalance.pipeline.shards import discover_shards
+    from mmbalance.pipeline.stages import SAMPLE_IMAGE, read_batches
+
+    column = recipe.input.columns.image_embedding
+    if not column:
+        raise InputError("balance.eval_path needs input.columns.image_embedding")
+    fs, shards = discover_shards(uri, recipe.input.extensions)
+    parts, total = [], 0
+    for shard in shards:
+        with fs.open_input_file(shard.path) as handle:
+            for table in read_batches(handle, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows):
+                matrix, valid = cluster.embedding_matrix(table.column(column), dims.get(column))
+                x, ok = cluster.unit_rows(matrix, valid)
+                x = x[ok][: recipe.sample.size - total]
+                parts.append(x)
+                total += len(x)
+                if total >= recipe.sample.size:
+                    break
+        if total >= recipe.sample.size:
+            break
+    if total == 0:
+        raise InputError(f"{uri}: no usable evaluation embeddings in column '{column}'")
+    matrix = np.concatenate(parts)
+    return pa.table({SAMPLE_IMAGE: cluster.fixed_size_list(matrix.astype(np.float16))})
+
+
 def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int) -> pa.Table | None:
     """Bottom-``size`` of all shards' candidates by priority, duplicates excluded; None if empty."""
     parts = []

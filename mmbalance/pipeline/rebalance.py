@@ -246,8 +246,11 @@ class Rebalancer:
         before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
+        wants_sample = any(st.method in SAMPLE_METHODS for st in recipe.balance_steps())
+        eval_paths = [st.eval_path for st in recipe.balance_steps() if getattr(st, "eval_path", None)]
         corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
-                             sample=store.read_table("fit", "sample.parquet") if any(st.method in SAMPLE_METHODS for st in recipe.balance_steps()) else None)
+                             sample=store.read_table("fit", "sample.parquet") if wants_sample and store.exists("fit", "sample.parquet") else None,
+                             eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None)
         if not store.exists("solve", "solution.json"):
             try:
                 solution = solve(corpus)

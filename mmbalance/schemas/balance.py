@@ -154,6 +154,9 @@ class RnbBalance(StrictModel):
     init: Literal["uniform", "natural"] = "uniform"  # p before the first round
     # p_eval over the domains (missing ones get 0); default uniform, or from an evaluation sample
     eval_shares: dict[str, float] | None = None
+    # or an evaluation shard directory (same embedding columns as the input): its rows are
+    # assigned to the nearest training domain, never clustered separately
+    eval_path: str | None = None
     min_sample_rows: int = Field(default=2, gt=0)  # domains with fewer sample rows keep weight 1
     unlabeled: Literal["keep", "drop"] = "keep"  # rows without a value: weight 1, or dropped
     gradient_dim: int = Field(default=65536, gt=0)  # larger gradients are sketched to this size

@@ -30,6 +30,8 @@ class CorpusStats:
     # a seeded uniform sample of valid rows (row, uid, tag.* columns, image_emb/text_emb as
     # fixed_size_list float16) for methods that need embeddings, e.g. R&B; None when not sampled
     sample: pa.Table | None = None
+    # evaluation rows (image_emb) for methods that weigh domains by an evaluation set (R&B)
+    eval_sample: pa.Table | None = None
 
 
 class Solution(Protocol):
