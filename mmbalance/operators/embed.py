@@ -334,6 +334,17 @@ class Preprocessor:
             return None
         return (math.ceil(w * scale), math.ceil(h * scale))
 
+    MAX_RESIZE_FACTOR = 64  # resized image at most this many times the model input (aspect ~64:1)
+
+    def check_size(self, w: int, h: int) -> None:
+        """Refuse images whose resize would explode (a 1x50000 strip resized to 224 on its short side)."""
+        th, tw = self.size
+        if self.resize_mode != "shortest":
+            return
+        scale = max(tw / w, th / h)
+        if (w * scale) * (h * scale) > self.MAX_RESIZE_FACTOR * tw * th:
+            raise ImageError("too elongated", f"{w}x{h}")
+
     def pixels(self, img) -> np.ndarray:
         """RGB PIL image -> uint8 (h, w, 3), or float32 (3, h, w) normalised when the transform is custom."""
         if self.geometry is None:
@@ -555,7 +566,8 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
     if weights_precision != "fp32":
         from open_clip.factory import _set_model_device_and_precision
 
-        _set_model_device_and_precision(model, torch.device(device), weights_precision, False)
+        is_timm = hasattr(getattr(model, "visual", None), "trunk")  # open_clip's TimmModel
+        _set_model_device_and_precision(model, torch.device(device), weights_precision, is_timm)
     else:
         model.to(device)
     pp_cfg = open_clip.get_model_preprocess_cfg(model)
@@ -609,6 +621,7 @@ class _Prepared:
 
 
 def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
+    """(pixels or None, reason or None, decode seconds, preprocess seconds) for one row."""
     t0 = time.perf_counter()
     draft = bundle.preprocessor.draft_size if bundle.spec.jpeg_draft else None
     try:
@@ -617,7 +630,10 @@ def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
         return None, err.reason(column), time.perf_counter() - t0, 0.0
     t1 = time.perf_counter()
     try:
+        bundle.preprocessor.check_size(*img.size)
         arr = bundle.preprocessor.pixels(img)
+    except ImageError as err:
+        return None, err.reason(column), t1 - t0, 0.0
     except Exception as err:
         return None, ImageError("undecodable", f"preprocess: {_short(err)}").reason(column), t1 - t0, 0.0
     return arr, None, t1 - t0, time.perf_counter() - t1

@@ -19,9 +19,6 @@ import pyarrow.parquet as pq
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError
 from mmbalance.schemas.embed import (
     DATACOMP_VARIANTS,
-    EMBED_NOTE,
-    IMAGE_EMB,
-    TEXT_EMB,
     NpzSpec,
     sidecar_schema,
 )

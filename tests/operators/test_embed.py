@@ -207,6 +207,11 @@ def test_image_failures_become_reasons(tiny_dir, bundle):
     small = load_model(tiny_spec(tiny_dir, max_image_pixels=1000))
     _, rej = embed_table(table_of([encode(picture(1, (48, 36)))], ["c"]), small, COLS)
     assert rej.column("reason")[0].as_py().startswith("image too large (column 'image': 48x36 is over 1000")
+    # a 1x4000 strip would resize to 32x128000 pixels on its short side: refused before resizing
+    strip = encode(np.zeros((4000, 1, 3), np.uint8))
+    _, rej = embed_table(table_of([strip, encode(picture(1, (640, 20)))], ["c", "c"]), bundle, COLS)
+    assert rej.column("row").to_pylist() == [0]
+    assert rej.column("reason")[0].as_py() == "image too elongated (column 'image': 1x4000)"
     with pytest.raises(ImageError) as err:
         decode_image(encode(np.zeros((1, 1, 3), np.uint8))[:30])
     assert err.value.problem in ("truncated", "undecodable")
