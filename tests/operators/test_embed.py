@@ -308,6 +308,16 @@ def test_struct_and_path_columns(tmp_path, bundle):
     table = pa.table({"uid": list("abc"), "image": paths, "caption": ["a", "b", "c"]})
     sidecar, rejects = embed_table(table, bundle, COLS, source=ImageSource(base=str(tmp_path)))
     assert rejects.num_rows == 0 and sidecar.column("image_emb").equals(ref.column("image_emb"))
+    # a scheme pyarrow lacks goes through fsspec
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/mmb-test/0.png", blobs[0])
+    table = pa.table({"uid": ["m", "n"], "image": ["memory://mmb-test/0.png", "memory://mmb-test/gone.png"],
+                      "caption": ["a", "b"]})
+    sidecar, rejects = embed_table(table, bundle, COLS)
+    mem.rm("/mmb-test", recursive=True)
+    assert sidecar.column("image_emb").combine_chunks().equals(ref.column("image_emb").combine_chunks().slice(0, 1))
+    assert rejects.column("reason")[0].as_py().startswith("image not found (column 'image': memory://mmb-test/gone.png")
 
 
 def test_ray_callable_class_on_a_table(tiny_dir, bundle):
