@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,9 +160,8 @@ def _splitmix64(h: np.ndarray) -> np.ndarray:
 
 def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
     """Uniform uint64 priority per uid: a function of (uid, seed) only, so every shard agrees."""
-    salt = _splitmix64(np.array([seed], np.uint64) * _GOLDEN + _GOLDEN)
-    with np.errstate(over="ignore"):
-        return _splitmix64(hash_uids(uids) ^ salt)
+    salt = _splitmix64(np.array([int(seed) % 2**64], np.uint64) * _GOLDEN + _GOLDEN)
+    return _splitmix64(hash_uids(uids) ^ salt)
 
 
 SAMPLE_UID, SAMPLE_PRIORITY, SAMPLE_STRATUM, SAMPLE_EMBEDDING = "uid", "priority", "stratum", "embedding"
@@ -184,7 +184,8 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
         order = pc.sort_indices(table.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys)
         return table.take(order[: k if k is not None else table.num_rows])
     stratum_keys = [(SAMPLE_STRATUM, "ascending"), *keys]
-    order = pc.sort_indices(table.select([SAMPLE_STRATUM, SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=stratum_keys)  # nulls sort last
+    # nulls sort last: the null stratum is one group like any other
+    order = pc.sort_indices(table.select([SAMPLE_STRATUM, SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=stratum_keys)
     table = table.take(order)
     if table.num_rows == 0:
         return table
@@ -193,9 +194,7 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
     starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
     rank = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
     if isinstance(per_stratum, dict):
-        names = codes.dictionary.to_pylist()
-        caps = np.array([per_stratum.get(name, 0) if name is not None else per_stratum.get(None, 0) for name in names],
-                        np.int64)
+        caps = np.array([per_stratum.get(name, 0) for name in codes.dictionary.to_pylist()], np.int64)
         cap = caps[idx]
     else:
         cap = np.int64(per_stratum)
@@ -362,7 +361,7 @@ class KMeansModel:
         return d / f"{name}.npy"
 
     @classmethod
-    def load(cls, directory: str | Path, name: str = "centroids") -> "KMeansModel":
+    def load(cls, directory: str | Path, name: str = "centroids") -> KMeansModel:
         d = Path(directory)
         centroids = np.load(d / f"{name}.npy")
         meta = json.loads((d / f"{name}.json").read_text())
@@ -636,7 +635,7 @@ def sweep_k(
     sub = x[np.sort(rng.choice(len(x), size=min(score_rows, len(x)), replace=False))]
     scores: dict[int, float] = {}
     models: dict[int, KMeansModel] = {}
-    for k in sorted(set(int(k) for k in ks)):
+    for k in sorted({int(k) for k in ks}):
         model = fit_kmeans(x, k, seed=seed, **fit_kwargs)
         labels, _ = assign(sub, model)
         scores[k] = silhouette_cosine(sub, labels) if len(np.unique(labels)) >= 2 else -1.0
@@ -699,7 +698,7 @@ class SubclassModel:
         order = np.argsort(np.where(use, cls, -1), kind="stable")
         sorted_cls = np.where(use, cls, -1)[order]
         bounds = np.flatnonzero(np.r_[True, sorted_cls[1:] != sorted_cls[:-1], True])
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in pairwise(bounds):
             c = sorted_cls[lo]
             if c < 0:
                 continue
@@ -719,7 +718,7 @@ class SubclassModel:
         (d / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, directory: str | Path, name: str = "subclasses") -> "SubclassModel":
+    def load(cls, directory: str | Path, name: str = "subclasses") -> SubclassModel:
         d = Path(directory)
         meta = json.loads((d / f"{name}.json").read_text())
         classes, counts = meta.pop("classes"), np.asarray(meta.pop("counts"), np.int64)

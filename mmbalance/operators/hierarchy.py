@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ class Hierarchy:
         (d / "hierarchy.json").write_text(json.dumps({**self.meta, "ks": self.ks}, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Hierarchy":
+    def load(cls, directory: str | Path) -> Hierarchy:
         d = Path(directory)
         meta = json.loads((d / "hierarchy.json").read_text())
         ks = meta["ks"]
@@ -145,7 +146,7 @@ def fit_hierarchical_kmeans(
     finest level up, e.g. [10000, 1000, 100]. ``resample_sizes`` is r per level (0 or 1: no
     resampling at that level)."""
     ks = [int(k) for k in ks]
-    if not ks or any(a <= b for a, b in zip(ks, ks[1:])):
+    if not ks or any(a <= b for a, b in pairwise(ks)):
         raise ValueError(f"ks must be non-empty and strictly decreasing (finest level first), got {ks}")
     rs = [int(resample_sizes)] * len(ks) if isinstance(resample_sizes, int) else [int(r) for r in resample_sizes]
     if len(rs) != len(ks):
@@ -186,7 +187,7 @@ def hierarchical_quotas(hierarchy: Hierarchy, leaf_sizes: np.ndarray, target: in
         q = np.zeros(len(child_sizes), np.int64)
         order = np.argsort(parent, kind="stable")
         bounds = np.flatnonzero(np.r_[True, parent[order][1:] != parent[order][:-1], True])
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in pairwise(bounds):
             children = order[lo:hi]
             q[children] = waterfill_quotas(child_sizes[children], int(quotas[0][parent[children[0]]]))
         quotas.insert(0, q)

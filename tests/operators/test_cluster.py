@@ -8,14 +8,14 @@ import tracemalloc
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pytest  # noqa: E402
-from sklearn.metrics import adjusted_rand_score, silhouette_score  # noqa: E402
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from mmbalance.operators.cluster import (  # noqa: E402
+from mmbalance.operators.cluster import (
     BottomKSampler,
     ClusterAssigner,
     EmbeddingSpec,
@@ -153,7 +153,7 @@ def test_stratified_sample_caps_each_stratum_and_merges_exactly():
     names[::50] = None  # a null stratum
     table = corpus_table(x, extra={"cls": pa.array(names.tolist(), pa.string())})
     caps = {"head": 150, "mid": 150, "tail": 150, None: 10}
-    kwargs = dict(per_stratum=caps, stratum_column="cls", seed=11)
+    kwargs = {"per_stratum": caps, "stratum_column": "cls", "seed": 11}
     one = _sample_shards(table, [], 3000, **kwargs)[0]
     for buffer_rows in (65536, 200, 1):
         shards = _sample_shards(table, [700, 1900], 256, buffer_rows=buffer_rows, **kwargs)
@@ -207,7 +207,7 @@ def test_fit_is_deterministic_for_a_seed():
 
 
 def test_greedy_seeding_and_restarts():
-    x, labels, _ = planted(4000, 8, 16, 0.8, seed=18, sizes=2.0 ** -np.arange(8))
+    x, _, _ = planted(4000, 8, 16, 0.8, seed=18, sizes=2.0 ** -np.arange(8))
     seeds = greedy_kmeanspp(x, 8, seed=1, init_size=1000)
     np.testing.assert_array_equal(seeds, greedy_kmeanspp(x, 8, seed=1, init_size=1000))
     assert len(np.unique(seeds, axis=0)) == 8 and np.all((seeds[:, None] == x[None]).all(-1).any(1))
@@ -376,7 +376,7 @@ def test_sbcl_refuses_too_few_fit_points():
 
 def test_sbcl_on_top_level_clusters_as_classes(tmp_path):
     # classes can be cluster ids (ints): split each top-level cluster into SBCL subclasses
-    x, labels, _ = planted(3000, 4, 24, 0.5, seed=19, sizes=[6, 3, 2, 1])
+    x, _, _ = planted(3000, 4, 24, 0.5, seed=19, sizes=[6, 3, 2, 1])
     top = fit_kmeans(x, 4, seed=0, niter=10, nredo=2)
     cls, _ = assign(x, top)
     model = fit_subclasses(x, cls, m0=10, seed=0, niter=5)

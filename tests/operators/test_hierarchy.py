@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from itertools import pairwise
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pytest  # noqa: E402
-from sklearn.metrics import adjusted_rand_score  # noqa: E402
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import adjusted_rand_score
 
-from mmbalance.operators.cluster import EmbeddingSpec, assign, fit_kmeans, fixed_size_list, unit_rows  # noqa: E402
-from mmbalance.operators.hierarchy import (  # noqa: E402
+from mmbalance.operators.cluster import EmbeddingSpec, assign, fit_kmeans, fixed_size_list, unit_rows
+from mmbalance.operators.hierarchy import (
     Hierarchy,
     balanced_keep_probability,
     closest_per_cluster,
@@ -38,7 +39,7 @@ def two_level_corpus(seed: int, n_super=4, n_sub=5, n=12000, d=48):
 def random_hierarchy(rng, ks) -> Hierarchy:
     """A random tree (every parent has at least one child) for quota tests; centroids unused."""
     parents = []
-    for k_child, k_parent in zip(ks, ks[1:]):
+    for k_child, k_parent in pairwise(ks):
         p = np.concatenate([np.arange(k_parent), rng.integers(0, k_parent, size=k_child - k_parent)])
         parents.append(rng.permutation(p).astype(np.int32))
     return Hierarchy([np.zeros((k, 2), np.float32) for k in ks], parents)

@@ -1,0 +1,207 @@
+"""Clustering benchmark (issue 6): faiss spherical k-means vs sklearn MiniBatchKMeans on the same
+data (time, inertia), assignment rows/s vs a bare scan of the embedding column from Parquet,
+bottom-k sampling rows/s, and our cosine silhouette vs sklearn's (plus sklearn's import cost).
+
+    .venv/bin/python benchmarks/bench_cluster.py              # 200k x 512, k=256 (a few minutes)
+    .venv/bin/python benchmarks/bench_cluster.py --full       # 1M x 512, k=1000
+    .venv/bin/python benchmarks/bench_cluster.py --gpu        # also fit with faiss-gpu when present
+
+Writes benchmarks/results/cluster_<rows>x<dim>_k<k>.json. Data: unit vectors around Zipf-sized
+planted centres, fp16 fixed_size_list in Parquet (no dictionary encoding, zstd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmbalance.operators.cluster import (
+    BottomKSampler,
+    ClusterAssigner,
+    EmbeddingSpec,
+    assign,
+    default_init_size,
+    embedding_matrix,
+    fit_kmeans,
+    fixed_size_list,
+    gpu_available,
+    greedy_kmeanspp,
+    sample_priority,
+    silhouette_cosine,
+    unit_rows,
+)
+
+SPEC = EmbeddingSpec("image", image_column="img")
+
+
+def make_data(rows: int, dim: int, centres: int, seed: int, path: Path, chunk: int = 100_000) -> np.ndarray:
+    """Write the corpus to Parquet chunk by chunk; return the float32 matrix of the fp16 values."""
+    rng = np.random.default_rng(seed)
+    c = unit_rows(rng.normal(size=(centres, dim)))[0]
+    p = np.arange(1, centres + 1, dtype=np.float64) ** -1.0
+    p /= p.sum()
+    x = np.empty((rows, dim), np.float32)
+    schema = pa.schema([pa.field("uid", pa.string()), pa.field("img", pa.list_(pa.float16(), dim))])
+    with pq.ParquetWriter(path, schema, use_dictionary=["uid"], compression="zstd") as w:
+        for lo in range(0, rows, chunk):
+            n = min(chunk, rows - lo)
+            lab = rng.choice(centres, size=n, p=p)
+            v = unit_rows(c[lab] + rng.normal(0, 1.0 / np.sqrt(dim), size=(n, dim)).astype(np.float32))[0]
+            v16 = v.astype(np.float16)
+            x[lo : lo + n] = v16
+            w.write_table(pa.table({"uid": pa.array([f"u{i}" for i in range(lo, lo + n)]), "img": fixed_size_list(v16)},
+                                   schema=schema), row_group_size=chunk)
+    return unit_rows(x)[0]
+
+
+def inertia(x: np.ndarray, centroids: np.ndarray) -> dict[str, float]:
+    """Same yardstick for every method: squared L2 to the nearest given centroid, and mean cosine to
+    the nearest unit-normalised centroid."""
+    idx = faiss.IndexFlatL2(x.shape[1])
+    idx.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    d2, _ = idx.search(x, 1)
+    _, dist = assign(x, unit_rows(centroids)[0])
+    return {"inertia_l2": float(d2.astype(np.float64).sum()), "mean_cosine": float(1.0 - dist.mean())}
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def scan(path: Path, batch_rows: int, op=None) -> tuple[int, float]:
+    """Read the embedding column batch by batch; with ``op`` run it on each batch."""
+    t = time.perf_counter()
+    rows = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["uid", "img"] if op else ["img"]):
+        table = pa.Table.from_batches([batch])
+        if op is None:
+            embedding_matrix(table.column("img"))  # zero-copy view: the scan's floor
+        else:
+            op(table)
+        rows += batch.num_rows
+    return rows, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--full", action="store_true", help="1M x 512, k=1000")
+    ap.add_argument("--niter", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-rows", type=int, default=16384)
+    ap.add_argument("--silhouette-rows", type=int, default=5000)
+    ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="also fit on faiss-gpu (skipped when none is visible)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    if args.full:
+        args.rows, args.dim, args.k = 1_000_000, 512, 1000
+    n, d, k = args.rows, args.dim, args.k
+    res: dict = {
+        "params": {**{kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(args).items()}},
+        "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "platform": platform.platform(),
+                    "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
+                    "pyarrow": pa.__version__, "gpu_visible": gpu_available()},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.parquet"
+        x, t = timed(lambda: make_data(n, d, k, args.seed, path))
+        res["data"] = {"rows": n, "dim": d, "planted_centres": k, "parquet_mb": path.stat().st_size / 2**20, "gen_s": t}
+        print(f"data {n} x {d}: {t:.1f} s, {res['data']['parquet_mb']:.0f} MB parquet", flush=True)
+
+        fits = {}
+        # faiss with its default subsample (256 per centroid) and on every point
+        # and faiss's own (one-candidate) k-means++ seeding instead of our greedy one
+        runs = [("faiss_mppc256", 256, "greedy-kmeans++"), ("faiss_all_points", -(-n // k), "greedy-kmeans++"),
+                ("faiss_all_points_faiss_kmeans++", -(-n // k), "kmeans++")]
+        models = {}
+        for name, mppc, init in runs:
+            models[name], t = timed(lambda mppc=mppc, init=init: fit_kmeans(
+                x, k, seed=args.seed, niter=args.niter, max_points_per_centroid=mppc, init=init))
+            fits[name] = {"fit_s": t, "init": init, "n_trained": models[name].meta["n_trained"], "niter": args.niter,
+                          **inertia(x, models[name].centroids)}
+            print(name, fits[name], flush=True)
+        best = models["faiss_all_points"]
+        _, t = timed(lambda: greedy_kmeanspp(x, k, seed=args.seed))
+        fits["greedy_kmeans++_seeding_only"] = {"s": t, "init_size": default_init_size(n, k)}
+        if args.gpu and gpu_available():
+            model_g, t = timed(lambda: fit_kmeans(x, k, seed=args.seed, niter=args.niter, max_points_per_centroid=-(-n // k),
+                                                  gpu=True))
+            fits["faiss_gpu_all_points"] = {"fit_s": t, "n_trained": n, "niter": args.niter, **inertia(x, model_g.centroids)}
+        elif args.gpu:
+            fits["faiss_gpu_all_points"] = {"skipped": "faiss-gpu or a GPU is not available"}
+        if not args.skip_sklearn:
+            from sklearn.cluster import MiniBatchKMeans
+
+            mbk = MiniBatchKMeans(n_clusters=k, batch_size=4096, max_iter=args.niter, n_init=1, random_state=args.seed)
+            _, t = timed(lambda: mbk.fit(x))
+            fits["sklearn_minibatch"] = {"fit_s": t, "batch_size": 4096, "max_iter_epochs": args.niter,
+                                         "n_steps": int(mbk.n_steps_), "epochs_run": mbk.n_steps_ * 4096 / n,
+                                         **inertia(x, mbk.cluster_centers_.astype(np.float32))}
+            print("sklearn_minibatch", fits["sklearn_minibatch"], flush=True)
+        res["fit"] = fits
+        res["fit_note"] = ("inertia_l2 is against each method's own centroids; sklearn's are not unit-norm (Euclidean "
+                           "means sit inside the sphere), which lowers its L2 inertia. mean_cosine (to unit-normalised "
+                           "centroids) is the spherical objective all methods are compared on.")
+
+        # assignment: compute only, then Parquet -> ClusterAssigner vs a bare scan of the column
+        (_, _), t = timed(lambda: assign(x, best, batch_rows=args.batch_rows))
+        rows_bare, t_bare = scan(path, args.batch_rows)
+        op = ClusterAssigner(best, SPEC, keep_columns=["uid"])
+        rows_op, t_op = scan(path, args.batch_rows, op)
+        sample_priority(pa.array(["warm-up"]), 0)  # load the cached numba hash once, outside the timing
+        sampler = BottomKSampler(SPEC, k=256 * k, seed=args.seed)
+        _, t_sample = scan(path, args.batch_rows, sampler.update)
+        res["assign"] = {
+            "k": k, "batch_rows": args.batch_rows,
+            "matrix_rows_per_s": n / t,
+            "parquet_bare_scan_rows_per_s": rows_bare / t_bare,
+            "parquet_assign_rows_per_s": rows_op / t_op,
+            "assign_over_scan_time": t_op / t_bare,
+            "bottom_k_sample_rows_per_s": n / t_sample, "bottom_k_size": 256 * k,
+        }
+        print("assign", res["assign"], flush=True)
+
+    # silhouette on a subsample: ours vs sklearn's, and what importing sklearn costs
+    rng = np.random.default_rng(args.seed)
+    sub = x[np.sort(rng.choice(n, size=min(args.silhouette_rows, n), replace=False))]
+    labels, _ = assign(sub, best)
+    ours, t_ours = timed(lambda: silhouette_cosine(sub, labels))
+    sil = {"rows": len(sub), "ours": ours, "ours_s": t_ours}
+    code = "import time; t = time.perf_counter(); import sklearn.metrics; print(time.perf_counter() - t)"
+    imp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    sil["sklearn_import_s"] = float(imp.stdout.strip())
+    if not args.skip_sklearn:
+        from sklearn.metrics import silhouette_score
+
+        theirs, t_theirs = timed(lambda: silhouette_score(sub, labels, metric="cosine"))
+        sil.update(sklearn=float(theirs), sklearn_s=t_theirs)
+    res["silhouette"] = sil
+    print("silhouette", sil, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"cluster_{n}x{d}_k{k}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
