@@ -72,3 +72,23 @@ def write_shards(directory: Path, tables: dict[str, pa.Table]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, row_group_size=1000)
     return directory
+
+
+# A random-init open_clip model small enough for tests: 2-layer towers, 64 wide, 32 px images.
+TINY_OPEN_CLIP = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {},
+}
+
+
+def tiny_open_clip_dir(directory: Path) -> Path:
+    """A ``local-dir:`` open_clip config (no weights: use ``pretrained: random``)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    return directory

@@ -23,7 +23,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def map(self, fn: TaskFn, tasks: list[dict[str, Any]], **resources: Any) -> Iterator[dict[str, Any]]:
         for task in tasks:
             yield fn(task)
 
@@ -46,7 +46,12 @@ class RayExecutor:
     def __init__(self, num_cpus_per_task: float = 1.0):
         self.num_cpus_per_task = num_cpus_per_task
 
-    def map(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def map(
+        self, fn: TaskFn, tasks: list[dict[str, Any]], actors: int | None = None, num_cpus: float | None = None,
+        num_gpus: float = 0.0,
+    ) -> Iterator[dict[str, Any]]:
+        """Tasks by default; ``actors``: a pool of that many long-lived actors, for work that loads a
+        model once per process (the function caches it), with ``num_cpus``/``num_gpus`` each."""
         if not tasks:
             return
         import ray.data
@@ -58,7 +63,14 @@ class RayExecutor:
         ctx.print_on_execution_start = False
         items = [{"task": json.dumps(t)} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_TaskBatchRunner(fn), batch_size=1, num_cpus=self.num_cpus_per_task, batch_format="numpy")
+        cpus = self.num_cpus_per_task if num_cpus is None else num_cpus
+        if actors:
+            ds = ds.map_batches(
+                _TaskBatchRunner, fn_constructor_kwargs={"fn": fn}, batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
+            )
+        else:
+            ds = ds.map_batches(_TaskBatchRunner(fn), batch_size=1, num_cpus=cpus, batch_format="numpy")
         for row in ds.iter_rows():
             yield json.loads(row["result"])
 

@@ -61,7 +61,7 @@ def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table
     return pa.table({SAMPLE_IMAGE: cluster.fixed_size_list(matrix.astype(np.float16))})
 
 
-def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int) -> pa.Table | None:
+def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int, embedded: bool = False) -> pa.Table | None:
     """Bottom-``size`` of all shards' candidates by priority, duplicates excluded; None if empty."""
     parts = []
     for shard in shards:
@@ -71,6 +71,15 @@ def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size
         dup_rows = dups.get(shard.index, {}).get("rows", [])
         if dup_rows:
             part = part.filter(pc.invert(pc.is_in(part.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
+        if embedded:  # embeddings were made after the scan: attach them (embed-rejected rows drop out)
+            sidecar = store.read_table("embeddings", f"{shard.shard_id}.parquet", columns=["row", "image_emb", "text_emb"])
+            side_rows = sidecar.column("row").to_numpy()  # ascending, a subset of the valid rows
+            rows = part.column("row").to_numpy()
+            pos = np.clip(np.searchsorted(side_rows, rows), 0, max(len(side_rows) - 1, 0))
+            found = (side_rows[pos] == rows) if len(side_rows) else np.zeros(len(rows), bool)
+            part = part.filter(pa.array(found))
+            for name in ("image_emb", "text_emb"):
+                part = part.append_column(name, sidecar.column(name).take(pa.array(pos[found])))
         parts.append(part.append_column("shard_index", pa.array(np.full(part.num_rows, shard.index, np.int64))))
     if not parts:
         return None
@@ -90,8 +99,11 @@ def sample_embedding(spec) -> cluster.EmbeddingSpec:
 
 
 def source_embedding(spec, recipe: Recipe) -> cluster.EmbeddingSpec:
-    cols = recipe.input.columns
-    return _embedding(spec, cols.image_embedding, cols.text_embedding)
+    """The embedding columns as the assign stage reads them (source shard or embeddings sidecar)."""
+    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
+
+    cols = embedding_columns(recipe)
+    return _embedding(spec, cols.get(SAMPLE_IMAGE), cols.get(SAMPLE_TEXT))
 
 
 def _save_array(store: RunStore, name: str, array: np.ndarray, meta: dict[str, Any]) -> None:

@@ -96,11 +96,12 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool) -
                              "choose another --out or pass --overwrite")
         return
     previous = store.read_json("run.json")
-    same = all(previous.get(k) == run[k] for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+    keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
+    same = all(previous.get(k) == run.get(k) for k in keys)
     if same:
         return
     if not overwrite:
-        changed = [k for k in ("recipe_fingerprint", "input_fingerprint") if previous.get(k) != run[k]]
+        changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
         raise InputError(
             f"{store.uri}: holds a run with a different {' and '.join(c.split('_')[0] for c in changed) or 'format'}; "
             "pass --overwrite to replace it or choose another --out"
@@ -118,7 +119,8 @@ class Rebalancer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _run_stage(self, name: str, executor, fn, tasks: list[dict[str, Any]], keys: list[str], rows: list[int]) -> None:
+    def _run_stage(self, name: str, executor, fn, tasks: list[dict[str, Any]], keys: list[str], rows: list[int],
+                   **resources: Any) -> None:
         """Run the tasks whose done marker is missing; progress counts finished and skipped work."""
         start = time.perf_counter()
         done = self.store.done_keys(name)
@@ -127,7 +129,7 @@ class Rebalancer:
         with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
             bar.skip(len(tasks) - len(todo), skipped_rows)
             row_of = dict(zip(keys, rows))
-            for summary in executor.map(fn, todo):
+            for summary in executor.map(fn, todo, **resources):
                 key = summary.get("shard_id") or summary.get("bucket")
                 bar.advance(1, row_of.get(key, 0))
                 if self.options.on_progress:
@@ -181,6 +183,12 @@ class Rebalancer:
 
     def _locked_run(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int]) -> RunResult:
         recipe, store = self.recipe, self.store
+        if recipe.embed is not None:
+            from mmbalance.schemas.embed import embedding_identity
+
+            # loads the model once here: a bad tag, path or a missing torch fails before any work
+            run["embed"] = stages.embed_record(recipe)
+            run["embed_identity"] = embedding_identity(run["embed"])
         _check_previous_run(store, run, self.options.overwrite)
         store.sweep_temporaries()
         if not store.exists("run.json"):
@@ -215,6 +223,14 @@ class Rebalancer:
         self._run_stage("scan", executor, functools.partial(stages.scan_shard, ctx), scan_tasks, ids, rows)
         scans = self._summaries("scan", ids)
         valid_rows = sum(s["valid"] for s in scans)
+
+        # embed: open_clip on an actor pool (the model loads once per actor), or DataComp .npz
+        if recipe.embed is not None:
+            spec = recipe.embed
+            embed_tasks = [{**t, "embed_info": run["embed"]} for t in scan_tasks]
+            pool = {"actors": spec.actors, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if spec.uses_model else {}
+            self._run_stage("embed", executor, functools.partial(stages.embed_shard_stage, ctx), embed_tasks, ids,
+                            [s["valid"] for s in scans], **pool)
 
         # dedup: buckets sized so one bucket's hashes fit comfortably in a worker
         buckets = max(1, math.ceil(valid_rows / recipe.execution.dedup_bucket_rows))
@@ -311,7 +327,7 @@ class Rebalancer:
         info = store.done_summary("fit", "models")
         if info is None:
             n_dups = sum(len(d["rows"]) for d in dups.values())
-            sample = fit.merge_sample(store, shards, dups, recipe.sample.size)
+            sample = fit.merge_sample(store, shards, dups, recipe.sample.size, embedded=recipe.embed is not None)
             if sample is None:
                 if recipe.clusters or recipe.subclasses:
                     raise InputError("the fit sample is empty: no valid rows to cluster")
@@ -348,15 +364,18 @@ class Rebalancer:
         return vocab
 
     def _report(self, run, scans, before, after, vocab, solution, dups) -> dict[str, Any]:
+        ids = [s["shard_id"] for s in scans]
+        embeds = self._summaries("embed", ids) if self.recipe.embed is not None else []
         reasons: dict[str, int] = defaultdict(int)
-        for s in scans:
+        for s in [*scans, *embeds]:
             for k, v in s["reasons"].items():
                 reasons[k] += v
-        n_dups = sum(len(d["rows"]) for d in dups.values())
+        # duplicates counted where they were rejected: a copy the embed stage rejected counts once
+        n_dups = sum(s["duplicates"] for s in self._summaries("signatures", ids))
         if n_dups:
             reasons["duplicate uid"] += n_dups
         input_rows = sum(s["rows_in"] for s in scans)
-        rejected = sum(s["rejected"] for s in scans) + n_dups
+        rejected = sum(s["rejected"] for s in scans) + sum(s["rejected"] for s in embeds) + n_dups
         manifest_rows = input_rows - rejected
         report = {
             "input": {"uri": run["input"], "shards": run["shards"], "fingerprint": run["input_fingerprint"]},

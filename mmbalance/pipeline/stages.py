@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -81,7 +82,9 @@ def read_batches(handle, relpath: str, columns: list[str], batch_rows: int):
 
 
 def embedding_columns(recipe: Recipe) -> dict[str, str]:
-    """Source embedding columns by sample-table name."""
+    """Embedding columns by sample-table name, in the source shards or (with ``embed``) the sidecar."""
+    if recipe.embed is not None:
+        return {SAMPLE_IMAGE: SAMPLE_IMAGE, SAMPLE_TEXT: SAMPLE_TEXT}
     cols = recipe.input.columns
     out = {}
     if cols.image_embedding:
@@ -97,6 +100,8 @@ def _sample_candidates(ctx: RunContext, table: pa.Table, tags: pa.Table, keep: n
     if len(chosen) == 0:
         return None
     out = tags.take(chosen).append_column("priority", pa.array(priority[chosen], pa.uint64()))
+    if ctx.recipe.embed is not None:
+        return out  # embeddings are made later: the fit attaches them from embeddings/
     for name, column in embedding_columns(ctx.recipe).items():
         matrix, _ = cluster.embedding_matrix(table.column(column).take(pa.array(keep[chosen])), dict(ctx.embedding_dims)[column])
         out = out.append_column(name, cluster.fixed_size_list(matrix.astype(np.float16)))
@@ -201,19 +206,26 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 # -- signatures: per-shard counts of valid, first-occurrence rows -------------------------------
 
 
-def _drop_duplicates(tags: pa.Table, dup_rows: list[int]) -> tuple[pa.Table, pa.Table]:
-    if not dup_rows:
+def _drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
+    if len(rows) == 0:
         return tags, tags.slice(0, 0)
-    is_dup = pc.is_in(tags.column("row"), value_set=pa.array(dup_rows, pa.int64()))
-    return tags.filter(pc.invert(is_dup)), tags.filter(is_dup)
+    hit = pc.is_in(tags.column("row"), value_set=pa.array(rows, pa.int64()))
+    return tags.filter(pc.invert(hit)), tags.filter(hit)
+
+
+def embed_rejected_rows(ctx: RunContext, store: RunStore, shard_id: str) -> np.ndarray:
+    """Rows the embed stage rejected (undecodable images, ...): out of the manifest like duplicates."""
+    if ctx.recipe.embed is None or not store.exists("rejects", "embed", f"{shard_id}.parquet"):
+        return np.zeros(0, np.int64)
+    return store.read_table("rejects", "embed", f"{shard_id}.parquet", columns=["row"]).column("row").to_numpy()
 
 
 @_timed
 def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
-    tags = load_tags(ctx, store, shard_id)
-    kept, dups = _drop_duplicates(tags, task["dup_rows"])
+    tags, _ = _drop_rows(load_tags(ctx, store, shard_id), embed_rejected_rows(ctx, store, shard_id))
+    kept, dups = _drop_rows(tags, task["dup_rows"])  # a row rejected by embed is not counted again
     if dups.num_rows:
         first = {int(r): (fs, int(fr)) for r, fs, fr in zip(task["dup_rows"], task["dup_first_shard"], task["dup_first_row"])}
         reasons = [f"duplicate uid: first seen in {first[r][0]} row {first[r][1]}" for r in dups.column("row").to_pylist()]
@@ -248,7 +260,8 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
-    tags, _ = _drop_duplicates(load_tags(ctx, store, shard_id), task["dup_rows"])
+    dropped = np.concatenate([np.asarray(task["dup_rows"], np.int64), embed_rejected_rows(ctx, store, shard_id)])
+    tags, _ = _drop_rows(load_tags(ctx, store, shard_id), dropped)
     manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"])
     weights = manifest.column("weight").to_numpy()
     repeats = manifest.column("repeats").to_numpy()
@@ -275,36 +288,57 @@ def _load_models(out: str, digest: str):
     return load_models(RunStore(out))
 
 
-@_timed
-def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
-    """Cluster/subclass ids of every valid row, in the row order of the tags sidecar."""
-    from mmbalance.pipeline.fit import assign_table, assigned_schema
-
-    store = RunStore(ctx.out)
-    fs, _ = resolve_filesystem(ctx.input_uri)
-    shard_id, relpath = task["shard_id"], task["relpath"]
-    models = _load_models(ctx.out, task["models_digest"])
-    tags = store.read_table("tags", f"{shard_id}.parquet")
-    valid_rows = tags.column("row").to_numpy()
+def embedding_batches(ctx: RunContext, store: RunStore, task: dict[str, Any], valid_rows: np.ndarray):
+    """(rows, table of embedding columns) for the valid rows of a shard, in row order: from the
+    source shard, or from the embeddings sidecar (which lacks the rows the embed stage rejected)."""
     columns = list(embedding_columns(ctx.recipe).values())
-    parts, offset, start = [], 0, 0
-    with fs.open_input_file(task["path"]) as handle, \
-            store.table_writer("assign", f"{shard_id}.parquet", schema=assigned_schema(ctx.recipe)) as out:
-        for table in read_batches(handle, relpath, columns, ctx.recipe.execution.batch_rows):
+    if ctx.recipe.embed is not None:
+        sidecar = pq.ParquetFile(store.fs.open_input_file(store.path("embeddings", f"{task['shard_id']}.parquet")))
+        for batch in sidecar.iter_batches(batch_size=ctx.recipe.execution.batch_rows, columns=["row", *columns]):
+            table = pa.Table.from_batches([batch])
+            yield table.column("row").to_numpy(), table.select(columns)
+        return
+    fs, _ = resolve_filesystem(ctx.input_uri)
+    offset, start = 0, 0
+    with fs.open_input_file(task["path"]) as handle:
+        for table in read_batches(handle, task["relpath"], columns, ctx.recipe.execution.batch_rows):
             rows = np.arange(start, start + table.num_rows)
             start += table.num_rows
-            # tags rows are ascending, so each batch's valid rows are the next slice of them
+            # valid rows are ascending, so each batch's valid rows are the next slice of them
             stop = offset + int(np.searchsorted(valid_rows[offset:], rows[-1], side="right")) if len(rows) else offset
             mine = valid_rows[offset:stop]
             offset = stop
-            if len(mine) == 0:
-                continue
-            batch = table.take(pa.array(mine - rows[0]))
-            out.write_table(assign_table(ctx, models, batch, tags.slice(offset - len(mine), len(mine))))
-            parts.append(len(mine))
-    if offset != len(valid_rows):
-        raise RuntimeError(f"{relpath}: assigned {offset} of {len(valid_rows)} valid rows")
-    summary = {"shard_id": shard_id, "rows": int(sum(parts))}
+            if len(mine):
+                yield mine, table.take(pa.array(mine - rows[0]))
+
+
+@_timed
+def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    """Cluster/subclass ids of every valid row, aligned to the rows of the tags sidecar (null where
+    a row has no embedding)."""
+    from mmbalance.pipeline.fit import assign_table, assigned_schema
+
+    store = RunStore(ctx.out)
+    shard_id = task["shard_id"]
+    models = _load_models(ctx.out, task["models_digest"])
+    tags = store.read_table("tags", f"{shard_id}.parquet")
+    valid_rows = tags.column("row").to_numpy()
+    position = {int(r): i for i, r in enumerate(valid_rows)} if ctx.recipe.embed is not None else None
+    parts = []
+    for rows, batch in embedding_batches(ctx, store, task, valid_rows):
+        if position is None:  # source rows: the next slice of tags, in order
+            lo = int(np.searchsorted(valid_rows, rows[0]))
+            idx = np.arange(lo, lo + len(rows))
+        else:
+            idx = np.array([position[int(r)] for r in rows], np.int64)
+        parts.append(assign_table(ctx, models, batch, tags.take(pa.array(idx))))
+    schema = assigned_schema(ctx.recipe)
+    assigned = pa.concat_tables(parts) if parts else schema.empty_table()
+    if assigned.num_rows != tags.num_rows:  # rows without embeddings get null ids
+        frame = pl.from_arrow(tags.select(["row"])).join(pl.from_arrow(assigned), on="row", how="left", maintain_order="left")
+        assigned = frame.to_arrow().cast(schema)
+    store.write_table("assign", f"{shard_id}.parquet", table=assigned)
+    summary = {"shard_id": shard_id, "rows": int(sum(p.num_rows for p in parts))}
     store.mark_done("assign", shard_id, summary)
     return summary
 
@@ -321,3 +355,73 @@ def load_tags(ctx: RunContext, store: RunStore, shard_id: str) -> pa.Table:
         if name != "row":
             tags = tags.append_column(name, assigned.column(name))
     return tags
+
+
+# -- embed: open_clip (or DataComp .npz) embeddings of the valid rows ---------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _embed_bundle(spec_json: str):
+    """One model per worker process (an actor in Ray): loading is the expensive part."""
+    from mmbalance.operators.embed import load_model
+    from mmbalance.schemas.embed import EmbedSpec
+
+    spec = EmbedSpec.model_validate_json(spec_json)
+    return load_model(spec, num_threads=spec.threads())
+
+
+def embed_record(recipe: Recipe) -> dict[str, Any]:
+    """What made the embeddings (model, weights hash, dim, versions): run.json and sidecar metadata."""
+    spec = recipe.embed
+    if spec.npz is not None:
+        from mmbalance.operators.precomputed import npz_info
+
+        return npz_info(spec.npz)
+    from mmbalance.operators.embed import model_info
+
+    return model_info(spec)
+
+
+@_timed
+def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    from mmbalance.schemas.embed import sidecar_schema
+
+    spec = ctx.recipe.embed
+    store = RunStore(ctx.out)
+    fs, _ = resolve_filesystem(ctx.input_uri)
+    shard_id, relpath = task["shard_id"], task["relpath"]
+    valid_rows = store.read_table("tags", f"{shard_id}.parquet", columns=["row"]).column("row").to_numpy()
+    info = task["embed_info"]
+    if spec.npz is not None:
+        from mmbalance.operators.precomputed import npz_sidecar_batches
+
+        batches = npz_sidecar_batches(fs, task["path"], relpath, spec.npz, ctx.recipe.input.columns.uid,
+                                      ctx.recipe.execution.batch_rows, spec.on_image_error, spec.on_missing_caption)
+    else:
+        from mmbalance.operators.embed import EmbedColumns, embed_shard
+
+        bundle = _embed_bundle(spec.model_dump_json())
+        batches = embed_shard(fs, task["path"], relpath, bundle, EmbedColumns.from_recipe(ctx.recipe),
+                              only_rows=valid_rows)
+    schema = sidecar_schema(int(info["embedding_dim"]), info)
+    embedded = rejected = 0
+    reasons: dict[str, int] = {}
+    with store.table_writer("embeddings", f"{shard_id}.parquet", schema=schema) as out, \
+            store.table_writer("rejects", "embed", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
+        for sidecar, rejects in batches:
+            if spec.npz is not None:  # .npz rows cover the whole shard: keep the rows validation kept
+                sidecar = sidecar.filter(pc.is_in(sidecar.column("row"), value_set=pa.array(valid_rows)))
+                rejects = rejects.filter(pc.is_in(rejects.column("row"), value_set=pa.array(valid_rows)))
+            out.write_table(sidecar.cast(schema))
+            if rejects.num_rows:
+                rejects_out.write_table(rejects)
+                for reason in rejects.column("reason").to_pylist():
+                    key = reason.split(" (")[0]
+                    reasons[key] = reasons.get(key, 0) + 1
+            embedded += sidecar.num_rows
+            rejected += rejects.num_rows
+    if embedded + rejected != len(valid_rows):
+        raise RuntimeError(f"{relpath}: embedded {embedded} + rejected {rejected} != {len(valid_rows)} valid rows")
+    summary = {"shard_id": shard_id, "rows": len(valid_rows), "embedded": embedded, "rejected": rejected, "reasons": reasons}
+    store.mark_done("embed", shard_id, summary)
+    return summary

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 
 from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
+from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.export import ExportFormat, ExportOptions
 
 
@@ -177,6 +178,8 @@ class ExecutionSpec(StrictModel):
 
 class Recipe(StrictModel):
     input: InputSpec = InputSpec()
+    # make (or ingest .npz) image/text embeddings instead of reading mapped embedding columns
+    embed: EmbedSpec | None = None
     attributes: list[AttributeSpec] = []
     labels: list[LabelSpec] = []
     clusters: list[ClusterSpec] = []
@@ -198,7 +201,14 @@ class Recipe(StrictModel):
         uses_caption = [t.name for t in [*self.attributes, *self.labels] if "caption" in t.sources]
         if uses_caption and not self.input.columns.caption:
             raise ValueError(f"{uses_caption[0]} is tagged from captions but input.columns.caption is not set")
-        embeddings = {"image": self.input.columns.image_embedding, "text": self.input.columns.text_embedding}
+        cols = self.input.columns
+        if self.embed is not None:
+            if cols.image_embedding or cols.text_embedding:
+                raise ValueError("embed is set and input.columns maps embedding columns: use one source of embeddings")
+            if self.embed.uses_model and not (cols.image or cols.caption):
+                raise ValueError("embed runs a model over images and captions: set input.columns.image and/or caption")
+        made = self.embed is not None
+        embeddings = {"image": cols.image_embedding or made, "text": cols.text_embedding or made}
         for spec in [*self.clusters, *self.subclasses]:
             need = ["image", "text"] if spec.embedding == "mean" else [spec.embedding]
             for side in need:
@@ -273,7 +283,11 @@ class Recipe(StrictModel):
 
     def fingerprint(self) -> str:
         """Hash of what determines the results (execution settings excluded: they must not)."""
-        payload = self.model_dump(mode="json", exclude={"execution": True, "input": {"path"}})
+        # execution settings never change results; neither do the embed actors' resources
+        payload = self.model_dump(mode="json", exclude={
+            "execution": True, "input": {"path"}, "report": {"html"},
+            "embed": {"actors", "num_cpus", "num_gpus", "decode_threads"},
+        })
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
