@@ -24,6 +24,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -84,8 +85,11 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def scan(path: Path, batch_rows: int, op=None) -> tuple[int, float]:
-    """Read the embedding column batch by batch; with ``op`` run it on each batch."""
+def scan(path: Path, batch_rows: int, op=None) -> tuple[int, float, float]:
+    """Read the embedding column batch by batch; with ``op`` run it on each batch. Also returns the
+    largest RSS growth (MiB) over the scan, sampled after every batch: streaming keeps it flat."""
+    proc = psutil.Process()
+    rss0 = peak = proc.memory_info().rss
     t = time.perf_counter()
     rows = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["uid", "img"] if op else ["img"]):
@@ -95,7 +99,8 @@ def scan(path: Path, batch_rows: int, op=None) -> tuple[int, float]:
         else:
             op(table)
         rows += batch.num_rows
-    return rows, time.perf_counter() - t
+        peak = max(peak, proc.memory_info().rss)
+    return rows, time.perf_counter() - t, (peak - rss0) / 2**20
 
 
 def main() -> None:
@@ -164,12 +169,12 @@ def main() -> None:
 
         # assignment: compute only, then Parquet -> ClusterAssigner vs a bare scan of the column
         (_, _), t = timed(lambda: assign(x, best, batch_rows=args.batch_rows))
-        rows_bare, t_bare = scan(path, args.batch_rows)
+        rows_bare, t_bare, rss_bare = scan(path, args.batch_rows)
         op = ClusterAssigner(best, SPEC, keep_columns=["uid"])
-        rows_op, t_op = scan(path, args.batch_rows, op)
+        rows_op, t_op, rss_op = scan(path, args.batch_rows, op)
         sample_priority(pa.array(["warm-up"]), 0)  # load the cached numba hash once, outside the timing
         sampler = BottomKSampler(SPEC, k=256 * k, seed=args.seed)
-        _, t_sample = scan(path, args.batch_rows, sampler.update)
+        _, t_sample, rss_sample = scan(path, args.batch_rows, sampler.update)
         res["assign"] = {
             "k": k, "batch_rows": args.batch_rows,
             "matrix_rows_per_s": n / t,
@@ -177,6 +182,10 @@ def main() -> None:
             "parquet_assign_rows_per_s": rows_op / t_op,
             "assign_over_scan_time": t_op / t_bare,
             "bottom_k_sample_rows_per_s": n / t_sample, "bottom_k_size": 256 * k,
+            # RSS growth over each scan: assignment should match the bare scan (one batch), the
+            # sampler should stay near 2x its sample (256 k rows x d float32)
+            "rss_growth_mib": {"bare_scan": rss_bare, "assign": rss_op, "bottom_k_sample": rss_sample,
+                               "bottom_k_sample_floats_mib": 256 * k * d * 4 / 2**20},
         }
         print("assign", res["assign"], flush=True)
 
