@@ -53,7 +53,7 @@ class StageLog:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmbalance.jobs.rebalance")
     parser.add_argument("--recipe", required=True, help="recipe path or URI")
     parser.add_argument("--out", required=True, help="output directory or URI")
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: the job's cluster, RAY_ADDRESS)")
     parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines per stage")
     parser.add_argument("--no-html", action="store_true", help="skip OUT/report.html")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from mmbalance.cli import _known_error
     from mmbalance.pipeline.rebalance import RunOptions, rebalance
