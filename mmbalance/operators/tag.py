@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from mmbalance.data import load_vocabulary
 from mmbalance.operators.lexicon import CAPTION_SOURCE, LexiconAttribute, LexiconTagger, source_tag_column
 from mmbalance.operators.zero_shot import SourceTags, audit_counts, combine_sources, merge_audit, merge_uid_samples, sample_uids
-from mmbalance.schemas.contract import UTILITY_COLUMN, fired_column, tag_column, tags_schema
+from mmbalance.schemas.contract import UTILITY_COLUMN, fired_column, source_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import AttributeSpec, LabelSpec, Recipe, RecipeError
 
 AUDIT_UIDS_PER_VALUE = 5
@@ -46,6 +46,24 @@ def _caption_tagger(spec: AttributeSpec | LabelSpec) -> LexiconTagger:
     return LexiconTagger([lexicon], negation_window=spec.caption.negation_window, longest_only=spec.caption.longest_only)
 
 
+def combine_tags(spec, per_source: dict[str, pa.Array], probs: dict[str, np.ndarray] | None = None,
+                 values: list[str] | None = None) -> tuple[pa.Array, pa.Array | None, dict[str, Any] | None]:
+    """The final tag of ``spec`` from its sources (in ``spec.source_names()`` order), the fired
+    bitmask when there are several, and audit counts when some source is inferred."""
+    names = [n for n in spec.source_names() if n in per_source]
+    if len(names) == 1:
+        tag, fired = per_source[names[0]], None
+    else:
+        sources = [SourceTags(n, "image" if n == "zero_shot_image" else "text", per_source[n], (probs or {}).get(n))
+                   for n in names]
+        tag, bits = combine_sources(sources, spec.combine, values)
+        fired = pa.array(bits, pa.int32())
+    audit = None
+    if "caption" in spec.sources or spec.deferred:  # inferred tags are audited; given columns are facts
+        audit = audit_counts({**{n: per_source[n] for n in names}, "combined": tag} if len(names) > 1 else per_source)
+    return tag, fired, audit
+
+
 class RowTagger:
     """Plain-function form: ``tagger(table, rows)`` -> (tags table, audit counts). Build once per
     process: caption lexicons compile here, so recipe mistakes surface before any shard is read."""
@@ -58,6 +76,8 @@ class RowTagger:
     def _source_tags(self, table: pa.Table, spec) -> dict[str, pa.Array]:
         out = {}
         for source in spec.sources:
+            if source == "zero_shot":
+                continue  # from embeddings, after the scan (see mmbalance/pipeline/fit.py)
             if source == "column":
                 out["column"] = _blank_to_null(_string_column(table, spec.source_column))
             else:
@@ -72,18 +92,16 @@ class RowTagger:
         audit: dict[str, Any] = {}
         for spec in self.specs:
             per_source = self._source_tags(table, spec)
-            if len(per_source) == 1:
-                tag = next(iter(per_source.values()))
-            else:
-                sources = [SourceTags(name, "text", arr) for name, arr in per_source.items()]
-                tag, fired = combine_sources(sources, spec.combine)
-                data[fired_column(spec.name)] = pa.array(fired, pa.int32())
+            if spec.deferred:
+                for source, arr in per_source.items():
+                    data[source_column(spec.name, source)] = arr
+                continue
+            tag, fired, counts = combine_tags(spec, per_source, values=getattr(spec, "values", None))
+            if fired is not None:
+                data[fired_column(spec.name)] = fired
             data[tag_column(spec.name)] = tag
-            if "caption" in spec.sources:  # the audit is about inferred tags; given columns are facts
-                audit[spec.name] = {
-                    "counts": audit_counts({**per_source, "combined": tag} if len(per_source) > 1 else per_source),
-                    "uids": sample_uids(uids, tag, AUDIT_UIDS_PER_VALUE, self.recipe.sample.seed),
-                }
+            if counts is not None:
+                audit[spec.name] = {"counts": counts, "uids": sample_uids(uids, tag, AUDIT_UIDS_PER_VALUE, self.recipe.sample.seed)}
         if self.recipe.input.columns.utility:
             data[UTILITY_COLUMN] = pc.cast(table.column(self.recipe.input.columns.utility).combine_chunks(), pa.float64())
         schema = tags_schema(self.recipe)

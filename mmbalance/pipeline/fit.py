@@ -10,7 +10,7 @@ a streaming per-shard stage, so memory is bounded by the sample, not the corpus.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from mmbalance.operators import cluster
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
+
+if TYPE_CHECKING:
+    from mmbalance.operators.zero_shot import ClassEmbeddings
 
 SAMPLE_OVERSAMPLING = 1.5
 
@@ -139,9 +142,79 @@ def class_counts(store: RunStore, shards, dups: dict[int, dict[str, list]], colu
     return counts
 
 
+def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
+    """Prompt-ensemble embeddings of a zero-shot attribute/label, from the text tower of the model
+    that made the embeddings (computed once per run, on this process's CPU)."""
+    import dataclasses
+
+    from mmbalance.data import load_vocabulary
+    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.zero_shot import vocabulary_embeddings
+    from mmbalance.schemas.embed import EmbedSpec
+
+    zs = spec.zero_shot
+    try:
+        vocab = load_vocabulary(zs.vocabulary)
+    except (ValueError, OSError) as err:
+        raise InputError(f"{spec.name}.zero_shot.vocabulary: {err}") from None
+    values = list(spec.values) if spec.values else list(vocab.values)
+    missing = [v for v in values if v not in vocab.values]
+    if missing:
+        raise InputError(f"{spec.name}.zero_shot.vocabulary '{zs.vocabulary}' has no prompts for values {missing}")
+    vocab = dataclasses.replace(vocab, values=tuple(values))
+    if zs.model is not None:
+        text_spec = EmbedSpec(model=zs.model, pretrained=zs.pretrained)
+    else:
+        text_spec = recipe.embed
+    bundle = load_model(text_spec.model_copy(update={"device": "cpu", "num_gpus": 0.0}))
+    try:
+        return vocabulary_embeddings(vocab, bundle.encode_texts)
+    finally:
+        bundle.close()
+
+
+def zero_shot_tags(spec, classes, table: pa.Table, columns: dict[str, str], sources: pa.Table):
+    """(tag, fired, audit counts) of a zero-shot attribute/label for one table of rows: its image
+    and/or text sides scored against the prompt embeddings, combined with its scan-time sources."""
+    from mmbalance.operators.tag import combine_tags
+    from mmbalance.operators.zero_shot import class_probabilities, embedding_matrix, hard_tags
+    from mmbalance.schemas.contract import source_column
+
+    zs = spec.zero_shot
+    per_source: dict[str, pa.Array] = {}
+    probs: dict[str, np.ndarray] = {}
+    for source in spec.sources:
+        if source != "zero_shot":
+            per_source[source] = sources.column(source_column(spec.name, source)).combine_chunks()
+    for side in zs.sides:
+        emb, valid = embedding_matrix(table.column(columns[side]))
+        if emb.shape[1] and emb.shape[1] != classes.matrix.shape[1]:
+            raise InputError(f"{spec.name}.zero_shot: prompt embeddings are {classes.matrix.shape[1]}-d, "
+                             f"{side} embeddings {emb.shape[1]}-d: use the model that made the embeddings")
+        if emb.shape[1] == 0:
+            p = np.full((table.num_rows, len(classes.classes)), np.nan, np.float32)
+        else:
+            p = class_probabilities(emb, classes, zs.temperature, valid)
+        probs[f"zero_shot_{side}"] = p
+        per_source[f"zero_shot_{side}"] = hard_tags(p, classes.classes, zs.threshold)
+    return combine_tags(spec, per_source, probs, list(classes.values))
+
+
 def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int) -> tuple[pa.Table, dict[str, Any]]:
-    """Fit every cluster and subclass model on the sample; returns the sample with their tags."""
+    """Fit every zero-shot, cluster and subclass model on the sample; returns the sample with their tags."""
+    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT
+
     info: dict[str, Any] = {"sample_rows": sample.num_rows}
+    for spec in recipe.deferred_tags():
+        classes = encode_prompts(recipe, spec)
+        zs = spec.zero_shot
+        _save_array(store, spec.name, classes.matrix, {
+            "kind": "zero_shot", "name": spec.name, "values": list(classes.values), "has_none": classes.has_none,
+            "vocabulary": zs.vocabulary, "temperature": zs.temperature, "threshold": zs.threshold, "sides": zs.sides,
+        })
+        tag, _, _ = zero_shot_tags(spec, classes, sample, {"image": SAMPLE_IMAGE, "text": SAMPLE_TEXT}, sample)
+        sample = sample.append_column(tag_column(spec.name), tag)
+        info[spec.name] = {"kind": "zero_shot", "classes": list(classes.classes), "sides": zs.sides}
     for spec in recipe.clusters:
         x, ok = sample_embedding(spec).extract(sample)
         ks = [spec.k] if isinstance(spec.k, int) else list(spec.k)
@@ -197,6 +270,10 @@ def load_models(store: RunStore) -> dict[str, Any]:
         centroids = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
         if meta["kind"] == "cluster":
             models[meta["name"]] = ("cluster", centroids)
+        elif meta["kind"] == "zero_shot":
+            from mmbalance.operators.zero_shot import ClassEmbeddings
+
+            models[meta["name"]] = ("zero_shot", ClassEmbeddings(tuple(meta["values"]), centroids, meta["has_none"]))
         else:
             models[meta["name"]] = ("subclass", cluster.SubclassModel(meta["classes"], np.asarray(meta["counts"], np.int64), centroids, meta))
     return models
@@ -213,14 +290,36 @@ def models_digest(store: RunStore) -> str:
 
 
 def assigned_schema(recipe: Recipe) -> pa.Schema:
+    from mmbalance.schemas.contract import fired_column
+
+    fields = [pa.field("row", pa.int64())]
+    for spec in recipe.deferred_tags():
+        fields.append(pa.field(tag_column(spec.name), pa.string()))
+        if len(spec.source_names()) > 1:
+            fields.append(pa.field(fired_column(spec.name), pa.int32()))
     names = [c.name for c in recipe.clusters] + [s.name for s in recipe.subclasses]
-    return pa.schema([pa.field("row", pa.int64())] + [pa.field(tag_column(n), pa.string()) for n in names])
+    return pa.schema(fields + [pa.field(tag_column(n), pa.string()) for n in names])
 
 
-def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -> pa.Table:
-    """Cluster then subclass tags for one batch of valid rows (``batch``: their source embeddings)."""
+def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """Zero-shot, cluster and subclass tags for one batch of valid rows (``batch``: their
+    embeddings), and the zero-shot audit counts."""
+    from mmbalance.operators.zero_shot import sample_uids
+    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
+    from mmbalance.schemas.contract import fired_column
+
     recipe = ctx.recipe
     data: dict[str, pa.Array] = {"row": tags.column("row").combine_chunks()}
+    audit: dict[str, Any] = {}
+    cols = embedding_columns(recipe)
+    for spec in recipe.deferred_tags():
+        _, classes = models[spec.name]
+        tag, fired, counts = zero_shot_tags(spec, classes, batch, {"image": cols.get(SAMPLE_IMAGE), "text": cols.get(SAMPLE_TEXT)}, tags)
+        data[tag_column(spec.name)] = tag
+        if fired is not None:
+            data[fired_column(spec.name)] = fired
+        if counts is not None:
+            audit[spec.name] = {"counts": counts, "uids": sample_uids(tags.column("uid"), tag, 5, recipe.sample.seed)}
     for spec in recipe.clusters:
         _, centroids = models[spec.name]
         ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe))
@@ -233,4 +332,4 @@ def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -
         ids, _ = model.assign(x, labels)
         ids[~ok] = -1
         data[tag_column(spec.name)] = _subclass_tags(model, ids)
-    return pa.table(data, schema=assigned_schema(recipe))
+    return pa.table(data, schema=assigned_schema(recipe)), audit

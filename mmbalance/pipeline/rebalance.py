@@ -295,7 +295,8 @@ class Rebalancer:
             sample = store.read_table("fit", "sample.parquet")
             weights = solution_from_dict(json.loads(solution_json)).weights(sample)
             report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
-        audit = tag_op.merge_audits([s.get("audit") or {} for s in scans])
+        derived = self._summaries("assign", ids) if recipe.needs_derive() else []
+        audit = tag_op.merge_audits([s.get("audit") or {} for s in [*scans, *derived]])
         if audit:
             report["audit"] = {
                 name: {**summarise_audit(item["counts"]), "sample_uids": {v: [u for _, u in items] for v, items in item["uids"].items()}}
@@ -329,15 +330,15 @@ class Rebalancer:
             n_dups = sum(len(d["rows"]) for d in dups.values())
             sample = fit.merge_sample(store, shards, dups, recipe.sample.size, embedded=recipe.embed is not None)
             if sample is None:
-                if recipe.clusters or recipe.subclasses:
-                    raise InputError("the fit sample is empty: no valid rows to cluster")
+                if recipe.needs_derive():
+                    raise InputError("the fit sample is empty: no valid rows to cluster or tag")
                 info = {"sample_rows": 0}
             else:
                 sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups)
                 store.write_table("fit", "sample.parquet", table=sample)
             store.mark_done("fit", "models", info)
         self.stage_seconds["fit"] = round(time.perf_counter() - t, 3)
-        if recipe.clusters or recipe.subclasses:
+        if recipe.needs_derive():
             digest = fit.models_digest(store)
             tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "models_digest": digest} for s in shards]
             self._run_stage("assign", executor, functools.partial(stages.assign_shard, ctx), tasks,

@@ -324,21 +324,24 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     tags = store.read_table("tags", f"{shard_id}.parquet")
     valid_rows = tags.column("row").to_numpy()
     position = {int(r): i for i, r in enumerate(valid_rows)} if ctx.recipe.embed is not None else None
-    parts = []
+    parts, audits = [], []
     for rows, batch in embedding_batches(ctx, store, task, valid_rows):
         if position is None:  # source rows: the next slice of tags, in order
             lo = int(np.searchsorted(valid_rows, rows[0]))
             idx = np.arange(lo, lo + len(rows))
         else:
             idx = np.array([position[int(r)] for r in rows], np.int64)
-        parts.append(assign_table(ctx, models, batch, tags.take(pa.array(idx))))
+        table, audit = assign_table(ctx, models, batch, tags.take(pa.array(idx)))
+        parts.append(table)
+        if audit:
+            audits.append(audit)
     schema = assigned_schema(ctx.recipe)
     assigned = pa.concat_tables(parts) if parts else schema.empty_table()
     if assigned.num_rows != tags.num_rows:  # rows without embeddings get null ids
         frame = pl.from_arrow(tags.select(["row"])).join(pl.from_arrow(assigned), on="row", how="left", maintain_order="left")
         assigned = frame.to_arrow().cast(schema)
     store.write_table("assign", f"{shard_id}.parquet", table=assigned)
-    summary = {"shard_id": shard_id, "rows": int(sum(p.num_rows for p in parts))}
+    summary = {"shard_id": shard_id, "rows": int(sum(p.num_rows for p in parts)), "audit": tag.merge_audits(audits)}
     store.mark_done("assign", shard_id, summary)
     return summary
 
@@ -346,7 +349,7 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 def load_tags(ctx: RunContext, store: RunStore, shard_id: str) -> pa.Table:
     """The tags sidecar joined with assigned cluster/subclass tags (same rows, same order)."""
     tags = store.read_table("tags", f"{shard_id}.parquet")
-    if not (ctx.recipe.clusters or ctx.recipe.subclasses):
+    if not ctx.recipe.needs_derive():
         return tags
     assigned = store.read_table("assign", f"{shard_id}.parquet")
     if not tags.column("row").equals(assigned.column("row")):

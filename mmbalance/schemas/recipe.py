@@ -45,7 +45,7 @@ class InputSpec(StrictModel):
     extensions: list[str] = [".parquet"]
 
 
-TagSource = Literal["column", "caption"]
+TagSource = Literal["column", "caption", "zero_shot"]
 
 
 class CaptionSourceSpec(StrictModel):
@@ -58,6 +58,26 @@ class CaptionSourceSpec(StrictModel):
     longest_only: bool = True  # "old man" is a senior, not also a man
 
 
+class ZeroShotSourceSpec(StrictModel):
+    """Tags from embeddings: softmax over prompt-ensemble embeddings of each value plus "none"."""
+
+    vocabulary: str  # a shipped name or a YAML path (values with prompts, none_prompts)
+    sides: list[Literal["image", "text"]] = ["image"]  # image embeddings, caption (text) embeddings
+    temperature: float = Field(default=0.01, gt=0)  # CLIP's logit scale 100
+    threshold: float = Field(default=0.5, ge=0, le=1)  # below it (or "none" winning): no tag
+    # the text tower that encodes the prompts: default the recipe's embed model; with mapped
+    # embedding columns name the model that made them (open_clip name and pretrained tag/path)
+    model: str | None = None
+    pretrained: str | None = None
+
+    @field_validator("sides")
+    @classmethod
+    def _sides(cls, sides):
+        if not sides or len(set(sides)) != len(sides):
+            raise ValueError("sides must list image and/or text once each")
+        return sides
+
+
 class TaggedSpec(StrictModel):
     """Shared by attributes and labels: where the tag comes from."""
 
@@ -65,9 +85,11 @@ class TaggedSpec(StrictModel):
     source: TagSource | list[TagSource] = "column"
     column: str | None = None
     caption: CaptionSourceSpec | None = None
+    zero_shot: ZeroShotSourceSpec | None = None
     # several sources: any = the value every tagging source agrees on; all = every source tags and
-    # agrees; vote = the most frequent value (ties give null)
-    combine: Literal["any", "all", "vote"] = "any"
+    # agrees; vote = the most frequent value (ties give null); image / text = any over that modality
+    # (captions and given columns count as text); mean = mean of the zero-shot scores and one-hot tags
+    combine: Literal["any", "all", "vote", "image", "text", "mean"] = "any"
 
     @property
     def source_column(self) -> str:
@@ -83,7 +105,21 @@ class TaggedSpec(StrictModel):
             raise ValueError("source must name each of column, caption at most once")
         if "caption" in self.sources and self.caption is None:
             raise ValueError("source caption needs a caption: {vocabulary: ...} section")
+        if "zero_shot" in self.sources and self.zero_shot is None:
+            raise ValueError("source zero_shot needs a zero_shot: {vocabulary: ...} section")
         return self
+
+    @property
+    def deferred(self) -> bool:
+        """Tagged after the embeddings exist (zero-shot), not during the scan."""
+        return "zero_shot" in self.sources
+
+    def source_names(self) -> list[str]:
+        """Sources as the combiner sees them: zero-shot counts once per side."""
+        out = []
+        for source in self.sources:
+            out += [f"zero_shot_{side}" for side in self.zero_shot.sides] if source == "zero_shot" else [source]
+        return out
 
 
 class AttributeSpec(TaggedSpec):
@@ -214,6 +250,14 @@ class Recipe(StrictModel):
             for side in need:
                 if not embeddings[side]:
                     raise ValueError(f"{spec.name} clusters {spec.embedding} embeddings but input.columns.{side}_embedding is not set")
+        for spec in (t for t in [*self.attributes, *self.labels] if t.deferred):
+            for side in spec.zero_shot.sides:
+                if not embeddings[side]:
+                    raise ValueError(f"{spec.name}.zero_shot uses {side} embeddings: set input.columns.{side}_embedding or embed")
+            has_encoder = spec.zero_shot.model is not None or (self.embed is not None and self.embed.uses_model)
+            if not has_encoder:
+                raise ValueError(f"{spec.name}.zero_shot needs a text tower for its prompts: set zero_shot.model/pretrained "
+                                 "(the model that made the embeddings) or an embed model")
         order = [lab.name for lab in self.labels] + [c.name for c in self.clusters]
         for spec in self.subclasses:
             if spec.of not in order:
@@ -264,9 +308,16 @@ class Recipe(StrictModel):
         """Labels y in order: declared labels, then clusters, then subclasses."""
         return [lab.name for lab in self.labels] + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
 
+    def deferred_tags(self) -> list[Any]:
+        return [t for t in [*self.attributes, *self.labels] if t.deferred]
+
+    def needs_derive(self) -> bool:
+        """Tags computed after the scan from embeddings: clusters, subclasses, zero-shot."""
+        return bool(self.clusters or self.subclasses or self.deferred_tags())
+
     def needs_sample(self) -> bool:
         leakage = bool(self.attributes) and self.report.leakage
-        return bool(self.clusters or self.subclasses or leakage or any(s.method == "rnb" for s in self.balance_steps()))
+        return bool(self.needs_derive() or leakage or any(s.method == "rnb" for s in self.balance_steps()))
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""
