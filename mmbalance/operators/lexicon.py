@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import Vocabulary, load_lines
-from mmbalance.schemas.contract import tag_column
+from mmbalance.schemas.contract import entries_column, tag_column
 
 MultipleRule = Literal["unknown", "both", "majority"]
 BOTH_SEPARATOR = "+"  # rule "both": the fired values joined in declared order, e.g. "woman+man"
@@ -50,9 +50,6 @@ def hits_column(name: str, value: str) -> str:
     return f"hits.{name}.{value}"
 
 
-def entries_column(name: str) -> str:
-    """Metadata entry ids (list<int32>) matched per caption."""
-    return f"entries.{name}"
 
 
 # ---------------------------------------------------------------------------------------------

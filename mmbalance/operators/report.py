@@ -76,7 +76,13 @@ def concept_balance(frame: pl.DataFrame, weight: str, label: str) -> dict[str, A
     sizes = (
         frame.filter(pl.col(col).is_not_null()).group_by(col).agg(pl.col(weight).sum().alias("w"))["w"].to_numpy()
     )
-    sizes = np.sort(sizes[sizes > 0])[::-1].astype(np.float64)
+    return balance_of_sizes(sizes)
+
+
+def balance_of_sizes(sizes: np.ndarray) -> dict[str, Any]:
+    """Entropy, Gini and top-1% share of a vector of (weighted) sizes, e.g. per cluster or entry."""
+    sizes = np.asarray(sizes, np.float64)
+    sizes = np.sort(sizes[sizes > 0])[::-1]
     if len(sizes) == 0:
         return {"values": 0, "entropy": 0.0, "normalized_entropy": 0.0, "gini": 0.0, "top1pct_share": 0.0, "largest": 0.0, "smallest": 0.0}
     p = sizes / sizes.sum()

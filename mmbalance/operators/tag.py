@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import load_vocabulary
-from mmbalance.operators.lexicon import CAPTION_SOURCE, LexiconAttribute, LexiconTagger, source_tag_column
+from mmbalance.operators.lexicon import CAPTION_SOURCE, LexiconAttribute, LexiconTagger, MetadataMatcher, source_tag_column
 from mmbalance.operators.zero_shot import SourceTags, audit_counts, combine_sources, merge_audit, merge_uid_samples, sample_uids
-from mmbalance.schemas.contract import UTILITY_COLUMN, fired_column, source_column, tag_column, tags_schema
+from mmbalance.schemas.contract import UTILITY_COLUMN, entries_column, fired_column, source_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import AttributeSpec, LabelSpec, Recipe, RecipeError
 
 AUDIT_UIDS_PER_VALUE = 5
@@ -64,6 +64,13 @@ def combine_tags(spec, per_source: dict[str, pa.Array], probs: dict[str, np.ndar
     return tag, fired, audit
 
 
+def _metadata_matcher(spec: LabelSpec) -> MetadataMatcher:
+    try:
+        return MetadataMatcher.from_file(spec.metadata.entries, spec.metadata.longest_only)
+    except OSError as err:
+        raise RecipeError(f"{spec.name}.metadata.entries: cannot read {spec.metadata.entries} ({err.strerror or err})") from None
+
+
 class RowTagger:
     """Plain-function form: ``tagger(table, rows)`` -> (tags table, audit counts). Build once per
     process: caption lexicons compile here, so recipe mistakes surface before any shard is read."""
@@ -72,6 +79,7 @@ class RowTagger:
         self.recipe = recipe
         self.specs = [*recipe.attributes, *recipe.labels]
         self.caption = {s.name: _caption_tagger(s) for s in self.specs if "caption" in s.sources}
+        self.metadata = {s.name: _metadata_matcher(s) for s in self.specs if s.is_metadata}
 
     def _source_tags(self, table: pa.Table, spec) -> dict[str, pa.Array]:
         out = {}
@@ -91,6 +99,9 @@ class RowTagger:
         data: dict[str, pa.Array] = {"row": pa.array(rows, pa.int64()), "uid": uids}
         audit: dict[str, Any] = {}
         for spec in self.specs:
+            if spec.is_metadata:
+                data[entries_column(spec.name)] = self.metadata[spec.name].match(table.column(self.recipe.input.columns.caption))
+                continue
             per_source = self._source_tags(table, spec)
             if spec.deferred:
                 for source, arr in per_source.items():

@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 import mmbalance
 from mmbalance.operators import stats as stats_op
 from mmbalance.operators.dedup import bucket_bounds
-from mmbalance.operators.report import build_report
+from mmbalance.operators.report import balance_of_sizes, build_report
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators import tag as tag_op
 from mmbalance.operators.zero_shot import summarise_audit
@@ -262,11 +263,13 @@ class Rebalancer:
         before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
+        entry_counts = {spec.name: self._merged_entries("entries", spec.name, ids) for spec in recipe.metadata_labels()}
         wants_sample = any(st.method in SAMPLE_METHODS for st in recipe.balance_steps())
         eval_paths = [st.eval_path for st in recipe.balance_steps() if getattr(st, "eval_path", None)]
         corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
                              sample=store.read_table("fit", "sample.parquet") if wants_sample and store.exists("fit", "sample.parquet") else None,
-                             eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None)
+                             eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None,
+                             entry_counts=entry_counts)
         if not store.exists("solve", "solution.json"):
             try:
                 solution = solve(corpus)
@@ -295,6 +298,11 @@ class Rebalancer:
             sample = store.read_table("fit", "sample.parquet")
             weights = solution_from_dict(json.loads(solution_json)).weights(sample)
             report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
+        for spec in recipe.metadata_labels():  # concept balance over metadata entries, before and after
+            before_sizes = entry_counts[spec.name]
+            after_sizes = self._merged_entries("after_entries", spec.name, ids, size=len(before_sizes))
+            for view, sizes in (("before", before_sizes), ("after_expected", after_sizes)):
+                report[view]["concept_balance"][spec.name] = balance_of_sizes(sizes)
         derived = self._summaries("assign", ids) if recipe.needs_derive() else []
         audit = tag_op.merge_audits([s.get("audit") or {} for s in [*scans, *derived]])
         if audit:
@@ -344,6 +352,20 @@ class Rebalancer:
             self._run_stage("assign", executor, functools.partial(stages.assign_shard, ctx), tasks,
                             [s.shard_id for s in shards], [s.num_rows for s in shards])
         return info
+
+    def _merged_entries(self, directory: str, name: str, ids: list[str], size: int | None = None) -> np.ndarray:
+        """Global per-entry counts (or weights) of a metadata label from its per-shard sparse tables."""
+        from mmbalance.operators.stats import merge_sparse_counts
+
+        tables = [self.store.read_table(directory, name, f"{i}.parquet") for i in ids]
+        entries = size if size is not None else self._entry_count(name)
+        return merge_sparse_counts(tables, entries)
+
+    def _entry_count(self, name: str) -> int:
+        from mmbalance.data import load_lines
+
+        spec = next(lab for lab in self.recipe.metadata_labels() if lab.name == name)
+        return len(load_lines(spec.metadata.entries))
 
     def _duplicates(self, bucket_keys: list[str], shards) -> dict[int, dict[str, list]]:
         """Duplicate rows per shard index. Memory grows with the number of duplicates, not rows."""

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from mmbalance.operators import cluster, dedup, stats, tag, validate, weigh
 from mmbalance.operators.solve import solution_from_dict
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
-from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, tag_column, tags_schema
+from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
 
 
@@ -206,6 +206,19 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 # -- signatures: per-shard counts of valid, first-occurrence rows -------------------------------
 
 
+def entry_count_table(entries: pa.ChunkedArray | pa.Array, weights: np.ndarray | None = None) -> pa.Table:
+    """Sparse (entry_id, count) of a multi-hot column; with ``weights``, the weight of the rows
+    matching each entry (float count)."""
+    arr = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
+    ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    w = None if weights is None else np.asarray(weights, np.float64)[pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)]
+    size = int(ids.max()) + 1 if len(ids) else 0
+    counts = np.bincount(ids, weights=w, minlength=size)
+    nz = np.flatnonzero(counts)
+    count = pa.array(counts[nz], pa.float64() if weights is not None else pa.int64())
+    return pa.table({"entry_id": pa.array(nz, pa.int32()), "count": count})
+
+
 def _drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
     if len(rows) == 0:
         return tags, tags.slice(0, 0)
@@ -241,6 +254,8 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         )
         store.write_table("rejects", "dedup", f"{shard_id}.parquet", table=rejects)
     store.write_table("signatures", f"{shard_id}.parquet", table=stats.summarise(kept, ctx.tag_columns))
+    for spec in ctx.recipe.metadata_labels():  # per-entry counts: sparse, merged by summing
+        store.write_table("entries", spec.name, f"{shard_id}.parquet", table=entry_count_table(kept.column(entries_column(spec.name))))
     summary = {"shard_id": shard_id, "rows": kept.num_rows, "duplicates": dups.num_rows}
     store.mark_done("signatures", shard_id, summary)
     return summary
@@ -267,6 +282,9 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     repeats = manifest.column("repeats").to_numpy()
     store.write_table("manifest", f"{shard_id}.parquet", table=manifest)
     store.write_table("after", f"{shard_id}.parquet", table=stats.summarise(tags, ctx.tag_columns, weights, repeats))
+    for spec in ctx.recipe.metadata_labels():
+        store.write_table("after_entries", spec.name, f"{shard_id}.parquet",
+                          table=entry_count_table(tags.column(entries_column(spec.name)), weights))
     summary = {
         "shard_id": shard_id,
         "rows": manifest.num_rows,

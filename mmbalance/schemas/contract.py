@@ -40,6 +40,10 @@ UID_HASH_SCHEMA = pa.schema([pa.field("uid_hash", pa.uint64()), pa.field("row", 
 UTILITY_COLUMN = "__utility"
 
 
+def entries_column(name: str) -> str:
+    return f"entries.{name}"
+
+
 def source_column(name: str, source: str) -> str:
     """One source's tag before combination (kept when the combination waits for embeddings)."""
     return f"src.{name}.{source}"
@@ -57,6 +61,9 @@ def tag_column(name: str) -> str:
 def tags_schema(recipe: Recipe) -> pa.Schema:
     fields = [pa.field("row", pa.int64(), nullable=False), pa.field("uid", pa.string(), nullable=False)]
     for spec in [*recipe.attributes, *recipe.labels]:
+        if spec.is_metadata:  # every entry a row matches, ascending ids
+            fields.append(pa.field(entries_column(spec.name), pa.list_(pa.int32())))
+            continue
         if spec.deferred:  # the final tag comes later, from embeddings: keep each scan-time source
             fields += [pa.field(source_column(spec.name, s), pa.string()) for s in spec.sources if s != "zero_shot"]
             continue

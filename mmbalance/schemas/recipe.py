@@ -45,7 +45,7 @@ class InputSpec(StrictModel):
     extensions: list[str] = [".parquet"]
 
 
-TagSource = Literal["column", "caption", "zero_shot"]
+TagSource = Literal["column", "caption", "zero_shot", "metadata"]
 
 
 class CaptionSourceSpec(StrictModel):
@@ -56,6 +56,14 @@ class CaptionSourceSpec(StrictModel):
     multiple: Literal["unknown", "majority"] = "unknown"
     negation_window: int = Field(default=2, ge=0)  # "no women", "without a man": 0 turns it off
     longest_only: bool = True  # "old man" is a senior, not also a man
+
+
+class MetadataSourceSpec(StrictModel):
+    """MetaCLIP metadata: entries (one per line) matched as whole words in captions; a row gets
+    every entry it matches (multi-hot), and ``cap`` over this label is MetaCLIP balancing."""
+
+    entries: str  # a file path (or a shipped list name), one entry per line
+    longest_only: bool = False  # False = MetaCLIP: an entry inside a longer one fires too
 
 
 class ZeroShotSourceSpec(StrictModel):
@@ -86,6 +94,7 @@ class TaggedSpec(StrictModel):
     column: str | None = None
     caption: CaptionSourceSpec | None = None
     zero_shot: ZeroShotSourceSpec | None = None
+    metadata: MetadataSourceSpec | None = None
     # several sources: any = the value every tagging source agrees on; all = every source tags and
     # agrees; vote = the most frequent value (ties give null); image / text = any over that modality
     # (captions and given columns count as text); mean = mean of the zero-shot scores and one-hot tags
@@ -107,7 +116,16 @@ class TaggedSpec(StrictModel):
             raise ValueError("source caption needs a caption: {vocabulary: ...} section")
         if "zero_shot" in self.sources and self.zero_shot is None:
             raise ValueError("source zero_shot needs a zero_shot: {vocabulary: ...} section")
+        if "metadata" in self.sources:
+            if self.metadata is None:
+                raise ValueError("source metadata needs a metadata: {entries: FILE} section")
+            if len(self.sources) > 1:
+                raise ValueError("source metadata gives many entries per row: it cannot be combined with other sources")
         return self
+
+    @property
+    def is_metadata(self) -> bool:
+        return "metadata" in self.sources
 
     @property
     def deferred(self) -> bool:
@@ -126,6 +144,12 @@ class AttributeSpec(TaggedSpec):
     """A sensitive attribute s: a closed set of values; null means "not applicable" (no person)."""
 
     values: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _not_metadata(self):
+        if self.is_metadata:
+            raise ValueError("source metadata is for labels (concepts), not attributes")
+        return self
 
     @field_validator("values")
     @classmethod
@@ -234,7 +258,7 @@ class Recipe(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"attribute/label/cluster names must be unique, repeated: {dupes}")
-        uses_caption = [t.name for t in [*self.attributes, *self.labels] if "caption" in t.sources]
+        uses_caption = [t.name for t in [*self.attributes, *self.labels] if {"caption", "metadata"} & set(t.sources)]
         if uses_caption and not self.input.columns.caption:
             raise ValueError(f"{uses_caption[0]} is tagged from captions but input.columns.caption is not set")
         cols = self.input.columns
@@ -287,7 +311,11 @@ class Recipe(StrictModel):
             if name not in pool:
                 raise ValueError(f"{key} names '{name}', which is not {'an' if kind == 'attribute' else 'a'} {kind} ({kind}s: {pool})")
 
-        if getattr(step, "by", None) is not None:
+        metadata = [lab.name for lab in self.metadata_labels()]
+        if getattr(step, "by", None) in metadata:
+            if step.method != "cap" or len(self.balance_steps()) > 1:
+                raise ValueError(f"{prefix}.by names metadata label '{step.by}': only a single cap step balances metadata entries")
+        elif getattr(step, "by", None) is not None:
             need("label", f"{prefix}.by", step.by)
         if getattr(step, "attribute", None) is not None:
             need("attribute", f"{prefix}.attribute", step.attribute)
@@ -305,8 +333,13 @@ class Recipe(StrictModel):
                 raise ValueError(f"{prefix}.targets.{name} has values not in its attribute: {unknown}")
 
     def label_names(self) -> list[str]:
-        """Labels y in order: declared labels, then clusters, then subclasses."""
-        return [lab.name for lab in self.labels] + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
+        """Single-valued labels y (signature columns) in order: declared, clusters, subclasses."""
+        declared = [lab.name for lab in self.labels if not lab.is_metadata]
+        return declared + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
+
+    def metadata_labels(self) -> list[Any]:
+        """Multi-valued labels (MetaCLIP entries): counted per entry, not part of signatures."""
+        return [lab for lab in self.labels if lab.is_metadata]
 
     def deferred_tags(self) -> list[Any]:
         return [t for t in [*self.attributes, *self.labels] if t.deferred]

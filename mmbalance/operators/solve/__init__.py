@@ -32,6 +32,8 @@ class CorpusStats:
     sample: pa.Table | None = None
     # evaluation rows (image_emb) for methods that weigh domains by an evaluation set (R&B)
     eval_sample: pa.Table | None = None
+    # per metadata label: rows matching each entry (MetaCLIP counts), indexed by entry id
+    entry_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Solution(Protocol):
@@ -138,10 +140,46 @@ def solve(stats: CorpusStats) -> Solution:
     )
 
 
+@dataclass
+class EntryCapSolution:
+    """MetaCLIP over metadata entries: a row matching entries E is kept with 1 - prod_{e in E}(1 - p_e).
+    Only capped entries (p_e < 1) are stored: tail entries keep everything."""
+
+    method: str
+    column: str  # the list<int32> entries column of the tags table
+    capped_ids: list[int]
+    capped_p: list[float]
+    unlabeled_weight: float
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, tags: pa.Table) -> np.ndarray:
+        arr = tags.column(self.column).combine_chunks()
+        ids = pa.compute.list_flatten(arr).to_numpy(zero_copy_only=False)
+        parents = pa.compute.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        p = np.ones(len(ids))
+        if self.capped_ids and len(ids):
+            capped = np.asarray(self.capped_ids, np.int64)
+            pos = np.clip(np.searchsorted(capped, ids), 0, len(capped) - 1)
+            hit = capped[pos] == ids
+            p[hit] = np.asarray(self.capped_p)[pos[hit]]
+        with np.errstate(divide="ignore"):  # log1p(-1) = -inf: a tail entry keeps the row for sure
+            log_drop = np.bincount(parents, weights=np.log1p(-p), minlength=len(arr))
+        w = 1.0 - np.exp(log_drop)
+        matched = np.bincount(parents, minlength=len(arr)) > 0
+        return np.where(matched, w, self.unlabeled_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "entry_cap", "method": self.method, "column": self.column, "capped_ids": self.capped_ids,
+                "capped_p": self.capped_p, "unlabeled_weight": self.unlabeled_weight, "diagnostics": self.diagnostics}
+
+
 def solution_from_dict(data: dict[str, Any]) -> Solution:
     if data.get("kind") == "lookup":
         fields = {k: data[k] for k in ("method", "key_columns", "keys", "weight", "default", "diagnostics")}
         return LookupSolution(**fields)
+    if data.get("kind") == "entry_cap":
+        fields = {k: data[k] for k in ("method", "column", "capped_ids", "capped_p", "unlabeled_weight", "diagnostics")}
+        return EntryCapSolution(**fields)
     raise ValueError(f"unknown solution kind {data.get('kind')!r}")
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
-from mmbalance.operators.solve import CorpusStats, LookupSolution, register
-from mmbalance.schemas.contract import tag_column
+from mmbalance.operators.solve import CorpusStats, EntryCapSolution, LookupSolution, register
+from mmbalance.schemas.contract import entries_column, tag_column
 from mmbalance.schemas.balance import CapBalance
 
 
@@ -14,8 +15,33 @@ def cap_probabilities(counts: dict[str, int], cap: int) -> dict[str, float]:
     return {value: cap / max(count, cap) for value, count in counts.items()}
 
 
+def solve_entry_cap(step: CapBalance, stats: CorpusStats) -> EntryCapSolution:
+    """MetaCLIP proper: the cap over metadata entries (a row may match many)."""
+    counts = stats.entry_counts[step.by]
+    capped = np.flatnonzero(counts > step.cap)
+    p = step.cap / counts[capped].astype(np.float64)
+    spec = next(lab for lab in stats.recipe.metadata_labels() if lab.name == step.by)
+    matched = int((counts > 0).sum())
+    return EntryCapSolution(
+        method="cap",
+        column=entries_column(step.by),
+        capped_ids=capped.tolist(),
+        capped_p=p.tolist(),
+        unlabeled_weight=1.0 if step.unlabeled == "keep" else 0.0,
+        diagnostics={
+            "by": step.by, "cap": step.cap, "entries": len(counts), "entries_matched": matched,
+            "values": matched, "values_capped": len(capped),
+            "largest_counts": {int(i): int(counts[i]) for i in capped[np.argsort(-counts[capped])][:20]},
+            "entries_file": spec.metadata.entries,
+            "unlabeled_weight": 1.0 if step.unlabeled == "keep" else 0.0,
+        },
+    )
+
+
 @register("cap")
-def solve_cap(step: CapBalance, stats: CorpusStats) -> LookupSolution:
+def solve_cap(step: CapBalance, stats: CorpusStats) -> LookupSolution | EntryCapSolution:
+    if step.by in stats.entry_counts:
+        return solve_entry_cap(step, stats)
     column = tag_column(step.by)
     frame = pl.from_arrow(stats.signatures).group_by(column).agg(pl.col("count").sum()).sort(column, nulls_last=True)
     counts = {v: int(c) for v, c in zip(frame[column].to_list(), frame["count"].to_list()) if v is not None}
