@@ -262,9 +262,7 @@ CASES = [
          Error(("a.parquet", "missing column 'text'"))),
     Case("recipe_balances_unknown_label", corpus({"a.parquet": t()}, recipe_with("by: occupation", "by: ocupation")),
          Error(("r.yaml", "ocupation"))),
-    Case("infeasible_targets", corpus({"a.parquet": t(2000)}, INFEASIBLE), Error(("balance.retention", "infeasible")),
-         xfail="m4 raises a plain ValueError for infeasible constraints: the CLI exits 1 with 'ValueError: ... "
-               "(rerun with --debug ...)' instead of exit 2 for a recipe/data problem"),
+    Case("infeasible_targets", corpus({"a.parquet": t(2000)}, INFEASIBLE), Error(("balance.retention", "infeasible", "largest feasible"))),
     # rows rejected with a reason; everything else goes on
     Case("null_uid", corpus({"a.parquet": with_values(t(), "uid", {0: None, 99: None})}), Rejects(100, {"null uid": 2})),
     Case("empty_uid", corpus({"a.parquet": with_values(t(), "uid", {5: ""})}), Rejects(100, {"empty uid": 1})),
