@@ -202,7 +202,7 @@ if spec.get("rerun_with") == "unbind":
 elif spec.get("rerun_with"):
     sh("mount", "-o", "remount," + spec["rerun_with"], mnt)
 if spec.get("rerun_with"):
-    rerun = subprocess.run(spec["cli"], capture_output=True, text=True, timeout=240, start_new_session=True)
+    rerun = subprocess.run(spec["rerun_cli"], capture_output=True, text=True, timeout=240, start_new_session=True)
     result.update(rerun_rc=rerun.returncode, rerun_stderr=rerun.stderr)
     if os.path.exists(os.path.join(out, "manifest")):
         shutil.copytree(os.path.join(out, "manifest"), spec["snapshot"] + "-rerun-manifest")
@@ -239,6 +239,8 @@ def run_scenario(c: dict, tmp: Path, mount_options: str, executor: str = "ray", 
     out = mnt / "out"
     spec = {
         "mnt": str(mnt), "out": str(out), "mount_options": mount_options, "cli": cli(c, out, executor),
+        # the resumed run: local executor (results are byte-identical across executors; saves a Ray start)
+        "rerun_cli": cli(c, out, "local"),
         "result": str(tmp / "result.json"), "snapshot": str(tmp / "snapshot"),
         "remount_after": remount_after, "rerun_with": rerun_with,
     }
