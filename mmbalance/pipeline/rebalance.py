@@ -110,6 +110,21 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool) -
     store.clear()
 
 
+class KeptRows:
+    """The kept rows' tags shard by shard (valid, first occurrence, embedded): for solvers that need
+    every row, e.g. M4 with a per-row utility baseline. One shard in memory at a time."""
+
+    def __init__(self, ctx: stages.RunContext, store: RunStore, shards, dups: dict[int, dict[str, list]]):
+        self.ctx, self.store, self.shards, self.dups = ctx, store, shards, dups
+
+    def tables(self, columns: list[str]):
+        for shard in self.shards:
+            dropped = np.concatenate([np.asarray(self.dups.get(shard.index, {}).get("rows", []), np.int64),
+                                      stages.embed_rejected_rows(self.ctx, self.store, shard.shard_id)])
+            tags, _ = stages.drop_rows(stages.load_tags(self.ctx, self.store, shard.shard_id), dropped)
+            yield tags.select(columns)
+
+
 class Rebalancer:
     def __init__(self, input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None):
         self.input_uri = input_uri
@@ -269,7 +284,8 @@ class Rebalancer:
         corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
                              sample=store.read_table("fit", "sample.parquet") if wants_sample and store.exists("fit", "sample.parquet") else None,
                              eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None,
-                             entry_counts=entry_counts)
+                             entry_counts=entry_counts,
+                             rows=KeptRows(ctx, store, shards, dups) if recipe.input.columns.utility else None)
         if not store.exists("solve", "solution.json"):
             try:
                 solution = solve(corpus)

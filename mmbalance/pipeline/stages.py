@@ -219,7 +219,7 @@ def entry_count_table(entries: pa.ChunkedArray | pa.Array, weights: np.ndarray |
     return pa.table({"entry_id": pa.array(nz, pa.int32()), "count": count})
 
 
-def _drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
+def drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
     if len(rows) == 0:
         return tags, tags.slice(0, 0)
     hit = pc.is_in(tags.column("row"), value_set=pa.array(rows, pa.int64()))
@@ -237,8 +237,8 @@ def embed_rejected_rows(ctx: RunContext, store: RunStore, shard_id: str) -> np.n
 def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
-    tags, _ = _drop_rows(load_tags(ctx, store, shard_id), embed_rejected_rows(ctx, store, shard_id))
-    kept, dups = _drop_rows(tags, task["dup_rows"])  # a row rejected by embed is not counted again
+    tags, _ = drop_rows(load_tags(ctx, store, shard_id), embed_rejected_rows(ctx, store, shard_id))
+    kept, dups = drop_rows(tags, task["dup_rows"])  # a row rejected by embed is not counted again
     if dups.num_rows:
         first = {int(r): (fs, int(fr)) for r, fs, fr in zip(task["dup_rows"], task["dup_first_shard"], task["dup_first_row"])}
         reasons = [f"duplicate uid: first seen in {first[r][0]} row {first[r][1]}" for r in dups.column("row").to_pylist()]
@@ -276,7 +276,7 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
     dropped = np.concatenate([np.asarray(task["dup_rows"], np.int64), embed_rejected_rows(ctx, store, shard_id)])
-    tags, _ = _drop_rows(load_tags(ctx, store, shard_id), dropped)
+    tags, _ = drop_rows(load_tags(ctx, store, shard_id), dropped)
     manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"])
     weights = manifest.column("weight").to_numpy()
     repeats = manifest.column("repeats").to_numpy()

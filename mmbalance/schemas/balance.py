@@ -74,6 +74,9 @@ class M4Balance(StrictModel):
     # when the constraints are infeasible at ``retention`` (and no enforcement is set): fail, or
     # solve at the largest feasible retention instead
     on_infeasible: Literal["error", "max_retention"] = "error"
+    # with a utility column: each row's own baseline (exact; the streaming path, one pass over the
+    # rows per dual evaluation) or the signature's mean utility (compressed, approximate)
+    utility: Literal["sample", "signature"] = "sample"
 
     @field_validator("targets")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +35,14 @@ class CorpusStats:
     eval_sample: pa.Table | None = None
     # per metadata label: rows matching each entry (MetaCLIP counts), indexed by entry id
     entry_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    # the kept rows' tags, shard by shard, for methods that need every row (M4 with per-row utility)
+    rows: "RowStream | None" = None
+
+
+class RowStream(Protocol):
+    def tables(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The kept rows (valid, first occurrence) of each shard in turn, ``columns`` only."""
+        ...
 
 
 class Solution(Protocol):
@@ -126,7 +135,8 @@ def solve(stats: CorpusStats) -> Solution:
         if "utility_sum" in sig.column_names:
             util = np.asarray(sig.column("utility_sum").to_numpy(), dtype=np.float64) * weight
             weighted = weighted.set_column(sig.schema.get_field_index("utility_sum"), "utility_sum", pa.array(util))
-        part = _solve_step(step, replace(stats, signatures=weighted))
+        # per-row streaming would ignore the earlier steps' weights: later steps see signatures only
+        part = _solve_step(step, replace(stats, signatures=weighted, rows=None))
         weight = weight * part.weights(sig.select(tag_columns))
         diagnostics.append({"step": i, "method": step.method, **part.diagnostics,
                             "retention_so_far": float((count * weight).sum() / count.sum()) if count.sum() else 0.0})
@@ -173,7 +183,40 @@ class EntryCapSolution:
                 "capped_p": self.capped_p, "unlabeled_weight": self.unlabeled_weight, "diagnostics": self.diagnostics}
 
 
+@dataclass
+class SampleBaselineSolution:
+    """M4 with per-row baselines: q_i = clip(eta_i - t_s(i), 0, Q) (L2) or min(eta_i exp(-t_s), Q)
+    (KL), eta_i = clip(retention u_i / mean(u), 0, Q); ``t`` per signature from the solved duals."""
+
+    method: str
+    key_columns: list[str]
+    keys: dict[str, list[str | None]]
+    t: list[float]
+    retention: float
+    mean_utility: float
+    max_weight: float
+    objective: str
+    utility_column: str
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, tags: pa.Table) -> np.ndarray:
+        t = LookupSolution(self.method, self.key_columns, self.keys, self.t).weights(tags)
+        u = np.asarray(tags.column(self.utility_column).to_numpy(zero_copy_only=False), np.float64)
+        eta = np.clip(self.retention * u / self.mean_utility, 0.0, self.max_weight) if self.mean_utility > 0 \
+            else np.full(len(u), min(self.retention, self.max_weight))
+        if self.objective == "l2":
+            return np.clip(eta - t, 0.0, self.max_weight)
+        return np.minimum(eta * np.exp(-t), self.max_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "sample_baseline", **{k: getattr(self, k) for k in (
+            "method", "key_columns", "keys", "t", "retention", "mean_utility", "max_weight", "objective",
+            "utility_column", "diagnostics")}}
+
+
 def solution_from_dict(data: dict[str, Any]) -> Solution:
+    if data.get("kind") == "sample_baseline":
+        return SampleBaselineSolution(**{k: v for k, v in data.items() if k != "kind"})
     if data.get("kind") == "lookup":
         fields = {k: data[k] for k in ("method", "key_columns", "keys", "weight", "default", "diagnostics")}
         return LookupSolution(**fields)

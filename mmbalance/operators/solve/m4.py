@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog, minimize
 from scipy.special import xlogy
 
-from mmbalance.operators.solve import CorpusStats, LookupSolution, register
+from mmbalance.operators.solve import CorpusStats, LookupSolution, SampleBaselineSolution, register
 from mmbalance.schemas.balance import M4Balance
 from mmbalance.schemas.contract import tag_column
 
@@ -55,6 +55,8 @@ class MomentProblem:
     max_weight: float  # Q
     budget: float | None  # target of sum_s weight_s q_s (the retention); None: no budget
     objective: str = "l2"
+    # per-row baselines (utility per sample): q, f and curvature are per-signature means over rows
+    stream: "SampleStream | None" = None
 
     @property
     def K(self) -> int:
@@ -85,6 +87,108 @@ class DualResult:
         return max(v, abs(self.budget_residual))
 
 
+class SampleStream:
+    """The streaming path: every row keeps its own baseline eta_i = clip(retention u_i / mean u, 0, Q).
+
+    One pass over the kept rows stores (signature id, utility) per shard on local disk (12 bytes a
+    row); each dual evaluation then streams those blocks once, one shard in memory at a time, and
+    reduces q, f and the curvature to per-signature means, so the dual still has 2K+1 variables.
+    """
+
+    def __init__(self, rows, keys: pl.DataFrame, counts: np.ndarray, retention: float, max_weight: float):
+        import tempfile
+
+        from mmbalance.schemas.contract import UTILITY_COLUMN
+
+        self.dir = tempfile.mkdtemp(prefix="mmbalance-m4-stream-")
+        self.files: list[str] = []
+        self.counts = counts
+        self.S = len(counts)
+        key_cols = keys.columns
+        keyed = keys.with_row_index("__sig")
+        total_u, n = 0.0, 0
+        for i, table in enumerate(rows.tables(key_cols + [UTILITY_COLUMN])):
+            frame = pl.from_arrow(table)
+            sig = frame.select(key_cols).join(keyed, on=key_cols, how="left", nulls_equal=True, maintain_order="left")["__sig"]
+            if sig.null_count():
+                raise RuntimeError("m4 streaming: a row's tags are not in the signature table")
+            u = frame[UTILITY_COLUMN].to_numpy().astype(np.float64)
+            path = f"{self.dir}/{i:06d}.npz"
+            np.savez(path, sig=sig.to_numpy().astype(np.int32), u=u)
+            self.files.append(path)
+            total_u += float(u.sum())
+            n += len(u)
+        self.rows = n
+        self.mean_u = total_u / n if n else 0.0
+        self.retention = retention
+        self.max_weight = max_weight
+
+    def with_retention(self, retention: float) -> "SampleStream":
+        clone = object.__new__(SampleStream)
+        clone.__dict__.update(self.__dict__)
+        clone.retention = retention
+        return clone
+
+    def _eta(self, u: np.ndarray) -> np.ndarray:
+        if self.mean_u <= 0:
+            return np.full(len(u), min(self.retention, self.max_weight))
+        return np.clip(self.retention * u / self.mean_u, 0.0, self.max_weight)
+
+    def _blocks(self):
+        for path in self.files:
+            with np.load(path) as block:
+                yield block["sig"], self._eta(block["u"])
+
+    def _mean(self, total: np.ndarray) -> np.ndarray:
+        return np.divide(total, self.counts, out=np.zeros(self.S), where=self.counts > 0)
+
+    def mean_eta(self) -> np.ndarray:
+        total = np.zeros(self.S)
+        for sig, eta in self._blocks():
+            total += np.bincount(sig, weights=eta, minlength=self.S)
+        return self._mean(total)
+
+    def worst(self, objective: str) -> np.ndarray:
+        """Per-signature mean of the largest objective term a row can have on [0, Q]."""
+        total = np.zeros(self.S)
+        Q = self.max_weight
+        for sig, eta in self._blocks():
+            if objective == "l2":
+                w = 0.5 * np.maximum(eta, Q - eta) ** 2
+            else:
+                w = np.maximum(eta, np.where(eta > 0, xlogy(Q, Q) - xlogy(Q, eta) - Q + eta, 0.0))
+            total += np.bincount(sig, weights=w, minlength=self.S)
+        return self._mean(total)
+
+    def aggregate(self, t: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-signature means of q, f and -dq/dt at dual shifts ``t`` (one pass over the rows)."""
+        sq, sf, sc = np.zeros(self.S), np.zeros(self.S), np.zeros(self.S)
+        Q = self.max_weight
+        for sig, eta in self._blocks():
+            z = eta - t[sig]
+            if objective == "l2":
+                q = np.clip(z, 0.0, Q)
+                f = 0.5 * (q - eta) ** 2
+                c = ((z > 0.0) & (z < Q)).astype(np.float64)
+            else:
+                with np.errstate(divide="ignore"):
+                    log_eta = np.log(eta)
+                logq = np.minimum(log_eta - t[sig], math.log(Q))
+                q = np.exp(logq)
+                with np.errstate(invalid="ignore"):
+                    f = np.where(q > 0, q * (logq - log_eta), 0.0) - q + eta
+                c = np.where(log_eta - t[sig] < math.log(Q), q, 0.0)
+            sq += np.bincount(sig, weights=q, minlength=self.S)
+            sf += np.bincount(sig, weights=f, minlength=self.S)
+            sc += np.bincount(sig, weights=c, minlength=self.S)
+        return self._mean(sq), self._mean(sf), self._mean(sc)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class _Dual:
     """Evaluations of the dual: t = N T x with N = [B, -A, 1] (sparse) and T small and dense."""
 
@@ -111,6 +215,9 @@ class _Dual:
         """q(t), f(q), -dq/dt and t per signature."""
         p = self.p
         t = self.N @ (self.T @ x)
+        if p.stream is not None:
+            q, f, curv = p.stream.aggregate(t, p.objective)
+            return q, f, curv, t
         if p.objective == "l2":
             z = p.eta - t
             q = np.clip(z, 0.0, p.max_weight)
@@ -146,6 +253,8 @@ class _Dual:
 
 def primal_upper_bound(p: MomentProblem) -> float:
     """Largest value the primal objective takes on [0, Q]^S: a dual value above it certifies infeasibility."""
+    if p.stream is not None:
+        return float(p.weight @ p.stream.worst(p.objective))
     if p.objective == "l2":
         worst = 0.5 * np.maximum(p.eta, p.max_weight - p.eta) ** 2
     else:
@@ -283,7 +392,8 @@ def _codes(column: list[str | None], values: list[str]) -> np.ndarray:
     return np.array([-1 if v is None else index.get(v, -2) for v in column], dtype=np.int64)
 
 
-def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None = None) -> tuple[MomentProblem, pl.DataFrame, list[Coordinate], dict[str, Any]]:
+def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None = None,
+                  stream: SampleStream | None = None) -> tuple[MomentProblem, pl.DataFrame, list[Coordinate], dict[str, Any]]:
     """The compressed problem over signatures; returns it, the key frame and coordinate names."""
     recipe = stats.recipe
     attrs = {a.name: a for a in recipe.attributes}
@@ -315,7 +425,14 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     S = frame.height
     weight = counts / n if n else counts
     eta_target = step.retention if retention is None else retention
-    if use_utility and n:
+    streaming = use_utility and n and step.utility == "sample" and (stream is not None or stats.rows is not None)
+    if streaming:
+        if stream is None:
+            stream = SampleStream(stats.rows, frame.select(key_cols), counts, eta_target, float(step.max_weight))
+        else:
+            stream = stream.with_retention(eta_target)
+        eta = stream.mean_eta()
+    elif use_utility and n:
         u = frame["utility_sum"].to_numpy().astype(np.float64) / counts
         mean_u = float(frame["utility_sum"].sum()) / n
         eta = np.clip(eta_target * u / mean_u, 0.0, step.max_weight) if mean_u > 0 else np.full(S, eta_target)
@@ -392,14 +509,16 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
         weight=weight, rows=n, eta=eta, B=B, A=A, group=np.array(groups, dtype=np.int64)[used],
         eps=np.array(eps, dtype=np.float64)[used], max_weight=float(step.max_weight),
         budget=float(eta_target) if step.budget else None, objective=step.objective,
+        stream=stream if streaming else None,
     )
-    notes["utility"] = "per-signature mean (utility_sum / count)" if use_utility else None
+    notes["utility"] = ("per row (streaming: one pass over the rows per dual evaluation)" if streaming
+                        else "per-signature mean (utility_sum / count)" if use_utility else None)
     return problem, frame.select(key_cols), coords, notes
 
 
 def _with_retention(p: MomentProblem, step: M4Balance, stats: CorpusStats, retention: float) -> MomentProblem:
-    rebuilt, _, _, _ = build_problem(step, stats, retention=retention)
-    return replace(p, eta=rebuilt.eta, budget=rebuilt.budget)
+    rebuilt, _, _, _ = build_problem(step, stats, retention=retention, stream=p.stream)
+    return replace(p, eta=rebuilt.eta, budget=rebuilt.budget, stream=rebuilt.stream)
 
 
 def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step: M4Balance, enforcement: float | None) -> dict[str, Any]:
@@ -453,8 +572,16 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
 
 
 @register("m4")
-def solve_m4(step: M4Balance, stats: CorpusStats) -> LookupSolution:
+def solve_m4(step: M4Balance, stats: CorpusStats) -> LookupSolution | SampleBaselineSolution:
     problem, keys, coords, notes = build_problem(step, stats)
+    try:
+        return _solve_m4(step, stats, problem, keys, coords, notes)
+    finally:
+        if problem.stream is not None:
+            problem.stream.close()
+
+
+def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys, coords, notes):
     key_columns = keys.columns
     key_values = {c: keys[c].to_list() for c in key_columns}
     base = {
@@ -495,4 +622,13 @@ def solve_m4(step: M4Balance, stats: CorpusStats) -> LookupSolution:
             )
     diagnostics = {**base, "status": status, "feasible": status in ("optimal", "solved_at_largest_feasible_retention"), **extra}
     diagnostics.update(_diagnostics(problem, result, coords, step, step.enforcement))
+    if problem.stream is not None:  # the weight is per row: keep the dual shifts, apply per row
+        from mmbalance.schemas.contract import UTILITY_COLUMN
+
+        dual = _Dual(problem)
+        t = dual.N @ (dual.T @ result.x)
+        return SampleBaselineSolution(
+            "m4", key_columns, key_values, t.tolist(), problem.stream.retention, problem.stream.mean_u,
+            problem.max_weight, problem.objective, UTILITY_COLUMN, diagnostics,
+        )
     return LookupSolution("m4", key_columns, key_values, result.q.tolist(), None, diagnostics)
