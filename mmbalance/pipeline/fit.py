@@ -116,6 +116,15 @@ def _save_array(store: RunStore, name: str, array: np.ndarray, meta: dict[str, A
     store.write_json("models", f"{name}.json", obj=meta)
 
 
+def _level_ids(leaf: np.ndarray, parents: list[np.ndarray]) -> list[np.ndarray]:
+    """Cluster ids at the coarser levels (level 2 first); -1 stays -1."""
+    out, prev = [], leaf
+    for parent in parents:
+        prev = np.where(prev >= 0, np.asarray(parent)[np.maximum(prev, 0)], -1)
+        out.append(prev)
+    return out
+
+
 def _cluster_tags(ids: np.ndarray) -> pa.Array:
     return pa.array([str(i) if i >= 0 else None for i in ids.tolist()], pa.string())
 
@@ -223,7 +232,15 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
                              "raise sample.size")
         # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)
         kwargs = {"seed": spec.seed, "niter": spec.niter, "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
-        if len(ks) > 1:
+        parents: list[np.ndarray] = []
+        if spec.levels:
+            from mmbalance.operators.hierarchy import fit_hierarchical_kmeans
+
+            tree = fit_hierarchical_kmeans(x[ok], [spec.k, *spec.levels], resample_sizes=spec.resample_size,
+                                           n_resamples=spec.n_resamples, **kwargs)
+            model, parents = tree.leaf_model(), tree.parents
+            meta = {**tree.meta, "k": spec.k, "parents": [p.tolist() for p in parents]}
+        elif len(ks) > 1:
             sweep = cluster.sweep_k(x[ok], ks, score_rows=spec.silhouette_rows, **kwargs)
             model, meta = sweep.best, {**sweep.best.meta, "sweep": sweep.to_dict()}
         else:
@@ -234,7 +251,9 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         ids, _ = cluster.assign(x, model.centroids)
         ids[~ok] = -1
         sample = sample.append_column(tag_column(spec.name), _cluster_tags(ids))
-        info[spec.name] = {k: v for k, v in meta.items() if k != "embedding"}
+        for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
+            sample = sample.append_column(tag_column(name), _cluster_tags(level))
+        info[spec.name] = {k: v for k, v in meta.items() if k not in ("embedding", "parents")}
     for spec in recipe.subclasses:
         x, ok = sample_embedding(spec).extract(sample)
         of = tag_column(spec.of)
@@ -269,7 +288,7 @@ def load_models(store: RunStore) -> dict[str, Any]:
         meta = store.read_json("models", name)
         centroids = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
         if meta["kind"] == "cluster":
-            models[meta["name"]] = ("cluster", centroids)
+            models[meta["name"]] = ("cluster", centroids, [np.asarray(p, np.int64) for p in meta.get("parents", [])])
         elif meta["kind"] == "zero_shot":
             from mmbalance.operators.zero_shot import ClassEmbeddings
 
@@ -297,7 +316,7 @@ def assigned_schema(recipe: Recipe) -> pa.Schema:
         fields.append(pa.field(tag_column(spec.name), pa.string()))
         if len(spec.source_names()) > 1:
             fields.append(pa.field(fired_column(spec.name), pa.int32()))
-    names = [c.name for c in recipe.clusters] + [s.name for s in recipe.subclasses]
+    names = [n for c in recipe.clusters for n in (c.name, *c.level_names())] + [s.name for s in recipe.subclasses]
     return pa.schema(fields + [pa.field(tag_column(n), pa.string()) for n in names])
 
 
@@ -321,9 +340,11 @@ def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -
         if counts is not None:
             audit[spec.name] = {"counts": counts, "uids": sample_uids(tags.column("uid"), tag, 5, recipe.sample.seed)}
     for spec in recipe.clusters:
-        _, centroids = models[spec.name]
+        _, centroids, parents = models[spec.name]
         ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe))
         data[tag_column(spec.name)] = _cluster_tags(ids)
+        for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
+            data[tag_column(name)] = _cluster_tags(level)
     for spec in recipe.subclasses:
         _, model = models[spec.name]
         x, ok = source_embedding(spec, recipe).extract(batch)

@@ -285,6 +285,8 @@ class Rebalancer:
                              sample=store.read_table("fit", "sample.parquet") if wants_sample and store.exists("fit", "sample.parquet") else None,
                              eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None,
                              entry_counts=entry_counts,
+                             hierarchies={c.name: store.read_json("models", f"{c.name}.json")["parents"]
+                                          for c in recipe.clusters if c.levels},
                              rows=KeptRows(ctx, store, shards, dups) if recipe.input.columns.utility else None)
         if not store.exists("solve", "solution.json"):
             try:

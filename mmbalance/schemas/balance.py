@@ -130,6 +130,9 @@ class WaterfillBalance(StrictModel):
     size: int | None = Field(default=None, ge=0)  # expected labeled rows kept
     retention: float | None = Field(default=None, gt=0.0, le=1.0)  # or: this share of labeled rows
     unlabeled: Literal["keep", "drop"] = "keep"
+    # over a cluster with levels: water-fill the top level, then each cluster's quota over its
+    # children, down to the leaves (balanced sampling of Vo et al.)
+    hierarchical: bool = False
 
     @model_validator(mode="after")
     def _one_size(self) -> "WaterfillBalance":

@@ -178,6 +178,24 @@ class ClusterSpec(StrictModel):
     niter: int = Field(default=20, gt=0)
     seed: int = 0
     silhouette_rows: int = Field(default=10_000, gt=10)
+    # hierarchical k-means (Vo et al.): cluster the centroids again into each of these k's, coarser
+    # each time; adds labels <name>_l2, <name>_l3, ... (the leaf level is <name>)
+    levels: list[int] = []
+    resample_size: int = Field(default=0, ge=0)  # r points per centroid for resampling k-means (0: off)
+    n_resamples: int = Field(default=10, ge=0)
+
+    def level_names(self) -> list[str]:
+        return [f"{self.name}_l{i}" for i in range(2, len(self.levels) + 2)]
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if self.levels:
+            if not isinstance(self.k, int):
+                raise ValueError("levels needs a single k (the finest level), not a sweep")
+            ks = [self.k, *self.levels]
+            if any(a <= b for a, b in zip(ks, ks[1:])):
+                raise ValueError(f"levels must decrease from k: got {ks}")
+        return self
 
     @field_validator("k")
     @classmethod
@@ -312,6 +330,10 @@ class Recipe(StrictModel):
                 raise ValueError(f"{key} names '{name}', which is not {'an' if kind == 'attribute' else 'a'} {kind} ({kind}s: {pool})")
 
         metadata = [lab.name for lab in self.metadata_labels()]
+        if getattr(step, "hierarchical", False):
+            spec = next((c for c in self.clusters if c.name == step.by), None)
+            if spec is None or not spec.levels:
+                raise ValueError(f"{prefix}.hierarchical needs by to name a cluster with levels, got '{step.by}'")
         if getattr(step, "by", None) in metadata:
             if step.method != "cap" or len(self.balance_steps()) > 1:
                 raise ValueError(f"{prefix}.by names metadata label '{step.by}': only a single cap step balances metadata entries")
@@ -335,7 +357,8 @@ class Recipe(StrictModel):
     def label_names(self) -> list[str]:
         """Single-valued labels y (signature columns) in order: declared, clusters, subclasses."""
         declared = [lab.name for lab in self.labels if not lab.is_metadata]
-        return declared + [c.name for c in self.clusters] + [s.name for s in self.subclasses]
+        clusters = [n for c in self.clusters for n in (c.name, *c.level_names())]
+        return declared + clusters + [s.name for s in self.subclasses]
 
     def metadata_labels(self) -> list[Any]:
         """Multi-valued labels (MetaCLIP entries): counted per entry, not part of signatures."""

@@ -142,3 +142,28 @@ def test_fit_sample_is_the_same_for_any_sharding(tmp_path):
         rebalance(str(tmp_path / name), str(tmp_path / f"o{name}"), recipe, LOCAL)
         uids.append(sorted(pq.read_table(tmp_path / f"o{name}" / "fit" / "sample.parquet").column("uid").to_pylist()))
     assert uids[0] == uids[1] and len(uids[0]) == 500
+
+
+def test_hierarchical_clusters_and_balanced_sampling(tmp_path):
+    corpus = _planted_corpus(tmp_path / "corpus", centres=12, per_centre=400, dim=32, seed=8)
+    recipe = parse_recipe({
+        "input": {"columns": {"uid": "uid", "image_embedding": "image_emb"}},
+        "clusters": [{"name": "concept", "k": 12, "levels": [4], "seed": 3}],
+        "sample": {"size": 3000, "seed": 2},
+        "balance": {"method": "waterfill", "by": "concept", "size": 1200, "hierarchical": True},
+    })
+    result = rebalance(str(corpus), str(tmp_path / "o"), recipe, LOCAL)
+    frame = _manifest_with_tags(tmp_path / "o")
+    # every leaf sits under exactly one level-2 cluster
+    assert frame.group_by("tag.concept").agg(pl.col("tag.concept_l2").n_unique())["tag.concept_l2"].max() == 1
+    assert frame["tag.concept_l2"].n_unique() == 4
+    # quotas: water-filling of 1200 over the 4 top clusters, then within each over its leaves
+    top = frame.group_by("tag.concept_l2").agg(pl.len().alias("n"), pl.col("weight").sum().alias("w"))
+    sizes = top["n"].to_numpy()
+    from mmbalance.operators.solve.waterfill import waterfill_quotas
+
+    expected = dict(zip(top["tag.concept_l2"], waterfill_quotas(sizes, 1200)))
+    for value, w in zip(top["tag.concept_l2"], top["w"]):
+        assert w == pytest.approx(expected[value], abs=1e-6)
+    assert result.report["weights"]["expected_rows"] == pytest.approx(1200, abs=1e-6)
+    assert result.report["solution"]["hierarchy"]["ks"] == [12, 4]

@@ -35,6 +35,8 @@ class CorpusStats:
     eval_sample: pa.Table | None = None
     # per metadata label: rows matching each entry (MetaCLIP counts), indexed by entry id
     entry_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    # cluster hierarchies by name: parents[l][i] = level-(l+2) cluster of level-(l+1) cluster i
+    hierarchies: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # the kept rows' tags, shard by shard, for methods that need every row (M4 with per-row utility)
     rows: "RowStream | None" = None
 

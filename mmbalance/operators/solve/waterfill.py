@@ -67,7 +67,11 @@ def solve_waterfill(step: WaterfillBalance, stats: CorpusStats) -> LookupSolutio
     sizes = np.rint(labeled["count"].to_numpy()).astype(np.int64)
     total = int(sizes.sum())
     target = step.size if step.size is not None else int(round(step.retention * total))
-    quotas = waterfill_quotas(sizes, target)
+    levels_info = None
+    if step.hierarchical:
+        quotas, levels_info = _hierarchical(stats.hierarchies[step.by], values, sizes, target)
+    else:
+        quotas = waterfill_quotas(sizes, target)
     weight = [float(q) / float(n) if n else 0.0 for q, n in zip(quotas, sizes)]
     unlabeled = int(frame.filter(pl.col(column).is_null())["count"].sum())
     unlabeled_weight = 1.0 if step.unlabeled == "keep" else 0.0
@@ -88,5 +92,22 @@ def solve_waterfill(step: WaterfillBalance, stats: CorpusStats) -> LookupSolutio
             "values_capped": int(np.sum(quotas < sizes)),
             "unlabeled_rows": unlabeled,
             "unlabeled_weight": unlabeled_weight,
+            **({"hierarchy": levels_info} if levels_info else {}),
         },
     )
+
+
+def _hierarchical(parents: list, values: list[str], sizes: np.ndarray, target: int) -> tuple[np.ndarray, dict]:
+    """Quotas of the leaf values from water-filling top-down through the cluster hierarchy."""
+    from mmbalance.operators.hierarchy import Hierarchy, hierarchical_quotas
+
+    parents = [np.asarray(p, np.int64) for p in parents]
+    k_leaf = len(parents[0])
+    ks = [k_leaf] + [int(p.max()) + 1 if len(p) else 0 for p in parents]
+    # only the level sizes matter for the quotas: centroids are placeholders
+    tree = Hierarchy([np.zeros((k, 1)) for k in ks], parents)
+    leaf_sizes = np.zeros(k_leaf, np.int64)
+    ids = np.array([int(v) for v in values], np.int64)
+    leaf_sizes[ids] = sizes
+    per_level = hierarchical_quotas(tree, leaf_sizes, target)
+    return per_level[0][ids], {"ks": ks, "top_level_quotas": per_level[-1].tolist()}
