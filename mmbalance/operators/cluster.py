@@ -173,23 +173,24 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
     The result depends only on the set of rows, never on their order or on how they were split,
     so selecting from a union of selections equals selecting from the union (exact merge). The
     canonical order matters too: faiss's own subsampling and initialisation depend on row order.
+    Only the key columns are sorted; the embedding column is copied once, by the final take.
     """
     keys = [(SAMPLE_PRIORITY, "ascending"), (SAMPLE_UID, "ascending")]
+    prio = table.column(SAMPLE_PRIORITY).to_numpy()
+    cand = np.arange(table.num_rows)
     if per_stratum is None:
         if k is not None and table.num_rows > k:
             # cheap pre-filter on priority alone; ties at the boundary are kept for the exact sort
-            prio = table.column(SAMPLE_PRIORITY).to_numpy()
-            kth = np.partition(prio, k - 1)[k - 1]
-            table = table.filter(pa.array(prio <= kth))
-        order = pc.sort_indices(table.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys)
-        return table.take(order[: k if k is not None else table.num_rows])
-    stratum_keys = [(SAMPLE_STRATUM, "ascending"), *keys]
+            cand = np.flatnonzero(prio <= np.partition(prio, k - 1)[k - 1])
+        order = pc.sort_indices(table.select([SAMPLE_PRIORITY, SAMPLE_UID]).take(pa.array(cand)), sort_keys=keys)
+        return table.take(pa.array(cand[order.to_numpy()[: k if k is not None else len(cand)]]))
+    key_table = table.select([SAMPLE_STRATUM, SAMPLE_PRIORITY, SAMPLE_UID])
     # nulls sort last: the null stratum is one group like any other
-    order = pc.sort_indices(table.select([SAMPLE_STRATUM, SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=stratum_keys)
-    table = table.take(order)
-    if table.num_rows == 0:
+    order = pc.sort_indices(key_table, sort_keys=[(SAMPLE_STRATUM, "ascending"), *keys]).to_numpy()
+    if len(order) == 0:
         return table
-    codes = pc.dictionary_encode(_to_array(table.column(SAMPLE_STRATUM)), null_encoding="encode")
+    codes = pc.dictionary_encode(_to_array(key_table.column(SAMPLE_STRATUM)).take(pa.array(order)),
+                                 null_encoding="encode")
     idx = codes.indices.to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
     rank = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
@@ -198,9 +199,10 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
         cap = caps[idx]
     else:
         cap = np.int64(per_stratum)
-    keep = table.filter(pa.array(rank < cap))
+    kept = order[rank < cap]
     # final canonical order by priority (strata interleaved), so a capped sample is also uniform-looking
-    return keep.take(pc.sort_indices(keep.select([SAMPLE_PRIORITY, SAMPLE_UID]), sort_keys=keys))
+    final = pc.sort_indices(key_table.select([SAMPLE_PRIORITY, SAMPLE_UID]).take(pa.array(kept)), sort_keys=keys)
+    return table.take(pa.array(kept[final.to_numpy()]))
 
 
 _MIN_COMPACT_ROWS = 65536
@@ -282,7 +284,7 @@ class BottomKSampler:
     def _compact(self) -> None:
         if not self._parts:
             return
-        sample = _select(pa.concat_tables(self._parts).combine_chunks(), self.k, self.per_stratum)
+        sample = _select(pa.concat_tables(self._parts), self.k, self.per_stratum)
         self._parts, self._pending = [sample], sample.num_rows
         self._compact_at = max(2 * sample.num_rows, self._buffer_rows)
         prio = sample.column(SAMPLE_PRIORITY)
