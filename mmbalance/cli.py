@@ -49,6 +49,8 @@ def _guarded(fn, debug: bool):
             raise
         if known is not None:
             _fail(str(known).splitlines()[0])
+        if isinstance(exc, OSError):  # e.g. a full or read-only output filesystem
+            _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
         first = (str(exc).strip().splitlines() or [""])[0]
         _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
 

@@ -247,22 +247,13 @@ CASES = [
     Case("truncated_footer", _truncated_footer, Error(("b.parquet", "unreadable Parquet"))),
     Case("truncated_body", _truncated_body, Error(("b.parquet", "unreadable Parquet"))),
     Case("corrupt_data_page", _corrupt_data_page, Error(("b.parquet", "unreadable data"))),
-    Case("corrupt_data_page_on_ray", _corrupt_data_page, Error(("b.parquet", "unreadable data")), executor="ray",
-         xfail="on Ray the InputError raised in the worker is lost: Ray Data re-raises RayTaskError(UserCodeException) "
-               "without the original, so the CLI exits 1 with 'RayTaskError(UserCodeException): "
-               "ray::MapBatches(_TaskBatchRunner)() (pid=..., ip=...)' and no file name, after a Ray Data ERROR "
-               "log line; fix in pipeline/executor.py (tasks return errors as data), see the issue 8 report"),
+    Case("corrupt_data_page_on_ray", _corrupt_data_page, Error(("b.parquet", "unreadable data")), executor="ray"),
     Case("zero_byte_file", _zero_byte_file, Error(("b.parquet", "unreadable Parquet", "0 bytes"))),
     Case("empty_directory", _empty_dir, Error(("corpus", "no Parquet files"))),
     Case("only_non_parquet_files", _only_other_files, Error(("corpus", "no Parquet files"))),
     Case("missing_input_path", _missing_input, Error(("no-such-dir", "does not exist"))),
-    Case("symlink_loop", _symlink_loop, Error(("loop", "symlink")),
-         xfail="discover_shards follows corpus/loop -> . about 40 levels deep (pyarrow stops at ELOOP) and "
-               "reads a.parquet 41 times: 4100 input rows, 4000 rejected as duplicates; it should stop with "
-               "one line naming the loop"),
-    Case("self_symlink_shard", _self_symlink, Error(("x.parquet",)),
-         xfail="x.parquet -> x.parquet is silently left out (pyarrow's listing drops it): a shard name that "
-               "cannot be opened should be an error, not a skipped file"),
+    Case("symlink_loop", _symlink_loop, Error(("loop", "symlink"))),
+    Case("self_symlink_shard", _self_symlink, Error(("x.parquet",))),
     # schemas: every shard is checked before work starts
     Case("missing_required_column", corpus({"a.parquet": t().drop_columns(["uid"])}), Error(("a.parquet", "missing column 'uid'"))),
     Case("wrong_column_type", corpus({"a.parquet": t().set_column(0, "uid", pa.array(np.arange(100.0)))}),
@@ -307,12 +298,8 @@ CASES = [
     Case("giant_caption", _giant_caption, Rejects(100)),  # 8 MiB caption: accepted, not read into any sidecar
     Case("benign_drift_reordered_extra_columns", _benign_drift, Rejects(200)),
     Case("float32_lists_and_float16_fixed_size", _float_types_mixed, Rejects(200)),
-    Case("non_utf8_uid", corpus({"a.parquet": with_invalid_utf8(t(), "uid", 4)}), Rejects(100, {"UTF-8": 1}),
-         xfail="invalid UTF-8 in a uid goes into manifest/*.parquet unchecked; polars then cannot read the manifest "
-               "('String data contained invalid UTF-8'); the row should be rejected naming the column"),
-    Case("non_utf8_caption", corpus({"a.parquet": with_invalid_utf8(t(), "caption", 4)}), Rejects(100, {"UTF-8": 1}),
-         xfail="invalid UTF-8 in a caption is accepted silently; a training loader decoding it fails later; the "
-               "row should be rejected naming the column"),
+    Case("non_utf8_uid", corpus({"a.parquet": with_invalid_utf8(t(), "uid", 4)}), Rejects(100, {"UTF-8": 1})),
+    Case("non_utf8_caption", corpus({"a.parquet": with_invalid_utf8(t(), "caption", 4)}), Rejects(100, {"UTF-8": 1})),
 ]
 
 

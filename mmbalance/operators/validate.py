@@ -82,6 +82,31 @@ class _Reasons:
         self.bad |= new
 
 
+def invalid_utf8_rows(column: pa.Array) -> np.ndarray:
+    """Rows of a string column whose bytes are not valid UTF-8 (Parquet readers do not check)."""
+    try:
+        column.validate(full=True)
+        return np.zeros(len(column), bool)
+    except pa.ArrowInvalid:
+        pass
+    values = column.cast(pa.binary()) if pa.types.is_string(column.type) else column.cast(pa.large_binary())
+    bad = np.zeros(len(column), bool)
+    for i, raw in enumerate(values.to_pylist()):
+        if raw is not None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    return bad
+
+
+def _text_columns(recipe: Recipe) -> list[str]:
+    cols = recipe.input.columns
+    names = [cols.uid, cols.caption, cols.status]
+    names += [t.source_column for t in [*recipe.attributes, *recipe.labels] if "column" in t.sources]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def validate_rows(
     table: pa.Table,
     recipe: Recipe,
@@ -93,7 +118,14 @@ def validate_rows(
     n = table.num_rows
     cols = recipe.input.columns
     reasons = _Reasons(n)
+    # invalid UTF-8 first: no later check (or polars, or a trainer) can read such a value
+    for name in _text_columns(recipe):
+        arr = _to_array(table.column(name))
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            reasons.flag(invalid_utf8_rows(arr), f"column '{name}' is not valid UTF-8")
     uid = _to_array(table.column(cols.uid))
+    if reasons.bad.any() and (pa.types.is_string(uid.type) or pa.types.is_large_string(uid.type)):
+        uid = pc.if_else(pa.array(reasons.bad), pa.scalar(None, uid.type), uid)  # never copy the bad bytes on
     uid_str = pc.cast(uid, pa.string()) if not pa.types.is_string(uid.type) else uid
     reasons.flag(uid_str.is_null().to_numpy(zero_copy_only=False), f"null uid (column '{cols.uid}')")
     reasons.flag(pc.fill_null(pc.equal(pc.utf8_length(uid_str), 0), False).to_numpy(zero_copy_only=False),

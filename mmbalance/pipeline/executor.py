@@ -29,13 +29,26 @@ class LocalExecutor:
 
 
 class _TaskBatchRunner:
-    """Ray Data batch function: each row carries one task as JSON."""
+    """Ray Data batch function: each row carries one task as JSON. Bad input (InputError,
+    RecipeError) comes back as data, so the driver can say it in one line: Ray would wrap the
+    exception in its own error types and tracebacks."""
 
     def __init__(self, fn: TaskFn):
         self.fn = fn
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        return {"result": [json.dumps(self.fn(json.loads(str(t)))) for t in batch["task"]]}
+        from mmbalance.schemas.contract import InputError
+        from mmbalance.schemas.recipe import RecipeError
+
+        out = []
+        for t in batch["task"]:
+            try:
+                out.append(json.dumps({"ok": self.fn(json.loads(str(t)))}))
+            except (InputError, RecipeError) as err:
+                out.append(json.dumps({"input_error": str(err), "type": type(err).__name__}))
+            except OSError as err:  # the output filesystem (full, read-only): one line, no Ray wrapping
+                out.append(json.dumps({"os_error": str(err), "errno": err.errno}))
+        return {"result": out}
 
 
 class RayExecutor:
@@ -72,7 +85,17 @@ class RayExecutor:
         else:
             ds = ds.map_batches(_TaskBatchRunner(fn), batch_size=1, num_cpus=cpus, batch_format="numpy")
         for row in ds.iter_rows():
-            yield json.loads(row["result"])
+            result = json.loads(row["result"])
+            if "os_error" in result:
+                error = OSError(result["os_error"])
+                error.errno = result["errno"]
+                raise error
+            if "input_error" in result:
+                from mmbalance.schemas.contract import InputError
+                from mmbalance.schemas.recipe import RecipeError
+
+                raise (RecipeError if result["type"] == "RecipeError" else InputError)(result["input_error"])
+            yield result["ok"]
 
 
 @contextlib.contextmanager

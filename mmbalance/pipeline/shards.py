@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parqu
         raise InputError(f"{uri}: input path does not exist")
     if info.type == pafs.FileType.File:
         entries, root_dir = [info], root.rsplit("/", 1)[0]
+    elif isinstance(fs, pafs.LocalFileSystem):
+        entries, root_dir = _walk_local(root, tuple(extensions)), root
     else:
         try:
             entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -65,6 +68,41 @@ def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parqu
     files.sort()
     shards = [Shard(i, rel, path, size, shard_id_for(rel, size)) for i, (rel, path, size) in enumerate(files)]
     return fs, shards
+
+
+def _walk_local(root: str, extensions: tuple[str, ...]) -> list[pafs.FileInfo]:
+    """Files under a local directory, following symlinks but refusing loops (pyarrow's listing
+    follows a loop ~40 levels deep and silently drops a file that links to itself)."""
+    out: list[pafs.FileInfo] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: str) -> None:
+        st = os.stat(directory)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            rel = os.path.relpath(directory, root)
+            raise InputError(f"{rel}: symlink loop (a directory link back to {os.path.realpath(directory)})")
+        seen.add(key)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as err:
+            raise InputError(f"{os.path.relpath(directory, root)}: cannot list directory ({err.strerror})") from None
+        for name in names:
+            if name.startswith((".", "_")):  # hidden files, _SUCCESS markers, temporaries
+                continue
+            path = os.path.join(directory, name)
+            if os.path.isdir(path):
+                visit(path)
+            elif name.endswith(extensions):
+                try:
+                    size = os.stat(path).st_size
+                except OSError as err:  # e.g. a link to itself (ELOOP) or a dangling link
+                    kind = "symlink loop" if os.path.islink(path) else "unreadable"
+                    raise InputError(f"{os.path.relpath(path, root)}: {kind} ({err.strerror})") from None
+                out.append(pafs.FileInfo(path, pafs.FileType.File, size=size))
+
+    visit(root)
+    return out
 
 
 @dataclass

@@ -309,12 +309,6 @@ def read_only_mid_run_on_ray(corpus, tmp_path_factory, mounts):
     return run_scenario(corpus, tmp_path_factory.mktemp("ro-mid"), "size=256m", remount_after=["scan", 2], rerun_with="unbind")
 
 
-RAY_ERROR_LINE = (
-    "with the Ray executor the CLI's line is the Ray wrapper's first line, 'RayTaskError(UserCodeException): "
-    "ray::MapBatches(_TaskBatchRunner)() (pid=..., ip=...)', without the OSError behind it, and Ray Data logs "
-    "an extra ERROR line to stderr; fix in mmbalance/cli.py (_guarded: report the root cause) and "
-    "pipeline/executor.py (silence ray.data's error log), see the issue 8 report"
-)
 
 
 @pytest.mark.slow
@@ -326,7 +320,6 @@ def test_full_output_filesystem_on_ray_leaves_nothing_half_done_and_resumes(full
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason=RAY_ERROR_LINE)
 def test_full_output_filesystem_on_ray_is_one_clear_line(full_fs_on_ray):
     assert "No space left on device" in one_error_line(full_fs_on_ray["stderr"])
 
@@ -343,6 +336,5 @@ def test_output_turning_read_only_mid_run_leaves_nothing_half_done_and_resumes(r
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason=RAY_ERROR_LINE)
 def test_output_turning_read_only_mid_run_is_one_clear_line(read_only_mid_run_on_ray):
     assert "Read-only file system" in one_error_line(read_only_mid_run_on_ray["stderr"])
