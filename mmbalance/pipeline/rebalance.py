@@ -340,7 +340,8 @@ class Rebalancer:
             report["export"] = {"dest": recipe.export.dest, "formats": formats, "mixture": exported.get("mixture")}
             self.stage_seconds["export"] = round(time.perf_counter() - t, 3)
         report["stage_seconds"] = dict(self.stage_seconds)
-        store.write_json("stats", "stages.json", obj=self._stage_stats(ids, bucket_keys))
+        report["stages"] = self._stage_stats(ids, bucket_keys)
+        store.write_json("stats", "stages.json", obj=report["stages"])
         store.write_json("report.json", obj=report)
         if self.options.html_report and recipe.report.html:
             from mmbalance.operators.report_html import write_html_report
@@ -436,18 +437,31 @@ class Rebalancer:
         return report
 
     def _stage_stats(self, ids: list[str], bucket_keys: list[str]) -> dict[str, Any]:
+        """Per stage: units of work, rows in/out/rejected, summed task seconds and wall seconds."""
+        recipe = self.recipe
+        # (stage, keys, rows in, rows out, rows rejected) read from each unit's done-marker summary
+        plan = [("scan", ids, "rows_in", "valid", "rejected")]
+        if recipe.embed is not None:
+            plan.append(("embed", ids, "rows", "embedded", "rejected"))
+        plan.append(("dedup", bucket_keys, "rows", None, "duplicates"))
+        if recipe.needs_derive():
+            plan.append(("assign", ids, "rows", "rows", None))
+        plan += [("signatures", ids, None, "rows", "duplicates"), ("weigh", ids, "rows", "rows", None)]
         out: dict[str, Any] = {}
-        for stage, keys in (("scan", ids), ("dedup", bucket_keys), ("signatures", ids), ("weigh", ids)):
+        for stage, keys, rows_in, rows_out, rejected in plan:
             summaries = self._summaries(stage, keys)
-            out[stage] = {
+            entry: dict[str, Any] = {
                 "units": len(keys),
                 "task_seconds": round(sum(s.get("seconds", 0.0) for s in summaries), 3),
                 "wall_seconds": self.stage_seconds.get(stage),
             }
-        out["scan"].update(
-            rows_in=sum(s["rows_in"] for s in self._summaries("scan", ids)),
-            rejected=sum(s["rejected"] for s in self._summaries("scan", ids)),
-        )
+            for name, key in (("rows_in", rows_in), ("rows_out", rows_out), ("rejected", rejected)):
+                if key is not None:
+                    entry[name] = int(sum(s.get(key, 0) for s in summaries))
+            out[stage] = entry
+        for stage in ("inspect", "fit", "solve", "report", "export"):
+            if stage in self.stage_seconds:
+                out[stage] = {"wall_seconds": self.stage_seconds[stage]}
         return out
 
 

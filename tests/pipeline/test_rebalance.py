@@ -231,3 +231,16 @@ def test_second_writer_is_refused_and_stale_temporaries_are_swept(held_out_corpu
             rebalance(str(held_out_corpus), str(out), issue_recipe, LOCAL)
     rebalance(str(held_out_corpus), str(out), issue_recipe, LOCAL)
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_stage_stats_reconcile_with_the_row_accounting(dirty_corpus, tmp_path, issue_recipe):
+    import json
+
+    result = rebalance(str(dirty_corpus), str(tmp_path / "o"), issue_recipe, LOCAL)
+    stages = json.loads((tmp_path / "o" / "stats" / "stages.json").read_text())
+    assert stages == result.report["stages"]
+    rows = result.report["rows"]
+    assert stages["scan"]["rows_in"] == rows["input"] and stages["scan"]["units"] == 4
+    assert stages["scan"]["rejected"] + stages["signatures"]["rejected"] == rows["rejected"]
+    assert stages["weigh"]["rows_out"] == rows["manifest"] == stages["signatures"]["rows_out"]
+    assert stages["dedup"]["rejected"] == 2 and "wall_seconds" in stages["solve"]
