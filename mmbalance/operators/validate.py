@@ -26,7 +26,10 @@ class ValidationResult:
 
 
 def _to_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        # combine_chunks copies even a single chunk; a batch read from Parquet is one chunk
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def nonfinite_rows(values: np.ndarray) -> np.ndarray:

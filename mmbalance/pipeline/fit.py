@@ -231,7 +231,8 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
             raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many sampled rows, got {int(ok.sum())}; "
                              "raise sample.size")
         # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)
-        kwargs = {"seed": spec.seed, "niter": spec.niter, "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
+        kwargs = {"seed": spec.seed, "niter": spec.niter, "nredo": spec.nredo,
+                  "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
         parents: list[np.ndarray] = []
         if spec.levels:
             from mmbalance.operators.hierarchy import fit_hierarchical_kmeans

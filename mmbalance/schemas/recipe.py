@@ -176,6 +176,7 @@ class ClusterSpec(StrictModel):
     embedding: Literal["image", "text", "mean"] = "image"
     k: int | list[int] = Field(default=100)
     niter: int = Field(default=20, gt=0)
+    nredo: int = Field(default=1, gt=0)  # k-means restarts, the best mean cosine kept
     seed: int = 0
     silhouette_rows: int = Field(default=10_000, gt=10)
     # hierarchical k-means (Vo et al.): cluster the centroids again into each of these k's, coarser
