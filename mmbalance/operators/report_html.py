@@ -254,16 +254,18 @@ def plot_histograms(hist: dict[str, Any]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(8.6, 2.6))
     edges, counts = hist["weight_edges"], hist["weight_counts"]
     axes[0].bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=_COLORS["after (E)"])
-    axes[0].set_yscale("log")
-    axes[0].set_ylim(bottom=0.8)
+    if np.any(np.asarray(counts) > 0):  # a log axis needs a positive bar (an all-rejected run has none)
+        axes[0].set_yscale("log")
+        axes[0].set_ylim(bottom=0.8)
     axes[0].set_xlabel("weight (expected repeats)")
     axes[0].set_ylabel("rows")
     axes[0].set_title("weights")
     reps = hist["repeat_counts"]
     axes[1].bar(np.arange(len(reps)), reps, color=_COLORS["after (repeats)"])
     axes[1].xaxis.get_major_locator().set_params(integer=True)
-    axes[1].set_yscale("log")
-    axes[1].set_ylim(bottom=0.8)
+    if np.any(np.asarray(reps) > 0):
+        axes[1].set_yscale("log")
+        axes[1].set_ylim(bottom=0.8)
     axes[1].set_xlabel("repeats")
     axes[1].set_title("realised repeats")
     return _png(fig, "histograms of weights and repeats")
