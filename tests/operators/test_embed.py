@@ -26,6 +26,8 @@ from mmbalance.operators.embed import (  # noqa: E402
     embed_table,
     load_model,
 )
+from corpora import TINY_OPEN_CLIP  # noqa: E402
+
 from mmbalance.schemas.embed import (  # noqa: E402
     EmbeddingMismatchError,
     EmbedSpec,
@@ -33,14 +35,7 @@ from mmbalance.schemas.embed import (  # noqa: E402
     info_from_schema,
 )
 
-TINY = {
-    "model_cfg": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    },
-    "preprocess_cfg": {},
-}
+TINY = TINY_OPEN_CLIP  # 2-layer, 64-wide towers, 32 px images: random init in milliseconds
 COLS = EmbedColumns(uid="uid", image="image", caption="caption")
 
 
