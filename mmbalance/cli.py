@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -283,6 +285,9 @@ def export_cmd(
 
 
 def main() -> None:
+    if not os.environ.get("RAY_ADDRESS") and "--address" not in sys.argv:
+        # an embedded local Ray stays on loopback (set before Ray is imported); a cluster driver must not
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     app()
 
 

@@ -7,6 +7,9 @@ import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# keep test clusters on loopback: Ray 2.60 otherwise binds GCS and raylet on the machine's address
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mmbalance-numba-cache"))
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 

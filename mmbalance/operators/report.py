@@ -60,7 +60,7 @@ def association_gaps(
             gap = p_in - p_out
             table[v][r] = gap
             pairs.append((abs(gap), v, r, gap))
-    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    pairs.sort(key=lambda p: (-round(p[0], 12), p[1], p[2]))  # ties must not flip on last-bit noise
     return {
         "attribute": attr,
         "label": label,

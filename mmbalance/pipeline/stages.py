@@ -42,15 +42,25 @@ class RunContext:
         return [tag_column(n) for n in [a.name for a in self.recipe.attributes] + self.recipe.label_names()]
 
 
+_STARTED = "_started"
+
+
 def _timed(fn):
     @functools.wraps(fn)
     def wrapper(ctx, task):
-        start = time.perf_counter()
+        task = {**task, _STARTED: time.perf_counter()}
         summary = fn(ctx, task)
-        summary["seconds"] = round(time.perf_counter() - start, 4)
+        summary.setdefault("seconds", round(time.perf_counter() - task[_STARTED], 4))
         return summary
 
     return wrapper
+
+
+def _mark_done(store: RunStore, stage: str, key: str, summary: dict[str, Any], task: dict[str, Any]) -> None:
+    """The done marker, written last, with the unit's seconds (stats/stages.json sums them)."""
+    if _STARTED in task:
+        summary["seconds"] = round(time.perf_counter() - task[_STARTED], 4)
+    store.mark_done(stage, key, summary)
 
 
 # -- scan: validate + tag + uid hashes + sample candidates -------------------------------------
@@ -158,7 +168,7 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
     summary = {"shard_id": shard_id, "rows_in": rows_in, "valid": valid, "rejected": rows_in - valid,
                "reasons": reasons, "sampled": sampled, "audit": tag.merge_audits(audits)}
-    store.mark_done("scan", shard_id, summary)
+    _mark_done(store, "scan", shard_id, summary, task)
     return summary
 
 
@@ -198,7 +208,7 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     key = f"{task['bucket']:05d}-of-{task['buckets']:05d}"
     store.write_table("dedup", f"bucket-{key}.parquet", table=dups)
     summary = {"bucket": key, "rows": rows_seen, "duplicates": dups.num_rows}
-    store.mark_done("dedup", key, summary)
+    _mark_done(store, "dedup", key, summary, task)
     return summary
 
 
@@ -257,7 +267,7 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     for spec in ctx.recipe.metadata_labels():  # per-entry counts: sparse, merged by summing
         store.write_table("entries", spec.name, f"{shard_id}.parquet", table=entry_count_table(kept.column(entries_column(spec.name))))
     summary = {"shard_id": shard_id, "rows": kept.num_rows, "duplicates": dups.num_rows}
-    store.mark_done("signatures", shard_id, summary)
+    _mark_done(store, "signatures", shard_id, summary, task)
     return summary
 
 
@@ -291,7 +301,7 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         "weight_sum": float(weights.sum()),
         "repeats_sum": int(repeats.sum()),
     }
-    store.mark_done("weigh", shard_id, summary)
+    _mark_done(store, "weigh", shard_id, summary, task)
     return summary
 
 
@@ -360,7 +370,7 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         assigned = frame.to_arrow().cast(schema)
     store.write_table("assign", f"{shard_id}.parquet", table=assigned)
     summary = {"shard_id": shard_id, "rows": int(sum(p.num_rows for p in parts)), "audit": tag.merge_audits(audits)}
-    store.mark_done("assign", shard_id, summary)
+    _mark_done(store, "assign", shard_id, summary, task)
     return summary
 
 
@@ -444,5 +454,5 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     if embedded + rejected != len(valid_rows):
         raise RuntimeError(f"{relpath}: embedded {embedded} + rejected {rejected} != {len(valid_rows)} valid rows")
     summary = {"shard_id": shard_id, "rows": len(valid_rows), "embedded": embedded, "rejected": rejected, "reasons": reasons}
-    store.mark_done("embed", shard_id, summary)
+    _mark_done(store, "embed", shard_id, summary, task)
     return summary

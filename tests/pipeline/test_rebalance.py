@@ -244,3 +244,4 @@ def test_stage_stats_reconcile_with_the_row_accounting(dirty_corpus, tmp_path, i
     assert stages["scan"]["rejected"] + stages["signatures"]["rejected"] == rows["rejected"]
     assert stages["weigh"]["rows_out"] == rows["manifest"] == stages["signatures"]["rows_out"]
     assert stages["dedup"]["rejected"] == 2 and "wall_seconds" in stages["solve"]
+    assert stages["scan"]["task_seconds"] > 0 and stages["weigh"]["task_seconds"] > 0
