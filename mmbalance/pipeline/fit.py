@@ -31,7 +31,7 @@ def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
     """Priority cut-off (uint64) keeping ~1.5x the sample size in expectation; None: no sample needed."""
     if not recipe.needs_sample():
         return None
-    share = min(1.0, SAMPLE_OVERSAMPLING * recipe.sample.size / max(total_rows, 1) + 64 / max(total_rows, 1))
+    share = min(1.0, SAMPLE_OVERSAMPLING * recipe.sample_size() / max(total_rows, 1) + 64 / max(total_rows, 1))
     return 2**64 - 1 if share >= 1.0 else int(share * 2**64)
 
 

@@ -355,7 +355,7 @@ class Rebalancer:
         info = store.done_summary("fit", "models")
         if info is None:
             n_dups = sum(len(d["rows"]) for d in dups.values())
-            sample = fit.merge_sample(store, shards, dups, recipe.sample.size, embedded=recipe.embed is not None)
+            sample = fit.merge_sample(store, shards, dups, recipe.sample_size(), embedded=recipe.embed is not None)
             if sample is None:
                 if recipe.needs_derive():
                     raise InputError("the fit sample is empty: no valid rows to cluster or tag")

@@ -372,6 +372,12 @@ class Recipe(StrictModel):
         """Tags computed after the scan from embeddings: clusters, subclasses, zero-shot."""
         return bool(self.clusters or self.subclasses or self.deferred_tags())
 
+    def sample_size(self) -> int:
+        """Rows in the fit sample: ``sample.size`` when something is fitted on it, else only what
+        the leakage probes read (a smaller sample keeps the scan cheap)."""
+        fitted = self.needs_derive() or any(s.method == "rnb" for s in self.balance_steps())
+        return self.sample.size if fitted else min(self.sample.size, self.report.leakage_rows)
+
     def needs_sample(self) -> bool:
         leakage = bool(self.attributes) and self.report.leakage
         return bool(self.needs_derive() or leakage or any(s.method == "rnb" for s in self.balance_steps()))
