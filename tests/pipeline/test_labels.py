@@ -167,3 +167,34 @@ def test_hierarchical_clusters_and_balanced_sampling(tmp_path):
         assert w == pytest.approx(expected[value], abs=1e-6)
     assert result.report["weights"]["expected_rows"] == pytest.approx(1200, abs=1e-6)
     assert result.report["solution"]["hierarchy"]["ks"] == [12, 4]
+
+
+def test_caption_tags_feed_cap_and_m4(tmp_path):
+    corpus = tmp_path / "corpus"
+    synth_corpus(corpus, rows=6000, shards=2, seed=11, dim=8, images=False)
+    recipe = parse_recipe({
+        "input": {"columns": {"uid": "uid", "caption": "caption"}},
+        "attributes": [{"name": "gender", "source": "caption", "caption": {"vocabulary": "perceived_gender"},
+                        "values": ["woman", "man"]}],
+        "labels": [{"name": "occupation", "source": "caption", "caption": {"vocabulary": "occupation"}}],
+        "balance": [
+            {"method": "cap", "by": "occupation", "cap": 400},
+            {"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}}, "associate": [["gender", "occupation"]],
+             "tolerance": {"representation": 0.01, "association": 0.02}, "retention": 0.8, "on_infeasible": "max_retention"},
+        ],
+        "report": {"leakage": False},
+    })
+    result = rebalance(str(corpus), str(tmp_path / "o"), recipe, LOCAL)
+    frame = _manifest_with_tags(tmp_path / "o")
+    truth = pl.concat([pl.read_parquet(p, columns=["uid", "gender", "occupation"]) for p in sorted(corpus.glob("*.parquet"))])
+    frame = frame.join(truth, on="uid")
+    # the synth captions name the person and the occupation: caption tags recover the planted columns
+    assert (frame["tag.gender"].fill_null("-") == frame["gender"].fill_null("-")).mean() >= 0.99
+    # the shipped vocabulary files "programmer" under its value "developer"
+    expected = frame["occupation"].replace({"programmer": "developer"})
+    assert (frame["tag.occupation"] == expected).mean() >= 0.99
+    assert [s["method"] for s in result.report["solution"]["steps"]] == ["cap", "m4"]
+    carrying = frame.filter(pl.col("tag.gender").is_not_null())
+    W = carrying["weight"].sum()
+    assert abs(carrying.filter(pl.col("tag.gender") == "woman")["weight"].sum() / W - 0.5) <= 0.01 + 1e-6
+    assert result.report["audit"]["gender"]["sources"]["caption"]["tagged"] == carrying.height
