@@ -9,6 +9,8 @@ whose expectation the code does not meet yet are kept and marked ``xfail(strict=
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import subprocess
@@ -359,7 +361,7 @@ def test_bad_input(tmp_path, case):
         return
 
     assert result.exit_code == 0, (result.exit_code, result.stderr, result.detail)
-    report = __import__("json").loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     manifest, rejects = _read(out / "manifest"), _read(out / "rejects")
     reasons = pl.concat([pl.read_parquet(f) for f in sorted((out / "rejects").rglob("*.parquet"))]) if rejects.height else None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -20,7 +22,7 @@ LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)
 def _manifest_with_tags(out) -> pl.DataFrame:
     manifest = pl.concat([pl.read_parquet(p) for p in sorted((out / "manifest").glob("*.parquet"))])
     tags = []
-    for shard in __import__("json").loads((out / "shards.json").read_text()):
+    for shard in json.loads((out / "shards.json").read_text()):
         t = pl.read_parquet(out / "tags" / f"{shard['shard_id']}.parquet")
         assign = out / "assign" / f"{shard['shard_id']}.parquet"
         if assign.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +103,7 @@ def test_issue_recipe_accounts_for_every_row(dirty_corpus, tmp_path, issue_recip
     assert result.report["after_expected"]["concept_balance"]["occupation"]["gini"] < \
         result.report["before"]["concept_balance"]["occupation"]["gini"]
 
-    run = __import__("json").loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())
     assert run["recipe_fingerprint"] == recipe.fingerprint() and run["seeds"] == {"export": 0}
     assert run["input_rows"] == truth.height and run["shards"] == 4
 
@@ -234,7 +236,6 @@ def test_second_writer_is_refused_and_stale_temporaries_are_swept(held_out_corpu
 
 
 def test_stage_stats_reconcile_with_the_row_accounting(dirty_corpus, tmp_path, issue_recipe):
-    import json
 
     result = rebalance(str(dirty_corpus), str(tmp_path / "o"), issue_recipe, LOCAL)
     stages = json.loads((tmp_path / "o" / "stats" / "stages.json").read_text())
