@@ -236,7 +236,6 @@ def test_second_writer_is_refused_and_stale_temporaries_are_swept(held_out_corpu
 
 
 def test_stage_stats_reconcile_with_the_row_accounting(dirty_corpus, tmp_path, issue_recipe):
-
     result = rebalance(str(dirty_corpus), str(tmp_path / "o"), issue_recipe, LOCAL)
     stages = json.loads((tmp_path / "o" / "stats" / "stages.json").read_text())
     assert stages == result.report["stages"]
