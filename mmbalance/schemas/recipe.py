@@ -493,19 +493,39 @@ input:
     # utility: clip_score       # a quality prior u >= 0
     # status: status            # img2dataset status: rows not 'success' are rejected with a reason
   # embedding_dim: 512          # default: taken from the first shard
+# embed:                        # make embeddings instead of mapping columns (needs the embed extra)
+#   model: ViT-B-32
+#   pretrained: laion2b_s34b_b79k   # an open_clip tag, hf-hub:org/repo, or a checkpoint path
+#   num_gpus: 1                  # per actor; actors: 4
 attributes:                     # sensitive attributes s: a closed set of values; null = not applicable
   - {name: gender, source: column, column: gender, values: [woman, man]}
+  # from captions and images, combined:
+  # - {name: gender, source: [caption, zero_shot], values: [woman, man], combine: any,
+  #    caption: {vocabulary: perceived_gender}, zero_shot: {vocabulary: perceived_gender, sides: [image]}}
 labels:                         # concept labels y: one-hot over `values`, or over the values seen
   - {name: occupation, source: column, column: occupation}
+  # - {name: entry, source: metadata, metadata: {entries: metadata.txt}}   # MetaCLIP entries (multi-hot)
+# clusters:                     # concepts from embeddings, usable as labels
+#   - {name: concept, embedding: image, k: [500, 1000, 2000], levels: []}
+# subclasses:                   # SBCL: split each class into subclasses of about the tail's size
+#   - {name: occupation_sub, of: occupation, m0: 10}
+# sample: {size: 100000, seed: 0}   # what clusters, R&B and the leakage probes fit on
 balance:
   method: cap                   # none | cap (MetaCLIP per-value cap)
   by: occupation                # a label name
   cap: 1000                     # t: a value with count c is kept with probability t / max(c, t)
   unlabeled: keep               # rows without a value: keep (weight 1) or drop (MetaCLIP)
   # targets: {gender: {woman: 0.5, man: 0.5}}   # shares the report measures RB against (default uniform)
+# or several steps, each on the distribution the previous ones produced:
+# balance:
+#   - {method: waterfill, by: concept, retention: 0.8}
+#   - {method: m4, targets: {gender: {woman: 0.5, man: 0.5}}, associate: [[gender, occupation]],
+#      tolerance: {representation: 0.01, association: 0.01}, retention: 0.9, max_weight: 1.0}
+# report: {html: true, leakage: true}
 export:
   seed: 0                       # seeds the stochastic rounding of weights into repeat counts
-  formats: [parquet]
+  formats: [parquet]             # + csv, webdataset, wids, bigvision, hf, streaming, datacomp
+  # domain: {by: occupation}    # one webdataset/jsonl/stream per value
 execution:                      # how to run; never changes the results
   executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
   # address: ray://head:10001
