@@ -77,6 +77,10 @@ class M4Balance(StrictModel):
     # with a utility column: each row's own baseline (exact; the streaming path, one pass over the
     # rows per dual evaluation) or the signature's mean utility (compressed, approximate)
     utility: Literal["sample", "signature"] = "sample"
+    # hold each associated label value's mass among the rows carrying the attribute at its
+    # baseline (exact equalities): with the KL objective, eps = 0 and pi = observed prevalence this
+    # is Kamiran-Calders reweighing, label marginals included
+    hold_labels: bool = False
 
     @field_validator("targets")
     @classmethod

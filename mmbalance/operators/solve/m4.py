@@ -57,6 +57,13 @@ class MomentProblem:
     objective: str = "l2"
     # per-row baselines (utility per sample): q, f and curvature are per-signature means over rows
     stream: "SampleStream | None" = None
+    # held masses (equalities with free duals): sum_s weight_s q_s H_sh = hold_target_h
+    H: sp.csr_matrix | None = None
+    hold_target: np.ndarray | None = None
+
+    @property
+    def holds(self) -> int:
+        return 0 if self.H is None else self.H.shape[1]
 
     @property
     def K(self) -> int:
@@ -190,20 +197,24 @@ class SampleStream:
 
 
 class _Dual:
-    """Evaluations of the dual: t = N T x with N = [B, -A, 1] (sparse) and T small and dense."""
+    """Evaluations of the dual: t = N T x with N = [B, -A, H, 1] (sparse) and T small and dense.
+    x = (mu+ [K], mu- [K], nu [holds, free], gamma [1 if budget, free])."""
 
     def __init__(self, p: MomentProblem):
         self.p = p
-        K, G, S = p.K, p.G, p.B.shape[0]
-        self.nx = 2 * K + (1 if p.budget is not None else 0)
-        self.N = sp.hstack([p.B, -p.A, sp.csr_matrix(np.ones((S, 1)))], format="csr")
-        T = np.zeros((K + G + 1, self.nx))
+        K, G, S, R = p.K, p.G, p.B.shape[0], p.holds
+        self.hold = slice(2 * K, 2 * K + R)
+        self.nx = 2 * K + R + (1 if p.budget is not None else 0)
+        blocks = [p.B, -p.A] + ([p.H] if R else []) + [sp.csr_matrix(np.ones((S, 1)))]
+        self.N = sp.hstack(blocks, format="csr")
+        T = np.zeros((K + G + R + 1, self.nx))
         T[:K, :K] = np.eye(K)
         T[:K, K : 2 * K] = -np.eye(K)
         T[K + p.group, np.arange(K)] = p.eps  # e_g = sum_{j in g} eps_j (mu+_j + mu-_j)
         T[K + p.group, K + np.arange(K)] = p.eps
+        T[K + G + np.arange(R), 2 * K + np.arange(R)] = 1.0
         if p.budget is not None:
-            T[K + G, 2 * K] = 1.0
+            T[K + G + R, 2 * K + R] = 1.0
         self.T = T
         self.NT = self.N.T.tocsr()
         with np.errstate(divide="ignore"):
@@ -238,6 +249,9 @@ class _Dual:
         wq = p.weight * q
         value = float(p.weight @ f + wq @ t)
         grad = self.T.T @ (self.NT @ wq)
+        if p.holds:
+            value -= float(x[self.hold] @ p.hold_target)
+            grad[self.hold] -= p.hold_target
         if p.budget is not None:
             value -= x[-1] * p.budget
             grad[-1] -= p.budget
@@ -269,6 +283,7 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     dual = _Dual(p)
     lo = np.zeros(dual.nx)
     hi = np.full(dual.nx, np.inf if enforcement is None else float(enforcement))
+    lo[dual.hold], hi[dual.hold] = -np.inf, np.inf  # equalities: free duals
     if p.budget is not None:
         lo[-1], hi[-1] = -np.inf, np.inf
     bound = primal_upper_bound(p)
@@ -312,6 +327,9 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     budget_residual = float(wq.sum() - p.budget) if p.budget is not None else 0.0
     if p.budget is not None and p.budget > 0:
         budget_residual /= p.budget
+    if p.holds:  # a held mass that moved counts as a violation (relative to its target)
+        moved = np.abs(p.H.T @ wq - p.hold_target) / np.maximum(p.hold_target, 1e-300)
+        budget_residual = max(abs(budget_residual), float(moved.max()))
     info["dual_evaluations"] = dual.evaluations
     info["seconds"] = round(time.perf_counter() - start, 6)
     return DualResult(
@@ -446,6 +464,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     eps: list[float] = []
     groups: list[int] = []
     a_cols = []
+    hold_cols: list[np.ndarray] = []
     notes: dict[str, Any] = {"pi": {}}
     for g, name in enumerate(used_attrs):
         values = list(attrs[name].values)
@@ -488,6 +507,11 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
             coords += [Coordinate("association", name, v, lab, r) for v in values for r in label_values]
             eps += [step.tolerance.association] * (m * R)
             groups += [g] * (m * R)
+            if step.hold_labels:  # each label value's mass among the rows carrying the attribute
+                for r in range(R):
+                    members = carrying[has][y[has] == r]
+                    if len(members):
+                        hold_cols.append(members)
     K = len(coords)
     if rows_i:
         B = sp.csr_matrix(
@@ -505,7 +529,17 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
          np.concatenate([np.full(len(c), g) for g, c in enumerate(a_cols)]) if a_cols else np.zeros(0, np.int64))),
         shape=(S, len(used_attrs)),
     )
+    H = hold_target = None
+    if hold_cols:
+        H = sp.csr_matrix(
+            (np.ones(sum(len(c) for c in hold_cols)),
+             (np.concatenate(hold_cols), np.concatenate([np.full(len(c), h) for h, c in enumerate(hold_cols)]))),
+            shape=(S, len(hold_cols)),
+        )
+        # held at the baseline: the mass the rows would have at their baseline keep rate
+        hold_target = H.T @ (weight * eta)
     problem = MomentProblem(
+        H=H, hold_target=hold_target,
         weight=weight, rows=n, eta=eta, B=B, A=A, group=np.array(groups, dtype=np.int64)[used],
         eps=np.array(eps, dtype=np.float64)[used], max_weight=float(step.max_weight),
         budget=float(eta_target) if step.budget else None, objective=step.objective,
@@ -518,7 +552,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
 
 def _with_retention(p: MomentProblem, step: M4Balance, stats: CorpusStats, retention: float) -> MomentProblem:
     rebuilt, _, _, _ = build_problem(step, stats, retention=retention, stream=p.stream)
-    return replace(p, eta=rebuilt.eta, budget=rebuilt.budget, stream=rebuilt.stream)
+    return replace(p, eta=rebuilt.eta, budget=rebuilt.budget, stream=rebuilt.stream, hold_target=rebuilt.hold_target)
 
 
 def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step: M4Balance, enforcement: float | None) -> dict[str, Any]:
@@ -562,7 +596,8 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
         "ess": (sum_q**2 / sum_q2) * n if sum_q2 > 0 else 0.0,
         "largest_weight": float(r.q.max()) if r.q.size else 0.0,
         "signatures": int(p.B.shape[0]),
-        "constraints": 2 * K + (1 if p.budget is not None else 0),
+        "constraints": 2 * K + p.holds + (1 if p.budget is not None else 0),
+        "held_masses": p.holds,
         "binding": [table[j] for j in range(K) if binding_mask[j]][:limit],
         "moments": [table[j] for j in order[:limit]],
         "moments_truncated": max(0, K - limit),

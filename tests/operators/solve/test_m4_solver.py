@@ -184,6 +184,55 @@ def test_kl_with_association_only_at_observed_prevalence_is_reweighing_up_to_a_f
         assert max(ratios) - min(ratios) <= 1e-9 * max(ratios)
 
 
+def test_kl_with_association_and_held_label_masses_is_reweighing_exactly():
+    """Holding each label value's mass among the carrying rows (hold_labels) fixes the per-label factor
+    of the test above: KL-M4 at pi = observed prevalence is then Kamiran-Calders reweighing itself."""
+    balance = {
+        "method": "m4", "associate": [["g", "occ"]], "objective": "kl", "budget": False, "retention": 1.0,
+        "max_weight": 1000.0, "tolerance": {"representation": 0.0, "association": 0.0}, "hold_labels": True,
+    }
+    stats = random_stats(4, m=3, R=4, balance=balance, skew=2.0, null_labels=False)
+    solution = solve(stats)
+    q = solution.weights(stats.signatures.select(TAGS))
+    t = stats.signatures.to_pydict()
+    cells = {(s, y): c for s, y, c in zip(t["tag.g"], t["tag.occ"], t["count"]) if s is not None}
+    rw = reweigh_cells(cells)
+    for s, y, w in zip(t["tag.g"], t["tag.occ"], q):
+        assert w == pytest.approx(1.0 if s is None else rw[(s, y)], rel=1e-8)
+    assert solution.diagnostics["held_masses"] == 4 and solution.diagnostics["max_violation"] <= 1e-9
+
+
+def test_held_label_masses_with_l2_match_cvxpy():
+    import cvxpy as cp
+
+    balance = {"method": "m4", "targets": {"g": {"v0": 0.5, "v1": 0.5}}, "associate": [["g", "occ"]],
+               "retention": 0.8, "max_weight": 2.0, "hold_labels": True,
+               "tolerance": {"representation": 0.01, "association": 0.01}}
+    stats = random_stats(7, R=3, balance=balance, skew=1.0)
+    solution = solve(stats)
+    t = stats.signatures.to_pydict()
+    counts = np.array(t["count"], float)
+    w = counts / counts.sum()
+    q = cp.Variable(len(w))
+    carrying = np.array([s is not None for s in t["tag.g"]], float)
+    W = (w * carrying) @ q
+    cons = [q >= 0, q <= 2.0, w @ q == 0.8]
+    for v in ("v0", "v1"):
+        b = carrying * (np.array([s == v for s in t["tag.g"]], float) - 0.5)
+        cons += [(w * b) @ q <= 0.01 * W, -((w * b) @ q) <= 0.01 * W]
+        for r in ("l0", "l1", "l2"):
+            br = b * np.array([y == r for y in t["tag.occ"]], float)
+            cons += [(w * br) @ q <= 0.01 * W, -((w * br) @ q) <= 0.01 * W]
+    for r in ("l0", "l1", "l2"):
+        h = carrying * np.array([y == r for y in t["tag.occ"]], float)
+        cons.append((w * h) @ q == 0.8 * (w @ h))
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum(cp.multiply(w, cp.square(q - 0.8)))), cons)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    assert solution.diagnostics["objective_per_row"] == pytest.approx(prob.value, rel=1e-4)
+    mine = solution.weights(stats.signatures.select(TAGS))
+    np.testing.assert_allclose(mine, q.value, atol=1e-5)
+
+
 def test_utility_scales_the_baseline_per_signature():
     balance = {"method": "m4", "associate": [["g", "occ"]], "retention": 0.5, "max_weight": 1.0,
                "tolerance": {"representation": 1.0, "association": 1.0}}  # nothing binds
