@@ -114,8 +114,12 @@ class KeptRows:
     """The kept rows' tags shard by shard (valid, first occurrence, embedded): for solvers that need
     every row, e.g. M4 with a per-row utility baseline. One shard in memory at a time."""
 
-    def __init__(self, ctx: stages.RunContext, store: RunStore, shards, dups: dict[int, dict[str, list]]):
+    def __init__(self, ctx: stages.RunContext, store: RunStore, shards, dups: dict[int, dict[str, list]], executor=None):
         self.ctx, self.store, self.shards, self.dups = ctx, store, shards, dups
+        self.executor = executor or LocalExecutor()
+
+    def blocks(self) -> "ShardBlocks":
+        return ShardBlocks(self)
 
     def tables(self, columns: list[str]):
         for shard in self.shards:
@@ -123,6 +127,56 @@ class KeptRows:
                                       stages.embed_rejected_rows(self.ctx, self.store, shard.shard_id)])
             tags, _ = stages.drop_rows(stages.load_tags(self.ctx, self.store, shard.shard_id), dropped)
             yield tags.select(columns)
+
+
+class ShardBlocks:
+    """M4 streaming blocks kept per shard under OUT/solve/stream/ and reduced by the run's executor:
+    every dual evaluation is one map (a Ray task per shard) and a sum of per-signature vectors."""
+
+    def __init__(self, rows: KeptRows):
+        self.rows = rows
+        self.calls = 0
+
+    def _map(self, fn, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {r["shard_id"]: r for r in self.rows.executor.map(functools.partial(fn, self.rows.ctx), tasks)}
+
+    def build(self, keys) -> tuple[int, float]:
+        store = self.rows.store
+        store.write_table("solve", "stream", "keys.parquet", table=keys.to_arrow())
+        tasks = [{"shard_id": s.shard_id, "dup_rows": self.rows.dups.get(s.index, {}).get("rows", [])} for s in self.rows.shards]
+        done = self._map(stages.stream_block_build, tasks)
+        ids = [s.shard_id for s in self.rows.shards]
+        return sum(done[i]["rows"] for i in ids), sum(done[i]["sum_u"] for i in ids)
+
+    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
+        import io
+
+        store = self.rows.store
+        self.calls += 1
+        t_file = None
+        if t is not None:
+            t_file = f"t-{self.calls:06d}.npz"
+            buf = io.BytesIO()
+            np.savez(buf, t=np.asarray(t, np.float64))
+            store.write_bytes("solve", "stream", t_file, data=buf.getvalue())
+        tasks = [{"shard_id": s.shard_id, "kind": kind, "t_file": t_file, "params": params, "call": self.calls}
+                 for s in self.rows.shards]
+        done = self._map(stages.stream_block_reduce, tasks)
+        total = None
+        for shard in self.rows.shards:  # a fixed order: the same sums on every rerun
+            name = done[shard.shard_id]["part"]
+            with np.load(io.BytesIO(store.read_bytes("solve", "stream", name))) as data:
+                part = data["part"]
+            store.fs.delete_file(store.path("solve", "stream", name))
+            total = part if total is None else total + part
+        if t_file:
+            store.fs.delete_file(store.path("solve", "stream", t_file))
+        return total if total is not None else np.zeros((3 if kind == "aggregate" else 1, int(params["S"])))
+
+    def close(self) -> None:
+        store = self.rows.store
+        if store.exists("solve", "stream"):
+            store.fs.delete_dir(store.path("solve", "stream"))
 
 
 class Rebalancer:
@@ -287,7 +341,7 @@ class Rebalancer:
                              entry_counts=entry_counts,
                              hierarchies={c.name: store.read_json("models", f"{c.name}.json")["parents"]
                                           for c in recipe.clusters if c.levels},
-                             rows=KeptRows(ctx, store, shards, dups) if recipe.input.columns.utility else None)
+                             rows=KeptRows(ctx, store, shards, dups, executor) if recipe.input.columns.utility else None)
         if not store.exists("solve", "solution.json"):
             try:
                 solution = solve(corpus)

@@ -456,3 +456,49 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     summary = {"shard_id": shard_id, "rows": len(valid_rows), "embedded": embedded, "rejected": rejected, "reasons": reasons}
     _mark_done(store, "embed", shard_id, summary, task)
     return summary
+
+
+# -- the M4 streaming path: row blocks per shard, reduced once per dual evaluation --------------
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _npz(store: RunStore, *parts: str) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(store.read_bytes(*parts))) as data:
+        return {k: data[k] for k in data.files}
+
+
+def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    """(signature id, utility) of a shard's kept rows, saved as its block under solve/stream/."""
+    from mmbalance.operators.solve.m4 import signature_ids
+    from mmbalance.schemas.contract import UTILITY_COLUMN
+
+    store = RunStore(ctx.out)
+    shard_id = task["shard_id"]
+    keys = pl.from_arrow(store.read_table("solve", "stream", "keys.parquet"))
+    dropped = np.concatenate([np.asarray(task["dup_rows"], np.int64), embed_rejected_rows(ctx, store, shard_id)])
+    tags, _ = drop_rows(load_tags(ctx, store, shard_id), dropped)
+    sig, u = signature_ids(tags.select(keys.columns + [UTILITY_COLUMN]), keys)
+    store.write_bytes("solve", "stream", f"{shard_id}.npz", data=_npz_bytes(sig=sig, u=u))
+    return {"shard_id": shard_id, "rows": int(len(u)), "sum_u": float(u.sum())}
+
+
+def stream_block_reduce(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    """One shard's per-signature sums for one dual evaluation, written beside its block."""
+    from mmbalance.operators.solve.m4 import block_sums
+
+    store = RunStore(ctx.out)
+    block = _npz(store, "solve", "stream", f"{task['shard_id']}.npz")
+    t = _npz(store, "solve", "stream", task["t_file"])["t"] if task["t_file"] else None
+    part = block_sums(block["sig"], block["u"], task["kind"], t, task["params"])
+    name = f"part-{task['call']:06d}-{task['shard_id']}.npz"
+    store.write_bytes("solve", "stream", name, data=_npz_bytes(part=part))
+    return {"shard_id": task["shard_id"], "part": name}

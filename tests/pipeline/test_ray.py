@@ -54,3 +54,30 @@ def test_job_entrypoint_runs_on_the_current_cluster(ray_cluster, held_out_corpus
     assert "\"manifest\": 13500" in capsys.readouterr().out.replace("\n", "")
     assert main(["--recipe", str(recipe), "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "mmbalance job failed: " in capsys.readouterr().err
+
+
+def test_m4_streaming_dual_evaluations_run_as_ray_tasks(ray_cluster, tmp_path):
+    import numpy as np
+
+    from corpora import write_shards
+    from mmbalance.schemas.recipe import parse_recipe
+
+    tables = {}
+    for i in range(3):
+        t = held_out_table(1500, 80 + i)
+        tables[f"s{i}.parquet"] = t.append_column("score", pa.array(np.random.default_rng(i).gamma(2.0, 0.2, t.num_rows)))
+    corpus = write_shards(tmp_path / "c", tables)
+    recipe = parse_recipe({
+        "input": {"columns": {"uid": "uid", "utility": "score"}},
+        "attributes": [{"name": "gender", "values": ["woman", "man"]}], "labels": [{"name": "occupation"}],
+        "balance": {"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}}, "associate": [["gender", "occupation"]],
+                    "tolerance": {"association": 0.03}, "retention": 0.5, "max_weight": 2.0, "on_infeasible": "max_retention"},
+        "report": {"leakage": False, "html": False},
+    })
+    manifests = {}
+    for executor in ("local", "ray"):
+        result = rebalance(str(corpus), str(tmp_path / executor), recipe, RunOptions(executor=executor, show_progress=False))
+        assert "streaming" in result.report["solution"]["utility"]
+        manifests[executor] = {p.name: p.read_bytes() for p in (tmp_path / executor / "manifest").iterdir()}
+        assert not (tmp_path / executor / "solve" / "stream").exists()  # blocks are cleaned up after the solve
+    assert manifests["ray"] == manifests["local"]

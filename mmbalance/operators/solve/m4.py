@@ -94,37 +94,102 @@ class DualResult:
         return max(v, abs(self.budget_residual))
 
 
-class SampleStream:
-    """The streaming path: every row keeps its own baseline eta_i = clip(retention u_i / mean u, 0, Q).
+def block_sums(sig: np.ndarray, u: np.ndarray, kind: str, t: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+    """Per-signature sums over one block of rows (signature id, utility): ``eta`` (1, S) the
+    baselines, ``worst`` (1, S) the largest objective term on [0, Q], ``aggregate`` (3, S) q, f and
+    -dq/dt at dual shifts ``t``. Summing the blocks' results gives the corpus's."""
+    S, Q, objective = int(params["S"]), float(params["max_weight"]), params["objective"]
+    mean_u, retention = float(params["mean_u"]), float(params["retention"])
+    eta = np.clip(retention * u / mean_u, 0.0, Q) if mean_u > 0 else np.full(len(u), min(retention, Q))
+    if kind == "eta":
+        return np.bincount(sig, weights=eta, minlength=S)[None, :]
+    if kind == "worst":
+        if objective == "l2":
+            w = 0.5 * np.maximum(eta, Q - eta) ** 2
+        else:
+            w = np.maximum(eta, np.where(eta > 0, xlogy(Q, Q) - xlogy(Q, eta) - Q + eta, 0.0))
+        return np.bincount(sig, weights=w, minlength=S)[None, :]
+    z = eta - t[sig]
+    if objective == "l2":
+        q = np.clip(z, 0.0, Q)
+        f = 0.5 * (q - eta) ** 2
+        c = ((z > 0.0) & (z < Q)).astype(np.float64)
+    else:
+        with np.errstate(divide="ignore"):
+            log_eta = np.log(eta)
+        logq = np.minimum(log_eta - t[sig], math.log(Q))
+        q = np.exp(logq)
+        with np.errstate(invalid="ignore"):
+            f = np.where(q > 0, q * (logq - log_eta), 0.0) - q + eta
+        c = np.where(log_eta - t[sig] < math.log(Q), q, 0.0)
+    return np.stack([np.bincount(sig, weights=x, minlength=S) for x in (q, f, c)])
 
-    One pass over the kept rows stores (signature id, utility) per shard on local disk (12 bytes a
-    row); each dual evaluation then streams those blocks once, one shard in memory at a time, and
-    reduces q, f and the curvature to per-signature means, so the dual still has 2K+1 variables.
-    """
 
-    def __init__(self, rows, keys: pl.DataFrame, counts: np.ndarray, retention: float, max_weight: float):
+def signature_ids(table, keys: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(signature id, utility) of a table of kept rows, by their tag columns."""
+    from mmbalance.schemas.contract import UTILITY_COLUMN
+
+    frame = pl.from_arrow(table)
+    keyed = keys.with_row_index("__sig")
+    sig = frame.select(keys.columns).join(keyed, on=keys.columns, how="left", nulls_equal=True, maintain_order="left")["__sig"]
+    if sig.null_count():
+        raise RuntimeError("m4 streaming: a row's tags are not in the signature table")
+    return sig.to_numpy().astype(np.int32), frame[UTILITY_COLUMN].to_numpy().astype(np.float64)
+
+
+class LocalBlocks:
+    """Row blocks on this machine's disk, reduced in this process: for a RowStream that cannot run
+    the reductions itself (the pipeline's can: one Ray task per shard per dual evaluation)."""
+
+    def __init__(self, rows):
+        self.rows_stream = rows
+        self.dir: str | None = None
+        self.files: list[str] = []
+
+    def build(self, keys: pl.DataFrame) -> tuple[int, float]:
         import tempfile
 
         from mmbalance.schemas.contract import UTILITY_COLUMN
 
         self.dir = tempfile.mkdtemp(prefix="mmbalance-m4-stream-")
-        self.files: list[str] = []
+        n, total_u = 0, 0.0
+        for i, table in enumerate(self.rows_stream.tables(keys.columns + [UTILITY_COLUMN])):
+            sig, u = signature_ids(table, keys)
+            path = f"{self.dir}/{i:06d}.npz"
+            np.savez(path, sig=sig, u=u)
+            self.files.append(path)
+            n, total_u = n + len(u), total_u + float(u.sum())
+        return n, total_u
+
+    def reduce(self, kind: str, t: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        total = None
+        for path in self.files:
+            with np.load(path) as block:
+                part = block_sums(block["sig"], block["u"], kind, t, params)
+            total = part if total is None else total + part
+        return total if total is not None else np.zeros((3 if kind == "aggregate" else 1, int(params["S"])))
+
+    def close(self) -> None:
+        import shutil
+
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SampleStream:
+    """The streaming path: every row keeps its own baseline eta_i = clip(retention u_i / mean u, 0, Q).
+
+    One pass over the kept rows stores (signature id, utility) per shard as blocks (12 bytes a row);
+    each dual evaluation is then a map-reduce over the blocks (``block_sums``), one block in memory
+    at a time: q, f and the curvature come back as per-signature sums, so the dual still has 2K+1
+    variables. The RowStream may supply its own blocks (``blocks()``), e.g. one Ray task per shard.
+    """
+
+    def __init__(self, rows, keys: pl.DataFrame, counts: np.ndarray, retention: float, max_weight: float):
+        self.blocks = rows.blocks() if hasattr(rows, "blocks") else LocalBlocks(rows)
         self.counts = counts
         self.S = len(counts)
-        key_cols = keys.columns
-        keyed = keys.with_row_index("__sig")
-        total_u, n = 0.0, 0
-        for i, table in enumerate(rows.tables(key_cols + [UTILITY_COLUMN])):
-            frame = pl.from_arrow(table)
-            sig = frame.select(key_cols).join(keyed, on=key_cols, how="left", nulls_equal=True, maintain_order="left")["__sig"]
-            if sig.null_count():
-                raise RuntimeError("m4 streaming: a row's tags are not in the signature table")
-            u = frame[UTILITY_COLUMN].to_numpy().astype(np.float64)
-            path = f"{self.dir}/{i:06d}.npz"
-            np.savez(path, sig=sig.to_numpy().astype(np.int32), u=u)
-            self.files.append(path)
-            total_u += float(u.sum())
-            n += len(u)
+        n, total_u = self.blocks.build(keys)
         self.rows = n
         self.mean_u = total_u / n if n else 0.0
         self.retention = retention
@@ -136,64 +201,27 @@ class SampleStream:
         clone.retention = retention
         return clone
 
-    def _eta(self, u: np.ndarray) -> np.ndarray:
-        if self.mean_u <= 0:
-            return np.full(len(u), min(self.retention, self.max_weight))
-        return np.clip(self.retention * u / self.mean_u, 0.0, self.max_weight)
-
-    def _blocks(self):
-        for path in self.files:
-            with np.load(path) as block:
-                yield block["sig"], self._eta(block["u"])
+    def _params(self, objective: str) -> dict[str, Any]:
+        return {"S": self.S, "max_weight": self.max_weight, "objective": objective, "mean_u": self.mean_u,
+                "retention": self.retention}
 
     def _mean(self, total: np.ndarray) -> np.ndarray:
         return np.divide(total, self.counts, out=np.zeros(self.S), where=self.counts > 0)
 
     def mean_eta(self) -> np.ndarray:
-        total = np.zeros(self.S)
-        for sig, eta in self._blocks():
-            total += np.bincount(sig, weights=eta, minlength=self.S)
-        return self._mean(total)
+        return self._mean(self.blocks.reduce("eta", None, self._params("l2"))[0])
 
     def worst(self, objective: str) -> np.ndarray:
         """Per-signature mean of the largest objective term a row can have on [0, Q]."""
-        total = np.zeros(self.S)
-        Q = self.max_weight
-        for sig, eta in self._blocks():
-            if objective == "l2":
-                w = 0.5 * np.maximum(eta, Q - eta) ** 2
-            else:
-                w = np.maximum(eta, np.where(eta > 0, xlogy(Q, Q) - xlogy(Q, eta) - Q + eta, 0.0))
-            total += np.bincount(sig, weights=w, minlength=self.S)
-        return self._mean(total)
+        return self._mean(self.blocks.reduce("worst", None, self._params(objective))[0])
 
     def aggregate(self, t: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-signature means of q, f and -dq/dt at dual shifts ``t`` (one pass over the rows)."""
-        sq, sf, sc = np.zeros(self.S), np.zeros(self.S), np.zeros(self.S)
-        Q = self.max_weight
-        for sig, eta in self._blocks():
-            z = eta - t[sig]
-            if objective == "l2":
-                q = np.clip(z, 0.0, Q)
-                f = 0.5 * (q - eta) ** 2
-                c = ((z > 0.0) & (z < Q)).astype(np.float64)
-            else:
-                with np.errstate(divide="ignore"):
-                    log_eta = np.log(eta)
-                logq = np.minimum(log_eta - t[sig], math.log(Q))
-                q = np.exp(logq)
-                with np.errstate(invalid="ignore"):
-                    f = np.where(q > 0, q * (logq - log_eta), 0.0) - q + eta
-                c = np.where(log_eta - t[sig] < math.log(Q), q, 0.0)
-            sq += np.bincount(sig, weights=q, minlength=self.S)
-            sf += np.bincount(sig, weights=f, minlength=self.S)
-            sc += np.bincount(sig, weights=c, minlength=self.S)
-        return self._mean(sq), self._mean(sf), self._mean(sc)
+        sums = self.blocks.reduce("aggregate", np.asarray(t, np.float64), self._params(objective))
+        return self._mean(sums[0]), self._mean(sums[1]), self._mean(sums[2])
 
     def close(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.blocks.close()
 
 
 class _Dual:
