@@ -100,25 +100,12 @@ def vocabulary_embeddings(vocab: Vocabulary, encode_text: Callable[[list[str]], 
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float32 matrix of a list/fixed_size_list embedding column and its valid-row mask.
+    """(n, d) float32 copy of an embedding column (``cluster.embedding_matrix``) with unusable rows
+    zeroed, and its valid-row mask."""
+    from mmbalance.operators.cluster import embedding_matrix as matrix_of
 
-    Null rows come back as zeros with valid False; lists of another length than the rest are an
-    error (validation rejects them before tagging).
-    """
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_list(arr.type):
-        d = arr.type.list_size
-        flat = arr.values.slice(arr.offset * d, n * d).to_numpy(zero_copy_only=False)
-        m = flat.reshape(n, d).astype(np.float32, copy=True)
-    else:
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
-        d = int(lengths[valid].max()) if valid.any() else 0
-        if np.any(lengths[valid] != d):
-            raise ValueError("embedding lists have different lengths")
-        m = np.zeros((n, d), np.float32)
-        m[valid] = pc.list_flatten(arr).to_numpy(zero_copy_only=False).reshape(-1, d)
+    m, valid = matrix_of(column)
+    m = np.array(m, dtype=np.float32, copy=True)
     m[~valid] = 0
     return m, valid
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.operators import cluster
+from mmbalance.pipeline.stages import drop_rows
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
@@ -71,9 +72,7 @@ def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size
         if not store.exists("sample", f"{shard.shard_id}.parquet"):
             continue
         part = store.read_table("sample", f"{shard.shard_id}.parquet")
-        dup_rows = dups.get(shard.index, {}).get("rows", [])
-        if dup_rows:
-            part = part.filter(pc.invert(pc.is_in(part.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
+        part = drop_rows(part, dups.get(shard.index, {}).get("rows", []))[0]
         if embedded:  # embeddings were made after the scan: attach them (embed-rejected rows drop out)
             sidecar = store.read_table("embeddings", f"{shard.shard_id}.parquet", columns=["row", "image_emb", "text_emb"])
             side_rows = sidecar.column("row").to_numpy()  # ascending, a subset of the valid rows
@@ -142,9 +141,7 @@ def class_counts(store: RunStore, shards, dups: dict[int, dict[str, list]], colu
     counts: dict[str, int] = {}
     for shard in shards:
         tags = store.read_table("tags", f"{shard.shard_id}.parquet", columns=["row", column])
-        dup_rows = dups.get(shard.index, {}).get("rows", [])
-        if dup_rows:
-            tags = tags.filter(pc.invert(pc.is_in(tags.column("row"), value_set=pa.array(dup_rows, pa.int64()))))
+        tags = drop_rows(tags, dups.get(shard.index, {}).get("rows", []))[0]
         vc = pc.value_counts(tags.column(column).drop_null())
         for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
             counts[value] = counts.get(value, 0) + int(n)

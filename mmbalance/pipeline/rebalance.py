@@ -123,10 +123,8 @@ class KeptRows:
 
     def tables(self, columns: list[str]):
         for shard in self.shards:
-            dropped = np.concatenate([np.asarray(self.dups.get(shard.index, {}).get("rows", []), np.int64),
-                                      stages.embed_rejected_rows(self.ctx, self.store, shard.shard_id)])
-            tags, _ = stages.drop_rows(stages.load_tags(self.ctx, self.store, shard.shard_id), dropped)
-            yield tags.select(columns)
+            dup_rows = self.dups.get(shard.index, {}).get("rows", [])
+            yield stages.kept_tags(self.ctx, self.store, shard.shard_id, dup_rows).select(columns)
 
 
 class ShardBlocks:

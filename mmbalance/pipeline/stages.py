@@ -236,6 +236,12 @@ def drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
     return tags.filter(pc.invert(hit)), tags.filter(hit)
 
 
+def kept_tags(ctx: RunContext, store: RunStore, shard_id: str, dup_rows) -> pa.Table:
+    """A shard's tags without its duplicates and the rows the embed stage rejected: the manifest's rows."""
+    dropped = np.concatenate([np.asarray(dup_rows, np.int64), embed_rejected_rows(ctx, store, shard_id)])
+    return drop_rows(load_tags(ctx, store, shard_id), dropped)[0]
+
+
 def embed_rejected_rows(ctx: RunContext, store: RunStore, shard_id: str) -> np.ndarray:
     """Rows the embed stage rejected (undecodable images, ...): out of the manifest like duplicates."""
     if ctx.recipe.embed is None or not store.exists("rejects", "embed", f"{shard_id}.parquet"):
@@ -285,8 +291,7 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
-    dropped = np.concatenate([np.asarray(task["dup_rows"], np.int64), embed_rejected_rows(ctx, store, shard_id)])
-    tags, _ = drop_rows(load_tags(ctx, store, shard_id), dropped)
+    tags = kept_tags(ctx, store, shard_id, task["dup_rows"])
     manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"])
     weights = manifest.column("weight").to_numpy()
     repeats = manifest.column("repeats").to_numpy()
@@ -484,8 +489,7 @@ def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     keys = pl.from_arrow(store.read_table("solve", "stream", "keys.parquet"))
-    dropped = np.concatenate([np.asarray(task["dup_rows"], np.int64), embed_rejected_rows(ctx, store, shard_id)])
-    tags, _ = drop_rows(load_tags(ctx, store, shard_id), dropped)
+    tags = kept_tags(ctx, store, shard_id, task["dup_rows"])
     sig, u = signature_ids(tags.select(keys.columns + [UTILITY_COLUMN]), keys)
     store.write_bytes("solve", "stream", f"{shard_id}.npz", data=_npz_bytes(sig=sig, u=u))
     return {"shard_id": shard_id, "rows": int(len(u)), "sum_u": float(u.sum())}
