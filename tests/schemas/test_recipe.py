@@ -100,3 +100,51 @@ def test_balance_steps_compose_and_errors_point_into_the_list():
         parse_recipe({**base, "balance": [{"method": "none"}, {"method": "cap", "by": "occupation", "cpa": 3}]}, "r.yaml")
     with pytest.raises(RecipeError, match="balance.0.by names 'job'"):
         parse_recipe({**base, "balance": [{"method": "cap", "by": "job", "cap": 3}]}, "r.yaml")
+
+
+def test_duplicate_key_names_the_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("labels:\n  - {name: occupation}\nbalance:\n  method: cap\n  by: occupation\n  cap: 3\n  cap: 5\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}: line 7 duplicate key 'cap' (first given on line 6)"
+
+
+def test_duplicate_key_in_a_flow_mapping_and_merge_keys(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("input: {columns: {uid: a, uid: b}}\n")
+    with pytest.raises(RecipeError, match=r"line 1 duplicate key 'uid'"):
+        load_recipe(path)
+    # a '<<' merge overriding a key is YAML's own way to reuse a block, not a duplicate
+    path.write_text("labels: [{name: occupation}]\nbalance:\n  <<: {method: cap, by: occupation, cap: 3}\n  cap: 5\n")
+    assert load_recipe(path).balance.cap == 5
+
+
+def test_boolean_words_are_value_names_as_written_and_still_flags(tmp_path):
+    """yes/no/on/off/true/false (any case) keep their exact text where a string is expected
+    (YAML 1.1 would read them as booleans); bool settings still read them as booleans."""
+    path = tmp_path / "words.yaml"
+    path.write_text(
+        "input: {columns: {uid: uid}}\n"
+        "attributes:\n"
+        "  - {name: answer, values: [yes, no, true, False, On, OFF, 'y']}\n"
+        "labels: [{name: occupation, values: [on, off]}]\n"
+        "balance:\n"
+        "  method: m4\n"
+        "  targets: {answer: {yes: 0.5, no: 0.5}}\n"
+        "  budget: no\n"
+        "report: {html: NO, leakage: Yes}\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.attributes[0].values == ["yes", "no", "true", "False", "On", "OFF", "y"]
+    assert recipe.labels[0].values == ["on", "off"]
+    assert recipe.balance.targets == {"answer": {"yes": 0.5, "no": 0.5}}
+    assert recipe.balance.budget is False and recipe.report.html is False and recipe.report.leakage is True
+    # the same recipe through PyYAML's own loader fails the way users saw it
+    with pytest.raises(RecipeError, match="valid string"):
+        parse_recipe(yaml.safe_load(path.read_text()), "r.yaml")
+
+
+def test_verify_checksums_is_an_execution_setting(issue_recipe):
+    on = issue_recipe.model_copy(update={"execution": issue_recipe.execution.model_copy(update={"verify_checksums": True})})
+    assert on.fingerprint() == issue_recipe.fingerprint() and Recipe().execution.verify_checksums is False
