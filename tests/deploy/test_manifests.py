@@ -185,7 +185,16 @@ def test_dockerfile_is_consistent_with_the_repo(kind):
     assert extras and extras <= set(PYPROJECT["project"]["optional-dependencies"]), extras
     assert "jobs" in extras and "ray[default]" in " ".join(PYPROJECT["project"]["optional-dependencies"]["jobs"])
     if kind == "cuda":
-        assert {"embed", "gpu"} <= extras
+        assert "embed" in extras
+        # faiss-gpu replaces the base faiss-cpu after mmbalance is installed, then the build is checked
+        steps_run = [a for op, a in steps if op == "RUN"]
+        install = next(a for a in steps_run if '".[' in a)
+        assert install.index('".[') < install.index("mmbalance.faiss_build --use gpu") < install.index("--require-gpu-build")
+        assert install.count("pip install") == 2 and "pip install" not in install.split("faiss_build --use gpu")[1]
+        health = [a for op, a in steps if op == "HEALTHCHECK"]
+        assert len(health) == 1 and "mmbalance.faiss_build --require-gpus 1" in health[0]
+    else:
+        assert "faiss_build --use" not in text and all(op != "HEALTHCHECK" for op, _ in steps)
     # the modules its smoke check imports exist here (ray.dashboard only with ray[default])
     for module in re.findall(r"import ([\w., ]+)\"", text)[0].split(","):
         module = module.strip()
