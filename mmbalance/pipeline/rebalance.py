@@ -37,13 +37,14 @@ from mmbalance.operators import tag as tag_op
 from mmbalance.operators.zero_shot import summarise_audit
 from mmbalance.pipeline import fit, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
+from mmbalance.pipeline.fingerprint import changed_shards, shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import discover_shards, expected_embedding_dim, inspect_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2  # 2: content fingerprints per shard, done markers record their outputs
 SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample
 
 
@@ -82,27 +83,41 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _input_fingerprint(shards) -> str:
+def _input_fingerprint(shards, contents: dict[str, str]) -> str:
     h = hashlib.sha256()
     for s in shards:
-        h.update(f"{s.relpath}\0{s.size}\0{s.num_rows}\n".encode())
+        h.update(f"{s.relpath}\0{s.size}\0{s.num_rows}\0{contents[s.relpath]}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool) -> None:
+def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, contents: dict[str, str]) -> None:
     if not store.exists("run.json"):
         if store.exists() and store.list_files() and not overwrite:
             names = store.list_files()
             raise InputError(f"{store.uri}: output directory is not empty and holds no mmbalance run ({names[0]}, ...); "
                              "choose another --out or pass --overwrite")
         return
-    previous = store.read_json("run.json")
+    try:
+        previous = store.read_json("run.json")
+    except InputError:  # a torn run record: --overwrite starts over, otherwise the error names it
+        if not overwrite:
+            raise
+        store.clear()
+        return
     keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
     same = all(previous.get(k) == run.get(k) for k in keys)
     if same:
         return
     if not overwrite:
         changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
+        if changed == ["input_fingerprint"] and store.exists("shards.json"):
+            moved = changed_shards(store.read_json("shards.json"), contents)
+            if moved:
+                more = f" (and {len(moved) - 1} more)" if len(moved) > 1 else ""
+                raise InputError(
+                    f"{moved[0]}{more}: input shard changed since the run in {store.uri} started (size, modification "
+                    "time or footer differ); pass --overwrite to redo the run or choose another --out"
+                )
         raise InputError(
             f"{store.uri}: holds a run with a different {' and '.join(c.split('_')[0] for c in changed) or 'format'}; "
             "pass --overwrite to replace it or choose another --out"
@@ -184,14 +199,20 @@ class Rebalancer:
         self.options = options or RunOptions()
         self.store = RunStore(out)
         self.stage_seconds: dict[str, float] = {}
+        self.shard_fingerprints: dict[str, str] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
 
     def _run_stage(self, name: str, executor, fn, tasks: list[dict[str, Any]], keys: list[str], rows: list[int],
-                   **resources: Any) -> None:
-        """Run the tasks whose done marker is missing; progress counts finished and skipped work."""
+                   identity: tuple[str, ...] = (), **resources: Any) -> None:
+        """Run the tasks that are not verifiably done (marker readable, outputs intact, and the task's
+        ``identity`` values, e.g. the solution digest, equal to the marker's); progress counts
+        finished and skipped work."""
         start = time.perf_counter()
-        done = self.store.done_keys(name)
+        if identity:
+            tasks = [{**t, stages.IDENTITY: list(identity)} for t in tasks]
+        expect = [{k: t[k] for k in identity} for t in tasks]
+        done = self.store.verified_keys(name, keys, expect)
         todo = [t for t, k in zip(tasks, keys) if k not in done]
         skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
         with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
@@ -232,6 +253,7 @@ class Rebalancer:
             column = getattr(recipe.input.columns, role)
             if column:
                 dims[column] = expected_embedding_dim(fs, inspected, column, recipe)
+        contents = self.shard_fingerprints = shard_fingerprints(fs, shards)
         self.stage_seconds["inspect"] = round(time.perf_counter() - t0, 3)
 
         run = {
@@ -239,7 +261,7 @@ class Rebalancer:
             "input": self.input_uri,
             "recipe": recipe.model_dump(mode="json"),
             "recipe_fingerprint": recipe.fingerprint(),
-            "input_fingerprint": _input_fingerprint(shards),
+            "input_fingerprint": _input_fingerprint(shards, contents),
             "shards": len(shards),
             "input_rows": sum(s.num_rows for s in shards),
             "seeds": {"export": recipe.export.seed},
@@ -257,11 +279,12 @@ class Rebalancer:
             # loads the model once here: a bad tag, path or a missing torch fails before any work
             run["embed"] = stages.embed_record(recipe)
             run["embed_identity"] = embedding_identity(run["embed"])
-        _check_previous_run(store, run, self.options.overwrite)
+        _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints)
         store.sweep_temporaries()
         if not store.exists("run.json"):
             store.write_json("run.json", obj=run)
-            store.write_json("shards.json", obj=[s.to_dict() for s in shards])
+            store.write_json("shards.json", obj=[{**s.to_dict(), "fingerprint": self.shard_fingerprints[s.relpath]}
+                                                 for s in shards])
 
         ctx = stages.RunContext(
             input_uri=self.input_uri,
@@ -340,19 +363,24 @@ class Rebalancer:
                              hierarchies={c.name: store.read_json("models", f"{c.name}.json")["parents"]
                                           for c in recipe.clusters if c.levels},
                              rows=KeptRows(ctx, store, shards, dups, executor) if recipe.input.columns.utility else None)
-        if not store.exists("solve", "solution.json"):
+        # a solution whose marker is missing or whose file changed is solved again (deterministic):
+        # never a hand-edited or damaged solution applied to the unfinished shards only
+        if store.verified_summary("solve", "solution") is None:
             try:
                 solution = solve(corpus)
             except ValueError as err:  # solvers raise ValueError for what the recipe asks and the data can't give
                 raise InputError(f"solve: {err}") from None
+            store.take_written()
             store.write_json("solve", "solution.json", obj=solution.to_dict())
+            store.mark_done("solve", "solution", {"rows_in": corpus.total_rows})
         solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
         digest = hashlib.sha256(solution_json.encode()).hexdigest()[:16]
         self.stage_seconds["solve"] = round(time.perf_counter() - t, 3)
 
         # weigh
         weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "solution_digest": digest}, s) for s in shards]
-        self._run_stage("weigh", executor, functools.partial(stages.weigh_shard, ctx), weigh_tasks, ids, rows)
+        self._run_stage("weigh", executor, functools.partial(stages.weigh_shard, ctx), weigh_tasks, ids, rows,
+                        identity=("solution_digest",))
 
         # report
         t = time.perf_counter()
@@ -404,8 +432,9 @@ class Rebalancer:
     def _fit(self, ctx: stages.RunContext, executor, shards, dups, valid_rows: int) -> dict[str, Any]:
         recipe, store = self.recipe, self.store
         t = time.perf_counter()
-        info = store.done_summary("fit", "models")
+        info = store.verified_summary("fit", "models")
         if info is None:
+            store.take_written()
             n_dups = sum(len(d["rows"]) for d in dups.values())
             sample = fit.merge_sample(store, shards, dups, recipe.sample_size(), embedded=recipe.embed is not None)
             if sample is None:
@@ -421,7 +450,7 @@ class Rebalancer:
             digest = fit.models_digest(store)
             tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "models_digest": digest} for s in shards]
             self._run_stage("assign", executor, functools.partial(stages.assign_shard, ctx), tasks,
-                            [s.shard_id for s in shards], [s.num_rows for s in shards])
+                            [s.shard_id for s in shards], [s.num_rows for s in shards], identity=("models_digest",))
         return info
 
     def _merged_entries(self, directory: str, name: str, ids: list[str], size: int | None = None) -> np.ndarray:

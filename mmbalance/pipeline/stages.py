@@ -43,6 +43,7 @@ class RunContext:
 
 
 _STARTED = "_started"
+IDENTITY = "_identity"  # task fields a done marker records and a resume compares (e.g. the solution digest)
 
 
 def _timed(fn):
@@ -57,7 +58,10 @@ def _timed(fn):
 
 
 def _mark_done(store: RunStore, stage: str, key: str, summary: dict[str, Any], task: dict[str, Any]) -> None:
-    """The done marker, written last, with the unit's seconds (stats/stages.json sums them)."""
+    """The done marker, written last: the unit's seconds (stats/stages.json sums them), the task's
+    identity values, and the record of every file the unit wrote through ``store``."""
+    for name in task.get(IDENTITY, ()):
+        summary[name] = task[name]
     if _STARTED in task:
         summary["seconds"] = round(time.perf_counter() - task[_STARTED], 4)
     store.mark_done(stage, key, summary)

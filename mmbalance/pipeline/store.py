@@ -12,7 +12,9 @@ Layout of OUT (a local path or any pyarrow filesystem URI):
     manifest/<shard_id>.parquet
     after/<shard_id>.parquet   weighted signature sums under the manifest weights
     report.json
-    _done/<stage>/<key>.json   written last: a shard counts as done only when its marker exists
+    _done/<stage>/<key>.json   written last: the unit's summary and a record (size, checksum) of
+                               every file it wrote; a unit counts as done only while its marker
+                               reads and every recorded output still matches its record
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import json
 import os
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +44,26 @@ class RunLockedError(RuntimeError):
     pass
 
 
+OUTPUTS_KEY = "_outputs"  # in a done marker: {relative path: file record} of what the unit wrote
+_EDGE_BYTES = 1 << 16  # a file record hashes the first and last 64 KiB: a Parquet footer and its page index
+
+
+def file_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """Size and CRC-32 of the head and tail of a file (None when it is missing): cheap to check for
+    every unit on a resume, and it catches deleted, truncated and rewritten outputs (a Parquet file's
+    tail is its footer, whose offsets and statistics change with any change of content)."""
+    try:
+        with fs.open_input_file(path) as handle:
+            size = handle.size()
+            head = handle.read(min(size, _EDGE_BYTES))
+            tail_start = max(size - _EDGE_BYTES, len(head))
+            handle.seek(tail_start)
+            tail = handle.read(size - tail_start)
+    except FileNotFoundError:
+        return None
+    return {"size": size, "crc32": f"{zlib.crc32(tail, zlib.crc32(head)):08x}"}
+
+
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     # Dictionary encoding slows embedding lists 4x (stack notes); only string columns use it.
     dict_cols = [f.name for f in schema if pa.types.is_string(f.type)]
@@ -53,6 +76,12 @@ class RunStore:
     def __init__(self, root: str):
         self.uri = root
         self.fs, self.root = resolve_filesystem(root)
+        self.written: dict[str, dict[str, Any]] = {}  # files written through this store, since take_written()
+
+    def take_written(self) -> dict[str, dict[str, Any]]:
+        """The records of the files written since the last call (a done marker lists them)."""
+        written, self.written = self.written, {}
+        return dict(sorted(written.items()))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -75,6 +104,9 @@ class RunStore:
                 yield stream
             # rename is atomic on POSIX; object stores make each PUT atomic, markers cover the rest
             self.fs.move(tmp, final)
+            relative = "/".join(parts)
+            if not relative.startswith("_done/"):
+                self.written[relative] = file_record(self.fs, final)
         except BaseException:
             try:
                 self.fs.delete_file(tmp)
@@ -97,8 +129,19 @@ class RunStore:
         self._write_bytes(parts, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def read_json(self, *parts: str) -> Any:
+        """A JSON file of the run; a damaged one is an error naming it (FileNotFoundError passes through)."""
         with self.fs.open_input_stream(self.path(*parts)) as stream:
-            return json.loads(stream.read())
+            data = stream.read()
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise self._damaged(parts, err) from None
+
+    def _damaged(self, parts: tuple[str, ...], err: Exception):
+        from mmbalance.schemas.contract import InputError
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return InputError(f"{self.path(*parts)}: damaged run file ({first}); rerun with --overwrite to start over")
 
     def write_table(self, *parts: str, table: pa.Table, row_group_size: int = 65536) -> None:
         buf = io.BytesIO()
@@ -113,7 +156,11 @@ class RunStore:
                 yield writer
 
     def read_table(self, *parts: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-        return pq.read_table(self.path(*parts), filesystem=self.fs, columns=columns, filters=filters)
+        """A Parquet file of the run; a damaged one is an error naming it."""
+        try:
+            return pq.read_table(self.path(*parts), filesystem=self.fs, columns=columns, filters=filters)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise self._damaged(parts, err) from None
 
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
         """Relative names of the files directly inside a directory (hidden temporaries excluded)."""
@@ -129,15 +176,52 @@ class RunStore:
         ]
         return sorted(names)
 
-    # Done markers: the last thing a unit of work writes.
-    def mark_done(self, stage: str, key: str, summary: dict[str, Any]) -> None:
-        self.write_json("_done", stage, f"{key}.json", obj=summary)
+    # Done markers: the last thing a unit of work writes, with a record of every file it wrote.
+    def mark_done(self, stage: str, key: str, summary: dict[str, Any], outputs: dict[str, Any] | None = None) -> None:
+        """``outputs``: {relative path: file record}; by default what this store wrote since take_written()."""
+        records = self.take_written() if outputs is None else outputs
+        self.write_json("_done", stage, f"{key}.json", obj={**summary, OUTPUTS_KEY: records})
 
     def done_summary(self, stage: str, key: str) -> dict[str, Any] | None:
-        try:
-            return self.read_json("_done", stage, f"{key}.json")
-        except FileNotFoundError:
+        """A unit's summary, or None when its marker is missing or unreadable (a torn write, an edit)."""
+        marker = self._read_marker(stage, key)
+        if marker is None:
             return None
+        marker.pop(OUTPUTS_KEY, None)
+        return marker
+
+    def _read_marker(self, stage: str, key: str) -> dict[str, Any] | None:
+        try:
+            marker = self.read_json("_done", stage, f"{key}.json")
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):  # ValueError: JSONDecodeError
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    def verified_summary(self, stage: str, key: str, expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The summary of a unit that is really done: its marker reads, records its outputs, every
+        output still matches its record (size, checksum), and the marker's values for ``expect``'s
+        keys (e.g. the solution digest the unit used) equal the current ones. Otherwise None: redo it."""
+        marker = self._read_marker(stage, key)
+        if marker is None or not isinstance(marker.get(OUTPUTS_KEY), dict):
+            return None
+        if any(marker.get(k) != v for k, v in (expect or {}).items()):
+            return None
+        for relative, record in marker.pop(OUTPUTS_KEY).items():
+            if file_record(self.fs, self.path(relative)) != record:
+                return None
+        return marker
+
+    def verified_keys(self, stage: str, keys: list[str], expect: list[dict[str, Any]] | None = None,
+                      threads: int = 16) -> set[str]:
+        """The keys among ``keys`` whose units are really done (see verified_summary)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        present = {n[: -len(".json")] for n in self.list_files("_done", stage, suffix=".json")}
+        expect = expect or [{}] * len(keys)
+        candidates = [(k, e) for k, e in zip(keys, expect) if k in present]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            ok = list(pool.map(lambda ke: self.verified_summary(stage, ke[0], ke[1]) is not None, candidates))
+        return {k for (k, _), good in zip(candidates, ok) if good}
 
     def done_keys(self, stage: str) -> set[str]:
         return {n[: -len(".json")] for n in self.list_files("_done", stage, suffix=".json")}
