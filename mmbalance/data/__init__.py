@@ -1,7 +1,7 @@
 """Shipped tag vocabularies (prompts and lexicons per value) and their loaders.
 
-Every file here is plain YAML or text that users can copy, edit and point the recipe at instead.
-A vocabulary file:
+Every file here is plain YAML or text that users can copy, edit and point the recipe at instead
+(sources and licences: ``SOURCES.md``; extending them and metadata lists: ``README.md``). A file:
 
     name: perceived_gender
     kind: attribute                       # attribute (sensitive s) | label (concept y)
@@ -12,11 +12,25 @@ A vocabulary file:
         phrase: a woman                   # fills prompt_templates
         prompts: ["a photo of a woman."]  # optional; used instead of the templates when given
         lexicon: [woman, women, she]      # caption words/phrases (whole words, case-insensitive)
+
+A file can build on a shipped vocabulary (or another file) instead of copying it:
+
+    name: my_occupation
+    extends: occupation                   # a shipped name, or a path relative to this file
+    drop_values: [model]                  # inherited values to remove
+    values:
+      welder: {phrase: a welder, lexicon: [welder, welders]}   # a new value
+      nurse: {lexicon: [nurse, nurses, rn]}                     # replaces the inherited lexicon
+      doctor: {add_lexicon: [gp, gps]}                          # adds to the inherited lexicon
+
+A phrase a file lists under one of its values moves there from the inherited value that had it
+(a phrase is never under two values). Kind, templates and none prompts are inherited unless the
+file sets them; new templates re-fill every value that has a phrase rather than its own prompts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +38,8 @@ import yaml
 
 NONE_VALUE = "none"  # reserved: the zero-shot "no such thing in the image" class
 SHIPPED = ("perceived_gender", "age_group", "occupation")
+_TOP_KEYS = {"name", "kind", "description", "prompt_templates", "none_prompts", "values", "extends", "drop_values"}
+_VALUE_KEYS = {"phrase", "prompts", "lexicon", "add_lexicon"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,9 @@ class Vocabulary:
     prompts: dict[str, tuple[str, ...]]
     lexicon: dict[str, tuple[str, ...]]
     none_prompts: tuple[str, ...]
+    templates: tuple[str, ...] = ()
+    # value -> the phrase its prompts were made from (absent: the value has prompts of its own)
+    phrases: dict[str, str] = field(default_factory=dict)
 
 
 def _strings(obj, where: str) -> tuple[str, ...]:
@@ -46,63 +65,162 @@ def _strings(obj, where: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in obj)
 
 
-def parse_vocabulary(data: dict, source: str = "vocabulary") -> Vocabulary:
-    """Validate a vocabulary mapping (the YAML layout in this module's docstring)."""
+def _phrase_key(phrase: str) -> str:
+    # phrases that tokenise alike are one phrase ("Fire-fighter" = "fire fighter")
+    return " ".join(phrase.lower().replace("-", " ").replace("_", " ").split())
+
+
+def _kind(data: dict, default: str, source: str) -> str:
+    kind = data.get("kind", default)
+    if kind not in ("attribute", "label"):
+        raise ValueError(f"{source}: kind must be 'attribute' or 'label', got {kind!r}")
+    return kind
+
+
+def _templates(data: dict, source: str) -> tuple[str, ...]:
+    templates = _strings(data.get("prompt_templates"), f"{source}: prompt_templates")
+    if any("{}" not in t for t in templates):
+        raise ValueError(f"{source}: every prompt template needs a '{{}}'")
+    return templates
+
+
+def _value_specs(data: dict, source: str, *, required: bool) -> dict[str, dict]:
+    values = data.get("values")
+    if values is None and not required:
+        return {}
+    if not isinstance(values, dict) or (required and not values):
+        raise ValueError(f"{source}: 'values' must be a non-empty mapping")
+    out = {}
+    for value, spec in values.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{source}: value names must be non-empty strings, got {value!r}")
+        where = f"{source}: values.{value}"
+        if value == NONE_VALUE:
+            raise ValueError(f"{where}: '{NONE_VALUE}' is reserved for the zero-shot none class")
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"{where}: expected a mapping with phrase, prompts, lexicon")
+        spec = spec or {}
+        unknown = set(spec) - _VALUE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        if "phrase" in spec and not (isinstance(spec["phrase"], str) and spec["phrase"].strip()):
+            raise ValueError(f"{where}.phrase: expected a non-empty string")
+        out[value] = spec
+    return out
+
+
+def _fill(value: str, spec: dict, templates: tuple[str, ...], where: str, phrases: dict, prompts: dict) -> None:
+    own = _strings(spec.get("prompts"), f"{where}.prompts")
+    if own:
+        prompts[value] = own
+        phrases.pop(value, None)
+    else:
+        phrases[value] = spec.get("phrase", value.replace("_", " ")).strip()
+        prompts[value] = tuple(t.format(phrases[value]) for t in templates)
+
+
+def _finish(name, kind, order, prompts, lexicon, none_prompts, templates, phrases, source) -> Vocabulary:
+    for value in order:
+        if not prompts.get(value) and not lexicon.get(value):
+            raise ValueError(f"{source}: values.{value}: needs prompts (or prompt_templates) or a lexicon")
+    return Vocabulary(name, kind, tuple(order), {v: prompts.get(v, ()) for v in order}, {v: lexicon.get(v, ()) for v in order},
+                      none_prompts, templates, {v: phrases[v] for v in order if v in phrases})
+
+
+def _extend(base: Vocabulary, data: dict, source: str) -> Vocabulary:
+    specs = _value_specs(data, source, required=False)
+    drop = _strings(data.get("drop_values"), f"{source}: drop_values")
+    missing = sorted(set(drop) - set(base.values))
+    if missing:
+        raise ValueError(f"{source}: drop_values names values not in '{base.name}': {missing}")
+    templates = _templates(data, source) if "prompt_templates" in data else base.templates
+    order = [v for v in base.values if v not in drop] + [v for v in specs if v not in base.values]
+    if not order:
+        raise ValueError(f"{source}: no values left after drop_values")
+    prompts, lexicon, phrases = dict(base.prompts), dict(base.lexicon), dict(base.phrases)
+    if "prompt_templates" in data:  # new templates re-fill every inherited value made from a phrase
+        for value, phrase in base.phrases.items():
+            prompts[value] = tuple(t.format(phrase) for t in templates)
+    claimed: dict[str, str] = {}  # phrase key -> the value of this file that lists it
+    for value, spec in specs.items():
+        where = f"{source}: values.{value}"
+        if value not in base.values and "add_lexicon" in spec:
+            raise ValueError(f"{where}: add_lexicon extends an inherited value; {value!r} is new (use lexicon)")
+        if value not in base.values or "prompts" in spec or "phrase" in spec:
+            _fill(value, spec, templates, where, phrases, prompts)
+        own = _strings(spec.get("lexicon"), f"{where}.lexicon")
+        added = _strings(spec.get("add_lexicon"), f"{where}.add_lexicon")
+        lexicon[value] = (own if "lexicon" in spec else lexicon.get(value, ())) + added
+        for phrase in own + added:
+            claimed[_phrase_key(phrase)] = value
+    for value in order:
+        lexicon[value] = tuple(p for p in lexicon.get(value, ()) if claimed.get(_phrase_key(p), value) == value)
+    none = _strings(data.get("none_prompts"), f"{source}: none_prompts") if "none_prompts" in data else base.none_prompts
+    return _finish(data["name"], _kind(data, base.kind, source), order, prompts, lexicon, none, templates, phrases, source)
+
+
+def parse_vocabulary(data: dict, source: str = "vocabulary", base_dir: Path | None = None,
+                     _seen: tuple[str, ...] = ()) -> Vocabulary:
+    """Validate a vocabulary mapping (the YAML layout in this module's docstring); a relative
+    ``extends`` path is resolved against ``base_dir`` (default: the working directory)."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a vocabulary must be a mapping")
-    unknown = set(data) - {"name", "kind", "description", "prompt_templates", "none_prompts", "values"}
+    unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{source}: 'name' is required")
-    kind = data.get("kind", "attribute")
-    if kind not in ("attribute", "label"):
-        raise ValueError(f"{source}: kind must be 'attribute' or 'label', got {kind!r}")
-    templates = _strings(data.get("prompt_templates"), f"{source}: prompt_templates")
-    if any("{}" not in t for t in templates):
-        raise ValueError(f"{source}: every prompt template needs a '{{}}'")
-    values = data.get("values")
-    if not isinstance(values, dict) or not values:
-        raise ValueError(f"{source}: 'values' must be a non-empty mapping")
-    prompts, lexicon = {}, {}
-    for value, spec in values.items():
+    if "extends" in data:
+        parent = data["extends"]
+        if not isinstance(parent, str) or not parent:
+            raise ValueError(f"{source}: 'extends' must name a shipped vocabulary or a file")
+        if parent not in SHIPPED and base_dir is not None and not Path(parent).is_absolute():
+            parent = str(base_dir / parent)
+        return _extend(_load(parent, _seen), data, source)
+    if "drop_values" in data:
+        raise ValueError(f"{source}: drop_values needs extends")
+    templates = _templates(data, source)
+    prompts: dict[str, tuple[str, ...]] = {}
+    lexicon: dict[str, tuple[str, ...]] = {}
+    phrases: dict[str, str] = {}
+    specs = _value_specs(data, source, required=True)
+    for value, spec in specs.items():
         where = f"{source}: values.{value}"
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{source}: value names must be non-empty strings, got {value!r}")
-        if value == NONE_VALUE:
-            raise ValueError(f"{where}: '{NONE_VALUE}' is reserved for the zero-shot none class")
-        spec = spec or {}
-        unknown = set(spec) - {"phrase", "prompts", "lexicon"}
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-        own = _strings(spec.get("prompts"), f"{where}.prompts")
-        phrase = spec.get("phrase", value.replace("_", " "))
-        prompts[value] = own or tuple(t.format(phrase) for t in templates)
+        if "add_lexicon" in spec:
+            raise ValueError(f"{where}: add_lexicon needs extends (use lexicon)")
+        _fill(value, spec, templates, where, phrases, prompts)
         lexicon[value] = _strings(spec.get("lexicon"), f"{where}.lexicon")
-        if not prompts[value] and not lexicon[value]:
-            raise ValueError(f"{where}: needs prompts (or prompt_templates) or a lexicon")
-    return Vocabulary(
-        name=name,
-        kind=kind,
-        values=tuple(values),
-        prompts=prompts,
-        lexicon=lexicon,
-        none_prompts=_strings(data.get("none_prompts"), f"{source}: none_prompts"),
-    )
+    none = _strings(data.get("none_prompts"), f"{source}: none_prompts")
+    return _finish(name, _kind(data, "attribute", source), list(specs), prompts, lexicon, none, templates, phrases, source)
 
 
-def load_vocabulary(name_or_path: str | Path) -> Vocabulary:
-    """A shipped vocabulary by name (``SHIPPED``) or a YAML file of the same layout."""
-    if str(name_or_path) in SHIPPED:
+def _load(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> Vocabulary:
+    shipped = str(name_or_path) in SHIPPED
+    key = str(name_or_path) if shipped else str(Path(name_or_path).resolve())
+    if key in seen:
+        raise ValueError(f"{name_or_path}: 'extends' loops back to itself ({' -> '.join([*seen, key])})")
+    if shipped:
         text = resources.files(__name__).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
-        source = f"mmbalance/data/{name_or_path}.yaml"
+        source, base_dir = f"mmbalance/data/{name_or_path}.yaml", None
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(f"{path}: no such vocabulary file (shipped ones: {', '.join(SHIPPED)})")
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    return parse_vocabulary(yaml.safe_load(text), source)
+        text, source, base_dir = path.read_text(encoding="utf-8"), str(path), path.parent
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{source}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    return parse_vocabulary(data, source, base_dir, (*seen, key))
+
+
+def load_vocabulary(name_or_path: str | Path) -> Vocabulary:
+    """A shipped vocabulary by name (``SHIPPED``) or a YAML file of the same layout (which may
+    ``extends`` another)."""
+    return _load(name_or_path)
 
 
 def load_lines(name_or_path: str | Path) -> list[str]:
