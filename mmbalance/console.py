@@ -42,6 +42,19 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
             )
     console.print(table)
     console.print(f"largest repeat count: {weights['max_repeats']}")
+    families = report.get("constraint_families") or []
+    if families:
+        ftable = Table(title="M4 constraint families (worst |moment| / carrying weight)")
+        for col in ("family", "n", "tol", "binding", "before", "after (E)", "leakage"):
+            ftable.add_column(col, justify="left" if col == "family" else "right", no_wrap=True)
+        for fam in families:
+            leak = fam.get("leakage")
+            ftable.add_row(
+                fam["family"], f"{fam['constraints']:,}", _f(fam["tolerance"]), f"{fam['at_tolerance']:,}",
+                _f(fam["worst_moment"]["before"]), _f(fam["worst_moment"]["after_expected"]),
+                f"{leak['before']['accuracy']:.3f} -> {leak['after']['accuracy']:.3f}" if leak else "",
+            )
+        console.print(ftable)
     for line in solver_lines(report.get("solution", {}), report.get("method", "")):
         console.print(line)
     for line in leakage_lines(report.get("leakage", {})):

@@ -269,7 +269,8 @@ def _stage_progress(store: RunStore) -> dict[str, int]:
 def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     run = store.read_json("run.json")
     recipe = run.get("recipe", {})
-    method = recipe.get("balance", {}).get("method", "?")
+    steps = recipe.get("balance", {})
+    method = "+".join(s.get("method", "?") for s in steps) if isinstance(steps, list) else steps.get("method", "?")  # composed steps
     summary: dict[str, Any] = {"kind": "run", "path": store.uri, "method": method, "input": run.get("input"),
                                "shards": run.get("shards"), "input_rows": run.get("input_rows")}
     console.print(f"[bold]{escape(store.uri)}[/bold]: mmbalance run ({escape(method)}) of {escape(str(run.get('input')))}: {fmt(run.get('shards', 0))} shards, "

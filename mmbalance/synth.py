@@ -134,10 +134,19 @@ def synth_corpus(out_dir: str | Path, rows: int, shards: int, seed: int = 0, dim
     return info
 
 
+# The pipeline this project is about: attributes and concepts tagged from captions, concept
+# clusters from the image embeddings, a MetaCLIP-style cap on concepts, then M4 against
+# occupations and concept clusters (representation and association), with leakage probes.
 DEMO_RECIPE = {
     "input": {"columns": {"uid": "uid", "caption": "caption", "image_embedding": "image_emb", "text_embedding": "text_emb"}},
-    "attributes": [{"name": "gender", "source": "column", "column": "gender", "values": ["woman", "man"]}],
-    "labels": [{"name": "occupation", "source": "column", "column": "occupation"}],
-    "balance": {"method": "cap", "by": "occupation", "cap": 1000},
+    "attributes": [{"name": "gender", "source": "caption", "caption": {"vocabulary": "perceived_gender"}, "values": ["woman", "man"]}],
+    "labels": [{"name": "occupation", "source": "caption", "caption": {"vocabulary": "occupation"}}],
+    "clusters": [{"name": "concept", "embedding": "image", "k": 60}],
+    "balance": [
+        {"method": "cap", "by": "concept", "cap": 500},
+        {"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}},
+         "associate": [["gender", "occupation"], ["gender", "concept"]],
+         "tolerance": {"representation": 0.002, "association": 0.005}, "retention": 0.6, "on_infeasible": "max_retention"},
+    ],
     "export": {"seed": 0, "formats": ["parquet"]},
 }

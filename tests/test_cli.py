@@ -98,8 +98,17 @@ def test_demo_runs_on_embedded_ray(tmp_path):
     res = mmb("demo", "--out", str(tmp_path / "demo"), "--rows", "4000", "--shards", "3", timeout=280)
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
-    assert report["rows"]["manifest"] == 4000 and report["method"] == "cap"
-    assert report["after_expected"]["concept_balance"]["occupation"]["gini"] < report["before"]["concept_balance"]["occupation"]["gini"]
+    assert report["rows"]["manifest"] == 4000 and report["method"] == "cap+m4"
+    # the story the demo tells: concepts flatten, representation and association bias fall, leakage falls
+    before, after = report["before"], report["after_expected"]
+    assert after["concept_balance"]["concept"]["gini"] < before["concept_balance"]["concept"]["gini"]
+    assert after["rb"] <= 0.002 + 1e-9 and after["ab"] < before["ab"] / 3
+    families = {f["family"]: f for f in report["constraint_families"]}
+    assert set(families) == {"gender representation", "gender x occupation", "gender x concept"}
+    assert all(f["over_tolerance"] == 0 and f["worst_moment"]["after_expected"] <= f["tolerance"] * (1 + 1e-6) for f in families.values())
+    leak = report["leakage"]["gender"]["embedding_image"]
+    assert leak["after"]["accuracy"] < leak["before"]["accuracy"]
+    assert "M4 constraint families" in res.stdout
     # the embedded Ray is gone when the command returns
     left = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path.name}"], capture_output=True)
     assert left.returncode == 1

@@ -81,7 +81,9 @@ def test_shard_directory_footers_and_bounded_sample(held_out_corpus, monkeypatch
 
 def test_shard_directory_with_recipe_and_cluster_like_column(demo_run):
     console = _console()
-    recipe = parse_recipe({**DEMO_RECIPE, "labels": [*DEMO_RECIPE["labels"], {"name": "cluster", "column": "subclass"}]})
+    columns = {"input": DEMO_RECIPE["input"], "attributes": [{"name": "gender", "column": "gender", "values": ["woman", "man"]}],
+               "labels": [{"name": "occupation", "column": "occupation"}, {"name": "cluster", "column": "subclass"}]}
+    recipe = parse_recipe(columns)
     summary = inspect_path(str(demo_run / "corpus"), recipe=recipe, console=console, sample_rows=300)
     assert summary["attributes"] == ["gender"] and summary["labels"] == ["occupation", "subclass"]
     sizes = summary["sizes"]["subclass"]

@@ -25,18 +25,20 @@ from mmbalance.schemas.recipe import Recipe
 HELD_OUT_MOD = 5  # one fifth of the sample, by uid hash
 
 
-def _one_hot(sample: pa.Table, labels: list[str], vocab: dict[str, list[str]]) -> np.ndarray:
+def _one_hot(sample: pa.Table, labels: list[str], vocab: dict[str, list[str]]):
+    """Sparse one-hot of the labels' values (rows x sum of vocabulary sizes): thousands of cluster
+    values stay cheap."""
+    import scipy.sparse as sp
+
     blocks = []
     for name in labels:
         values = vocab.get(name) or []
         if not values:
             continue
         idx = pc.fill_null(pc.index_in(sample.column(tag_column(name)), value_set=pa.array(values, pa.string())), -1).to_numpy()
-        block = np.zeros((sample.num_rows, len(values)), np.float32)
         rows = np.flatnonzero(idx >= 0)
-        block[rows, idx[rows]] = 1.0
-        blocks.append(block)
-    return np.hstack(blocks) if blocks else np.zeros((sample.num_rows, 0), np.float32)
+        blocks.append(sp.csr_matrix((np.ones(len(rows), np.float32), (rows, idx[rows])), shape=(sample.num_rows, len(values))))
+    return sp.hstack(blocks, format="csr") if blocks else sp.csr_matrix((sample.num_rows, 0), dtype=np.float32)
 
 
 def _probe(x: np.ndarray, y: np.ndarray, w: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any] | None:
@@ -65,6 +67,11 @@ def leakage_report(
     test = (sample.column("priority").to_numpy() >> np.uint64(7)) % HELD_OUT_MOD == 0
     label_names = recipe.label_names()
     features = {"dataset": _one_hot(sample, label_names, vocab)}
+    # per associated label set too, so the report can say which family still leaks
+    associated = [lab for step in recipe.balance_steps() if step.method == "m4" for _, lab in step.associate]
+    if len(label_names) > 1:
+        for name in dict.fromkeys(associated):
+            features[f"dataset_{name}"] = _one_hot(sample, [name], vocab)
     for side in ("image_emb", "text_emb"):
         if side in sample.column_names:
             matrix, valid = embedding_matrix(sample.column(side))
@@ -77,7 +84,7 @@ def leakage_report(
         carrying = code >= 0
         result: dict[str, Any] = {}
         for name, feat in features.items():
-            x, ok = (feat, np.ones(len(code), bool)) if isinstance(feat, np.ndarray) else feat
+            x, ok = feat if isinstance(feat, tuple) else (feat, np.ones(len(code), bool))
             use = carrying & ok
             views = {}
             for view, w in (("before", np.ones(len(code))), ("after", weights_after)):

@@ -138,12 +138,90 @@ def weight_summary(after: pl.DataFrame, rows: int) -> dict[str, Any]:
     }
 
 
-def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]]) -> dict[str, Any]:
+def _moment_matrix(frame: pl.DataFrame, weight: str, attr: str, values: list[str], pi: np.ndarray,
+                   label: str | None, label_values: list[str]) -> tuple[np.ndarray, float]:
+    """M4 moments as shares of the carrying weight W: sum_w (s_k - pi_k) y_r / W, (m, R) for an
+    association family (label) or (m, 1) for representation (label None); and W."""
+    s_col = tag_column(attr)
+    carrying = frame.filter(pl.col(s_col).is_not_null())
+    total = float(carrying[weight].sum()) if carrying.height else 0.0
+    m = len(values)
+    if not total:
+        return np.zeros((m, len(label_values) if label else 1)), 0.0
+    s_index = pl.DataFrame({s_col: values, "__k": np.arange(m)}, schema={s_col: pl.String, "__k": pl.Int64})
+    if label is None:
+        by = carrying.group_by(s_col).agg(pl.col(weight).sum().alias("w")).join(s_index, on=s_col)
+        mass = np.zeros(m)
+        mass[by["__k"].to_numpy()] = by["w"].to_numpy()
+        return ((mass - pi * total) / total)[:, None], total
+    y_col = tag_column(label)
+    R = len(label_values)
+    y_index = pl.DataFrame({y_col: label_values, "__r": np.arange(R)}, schema={y_col: pl.String, "__r": pl.Int64})
+    joint = (carrying.filter(pl.col(y_col).is_not_null()).group_by([s_col, y_col]).agg(pl.col(weight).sum().alias("w"))
+             .join(s_index, on=s_col).join(y_index, on=y_col))
+    mass = np.zeros((m, R))
+    mass[joint["__k"].to_numpy(), joint["__r"].to_numpy()] = joint["w"].to_numpy()
+    return (mass - pi[:, None] * mass.sum(axis=0)[None, :]) / total, total
+
+
+def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str]], vocab: dict[str, list[str]],
+                        solution: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per M4 step and constraint family (an attribute's representation, or attribute x label set):
+    how many constraints, how many sit at their tolerance under the final expected weights, and
+    the worst moment |sum_w (s_k - pi_k) y_r| / W in each view. At thousands of cluster labels this
+    is the summary a reader can take in; the solver section keeps the individual constraints."""
+    steps = solution.get("steps") or [solution]
+    attrs = {a.name: a for a in recipe.attributes}
+    out: list[dict[str, Any]] = []
+    for index, (spec, diag) in enumerate(zip(recipe.balance_steps(), steps)):
+        if spec.method != "m4" or "pi" not in diag:
+            continue
+        families: list[tuple[str, str | None, float]] = [(a, None, spec.tolerance.representation) for a in spec.targets]
+        families += [(a, lab, spec.tolerance.association) for a, lab in dict.fromkeys(map(tuple, spec.associate))]
+        for attr, label, eps in families:
+            values = list(attrs[attr].values)
+            pi = np.array([float(diag["pi"].get(attr, {}).get(v, 0.0)) for v in values])
+            label_values = list(vocab.get(label, [])) if label else []
+            entry: dict[str, Any] = {
+                "step": index, "family": f"{attr} x {label}" if label else f"{attr} representation",
+                "kind": "association" if label else "representation", "attribute": attr, "label": label,
+                "tolerance": float(eps), "constraints": len(values) * (len(label_values) if label else 1),
+            }
+            worst: dict[str, float] = {}
+            for view, (frame, weight) in views.items():
+                moments, _ = _moment_matrix(frame, weight, attr, values, pi, label, label_values)
+                worst[view] = float(np.abs(moments).max()) if moments.size else 0.0
+                if view == "after_expected":
+                    # at the bound up to the solver's precision: the constraints that bind
+                    entry["at_tolerance"] = int((np.abs(moments) >= eps * (1 - 1e-6) - 1e-12).sum()) if eps > 0 else int(moments.size)
+                    entry["over_tolerance"] = int((np.abs(moments) > eps * (1 + 1e-6) + 1e-9).sum())
+            entry["worst_moment"] = worst
+            out.append(entry)
+    return out
+
+
+def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> None:
+    """Attach the dataset-leakage probe of each association family (attribute from that label set)."""
+    for fam in families:
+        if fam["label"] is None:
+            continue
+        probe = leakage.get(fam["attribute"], {}).get(f"dataset_{fam['label']}") or leakage.get(fam["attribute"], {}).get("dataset")
+        if probe and probe.get("before") and probe.get("after"):
+            fam["leakage"] = {view: {"accuracy": probe[view]["accuracy"], "majority_rate": probe[view]["majority_rate"]}
+                              for view in ("before", "after")}
+
+
+def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]],
+                 solution: dict[str, Any] | None = None) -> dict[str, Any]:
     before_f, after_f = pl.from_arrow(before), pl.from_arrow(after)
     rows = int(before_f["count"].sum()) if before_f.height else 0
-    return {
+    report = {
         "weights": weight_summary(after_f, rows),
         "before": view_metrics(before_f, "count", recipe, vocab),
         "after_expected": view_metrics(after_f, "w_sum", recipe, vocab),
         "after_realized": view_metrics(after_f, "rep_sum", recipe, vocab),
     }
+    if solution and any(step.method == "m4" for step in recipe.balance_steps()):
+        views = {"before": (before_f, "count"), "after_expected": (after_f, "w_sum"), "after_realized": (after_f, "rep_sum")}
+        report["constraint_families"] = constraint_families(recipe, views, vocab, solution)
+    return report

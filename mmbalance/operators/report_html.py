@@ -29,7 +29,7 @@ REJECT_EXAMPLES = 5
 # Known top-level keys of report.json; any other key gets a generic section so new stages show up.
 _KNOWN = {
     "after_expected", "after_realized", "before", "input", "method", "rows", "solution",
-    "stage_seconds", "vocabulary_sizes", "weights", "audit",
+    "stage_seconds", "vocabulary_sizes", "weights", "audit", "constraint_families",
 }
 _VIEWS = (("before", "count", "before"), ("after_expected", "w_sum", "after (E)"), ("after_realized", "rep_sum", "after (repeats)"))
 _COLORS = {"before": "#9aa5b1", "after (E)": "#1f6feb", "after (repeats)": "#7ee2b8", "target": "#d73a49"}
@@ -467,6 +467,32 @@ def _association_section(report: dict[str, Any]) -> tuple[str, list[str]]:
     return body, firsts
 
 
+def _families_section(report: dict[str, Any]) -> str:
+    """One row per M4 constraint family: how many constraints, how many bind, the worst moment
+    before and after, and the attribute's leakage from that label set."""
+    rows = []
+    for i, fam in enumerate(report.get("constraint_families", [])):
+        p = ("constraint_families", i)
+        leak = fam.get("leakage")
+        leak_cell = (f'{num(leak["before"]["accuracy"], pointer(*p, "leakage", "before", "accuracy"))} &rarr; '
+                     f'{num(leak["after"]["accuracy"], pointer(*p, "leakage", "after", "accuracy"))}'
+                     f'{_arrow(leak["before"]["accuracy"], leak["after"]["accuracy"])}') if leak else ""
+        worst = fam["worst_moment"]
+        rows.append([
+            _e(fam["family"]), num(fam["step"], pointer(*p, "step")), num(fam["constraints"], pointer(*p, "constraints")),
+            num(fam["tolerance"], pointer(*p, "tolerance")), num(fam["at_tolerance"], pointer(*p, "at_tolerance")),
+            num(fam["over_tolerance"], pointer(*p, "over_tolerance")),
+            num(worst["before"], pointer(*p, "worst_moment", "before")),
+            num(worst["after_expected"], pointer(*p, "worst_moment", "after_expected")) + _arrow(worst["before"], worst["after_expected"]),
+            num(worst["after_realized"], pointer(*p, "worst_moment", "after_realized")), leak_cell,
+        ])
+    return (_table(["family", "step", "constraints", "tolerance", "binding (at tolerance)", "over tolerance",
+                    "worst |moment| before", "after (E)", "after (repeats)", "leakage from labels (accuracy)"], rows)
+            + '<p class="muted">moment = sum_w (s_k - pi_k) y_r / W over rows carrying the attribute; binding: at its '
+              "tolerance under the final expected weights; leakage: a probe predicting the attribute from this label set, "
+              "before and after.</p>")
+
+
 def _balance_section(report: dict[str, Any], plots: list[str]) -> str:
     body = ""
     keys = ("values", "entropy", "normalized_entropy", "gini", "top1pct_share", "largest", "smallest")
@@ -559,6 +585,7 @@ def render_html(store: RunStore) -> str:
     sections = [
         ("prevalence", "Attribute prevalence vs targets", prevalence),
         ("association", "Associations (attributes x labels)", association),
+        *([("families", "Constraint families (M4)", _families_section(report))] if report.get("constraint_families") else []),
         ("balance", "Concept balance", _balance_section(report, rank_plots)),
         ("weights", "Weights and repeats", _weights_section(report, hist)),
         ("solver", f'Solver diagnostics ({_e(report["method"])})', render_any(report.get("solution", {}), "/solution")),

@@ -31,7 +31,7 @@ import pyarrow as pa
 import mmbalance
 from mmbalance.operators import stats as stats_op
 from mmbalance.operators.dedup import bucket_bounds
-from mmbalance.operators.report import balance_of_sizes, build_report
+from mmbalance.operators.report import balance_of_sizes, build_report, family_leakage
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators import tag as tag_op
 from mmbalance.operators.zero_shot import summarise_audit
@@ -396,6 +396,8 @@ class Rebalancer:
             sample = store.read_table("fit", "sample.parquet")
             weights = solution_from_dict(json.loads(solution_json)).weights(sample)
             report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
+            if "constraint_families" in report:
+                family_leakage(report["constraint_families"], report["leakage"])
         for spec in recipe.metadata_labels():  # concept balance over metadata entries, before and after
             before_sizes = entry_counts[spec.name]
             after_sizes = self._merged_entries("after_entries", spec.name, ids, size=len(before_sizes))
@@ -512,7 +514,7 @@ class Rebalancer:
             "solution": solution.get("diagnostics", {}),
             "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
         }
-        report.update(build_report(self.recipe, before, after, vocab))
+        report.update(build_report(self.recipe, before, after, vocab, report["solution"]))
         if report["weights"]["rows"] != manifest_rows:
             raise RuntimeError(f"row accounting broken: {manifest_rows} manifest rows, {report['weights']['rows']} weighed")
         return report
