@@ -243,6 +243,69 @@ def _dup_across(tmp: Path):
     return write_shards(tmp / "corpus", {"a.parquet": a, "b.parquet": with_values(b, "uid", {0: a.column("uid")[99].as_py()})}), RECIPE_FROM_ISSUE
 
 
+def _short_first_row(tmp: Path):
+    """The first row of the first shard is one value short: it must not set the corpus dimension."""
+    table = t(4000)
+    emb = table.column("image_emb").to_pylist()
+    emb[0] = emb[0][:15]
+    return write_shards(tmp / "corpus", {"a.parquet": table.set_column(2, "image_emb", _emb(emb))}), RECIPE_FROM_ISSUE
+
+
+def _no_majority_length(tmp: Path):
+    table = t(100)
+    emb = table.column("image_emb").to_pylist()
+    emb = [v[:15] if i % 3 == 0 else (v + [0.5] if i % 3 == 1 else v) for i, v in enumerate(emb)]
+    return write_shards(tmp / "corpus", {"a.parquet": table.set_column(2, "image_emb", _emb(emb))}), RECIPE_FROM_ISSUE
+
+
+def _zero_vectors(tmp: Path):
+    table = t()
+    img, txt = table.column("image_emb").to_pylist(), table.column("text_emb").to_pylist()
+    img[3], img[40] = [0.0] * 16, [-0.0] * 16
+    txt[41] = [0.0] * 16
+    txt[3] = [0.0] * 16  # the same row: rejected once, for its first problem
+    return write_shards(tmp / "corpus", {"a.parquet": table.set_column(2, "image_emb", _emb(img)).set_column(3, "text_emb", _emb(txt))}), RECIPE_FROM_ISSUE
+
+
+def _zero_vectors_fixed_size(tmp: Path):
+    table = t(fixed_size=True)
+    m = np.asarray(table.column("image_emb").combine_chunks().values.to_numpy()).reshape(100, 16).copy()
+    m[[5, 6]] = 0
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), 16)
+    return write_shards(tmp / "corpus", {"a.parquet": table.set_column(2, "image_emb", arr)}), RECIPE_FROM_ISSUE
+
+
+VALUE_WORDS = recipe_with("values: [woman, man]", "values: [yes, no]")
+
+
+def _boolean_words_as_values(tmp: Path):
+    gender = [{"woman": "yes", "man": "no"}.get(v) for v in t().column("gender").to_pylist()]
+    return write_shards(tmp / "corpus", {"a.parquet": t().set_column(4, "gender", pa.array(gender, pa.string()))}), VALUE_WORDS
+
+
+def _flipped_byte(verify: bool):
+    """A byte of a caption flipped inside a data page of a shard written with page CRCs
+    (uncompressed, so the flip leaves a readable but wrong value)."""
+
+    def build(tmp: Path):
+        c = write_shards(tmp / "corpus", {"a.parquet": t()})
+        path = c / "b.parquet"
+        pq.write_table(t(seed=2), path, compression="none", use_dictionary=False, write_page_checksum=True)
+        chunk = pq.read_metadata(path).row_group(0).column(t().schema.get_field_index("caption"))
+        data = bytearray(path.read_bytes())
+        last = chunk.data_page_offset + chunk.total_compressed_size - 1  # the last caption's last letter
+        before = pq.read_table(path).column("caption")[-1].as_py()
+        data[last] ^= 0x01
+        path.write_bytes(bytes(data))
+        assert pq.read_table(path).column("caption")[-1].as_py() != before  # read back wrong, without an error
+        verify_line = "\nexecution: {verify_checksums: true}\n" if verify else "\n"
+        return c, RECIPE_FROM_ISSUE + verify_line
+
+    return build
+
+
+EXPORT_CSV = recipe_with("formats: [parquet]", "formats: [parquet, csv]")
+
 CASES = [
     # unreadable files: stop before any work, naming the file
     Case("corrupt_parquet", _corrupt, Error(("bad.parquet", "unreadable Parquet"))),
@@ -302,6 +365,20 @@ CASES = [
     Case("float32_lists_and_float16_fixed_size", _float_types_mixed, Rejects(200)),
     Case("non_utf8_uid", corpus({"a.parquet": with_invalid_utf8(t(), "uid", 4)}), Rejects(100, {"UTF-8": 1})),
     Case("non_utf8_caption", corpus({"a.parquet": with_invalid_utf8(t(), "caption", 4)}), Rejects(100, {"UTF-8": 1})),
+    # the dimension comes from input.embedding_dim, a fixed_size_list type, or most of the first shard's rows
+    Case("short_first_embedding_row", _short_first_row, Rejects(4000, {"has 15 values, expected 16": 1})),
+    Case("no_majority_embedding_length", _no_majority_length,
+         Error(("a.parquet", "'image_emb'", "no majority embedding length", "input.embedding_dim"))),
+    Case("all_zero_embeddings", _zero_vectors, Rejects(100, {"all-zero image_embedding": 2, "all-zero text_embedding": 1})),
+    Case("all_zero_embeddings_fixed_size", _zero_vectors_fixed_size, Rejects(100, {"all-zero image_embedding": 2})),
+    # recipe faults found before any work
+    Case("recipe_duplicate_key", corpus({"a.parquet": t()}, recipe_with("cap: 1000", "cap: 1000\n  cap: 5")),
+         Error(("r.yaml", "line 12 duplicate key 'cap' (first given on line 11)",))),
+    Case("recipe_boolean_words_as_value_names", _boolean_words_as_values, Rejects(100)),
+    Case("export_csv_without_images", corpus({"a.parquet": t()}, EXPORT_CSV), Error(("export.formats", "csv", "image"))),
+    # page checksums: verified on request (execution.verify_checksums), otherwise the flip goes unseen
+    Case("flipped_byte_checksum_verified", _flipped_byte(True), Error(("b.parquet", "unreadable data", "CRC"))),
+    Case("flipped_byte_not_verified", _flipped_byte(False), Rejects(200)),
 ]
 
 

@@ -65,6 +65,32 @@ def embedding_problems(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarr
     return is_null, wrong_dim, bad & ~wrong_dim
 
 
+def all_zero_rows(column: pa.Array, dim: int) -> np.ndarray:
+    """Rows of a list or fixed_size_list column with ``dim`` values that are all zero (either sign):
+    no direction to normalise, cluster or compare, so such a row is rejected like a NaN."""
+    n = len(column)
+    out = np.zeros(n, bool)
+    if n == 0 or pa.types.is_null(column.type):
+        return out
+    is_null = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(column.type):
+        if column.type.list_size != dim:
+            return out
+        flat = column.values.slice(column.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+        return ~(flat.reshape(n, dim) != 0).any(axis=1) & ~is_null
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero((lengths == dim) & ~is_null)
+    if len(rows) == 0:
+        return out
+    # flatten() skips null list slots, so value offsets are the cumulative lengths (nulls as 0)
+    nonzero = np.append(column.flatten().to_numpy(zero_copy_only=False) != 0, False)
+    starts = (np.cumsum(lengths) - lengths)[rows]
+    bounds = np.empty(2 * len(rows), np.int64)
+    bounds[0::2], bounds[1::2] = starts, starts + dim  # segments [start, start + dim) at even positions
+    out[rows] = ~np.logical_or.reduceat(nonzero, bounds)[0::2]
+    return out
+
+
 class _Reasons:
     """Collects the first failing check per row."""
 
@@ -152,6 +178,7 @@ def validate_rows(
             lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy()
             reasons.flag(wrong_dim, lambda i, c=column, ln=lengths, d=dim: f"{role} '{c}' has {ln[i]} values, expected {d}")
         reasons.flag(nonfinite, f"{role} (column '{column}') holds NaN or inf")
+        reasons.flag(all_zero_rows(arr, dim), f"all-zero {role} (column '{column}')")
 
     for attr in (a for a in recipe.attributes if "column" in a.sources):
         values = pc.cast(_to_array(table.column(attr.source_column)), pa.string())

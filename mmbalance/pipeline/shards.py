@@ -8,7 +8,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -134,6 +136,7 @@ def inspect_shards(fs: pafs.FileSystem, shards: list[Shard], recipe: Recipe, thr
         raise InputError(f"{errors[0]}{more}")
     inspected = [r for r in results if isinstance(r, InspectedShard)]
     _check_consistent_dims(inspected, recipe)
+    check_export_columns(recipe, inspected)
     return inspected
 
 
@@ -162,8 +165,13 @@ def _check_consistent_dims(inspected: list[InspectedShard], recipe: Recipe) -> N
                 )
 
 
+DIM_SAMPLE_ROWS = 10_000  # non-null rows of the first shard whose list lengths elect the dimension
+
+
 def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard], column: str, recipe: Recipe) -> int:
-    """The corpus-wide dimension of an embedding column: recipe, fixed-size schema, or first non-null row."""
+    """The corpus-wide dimension of an embedding column: ``input.embedding_dim``, a fixed_size_list
+    type, or else the length most of the first ``DIM_SAMPLE_ROWS`` non-null rows of the first shard
+    with any share (never one row: a short first row must not reject the rest of the corpus)."""
     if recipe.input.embedding_dim:
         return recipe.input.embedding_dim
     for item in inspected:
@@ -171,12 +179,86 @@ def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard],
         if dim is not None:
             return dim
     for item in inspected:
-        with fs.open_input_file(item.shard.path) as handle:
-            pfile = pq.ParquetFile(handle)
-            if pa.types.is_null(pfile.schema_arrow.field(column).type):
-                continue
-            for batch in pfile.iter_batches(batch_size=1024, columns=[column]):
-                lengths = pa.compute.list_value_length(batch.column(0)).drop_null()
-                if len(lengths):
-                    return int(lengths[0].as_py())
+        lengths = _first_lengths(fs, item.shard, column, DIM_SAMPLE_ROWS, recipe.execution.verify_checksums)
+        if not len(lengths):
+            continue
+        values, counts = np.unique(lengths, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        if counts[order[0]] * 2 <= len(lengths):
+            shares = ", ".join(f"{values[i]} values: {counts[i]}" for i in order[:3])
+            raise InputError(
+                f"{item.shard.relpath}: column '{column}' has no majority embedding length in its first "
+                f"{len(lengths)} rows ({shares}); set input.embedding_dim"
+            )
+        return int(values[order[0]])
     raise InputError(f"column '{column}': every row is null, cannot tell the embedding dimension")
+
+
+def _first_lengths(fs: pafs.FileSystem, shard: Shard, column: str, limit: int, verify: bool) -> np.ndarray:
+    """List lengths of up to ``limit`` non-null rows from the start of a shard."""
+    parts, seen = [], 0
+    try:
+        with fs.open_input_file(shard.path) as handle:
+            pfile = pq.ParquetFile(handle, page_checksum_verification=verify)
+            if pa.types.is_null(pfile.schema_arrow.field(column).type):
+                return np.zeros(0, np.int64)
+            for batch in pfile.iter_batches(batch_size=min(limit, 4096), columns=[column]):
+                lengths = pc.list_value_length(batch.column(0)).drop_null().to_numpy(zero_copy_only=False)
+                parts.append(lengths[: limit - seen])
+                seen += len(parts[-1])
+                if seen >= limit:
+                    break
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise InputError(f"{shard.relpath}: unreadable data ({str(err).splitlines()[0]})") from None
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def check_export_columns(recipe: Recipe, inspected: list[InspectedShard]) -> None:
+    """Every export format that reads captions and images from the source shards can find them in
+    every shard: checked before any work, not after the whole run."""
+    from mmbalance.operators.export import FORMATS
+
+    needing = [f for f in recipe.export.formats if f != "parquet" and getattr(FORMATS.get(f), "needs_source", False)]
+    if not needing or not inspected:
+        return
+    name, opts, cols = needing[0], recipe.export, recipe.input.columns
+    first_names = inspected[0].schema.names
+    wanted = {
+        "caption": (opts.caption_column or cols.caption, "input.columns.caption or export.caption_column"),
+        # as the exporter resolves it: the mapped column, else one named 'image' in the first shard
+        "image": (opts.image_column or cols.image or ("image" if "image" in first_names else None),
+                  "input.columns.image or export.image_column (or give the shards an 'image' column)"),
+    }
+    for role, (column, how) in wanted.items():
+        if not column:
+            raise InputError(f"export.formats: {name} needs the {role} of every row; set {how}")
+        for item in inspected:
+            if item.schema.get_field_index(column) < 0:
+                raise InputError(f"{item.shard.relpath}: no column '{column}', which export.formats: {name} reads as the {role}")
+
+
+def _is_inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def check_output_location(input_uri: str, out_uri: str) -> None:
+    """Refuse an OUT inside the input directory (the next run would read OUT's Parquet files as
+    input shards) unless discovery skips it (a path part starting with '.' or '_', e.g.
+    corpus/_runs/r1), and an input inside OUT (``--overwrite`` would delete it)."""
+    in_fs, in_path = resolve_filesystem(input_uri)
+    out_fs, out_path = resolve_filesystem(out_uri)
+    if in_fs.type_name != out_fs.type_name:
+        return
+    if isinstance(in_fs, pafs.LocalFileSystem):
+        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    in_path, out_path = in_path.rstrip("/") or "/", out_path.rstrip("/") or "/"
+    if _is_inside(in_path, out_path):
+        raise InputError(f"{input_uri}: the input is inside the output directory {out_uri}; choose an --out "
+                         "that does not contain the input")
+    if in_fs.get_file_info(in_path).type != pafs.FileType.Directory or not _is_inside(out_path, in_path):
+        return
+    relative = out_path[len(in_path):].strip("/").split("/")
+    if not any(part.startswith((".", "_")) for part in relative):
+        raise InputError(f"{out_uri}: the output directory is inside the input {input_uri}, so its Parquet files "
+                         "would be read as input shards; choose an --out outside the input (or under a "
+                         "directory whose name starts with '_', which discovery skips)")

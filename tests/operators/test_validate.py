@@ -98,3 +98,24 @@ def test_embedding_problems_null_rows(fixed):
         arr = pa.array([[0.0] * 4, None], pa.list_(pa.float32()))
     is_null, wrong, bad = embedding_problems(arr, 4)
     assert is_null.tolist() == [False, True] and not wrong.any() and not bad.any()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_all_zero_rows_either_sign_with_slices_nulls_and_other_lengths(fixed):
+    from mmbalance.operators.validate import all_zero_rows
+
+    rows = [[0.0, 0.0, 0.0], [0.0, 1e-4, 0.0], None, [-0.0, 0.0, -0.0], [0.0, 0.0, 0.0]]
+    if fixed:
+        flat = np.array([v if v is not None else [0.0] * 3 for v in rows], np.float16).reshape(-1)
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(flat), 3, mask=pa.array([v is None for v in rows]))
+        expected = [True, False, False, True, True]
+    else:
+        rows += [[0.0, 0.0], [0.0] * 4, [2.0, 0.0, 0.0]]  # other lengths: a dimension problem, not this one
+        arr = pa.array(rows, pa.list_(pa.float32()))
+        expected = [True, False, False, True, True, False, False, False]
+    assert all_zero_rows(arr, 3).tolist() == expected
+    assert all_zero_rows(arr.slice(1), 3).tolist() == expected[1:]
+    result = validate_rows(pa.table({"uid": [str(i) for i in range(len(rows))], "e": arr}),
+                           parse_recipe({"input": {"columns": {"image_embedding": "e"}}}), {"e": 3})
+    zero = [r for r in result.rejects.column("reason").to_pylist() if r.startswith("all-zero")]
+    assert len(zero) == sum(expected) and result.reason_counts["all-zero image_embedding"] == sum(expected)
