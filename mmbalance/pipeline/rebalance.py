@@ -39,7 +39,7 @@ from mmbalance.pipeline import fit, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import changed_shards, shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
-from mmbalance.pipeline.shards import discover_shards, expected_embedding_dim, inspect_shards
+from mmbalance.pipeline.shards import check_output_location, discover_shards, expected_embedding_dim, inspect_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
@@ -239,6 +239,7 @@ class Rebalancer:
     def run(self) -> RunResult:
         recipe, store = self.recipe, self.store
         t0 = time.perf_counter()
+        check_output_location(self.input_uri, self.store.uri)
         fs, shards = discover_shards(self.input_uri, recipe.input.extensions)
         inspected = inspect_shards(fs, shards, recipe)
         shards = [i.shard for i in inspected]

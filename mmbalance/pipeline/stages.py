@@ -80,10 +80,11 @@ def row_tagger(recipe: Recipe) -> tag.RowTagger:
     return _row_tagger(recipe.model_dump_json())
 
 
-def read_batches(handle, relpath: str, columns: list[str], batch_rows: int):
-    """Record batches of a source shard; a corrupt page is an input error naming the file."""
+def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
+    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
+    match) is an input error naming the file."""
     try:
-        pfile = pq.ParquetFile(handle)
+        pfile = pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
         batches = pfile.iter_batches(batch_size=batch_rows, columns=columns)
         while True:
             try:
@@ -135,7 +136,8 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     with fs.open_input_file(task["path"]) as handle, \
             store.table_writer("tags", f"{shard_id}.parquet", schema=tags_schema(ctx.recipe)) as tags_out, \
             store.table_writer("rejects", "validate", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
-        for table in read_batches(handle, relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows):
+        for table in read_batches(handle, relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows,
+                                  ctx.recipe.execution.verify_checksums):
             result = validate.validate_rows(table, ctx.recipe, dims, relpath, rows_in)
             keep = np.flatnonzero(result.valid)
             tags, audit = tagger(table.take(keep), keep + rows_in)
@@ -338,7 +340,8 @@ def embedding_batches(ctx: RunContext, store: RunStore, task: dict[str, Any], va
     fs, _ = resolve_filesystem(ctx.input_uri)
     offset, start = 0, 0
     with fs.open_input_file(task["path"]) as handle:
-        for table in read_batches(handle, task["relpath"], columns, ctx.recipe.execution.batch_rows):
+        for table in read_batches(handle, task["relpath"], columns, ctx.recipe.execution.batch_rows,
+                                  ctx.recipe.execution.verify_checksums):
             rows = np.arange(start, start + table.num_rows)
             start += table.num_rows
             # valid rows are ascending, so each batch's valid rows are the next slice of them

@@ -20,6 +20,7 @@ Layout of OUT (a local path or any pyarrow filesystem URI):
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -64,10 +65,14 @@ def file_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     return {"size": size, "crc32": f"{zlib.crc32(tail, zlib.crc32(head)):08x}"}
 
 
+_OUTPUT_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # only a write raises these
+
+
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     # Dictionary encoding slows embedding lists 4x (stack notes); only string columns use it.
     dict_cols = [f.name for f in schema if pa.types.is_string(f.type)]
-    return {"use_dictionary": dict_cols, "compression": "zstd"}
+    # page CRCs cost little and let a reader verify them (execution.verify_checksums)
+    return {"use_dictionary": dict_cols, "compression": "zstd", "write_page_checksum": True}
 
 
 class RunStore:
@@ -107,11 +112,14 @@ class RunStore:
             relative = "/".join(parts)
             if not relative.startswith("_done/"):
                 self.written[relative] = file_record(self.fs, final)
-        except BaseException:
+        except BaseException as err:
             try:
                 self.fs.delete_file(tmp)
             except OSError:
                 pass
+            if isinstance(err, OSError) and err.errno in _OUTPUT_FULL_ERRNOS and final not in str(err):
+                # pyarrow's write errors name no file: say which output could not be written
+                raise OSError(err.errno, f"{os.strerror(err.errno)} (writing {final})") from err
             raise
 
     def _write_bytes(self, parts: tuple[str, ...], data: bytes) -> None:
