@@ -35,7 +35,7 @@ from mmbalance.operators.report import balance_of_sizes, build_report, family_le
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators import tag as tag_op
 from mmbalance.operators.zero_shot import summarise_audit
-from mmbalance.pipeline import fit, stages
+from mmbalance.pipeline import fit, plan, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import changed_shards, shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
@@ -203,11 +203,14 @@ class Rebalancer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _run_stage(self, name: str, executor, fn, tasks: list[dict[str, Any]], keys: list[str], rows: list[int],
-                   identity: tuple[str, ...] = (), **resources: Any) -> None:
-        """Run the tasks that are not verifiably done (marker readable, outputs intact, and the task's
-        ``identity`` values, e.g. the solution digest, equal to the marker's); progress counts
-        finished and skipped work."""
+    def _run_stage(self, name: str, executor, ctx: stages.RunContext, tasks: list[dict[str, Any]], keys: list[str],
+                   rows: list[int]) -> None:
+        """Run the declared stage's tasks that are not verifiably done (marker readable, outputs
+        intact, and the task's identity values, e.g. the solution digest, equal to the marker's);
+        progress counts finished and skipped work."""
+        declared = plan.stage(name)
+        fn = functools.partial(getattr(stages, declared.function), ctx)
+        identity, resources = declared.identity, declared.resources(self.recipe)
         start = time.perf_counter()
         if identity:
             tasks = [{**t, stages.IDENTITY: list(identity)} for t in tasks]
@@ -219,7 +222,7 @@ class Rebalancer:
             bar.skip(len(tasks) - len(todo), skipped_rows)
             row_of = dict(zip(keys, rows))
             for summary in executor.map(fn, todo, **resources):
-                key = summary.get("shard_id") or summary.get("bucket")
+                key = summary[declared.key]
                 bar.advance(1, row_of.get(key, 0))
                 if self.options.on_progress:
                     self.options.on_progress(name, summary)
@@ -312,17 +315,14 @@ class Rebalancer:
 
         # scan
         scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows} for s in shards]
-        self._run_stage("scan", executor, functools.partial(stages.scan_shard, ctx), scan_tasks, ids, rows)
+        self._run_stage("scan", executor, ctx, scan_tasks, ids, rows)
         scans = self._summaries("scan", ids)
-        valid_rows = sum(s["valid"] for s in scans)
+        valid_rows = sum(s["rows_out"] for s in scans)
 
         # embed: open_clip on an actor pool (the model loads once per actor), or DataComp .npz
         if recipe.embed is not None:
-            spec = recipe.embed
             embed_tasks = [{**t, "embed_info": run["embed"]} for t in scan_tasks]
-            pool = {"actors": spec.actors, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if spec.uses_model else {}
-            self._run_stage("embed", executor, functools.partial(stages.embed_shard_stage, ctx), embed_tasks, ids,
-                            [s["valid"] for s in scans], **pool)
+            self._run_stage("embed", executor, ctx, embed_tasks, ids, [s["rows_out"] for s in scans])
 
         # dedup: buckets sized so one bucket's hashes fit comfortably in a worker
         buckets = max(1, math.ceil(valid_rows / recipe.execution.dedup_bucket_rows))
@@ -332,7 +332,7 @@ class Rebalancer:
             for b, (lo, hi) in enumerate(bucket_bounds(buckets))
         ]
         per_bucket_rows = [valid_rows // buckets] * buckets
-        self._run_stage("dedup", executor, functools.partial(stages.dedup_bucket, ctx), dedup_tasks, bucket_keys, per_bucket_rows)
+        self._run_stage("dedup", executor, ctx, dedup_tasks, bucket_keys, per_bucket_rows)
         dups = self._duplicates(bucket_keys, shards)
         if self.options.stop_after == "dedup":
             n_dups = sum(len(d["rows"]) for d in dups.values())
@@ -347,7 +347,7 @@ class Rebalancer:
             return {**task, "dup_rows": d["rows"], "dup_first_shard": d["first_shard"], "dup_first_row": d["first_row"]}
 
         sig_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath}, s) for s in shards]
-        self._run_stage("signatures", executor, functools.partial(stages.signatures_shard, ctx), sig_tasks, ids, rows)
+        self._run_stage("signatures", executor, ctx, sig_tasks, ids, rows)
 
         # solve (global, small)
         t = time.perf_counter()
@@ -380,8 +380,7 @@ class Rebalancer:
 
         # weigh
         weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "solution_digest": digest}, s) for s in shards]
-        self._run_stage("weigh", executor, functools.partial(stages.weigh_shard, ctx), weigh_tasks, ids, rows,
-                        identity=("solution_digest",))
+        self._run_stage("weigh", executor, ctx, weigh_tasks, ids, rows)
 
         # report
         t = time.perf_counter()
@@ -452,8 +451,7 @@ class Rebalancer:
         if recipe.needs_derive():
             digest = fit.models_digest(store)
             tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "models_digest": digest} for s in shards]
-            self._run_stage("assign", executor, functools.partial(stages.assign_shard, ctx), tasks,
-                            [s.shard_id for s in shards], [s.num_rows for s in shards], identity=("models_digest",))
+            self._run_stage("assign", executor, ctx, tasks, [s.shard_id for s in shards], [s.num_rows for s in shards])
         return info
 
     def _merged_entries(self, directory: str, name: str, ids: list[str], size: int | None = None) -> np.ndarray:
@@ -497,7 +495,7 @@ class Rebalancer:
             for k, v in s["reasons"].items():
                 reasons[k] += v
         # duplicates counted where they were rejected: a copy the embed stage rejected counts once
-        n_dups = sum(s["duplicates"] for s in self._summaries("signatures", ids))
+        n_dups = sum(s["rejected"] for s in self._summaries("signatures", ids))
         if n_dups:
             reasons["duplicate uid"] += n_dups
         input_rows = sum(s["rows_in"] for s in scans)
@@ -521,31 +519,19 @@ class Rebalancer:
         return report
 
     def _stage_stats(self, ids: list[str], bucket_keys: list[str]) -> dict[str, Any]:
-        """Per stage: units of work, rows in/out/rejected, summed task seconds and wall seconds."""
-        recipe = self.recipe
-        # (stage, keys, rows in, rows out, rows rejected) read from each unit's done-marker summary
-        plan = [("scan", ids, "rows_in", "valid", "rejected")]
-        if recipe.embed is not None:
-            plan.append(("embed", ids, "rows", "embedded", "rejected"))
-        plan.append(("dedup", bucket_keys, "rows", None, "duplicates"))
-        if recipe.needs_derive():
-            plan.append(("assign", ids, "rows", "rows", None))
-        plan += [("signatures", ids, None, "rows", "duplicates"), ("weigh", ids, "rows", "rows", None)]
+        """Per declared stage: units, the merged accounting (rows in/out/rejected, reasons), summed task
+        seconds, wall seconds, and the per-unit distribution; global stages: wall seconds."""
         out: dict[str, Any] = {}
-        for stage, keys, rows_in, rows_out, rejected in plan:
-            summaries = self._summaries(stage, keys)
-            entry: dict[str, Any] = {
-                "units": len(keys),
-                "task_seconds": round(sum(s.get("seconds", 0.0) for s in summaries), 3),
-                "wall_seconds": self.stage_seconds.get(stage),
-            }
-            for name, key in (("rows_in", rows_in), ("rows_out", rows_out), ("rejected", rejected)):
-                if key is not None:
-                    entry[name] = int(sum(s.get(key, 0) for s in summaries))
-            out[stage] = entry
-        for stage in ("inspect", "fit", "solve", "report", "export"):
-            if stage in self.stage_seconds:
-                out[stage] = {"wall_seconds": self.stage_seconds[stage]}
+        if "inspect" in self.stage_seconds:
+            out["inspect"] = {"wall_seconds": self.stage_seconds["inspect"]}
+        for declared in plan.active_stages(self.recipe):
+            if declared.unit == "global":
+                if declared.name in self.stage_seconds:
+                    out[declared.name] = {"wall_seconds": self.stage_seconds[declared.name]}
+                continue
+            keys = bucket_keys if declared.unit == "bucket" else ids
+            out[declared.name] = plan.stage_statistics(declared.name, self._summaries(declared.name, keys),
+                                                       self.stage_seconds.get(declared.name))
         return out
 
 

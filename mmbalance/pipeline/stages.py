@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from mmbalance.operators import cluster, dedup, stats, tag, validate, weigh
 from mmbalance.operators.solve import solution_from_dict
+from mmbalance.pipeline.plan import check_accounting
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
@@ -60,6 +61,7 @@ def _timed(fn):
 def _mark_done(store: RunStore, stage: str, key: str, summary: dict[str, Any], task: dict[str, Any]) -> None:
     """The done marker, written last: the unit's seconds (stats/stages.json sums them), the task's
     identity values, and the record of every file the unit wrote through ``store``."""
+    check_accounting(stage, summary)
     for name in task.get(IDENTITY, ()):
         summary[name] = task[name]
     if _STARTED in task:
@@ -172,7 +174,7 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
             store.write_table("sample", f"{shard_id}.parquet", table=sample)
     if rows_in != task["num_rows"]:
         raise InputError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
-    summary = {"shard_id": shard_id, "rows_in": rows_in, "valid": valid, "rejected": rows_in - valid,
+    summary = {"shard_id": shard_id, "rows_in": rows_in, "rows_out": valid, "rejected": rows_in - valid,
                "reasons": reasons, "sampled": sampled, "audit": tag.merge_audits(audits)}
     _mark_done(store, "scan", shard_id, summary, task)
     return summary
@@ -213,7 +215,9 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         dups = dedup.DUPLICATES_SCHEMA.empty_table()
     key = f"{task['bucket']:05d}-of-{task['buckets']:05d}"
     store.write_table("dedup", f"bucket-{key}.parquet", table=dups)
-    summary = {"bucket": key, "rows": rows_seen, "duplicates": dups.num_rows}
+    # duplicates are found here and rejected by the signatures stage: nothing leaves the run here
+    summary = {"bucket": key, "rows_in": rows_seen, "rows_out": rows_seen, "rejected": 0, "reasons": {},
+               "duplicates": dups.num_rows}
     _mark_done(store, "dedup", key, summary, task)
     return summary
 
@@ -278,7 +282,8 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store.write_table("signatures", f"{shard_id}.parquet", table=stats.summarise(kept, ctx.tag_columns))
     for spec in ctx.recipe.metadata_labels():  # per-entry counts: sparse, merged by summing
         store.write_table("entries", spec.name, f"{shard_id}.parquet", table=entry_count_table(kept.column(entries_column(spec.name))))
-    summary = {"shard_id": shard_id, "rows": kept.num_rows, "duplicates": dups.num_rows}
+    summary = {"shard_id": shard_id, "rows_in": tags.num_rows, "rows_out": kept.num_rows, "rejected": dups.num_rows,
+               "reasons": {"duplicate uid": dups.num_rows} if dups.num_rows else {}}
     _mark_done(store, "signatures", shard_id, summary, task)
     return summary
 
@@ -308,7 +313,10 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
                           table=entry_count_table(tags.column(entries_column(spec.name)), weights))
     summary = {
         "shard_id": shard_id,
-        "rows": manifest.num_rows,
+        "rows_in": tags.num_rows,
+        "rows_out": manifest.num_rows,
+        "rejected": 0,
+        "reasons": {},
         "weight_sum": float(weights.sum()),
         "repeats_sum": int(repeats.sum()),
     }
@@ -381,7 +389,9 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         frame = pl.from_arrow(tags.select(["row"])).join(pl.from_arrow(assigned), on="row", how="left", maintain_order="left")
         assigned = frame.to_arrow().cast(schema)
     store.write_table("assign", f"{shard_id}.parquet", table=assigned)
-    summary = {"shard_id": shard_id, "rows": int(sum(p.num_rows for p in parts)), "audit": tag.merge_audits(audits)}
+    # rows without an embedding keep null ids: every valid row goes on, none is rejected here
+    summary = {"shard_id": shard_id, "rows_in": tags.num_rows, "rows_out": tags.num_rows, "rejected": 0, "reasons": {},
+               "embedded": int(sum(p.num_rows for p in parts)), "audit": tag.merge_audits(audits)}
     _mark_done(store, "assign", shard_id, summary, task)
     return summary
 
@@ -465,7 +475,7 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
             rejected += rejects.num_rows
     if embedded + rejected != len(valid_rows):
         raise RuntimeError(f"{relpath}: embedded {embedded} + rejected {rejected} != {len(valid_rows)} valid rows")
-    summary = {"shard_id": shard_id, "rows": len(valid_rows), "embedded": embedded, "rejected": rejected, "reasons": reasons}
+    summary = {"shard_id": shard_id, "rows_in": len(valid_rows), "rows_out": embedded, "rejected": rejected, "reasons": reasons}
     _mark_done(store, "embed", shard_id, summary, task)
     return summary
 

@@ -243,5 +243,17 @@ def test_stage_stats_reconcile_with_the_row_accounting(dirty_corpus, tmp_path, i
     assert stages["scan"]["rows_in"] == rows["input"] and stages["scan"]["units"] == 4
     assert stages["scan"]["rejected"] + stages["signatures"]["rejected"] == rows["rejected"]
     assert stages["weigh"]["rows_out"] == rows["manifest"] == stages["signatures"]["rows_out"]
-    assert stages["dedup"]["rejected"] == 2 and "wall_seconds" in stages["solve"]
+    # dedup finds duplicates, the signatures stage rejects them: one accounting schema for every stage
+    assert stages["dedup"]["rejected"] == 0 and stages["signatures"]["reasons"] == {"duplicate uid": 2}
+    assert stages["scan"]["reasons"] == {"attribute gender": 1, "image_embedding": 1}
+    assert stages["signatures"]["rows_in"] == stages["scan"]["rows_out"] and "wall_seconds" in stages["solve"]
+    assert stages["weigh"]["rows_in"] == stages["weigh"]["rows_out"] == stages["signatures"]["rows_out"]
     assert stages["scan"]["task_seconds"] > 0 and stages["weigh"]["task_seconds"] > 0
+    for name in ("scan", "dedup", "signatures", "weigh"):  # per-unit distributions
+        dist = stages[name]["seconds_per_unit"]
+        assert 0 < dist["p50"] <= dist["p95"] <= dist["max"]
+        assert len(stages[name]["slowest"]) == min(5, stages[name]["units"])
+        assert stages[name]["slowest"][0]["seconds"] == dist["max"]
+    slow = stages["scan"]["slowest"]
+    assert [s["seconds"] for s in slow] == sorted((s["seconds"] for s in slow), reverse=True)
+    assert {s["unit"] for s in slow} <= {p.stem for p in (tmp_path / "o" / "manifest").iterdir()}

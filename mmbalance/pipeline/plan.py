@@ -1,0 +1,169 @@
+"""The stages of a rebalance run, declared once.
+
+Each stage names its unit of work (one shard, one uid-hash bucket, or the whole run), the function
+that does one unit, what it reads and writes under OUT, the resources a unit asks for, and the task
+fields its done marker records and a resume compares (``identity``). The runner, the resume check,
+``stats/stages.json``, the progress bars, ``mmbalance inspect``, ``mmbalance rebalance --plan`` and
+the stage table in docs/architecture.md all read this declaration.
+
+Every unit returns one accounting schema (``ACCOUNTING``): ``rows_in``, ``rows_out``, ``rejected``,
+``reasons`` (rejected rows by reason) and ``seconds``; the done marker refuses a summary without
+them, so a renamed key fails loudly instead of reporting 0. Stage statistics merge by summing
+(like datatrove's mergeable ``MetricStats``) plus per-unit distributions (p50/p95 seconds and rows/s,
+the slowest units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmbalance.schemas.recipe import Recipe
+
+ACCOUNTING = ("rows_in", "rows_out", "rejected", "reasons", "seconds")
+Unit = Literal["shard", "bucket", "global"]
+
+
+def _always(recipe: Recipe) -> bool:
+    return True
+
+
+def _one_cpu(recipe: Recipe) -> dict[str, Any]:
+    return {}
+
+
+def _embed_pool(recipe: Recipe) -> dict[str, Any]:
+    spec = recipe.embed
+    if spec is None or not spec.uses_model:
+        return {}
+    return {"actors": spec.actors, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    unit: Unit
+    summary: str  # one line: what a unit does
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    function: str | None = None  # name in mmbalance.pipeline.stages of the per-unit function
+    when: Callable[[Recipe], bool] = _always
+    resources: Callable[[Recipe], dict[str, Any]] = _one_cpu
+    resources_text: str = "1 CPU per task"
+    identity: tuple[str, ...] = ()  # task fields a done marker records; a change redoes the unit
+    key: str = "shard_id"  # the summary field that names the unit
+
+    def describe(self, recipe: Recipe | None = None) -> dict[str, Any]:
+        """The declaration as data (for --plan, inspect and the docs)."""
+        out = {"name": self.name, "unit": self.unit, "summary": self.summary, "reads": list(self.reads),
+               "writes": list(self.writes), "function": self.function, "resources": self.resources_text,
+               "identity": list(self.identity)}
+        if recipe is not None:
+            out["active"] = self.when(recipe)
+            if self.unit != "global":
+                out["resources_now"] = self.resources(recipe) or {"num_cpus": 1}
+        return out
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("scan", "shard", "validate rows, tag (columns, caption lexicons), hash uids, keep sample candidates",
+          reads=("input shard",),
+          writes=("tags/{shard}.parquet", "uids/{shard}.parquet", "rejects/validate/{shard}.parquet", "sample/{shard}.parquet"),
+          function="scan_shard"),
+    Stage("embed", "shard", "open_clip on an actor pool (model loaded once per actor) or DataComp .npz",
+          reads=("input shard", "tags/{shard}.parquet"),
+          writes=("embeddings/{shard}.parquet", "rejects/embed/{shard}.parquet"),
+          function="embed_shard_stage", when=lambda r: r.embed is not None, resources=_embed_pool,
+          resources_text="embed.actors actors, embed.num_cpus / num_gpus each"),
+    Stage("dedup", "bucket", "duplicate uids across the corpus in one uid-hash range, confirmed on the strings",
+          reads=("uids/*.parquet", "tags/*.parquet"), writes=("dedup/bucket-{bucket}.parquet",),
+          function="dedup_bucket", key="bucket"),
+    Stage("fit", "global", "the uniform fit sample; prompt embeddings, faiss k-means, SBCL subclasses",
+          reads=("sample/*.parquet", "embeddings/*.parquet", "dedup/*.parquet"), writes=("fit/sample.parquet", "models/*"),
+          when=lambda r: r.needs_sample(), resources_text="the driver"),
+    Stage("assign", "shard", "zero-shot, cluster and subclass tags of every valid row",
+          reads=("input shard or embeddings/{shard}.parquet", "tags/{shard}.parquet", "models/*"),
+          writes=("assign/{shard}.parquet",), function="assign_shard", when=lambda r: r.needs_derive(),
+          identity=("models_digest",)),
+    Stage("signatures", "shard", "counts per tag combination of valid, first-occurrence rows",
+          reads=("tags/{shard}.parquet", "assign/{shard}.parquet", "rejects/embed/{shard}.parquet", "dedup/*.parquet"),
+          writes=("signatures/{shard}.parquet", "rejects/dedup/{shard}.parquet", "entries/{label}/{shard}.parquet"),
+          function="signatures_shard"),
+    Stage("solve", "global", "merged signatures -> solution (cap | waterfill | reweigh | rake | m4 | rnb, composable)",
+          reads=("signatures/*.parquet", "fit/sample.parquet"), writes=("signatures/merged.parquet", "solve/solution.json"),
+          resources_text="the driver (m4 with utility: one task per shard per dual evaluation)"),
+    Stage("weigh", "shard", "weights from the solution, seeded stochastic rounding",
+          reads=("tags/{shard}.parquet", "assign/{shard}.parquet", "solve/solution.json"),
+          writes=("manifest/{shard}.parquet", "after/{shard}.parquet", "after_entries/{label}/{shard}.parquet"),
+          function="weigh_shard", identity=("solution_digest",)),
+    Stage("report", "global", "metrics before/after, leakage probes, tagging audit, stage statistics",
+          reads=("after/*.parquet", "signatures/merged.parquet", "fit/sample.parquet", "_done/*"),
+          writes=("after/merged.parquet", "report.json", "stats/stages.json"), resources_text="the driver"),
+    Stage("export", "global", "trainer formats from the manifest", reads=("manifest/*.parquet",), writes=("export/*",),
+          when=lambda r: any(f != "parquet" for f in r.export.formats), resources_text="the driver"),
+    Stage("html", "global", "report.html (matplotlib, self-contained)",
+          reads=("report.json", "stats/stages.json", "manifest/*.parquet"), writes=("report.html",),
+          when=lambda r: r.report.html, resources_text="the driver"),
+)
+
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    return BY_NAME[name]
+
+
+def active_stages(recipe: Recipe) -> list[Stage]:
+    return [s for s in STAGES if s.when(recipe)]
+
+
+def check_accounting(stage_name: str, summary: dict[str, Any]) -> None:
+    """A unit's summary must carry the accounting schema: a renamed key fails here, not as a silent 0."""
+    missing = [k for k in ACCOUNTING if k != "seconds" and k not in summary]
+    if missing:
+        raise RuntimeError(f"stage {stage_name}: unit summary lacks {', '.join(missing)} (the accounting schema)")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.quantile(np.asarray(values, np.float64), q)) if values else 0.0
+
+
+def stage_statistics(stage_name: str, summaries: list[dict[str, Any]], wall_seconds: float | None,
+                     slowest: int = 5) -> dict[str, Any]:
+    """One stage's merged accounting and its per-unit distribution."""
+    key = BY_NAME[stage_name].key
+    seconds = [float(s.get("seconds", 0.0)) for s in summaries]
+    rates = [s["rows_in"] / t for s, t in zip(summaries, seconds) if t > 0]
+    reasons: dict[str, int] = {}
+    for s in summaries:
+        for k, v in (s.get("reasons") or {}).items():
+            reasons[k] = reasons.get(k, 0) + int(v)
+    order = sorted(range(len(summaries)), key=lambda i: (-seconds[i], str(summaries[i].get(key))))
+    return {
+        "units": len(summaries),
+        "rows_in": int(sum(s["rows_in"] for s in summaries)),
+        "rows_out": int(sum(s["rows_out"] for s in summaries)),
+        "rejected": int(sum(s["rejected"] for s in summaries)),
+        "reasons": dict(sorted(reasons.items())),
+        "task_seconds": round(sum(seconds), 3),
+        "wall_seconds": wall_seconds,
+        "seconds_per_unit": {"p50": round(_quantile(seconds, 0.5), 4), "p95": round(_quantile(seconds, 0.95), 4),
+                             "max": round(max(seconds, default=0.0), 4)},
+        "rows_per_second_per_unit": {"p50": round(_quantile(rates, 0.5), 1), "p5": round(_quantile(rates, 0.05), 1)},
+        "slowest": [{"unit": summaries[i].get(key), "seconds": round(seconds[i], 4), "rows_in": int(summaries[i]["rows_in"])}
+                    for i in order[:slowest]],
+    }
+
+
+def markdown_table() -> str:
+    """The stage table of docs/architecture.md, generated from STAGES (a test keeps the doc in step)."""
+    lines = ["| stage | unit | does | reads (under OUT) | writes (under OUT) | resources | redone when changed |",
+             "|---|---|---|---|---|---|---|"]
+    for s in STAGES:
+        cells = [s.name, s.unit, s.summary, ", ".join(f"`{r}`" for r in s.reads), ", ".join(f"`{w}`" for w in s.writes),
+                 s.resources_text, ", ".join(s.identity) or "-"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
