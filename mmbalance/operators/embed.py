@@ -15,6 +15,7 @@ torch and open_clip are imported lazily: the module imports without the ``embed`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -94,32 +95,15 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_image(data: bytes | None, max_pixels: int = 89_478_485, draft=None):
-    """Bytes -> RGB PIL image (first frame of GIF/WebP animations). Raises ``ImageError`` only.
-
-    ``draft(w, h) -> (w', h') | None``: for JPEGs, decode at the smallest DCT scale >= that size.
-    """
+@contextlib.contextmanager
+def _image_errors(data: bytes):
+    """Decoder exceptions -> ``ImageError`` with a stable problem key."""
     from PIL import Image, UnidentifiedImageError
 
-    if data is None:
-        raise ImageError("missing", "null")
-    if len(data) == 0:
-        raise ImageError("empty", "0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF/palette noise
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError("zero size", f"{w}x{h}")
-            if w * h > max_pixels:
-                raise ImageError("too large", f"{w}x{h} is over {max_pixels} pixels")
-            if draft is not None and img.format == "JPEG":
-                size = draft(w, h)
-                if size is not None:
-                    img.draft(img.mode, size)
-            img.load()
-            return to_rgb(img)
+            yield
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -131,6 +115,45 @@ def decode_image(data: bytes | None, max_pixels: int = 89_478_485, draft=None):
         raise ImageError(problem, _short(err)) from None
     except Exception as err:  # decoders raise ValueError, SyntaxError, struct.error, ...
         raise ImageError("undecodable", f"{type(err).__name__}: {_short(err)}") from None
+
+
+def open_image(data: bytes | None, max_pixels: int = 89_478_485):
+    """Bytes -> a PIL image with only its header read (format, mode, size checked). Raises ``ImageError`` only."""
+    from PIL import Image
+
+    if data is None:
+        raise ImageError("missing", "null")
+    if len(data) == 0:
+        raise ImageError("empty", "0 bytes")
+    with _image_errors(data):
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ImageError("zero size", f"{w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError("too large", f"{w}x{h} is over {max_pixels} pixels")
+        return img
+
+
+def decode_image(data: bytes | None, max_pixels: int = 89_478_485, draft=None):
+    """Bytes -> RGB PIL image (first frame of GIF/WebP animations). Raises ``ImageError`` only.
+
+    ``draft(w, h) -> (w', h') | None``: for JPEGs, decode at the smallest DCT scale >= that size.
+    """
+    img = open_image(data, max_pixels)
+    with _image_errors(data):
+        if draft is not None and img.format == "JPEG":
+            size = draft(*img.size)
+            if size is not None:
+                img.draft(img.mode, size)
+        img.load()
+        return to_rgb(img)
+
+
+def is_whole_jpeg(img, data: bytes) -> bool:
+    """A JPEG that libjpeg/nvJPEG decode to the same RGB as PIL: 1 or 3 components (not CMYK/YCCK)
+    and an end-of-image marker (a truncated file goes to PIL, which rejects it as today)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 class ImageSource:
@@ -323,6 +346,7 @@ class Preprocessor:
         self.mean = tuple(float(x) for x in cfg["mean"])
         self.std = tuple(float(x) for x in cfg["std"])
         self.resize_mode = cfg.get("resize_mode", "shortest")
+        self.tensor_geometry = self._tensor_geometry()
 
     def draft_size(self, w: int, h: int) -> tuple[int, int] | None:
         """Smallest decode size that still covers the resize target (for JPEG draft mode)."""
@@ -345,6 +369,23 @@ class Preprocessor:
         if (w * scale) * (h * scale) > self.MAX_RESIZE_FACTOR * tw * th:
             raise ImageError("too elongated", f"{w}x{h}")
 
+    TENSOR_STEPS = ("Resize", "CenterCrop", "MaybeConvertMode")  # torchvision steps that take tensors too
+
+    def _tensor_geometry(self) -> list | None:
+        """The geometry steps applied to uint8 (3, h, w) tensors, or None when a step is PIL-only
+        (open_clip's ResizeKeepRatio for resize_mode 'longest', custom transforms). Mode conversion is
+        dropped: decoded tensors are RGB already."""
+        if self.geometry is None or any(type(s).__name__ not in self.TENSOR_STEPS for s in self.geometry):
+            return None
+        return [s for s in self.geometry if type(s).__name__ != "MaybeConvertMode"]
+
+    def resize_tensor(self, x):
+        """uint8 (3, h, w) RGB tensor on any device -> uint8 (3, H, W): torchvision's Resize (bicubic,
+        antialias) and CenterCrop on tensors, the same geometry open_clip applies to PIL images."""
+        for step in self.tensor_geometry:
+            x = step(x)
+        return x
+
     def pixels(self, img) -> np.ndarray:
         """RGB PIL image -> uint8 (h, w, 3), or float32 (3, h, w) normalised when the transform is custom."""
         if self.geometry is None:
@@ -366,6 +407,7 @@ class ModelBundle:
     autocast_dtype: str | None
     info: dict
     trim_text: bool = False  # run the text tower only up to each group's longest caption
+    image_decode: str = "pil"  # resolved embed.image_decode: 'pil' or 'torch'
     _pools: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -390,18 +432,27 @@ class ModelBundle:
         torch, _ = _import_open_clip()
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.info["precision"], torch.float32)
 
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (n, h, w, 3) or normalised float32 (n, 3, h, w) -> unit float16 (n, dim)."""
+    def side_stream(self):
+        """The CUDA stream the prefetch thread decodes and resizes on, so that work overlaps the model."""
+        torch, _ = _import_open_clip()
+        if "stream" not in self._pools:
+            self._pools["stream"] = torch.cuda.Stream(device=self.device)
+        return self._pools["stream"]
+
+    def encode_images(self, pixels) -> np.ndarray:
+        """uint8 (n, h, w, 3) numpy, uint8 (n, 3, h, w) tensor (any device), or normalised float32
+        (n, 3, h, w) numpy -> unit float16 (n, dim)."""
         torch, _ = _import_open_clip()
         if len(pixels) == 0:
             return np.zeros((0, self.dim), np.float16)
         with torch.inference_mode():
-            x = torch.from_numpy(pixels)
-            if self.device != "cpu":
+            channels_first = isinstance(pixels, torch.Tensor)
+            x = pixels if channels_first else torch.from_numpy(pixels)
+            if x.device.type == "cpu" and self.device != "cpu":
                 x = x.pin_memory().to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:
                 # exactly torchvision's ToTensor + Normalize, batched
-                x = x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+                x = (x if channels_first else x.permute(0, 3, 1, 2)).contiguous().to(torch.float32).div(255)
                 mean = torch.tensor(self.preprocessor.mean, device=x.device).view(1, -1, 1, 1)
                 std = torch.tensor(self.preprocessor.std, device=x.device).view(1, -1, 1, 1)
                 x = x.sub_(mean).div_(std)
@@ -446,7 +497,8 @@ class ModelBundle:
 
     def close(self) -> None:
         for pool in self._pools.values():
-            pool.shutdown(wait=False)
+            if isinstance(pool, ThreadPoolExecutor):
+                pool.shutdown(wait=False)
         self._pools.clear()
 
 
@@ -572,6 +624,7 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         model.to(device)
     pp_cfg = open_clip.get_model_preprocess_cfg(model)
     preprocessor = Preprocessor(pp_cfg)
+    image_decode = _resolve_image_decode(spec, device, preprocessor)
     dim = getattr(model.visual, "output_dim", None)
     if dim is None:  # timm / custom towers: ask the model
         with torch.inference_mode():
@@ -588,8 +641,23 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
         "torch_version": torch.__version__,
         "precision": weights_precision if autocast_dtype is None or weights_precision != "fp32" else "amp",
         "device": device,
+        "image_decode": image_decode,
     })
-    return ModelBundle(spec, model, tokenizer, preprocessor, device, autocast_dtype, info, trim_text)
+    return ModelBundle(spec, model, tokenizer, preprocessor, device, autocast_dtype, info, trim_text, image_decode)
+
+
+def _resolve_image_decode(spec: EmbedSpec, device: str, preprocessor: Preprocessor) -> str:
+    """embed.image_decode -> 'pil' | 'torch' for this device and model (auto: torch on CUDA)."""
+    if spec.image_decode == "pil" or (spec.image_decode == "auto" and (device == "cpu" or spec.jpeg_draft)):
+        return "pil"
+    if preprocessor.tensor_geometry is None:
+        if spec.image_decode == "torch":
+            raise ValueError(
+                f"embed.image_decode 'torch' resizes with torchvision's Resize and CenterCrop, but this model's "
+                f"preprocessing (resize_mode '{preprocessor.resize_mode}') needs PIL: use image_decode: pil or auto"
+            )
+        return "pil"
+    return "torch"
 
 
 def model_info(spec: EmbedSpec | dict) -> dict:
@@ -599,7 +667,7 @@ def model_info(spec: EmbedSpec | dict) -> dict:
     bundle = load_model(spec.model_copy(update={"device": "cpu", "num_gpus": 0.0}))
     bundle.close()
     info = dict(bundle.info)
-    for key in ("precision", "device"):
+    for key in ("precision", "device", "image_decode"):
         info.pop(key, None)
     return info
 
@@ -618,14 +686,15 @@ class _Prepared:
     text_ok: np.ndarray | None
     text_reason: np.ndarray | None
     seconds: dict
+    ready: Any = None  # CUDA event: the side stream finished decoding and resizing ``pixels``
 
 
-def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
-    """(pixels or None, reason or None, decode seconds, preprocess seconds) for one row."""
+def _pil_pixels(bundle: ModelBundle, data: bytes | None, column: str):
+    """(pixels or None, reason or None, decode seconds, preprocess seconds): PIL decode + open_clip geometry."""
     t0 = time.perf_counter()
     draft = bundle.preprocessor.draft_size if bundle.spec.jpeg_draft else None
     try:
-        img = decode_image(source.read(*item), bundle.spec.max_image_pixels, draft)
+        img = decode_image(data, bundle.spec.max_image_pixels, draft)
     except ImageError as err:
         return None, err.reason(column), time.perf_counter() - t0, 0.0
     t1 = time.perf_counter()
@@ -639,12 +708,122 @@ def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
     return arr, None, t1 - t0, time.perf_counter() - t1
 
 
+def _decode_one(bundle: ModelBundle, source: ImageSource, item, column: str):
+    """(pixels or None, reason or None, decode seconds, preprocess seconds) for one row."""
+    t0 = time.perf_counter()
+    try:
+        data = source.read(*item)
+    except ImageError as err:
+        return None, err.reason(column), time.perf_counter() - t0, 0.0
+    return _pil_pixels(bundle, data, column)
+
+
+def _jpeg_tensor(data: bytes):
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _sniff_one(bundle: ModelBundle, source: ImageSource, item, column: str, decode_here: bool):
+    """Tensor path, one row on a decode thread -> (kind, payload, seconds). kind 'jpeg': bytes left
+    for the batched device decode; 'tensor': uint8 (3, H, W) decoded and resized here (CPU device);
+    'pixels': uint8 (H, W, 3) from PIL (formats the tensor path does not take); None: payload is the
+    reject reason, worded as on the PIL path."""
+    t0 = time.perf_counter()
+    try:
+        data = source.read(*item)
+        img = open_image(data, bundle.spec.max_image_pixels)
+    except ImageError as err:
+        return None, err.reason(column), time.perf_counter() - t0
+    if is_whole_jpeg(img, data):
+        try:
+            bundle.preprocessor.check_size(*img.size)
+        except ImageError as err:
+            return None, err.reason(column), time.perf_counter() - t0
+        if not decode_here:
+            return "jpeg", data, time.perf_counter() - t0
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            x = decode_jpeg(_jpeg_tensor(data), mode=ImageReadMode.RGB)
+            return "tensor", bundle.preprocessor.resize_tensor(x), time.perf_counter() - t0
+        except Exception:  # PIL below decodes it or words the reason
+            pass
+    arr, reason, _, _ = _pil_pixels(bundle, data, column)
+    return ("pixels", arr, time.perf_counter() - t0) if arr is not None else (None, reason, time.perf_counter() - t0)
+
+
+def _decode_jpegs_on_device(bundle: ModelBundle, datas: list[bytes]) -> list:
+    """Batched nvJPEG decode; a batch that fails is retried image by image (None for an image that fails)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [_jpeg_tensor(d) for d in datas]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=bundle.device))
+    except Exception:
+        out = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=bundle.device))
+            except Exception:
+                out.append(None)
+        return out
+
+
+def _prepare_tensors(bundle: ModelBundle, source: ImageSource, items: list, column: str, seconds: dict):
+    """Tensor path for one model batch -> (ok, reasons, uint8 (m, 3, H, W) tensor or None, CUDA event or None).
+
+    On CUDA the decode threads only read bytes and headers; this (prefetch) thread decodes the JPEGs in
+    one nvJPEG call and resizes them on a side stream, so the model's stream never waits for it, and
+    uploads the PIL-decoded rows from pinned memory. On the CPU each decode thread decodes and resizes.
+    """
+    import torch
+
+    on_device = bundle.device != "cpu"
+    results = list(bundle.pool("decode").map(lambda it: _sniff_one(bundle, source, it, column, not on_device), items))
+    seconds["decode"] += sum(r[2] for r in results)
+    reasons = np.array([r[1] if r[0] is None else None for r in results], dtype=object)
+    if not on_device:
+        good = [r[1] if r[0] == "tensor" else torch.from_numpy(np.array(r[1])).permute(2, 0, 1) for r in results if r[0]]
+        ok = np.array([r[0] is not None for r in results], bool)
+        return ok, reasons, (torch.stack(good) if good else None), None
+    t0 = time.perf_counter()
+    stream = bundle.side_stream()
+    with torch.cuda.stream(stream):
+        jpeg_rows = [i for i, r in enumerate(results) if r[0] == "jpeg"]
+        decoded = dict(zip(jpeg_rows, _decode_jpegs_on_device(bundle, [results[i][1] for i in jpeg_rows])))
+        parts, host = [], {}
+        for i, r in enumerate(results):
+            if r[0] == "jpeg" and decoded[i] is None:  # nvJPEG refused it: PIL decodes it or words the reason
+                arr, reason, _, _ = _pil_pixels(bundle, r[1], column)
+                r = results[i] = ("pixels", arr, 0.0) if arr is not None else (None, reason, 0.0)
+                reasons[i] = reason
+            if r[0] == "jpeg":
+                parts.append(bundle.preprocessor.resize_tensor(decoded[i]))
+            elif r[0] == "pixels":
+                host[len(parts)] = r[1]
+                parts.append(None)
+        if host:
+            staged = torch.from_numpy(np.stack(list(host.values()))).pin_memory()
+            uploaded = staged.to(bundle.device, non_blocking=True).permute(0, 3, 1, 2)
+            for j, pos in enumerate(host):
+                parts[pos] = uploaded[j]
+        pixels = torch.stack(parts) if parts else None
+        event = torch.cuda.Event()
+        event.record(stream)
+    seconds["device_decode"] = seconds.get("device_decode", 0.0) + time.perf_counter() - t0
+    ok = np.array([r[0] is not None for r in results], bool)
+    return ok, reasons, pixels, event
+
+
 def _prepare(bundle: ModelBundle, columns: EmbedColumns, source: ImageSource, images, captions,
              start: int, stop: int) -> _Prepared:
     n = stop - start
     seconds = {"decode": 0.0, "preprocess": 0.0, "tokenize": 0.0}
-    pixels = image_ok = image_reason = None
-    if images is not None:
+    pixels = image_ok = image_reason = event = None
+    if images is not None and bundle.image_decode == "torch":
+        image_ok, image_reason, pixels, event = _prepare_tensors(bundle, source, images[start:stop], columns.image, seconds)
+    elif images is not None:
         results = list(bundle.pool("decode").map(lambda it: _decode_one(bundle, source, it, columns.image),
                                                  images[start:stop]))
         image_ok = np.array([r[0] is not None for r in results], bool)
@@ -666,7 +845,7 @@ def _prepare(bundle: ModelBundle, columns: EmbedColumns, source: ImageSource, im
         text_ok = np.array([r is None for r in text_reason], bool)
         tokens = bundle.tokenize([c for c, ok in zip(chunk, text_ok) if ok]) if text_ok.any() else []
         seconds["tokenize"] = time.perf_counter() - t0
-    return _Prepared(start, stop, pixels, image_ok, image_reason, tokens, text_ok, text_reason, seconds)
+    return _Prepared(start, stop, pixels, image_ok, image_reason, tokens, text_ok, text_reason, seconds, event)
 
 
 def _add(timings: dict | None, key: str, value: float) -> None:
@@ -723,6 +902,12 @@ def embed_table(
             idx = np.flatnonzero(p.image_ok) + p.start
             if len(idx):
                 t0 = time.perf_counter()
+                if p.ready is not None:  # made on the prefetch thread's stream: order the model after it
+                    import torch
+
+                    current = torch.cuda.current_stream()
+                    current.wait_event(p.ready)
+                    p.pixels.record_stream(current)
                 img_vals[idx] = bundle.encode_images(p.pixels)
                 _add(timings, "image_model", time.perf_counter() - t0)
             img_ok[sl], img_reason[sl] = p.image_ok, p.image_reason

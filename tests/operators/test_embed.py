@@ -407,3 +407,94 @@ def test_trimmed_text_tower_matches_full_context(bundle):
     finally:
         bundle.trim_text = True
     assert np.abs(full - want).max() < 2e-3
+
+
+# -- the tensor path (image_decode: torch): torchvision decode + tensor resize, here on the CPU --------
+
+
+def mixed_images() -> dict[str, bytes | None]:
+    """Every route through the tensor path: JPEGs it decodes, formats it hands to PIL, rows it rejects."""
+    arr = picture(11, (120, 90))
+    frames = [Image.fromarray(picture(12)).convert("P"), Image.fromarray(picture(13)).convert("P")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    jpeg = encode(arr, "JPEG", quality=90)
+    return {
+        "jpeg": jpeg,
+        "jpeg_portrait": encode(picture(14, (50, 130)), "JPEG", quality=85),
+        "jpeg_progressive": encode(picture(15, (90, 70)), "JPEG", quality=80, progressive=True),
+        "jpeg_grey": encode(arr, "JPEG", "L"),
+        "jpeg_small": encode(picture(16, (20, 24)), "JPEG"),  # upsampled to the model size
+        "jpeg_cmyk": encode(arr, "JPEG", "CMYK"),
+        "png": encode(arr, "PNG"),
+        "webp": encode(arr, "WEBP", lossless=True),
+        "gif": gif.getvalue(),
+        "jpeg_truncated": jpeg[: len(jpeg) // 2],
+        "jpeg_header_only": jpeg[:200],
+        "junk": b"not an image",
+        "empty": b"",
+        "null": None,
+        "elongated": encode(np.zeros((4000, 1, 3), np.uint8), "JPEG"),
+    }
+
+
+def test_tensor_geometry_matches_open_clip_pil_transform():
+    import dataclasses
+
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from mmbalance.operators.embed import Preprocessor
+
+    for cfg in (PreprocessCfg(size=224), PreprocessCfg(size=(160, 192), resize_mode="squash")):
+        pre = Preprocessor(dataclasses.asdict(cfg))
+        assert pre.tensor_geometry is not None
+        steps = image_transform_v2(cfg, is_train=False).transforms[:-2]  # open_clip's own, PIL in, PIL out
+        for i, size in enumerate([(640, 480), (333, 500), (224, 224), (100, 60), (1000, 260)]):
+            data = encode(picture(20 + i, size), "JPEG", quality=90)
+            want = Image.open(io.BytesIO(data))
+            for step in steps:
+                want = step(want)
+            want = np.asarray(want, np.int16)
+            got = pre.resize_tensor(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
+            got = got.permute(1, 2, 0).numpy().astype(np.int16)
+            assert got.shape == want.shape
+            # same decoder (libjpeg-turbo, identical pixels); the resize is torchvision's bicubic kernel vs
+            # PIL's: within a level almost everywhere, a few levels at this picture's sharp noisy edges
+            diff = np.abs(got - want)
+            assert diff.mean() < 0.3 and (diff > 2).mean() < 0.005 and diff.max() <= 10, (cfg, size, diff.max(), diff.mean())
+    longest = Preprocessor(dataclasses.asdict(PreprocessCfg(size=224, resize_mode="longest")))
+    assert longest.tensor_geometry is None  # open_clip's ResizeKeepRatio is PIL-only
+
+
+def test_tensor_path_on_cpu_gives_pil_path_rows_reasons_and_embeddings(tiny_dir, bundle):
+    images = mixed_images()
+    table = table_of(list(images.values()), ["a caption"] * len(images))
+    tensor = load_model(tiny_spec(tiny_dir, image_decode="torch"))
+    assert tensor.image_decode == "torch" and bundle.image_decode == "pil"  # auto on the CPU: PIL
+    timings: dict = {}
+    got, got_rej = embed_table(table, tensor, COLS, shard="s", timings=timings)
+    want, want_rej = embed_table(table, bundle, COLS, shard="s")
+    assert got.column("row").equals(want.column("row")) and got_rej.equals(want_rej)
+    names = list(images)
+    assert [names[r] for r in got.column("row").to_pylist()] == [
+        "jpeg", "jpeg_portrait", "jpeg_progressive", "jpeg_grey", "jpeg_small", "jpeg_cmyk", "png", "webp", "gif"]
+    a, b = matrix(got.column("image_emb")).astype(np.float32), matrix(want.column("image_emb")).astype(np.float32)
+    pil_rows = [i for i, r in enumerate(got.column("row").to_pylist()) if not names[r].startswith("jpeg") or names[r] == "jpeg_cmyk"]
+    assert np.array_equal(a[pil_rows], b[pil_rows])  # formats the tensor path hands to PIL: the same pixels
+    assert np.abs(a - b).max() < 1e-2  # JPEGs: a level or two of resize difference through a random model
+    assert got.column("text_emb").equals(want.column("text_emb"))
+    assert timings["images"] == len(images)
+
+
+def test_image_decode_rules(tiny_dir):
+    with pytest.raises(ValueError, match="jpeg_draft is a PIL decode option"):
+        EmbedSpec(model="ViT-B-32", pretrained="random", image_decode="torch", jpeg_draft=True)
+    assert load_model(tiny_spec(tiny_dir, image_decode="auto", jpeg_draft=True)).image_decode == "pil"
+    longest = json.loads(json.dumps(TINY))
+    longest["preprocess_cfg"] = {"resize_mode": "longest"}
+    d = tiny_dir.parent / "tiny_longest"
+    d.mkdir(exist_ok=True)
+    (d / "open_clip_config.json").write_text(json.dumps(longest))
+    with pytest.raises(ValueError, match="resize_mode 'longest'.*use image_decode: pil or auto"):
+        load_model(EmbedSpec(model=f"local-dir:{d}", pretrained="random", image_decode="torch"))
