@@ -20,21 +20,34 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def _known_error(exc: BaseException):
-    """The InputError/RecipeError behind an exception, also when Ray wrapped it on the way back."""
+    """The InputError/RecipeError (or a refused run lock) behind an exception, also when Ray
+    wrapped it on the way back: the user can fix these, so they are exit 2 and one line."""
+    from mmbalance.pipeline.store import RunLockedError
     from mmbalance.schemas.contract import InputError
     from mmbalance.schemas.recipe import RecipeError
 
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (InputError, RecipeError)):
+        if isinstance(exc, (InputError, RecipeError, RunLockedError)):
             return exc
         cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
     return None
 
 
+def _raise_on_sigterm(signum, frame):
+    # as Ctrl-C does: the stack unwinds, temporaries are removed, the run lock is released, and
+    # every finished shard keeps its done marker, so the same command resumes
+    raise SystemExit(128 + signum)
+
+
 def _guarded(fn, debug: bool):
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main else None
     try:
         return fn()
     except typer.Exit:
@@ -55,6 +68,9 @@ def _guarded(fn, debug: bool):
             _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
         first = (str(exc).strip().splitlines() or [""])[0]
         _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _load(recipe_path: Optional[Path]):

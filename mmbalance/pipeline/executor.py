@@ -98,10 +98,76 @@ class RayExecutor:
             yield result["ok"]
 
 
+# Outlives the driver for one reason: the driver's Ray processes get SIGKILL with it (PDEATHSIG),
+# but the raylet's own children (DashboardAgent, RuntimeEnvAgent) do not and would live on. It
+# notes every process the driver starts after it (polling), and when its stdin closes without a
+# "done" (the driver died, even by kill -9) ends the ones still alive: TERM, then KILL.
+_RAY_WATCHDOG = r"""
+import os, select, signal, sys
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+driver, me = psutil.Process(int(sys.argv[1])), psutil.Process()
+since = me.create_time()  # the driver's processes from before the session are older: never ours
+known = {}
+def note():
+    try:
+        children = driver.children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            if child.pid != me.pid and child.pid not in known and child.create_time() >= since:
+                known[child.pid] = child
+        except psutil.Error:
+            pass
+clean = False
+while True:
+    if select.select([sys.stdin], [], [], 1.0)[0]:
+        data = os.read(sys.stdin.fileno(), 64)
+        clean = b"done" in data
+        if not data or clean:
+            break
+    note()
+left = [p for p in known.values() if p.is_running()]
+_, left = psutil.wait_procs(left, timeout=5 if clean else 1)  # a clean shutdown ends them itself
+for p in left:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, left = psutil.wait_procs(left, timeout=3)
+for p in left:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _start_ray_watchdog():
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-c", _RAY_WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def _stop_ray_watchdog(watchdog) -> None:
+    try:
+        watchdog.stdin.write(b"done")
+        watchdog.stdin.close()
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None):
     """Connect to a cluster (``address`` or RAY_ADDRESS), or start a local Ray for this run and stop it
-    afterwards, also on SIGTERM or Ctrl-C, so no processes are left behind."""
+    afterwards, also on SIGTERM or Ctrl-C, so no processes are left behind; a watchdog process ends
+    the local Ray's processes also when the driver itself is killed (kill -9)."""
     import ray
 
     if ray.is_initialized():  # inside a Ray job, or a caller's session: theirs to manage
@@ -109,18 +175,24 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
         return
     target = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    watchdog = None
     if target:
         ray.init(address=target, log_to_driver=False, runtime_env=env, logging_level=logging.WARNING)
     else:
-        ray.init(
-            address="local",
-            logging_level=logging.WARNING,
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            object_store_memory=(object_store_mb or 512) * 1024 * 1024,
-            runtime_env=env,
-        )
+        watchdog = _start_ray_watchdog()
+        try:
+            ray.init(
+                address="local",
+                logging_level=logging.WARNING,
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=(object_store_mb or 512) * 1024 * 1024,
+                runtime_env=env,
+            )
+        except BaseException:
+            _stop_ray_watchdog(watchdog)
+            raise
 
     def _on_sigterm(signum, frame):
         raise SystemExit(128 + signum)
@@ -133,3 +205,5 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
         if in_main:
             signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
+        if watchdog is not None:
+            _stop_ray_watchdog(watchdog)
