@@ -1,4 +1,4 @@
-"""Execution backends for per-shard work: a plain local loop, or Ray Data on a local or remote cluster.
+"""Execution backends for per-shard work: a plain local loop, or Ray tasks on a local or remote cluster.
 
 Both run the same picklable function over the same JSON-able task descriptions and yield each
 task's JSON-able summary as it finishes; outputs are written by the function itself, keyed by shard.
@@ -28,6 +28,57 @@ class LocalExecutor:
             yield fn(task)
 
 
+def _run_one(fn: TaskFn, task: dict[str, Any]) -> dict[str, Any]:
+    """One task's summary, or its bad-input/output-filesystem error as data (see _TaskBatchRunner)."""
+    from mmbalance.schemas.contract import InputError
+    from mmbalance.schemas.recipe import RecipeError
+
+    try:
+        return {"ok": fn(task)}
+    except (InputError, RecipeError) as err:
+        return {"input_error": str(err), "type": type(err).__name__}
+    except OSError as err:
+        return {"os_error": str(err), "errno": err.errno}
+
+
+def _run_group(fn: TaskFn, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several small tasks in one Ray task: one scheduling round trip for all of them."""
+    return [_run_one(fn, t) for t in tasks]
+
+
+def _unwrap(result: dict[str, Any]) -> dict[str, Any]:
+    if "os_error" in result:
+        error = OSError(result["os_error"])
+        error.errno = result["errno"]
+        raise error
+    if "input_error" in result:
+        from mmbalance.schemas.contract import InputError
+        from mmbalance.schemas.recipe import RecipeError
+
+        raise (RecipeError if result["type"] == "RecipeError" else InputError)(result["input_error"])
+    return result["ok"]
+
+
+def group_tasks(sizes: list[int], slots: int, rows_per_group: int) -> list[list[int]]:
+    """Consecutive task indices grouped so a group holds about ``rows_per_group`` rows, but never
+    fewer than ``2 * slots`` groups while there are tasks enough (every CPU busy, the tail short)."""
+    n = len(sizes)
+    if n == 0:
+        return []
+    total = sum(max(s, 1) for s in sizes)
+    groups_wanted = min(n, max(2 * slots, -(-total // max(rows_per_group, 1))))
+    target = total / groups_wanted
+    groups: list[list[int]] = [[]]
+    filled = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and filled + max(size, 1) / 2 > target:
+            groups.append([])
+            filled = 0
+        groups[-1].append(i)
+        filled += max(size, 1)
+    return groups
+
+
 class _TaskBatchRunner:
     """Ray Data batch function: each row carries one task as JSON. Bad input (InputError,
     RecipeError) comes back as data, so the driver can say it in one line: Ray would wrap the
@@ -52,20 +103,29 @@ class _TaskBatchRunner:
 
 
 class RayExecutor:
-    """Streams tasks through Ray Data: one task per block, ``num_cpus`` each, results as they finish."""
+    """Plain Ray tasks with a bounded number in flight, results as they finish. Small tasks (e.g.
+    shards of a few thousand rows) are grouped so that one Ray task does several: on a small
+    machine a Ray task costs milliseconds of scheduling and a Ray Data job per stage seconds.
+    Work that loads a model once per process runs on a pool of actors (Ray Data)."""
 
     name = "ray"
+    ROWS_PER_GROUP = 250_000  # rows one Ray task handles when the tasks are small
 
     def __init__(self, num_cpus_per_task: float = 1.0):
         self.num_cpus_per_task = num_cpus_per_task
 
     def map(
         self, fn: TaskFn, tasks: list[dict[str, Any]], actors: int | None = None, num_cpus: float | None = None,
-        num_gpus: float = 0.0,
+        num_gpus: float = 0.0, sizes: list[int] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Tasks by default; ``actors``: a pool of that many long-lived actors, for work that loads a
-        model once per process (the function caches it), with ``num_cpus``/``num_gpus`` each."""
+        """Tasks by default (``sizes``: rows per task, for grouping small ones); ``actors``: a pool of
+        that many long-lived actors, for work that loads a model once per process (the function
+        caches it), with ``num_cpus``/``num_gpus`` each."""
         if not tasks:
+            return
+        cpus = self.num_cpus_per_task if num_cpus is None else num_cpus
+        if not actors:
+            yield from self._task_map(fn, tasks, cpus, sizes)
             return
         import ray.data
 
@@ -76,26 +136,38 @@ class RayExecutor:
         ctx.print_on_execution_start = False
         items = [{"task": json.dumps(t)} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        cpus = self.num_cpus_per_task if num_cpus is None else num_cpus
-        if actors:
-            ds = ds.map_batches(
-                _TaskBatchRunner, fn_constructor_kwargs={"fn": fn}, batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
-            )
-        else:
-            ds = ds.map_batches(_TaskBatchRunner(fn), batch_size=1, num_cpus=cpus, batch_format="numpy")
+        ds = ds.map_batches(
+            _TaskBatchRunner, fn_constructor_kwargs={"fn": fn}, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
+        )
         for row in ds.iter_rows():
-            result = json.loads(row["result"])
-            if "os_error" in result:
-                error = OSError(result["os_error"])
-                error.errno = result["errno"]
-                raise error
-            if "input_error" in result:
-                from mmbalance.schemas.contract import InputError
-                from mmbalance.schemas.recipe import RecipeError
+            yield _unwrap(json.loads(row["result"]))
 
-                raise (RecipeError if result["type"] == "RecipeError" else InputError)(result["input_error"])
-            yield result["ok"]
+    def _task_map(self, fn: TaskFn, tasks: list[dict[str, Any]], cpus: float, sizes: list[int] | None):
+        import ray
+
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-3)))
+        groups = group_tasks(sizes if sizes is not None else [1] * len(tasks), slots,
+                             self.ROWS_PER_GROUP if sizes is not None else 1)
+        remote = ray.remote(num_cpus=cpus, max_retries=3)(_run_group)  # retried if a worker dies
+        fn_ref = ray.put(fn)
+        pending = iter(groups)
+        in_flight: list = []
+        try:
+            while True:
+                while len(in_flight) < 2 * slots:  # bounded: the driver never holds every result at once
+                    group = next(pending, None)
+                    if group is None:
+                        break
+                    in_flight.append(remote.remote(fn_ref, [tasks[i] for i in group]))
+                if not in_flight:
+                    return
+                ready, in_flight = ray.wait(in_flight, num_returns=1)
+                for result in ray.get(ready[0]):
+                    yield _unwrap(result)
+        finally:
+            for ref in in_flight:  # an error or a closed generator: stop what is still running
+                ray.cancel(ref, force=False)
 
 
 # Outlives the driver for one reason: the driver's Ray processes get SIGKILL with it (PDEATHSIG),

@@ -90,28 +90,48 @@ def _input_fingerprint(shards, contents: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, contents: dict[str, str]) -> None:
+def _untouched(store: RunStore, previous_shards: list[dict], relpaths: list[str], current_ids: dict[str, str]) -> bool:
+    """True when no unit of work has finished for any of these shards (under their old or new id) and
+    no global stage has started: replacing them then changes nothing already computed (e.g. a shard
+    whose scan failed on unreadable data, repaired before the rerun)."""
+    old_ids = {s["relpath"]: s["shard_id"] for s in previous_shards}
+    if store.list_files("_done", "dedup"):
+        return False
+    for rel in relpaths:
+        for shard_id in {old_ids.get(rel), current_ids.get(rel)} - {None}:
+            if any(store.exists("_done", st.name, f"{shard_id}.json") for st in plan.STAGES if st.unit == "shard"):
+                return False
+    return True
+
+
+def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, contents: dict[str, str],
+                        current_ids: dict[str, str] | None = None) -> bool:
+    """Refuse an OUT made from another recipe or input (unless ``overwrite``: then clear it). True
+    when the run record must be rewritten: only shards that no finished unit depends on changed."""
     if not store.exists("run.json"):
         if store.exists() and store.list_files() and not overwrite:
             names = store.list_files()
             raise InputError(f"{store.uri}: output directory is not empty and holds no mmbalance run ({names[0]}, ...); "
                              "choose another --out or pass --overwrite")
-        return
+        return False
     try:
         previous = store.read_json("run.json")
     except InputError:  # a torn run record: --overwrite starts over, otherwise the error names it
         if not overwrite:
             raise
         store.clear()
-        return
+        return False
     keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
     same = all(previous.get(k) == run.get(k) for k in keys)
     if same:
-        return
+        return False
     if not overwrite:
         changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
         if changed == ["input_fingerprint"] and store.exists("shards.json"):
-            moved = changed_shards(store.read_json("shards.json"), contents)
+            previous_shards = store.read_json("shards.json")
+            moved = changed_shards(previous_shards, contents)
+            if moved and _untouched(store, previous_shards, moved, current_ids or {}):
+                return True
             if moved:
                 more = f" (and {len(moved) - 1} more)" if len(moved) > 1 else ""
                 raise InputError(
@@ -123,6 +143,7 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, c
             "pass --overwrite to replace it or choose another --out"
         )
     store.clear()
+    return False
 
 
 class KeptRows:
@@ -211,22 +232,35 @@ class Rebalancer:
         declared = plan.stage(name)
         fn = functools.partial(getattr(stages, declared.function), ctx)
         identity, resources = declared.identity, declared.resources(self.recipe)
+        defer = self.recipe.execution.on_unit_error == "defer"
+        if defer:
+            fn = functools.partial(stages.deferring, name, fn)
         start = time.perf_counter()
         if identity:
             tasks = [{**t, stages.IDENTITY: list(identity)} for t in tasks]
         expect = [{k: t[k] for k in identity} for t in tasks]
         done = self.store.verified_keys(name, keys, expect)
-        todo = [t for t, k in zip(tasks, keys) if k not in done]
+        todo = [{**t, stages.UNIT: k} for t, k in zip(tasks, keys) if k not in done]
         skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
+        row_of = dict(zip(keys, rows))
+        failed: list[dict[str, Any]] = []
         with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
             bar.skip(len(tasks) - len(todo), skipped_rows)
-            row_of = dict(zip(keys, rows))
-            for summary in executor.map(fn, todo, **resources):
-                key = summary[declared.key]
-                bar.advance(1, row_of.get(key, 0))
+            for summary in executor.map(fn, todo, sizes=[row_of[t[stages.UNIT]] for t in todo], **resources):
+                if "_failed" in summary:
+                    failed.append(summary)
+                    continue
+                bar.advance(1, row_of.get(summary[declared.key], 0))
                 if self.options.on_progress:
                     self.options.on_progress(name, summary)
         self.stage_seconds[name] = round(time.perf_counter() - start, 3)
+        if not failed and defer and self.store.exists("_failed", name):  # records of units since redone or renamed
+            self.store.fs.delete_dir(self.store.path("_failed", name))
+        if failed:
+            failed.sort(key=lambda f: f["_failed"])
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise InputError(f"{failed[0]['reason']}{more}: {len(failed)} of {len(tasks)} {name} units failed, the others "
+                             f"finished; recorded in {self.store.path('_failed', name)}; rerun to retry only those")
 
     def _summaries(self, stage: str, keys: list[str]) -> list[dict[str, Any]]:
         out = []
@@ -283,9 +317,10 @@ class Rebalancer:
             # loads the model once here: a bad tag, path or a missing torch fails before any work
             run["embed"] = stages.embed_record(recipe)
             run["embed_identity"] = embedding_identity(run["embed"])
-        _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints)
+        replaced = _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints,
+                                       {s.relpath: s.shard_id for s in shards})
         store.sweep_temporaries()
-        if not store.exists("run.json"):
+        if replaced or not store.exists("run.json"):
             store.write_json("run.json", obj=run)
             store.write_json("shards.json", obj=[{**s.to_dict(), "fingerprint": self.shard_fingerprints[s.relpath]}
                                                  for s in shards])

@@ -69,6 +69,25 @@ def _mark_done(store: RunStore, stage: str, key: str, summary: dict[str, Any], t
     store.mark_done(stage, key, summary)
 
 
+UNIT = "_unit"  # the task field naming its unit (shard id or bucket key), for deferred failures
+
+
+def deferring(stage: str, fn, task: dict[str, Any]) -> dict[str, Any]:
+    """``fn(task)``; bad input (an unreadable shard) is recorded in OUT/_failed/<stage>/<unit>.json
+    and returned as a failure instead of stopping the stage (execution.on_unit_error: defer)."""
+    store = RunStore(fn.args[0].out)
+    try:
+        summary = fn(task)
+    except InputError as err:
+        reason = str(err).splitlines()[0]
+        store.write_json("_failed", stage, f"{task[UNIT]}.json", obj={"unit": task[UNIT], "reason": reason,
+                                                                      "rows": task.get("num_rows")})
+        return {"_failed": task[UNIT], "reason": reason}
+    if store.exists("_failed", stage, f"{task[UNIT]}.json"):  # retried and done: no longer failed
+        store.fs.delete_file(store.path("_failed", stage, f"{task[UNIT]}.json"))
+    return summary
+
+
 # -- scan: validate + tag + uid hashes + sample candidates -------------------------------------
 
 

@@ -256,6 +256,10 @@ class ExecutionSpec(StrictModel):
     # Verify the CRC32 of every Parquet page read from the input (pages written without one are
     # read as before): a flipped bit becomes an error naming the file instead of a silently wrong value.
     verify_checksums: bool = False
+    # A unit of work that fails on unreadable data: stop the run (stop), or record it under
+    # OUT/_failed/<stage>/, let the stage's other units finish, then exit non-zero (defer); a
+    # rerun retries only the failed units.
+    on_unit_error: Literal["stop", "defer"] = "stop"
 
 
 class Recipe(StrictModel):

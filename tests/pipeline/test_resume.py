@@ -204,3 +204,62 @@ def test_cli_one_line_exit_2_for_a_changed_shard_and_a_damaged_run_file(corpus, 
     assert proc.stderr.strip() == (f"mmbalance: error: shard-2.parquet: input shard changed since the run in {out} started "
                                    "(size, modification time or footer differ); pass --overwrite to redo the run or "
                                    "choose another --out")
+
+
+def corrupt_first_page(path: Path) -> None:
+    """Flip bytes inside the uid column's first data page; the footer stays valid, so the shard
+    passes inspection and fails only when the scan decompresses it."""
+    start = pq.read_metadata(path).row_group(0).column(0).data_page_offset + 40
+    data = bytearray(path.read_bytes())
+    for i in range(start, start + 32):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_on_unit_error_defer_records_the_failed_shard_and_a_rerun_retries_only_it(tmp_path, recipe, executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    corpus = tmp_path / "corpus"
+    tables = {f"shard-{i}.parquet": held_out_table(500 + 50 * i, seed=70 + i) for i in range(4)}
+    for name, table in tables.items():
+        corpus.mkdir(exist_ok=True)
+        pq.write_table(table, corpus / name, compression="zstd")
+    pq.write_table(tables["shard-2.parquet"], tmp_path / "good-shard-2.parquet", compression="zstd")
+    corrupt_first_page(corpus / "shard-2.parquet")
+    deferring = recipe.model_copy(update={"execution": recipe.execution.model_copy(update={"on_unit_error": "defer"})})
+    out = tmp_path / "o"
+    ran: list[str] = []
+    run_opts = RunOptions(executor=executor, show_progress=False, html_report=False, on_progress=lambda n, s: ran.append(n))
+    with pytest.raises(InputError, match=r"^shard-2\.parquet: unreadable data .*: 1 of 4 scan units failed, the others finished"):
+        rebalance(str(corpus), str(out), deferring, run_opts)
+    assert ran == ["scan"] * 3
+    failed = list((out / "_failed" / "scan").iterdir())
+    assert len(failed) == 1 and json.loads(failed[0].read_text())["reason"].startswith("shard-2.parquet: unreadable data")
+    assert len(list((out / "_done" / "scan").iterdir())) == 3
+
+    ran.clear()  # still unreadable: only the failed unit is retried
+    with pytest.raises(InputError, match="1 of 4 scan units failed"):
+        rebalance(str(corpus), str(out), deferring, run_opts)
+    assert ran == []
+
+    # repaired (a rewrite of a shard no finished unit depends on is accepted): only it is scanned
+    (tmp_path / "good-shard-2.parquet").replace(corpus / "shard-2.parquet")
+    ran.clear()
+    result = rebalance(str(corpus), str(out), deferring, run_opts)
+    assert ran.count("scan") == 1 and not (out / "_failed" / "scan").exists()
+    rebalance(str(corpus), str(tmp_path / "clean"), recipe, opts())
+    assert manifest(out) == manifest(tmp_path / "clean")
+    rows = result.report["rows"]
+    assert rows["input"] == sum(t.num_rows for t in tables.values()) == rows["manifest"] + rows["rejected"]
+
+
+def test_on_unit_error_stop_is_the_default_and_stops_at_the_first_failure(tmp_path, recipe):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        pq.write_table(held_out_table(400, seed=80 + i), corpus / f"shard-{i}.parquet", compression="zstd")
+    corrupt_first_page(corpus / "shard-0.parquet")
+    with pytest.raises(InputError, match=r"^shard-0\.parquet: unreadable data"):
+        rebalance(str(corpus), str(tmp_path / "o"), recipe, opts())
+    assert not (tmp_path / "o" / "_failed").exists()
