@@ -46,9 +46,17 @@ class CsvOptions(StrictModel):
 
 
 class WebdatasetOptions(StrictModel):
-    """Tar shards per domain: ``{key}.png|jpg|webp``, ``{key}.txt``, ``{key}.json``."""
+    """Tar shards per domain: ``{key}.png|jpg|webp``, ``{key}.txt``, ``{key}.json``.
 
-    shard_size: int = Field(default=10_000, gt=0)  # samples per tar
+    open_clip's ``--dataset-resampled`` draws whole tars with replacement, so an epoch's domain
+    shares are noisy by about ``sqrt(t (1 - t) s / N)`` (t: share, s: samples per tar, N:
+    ``--train-num-samples``). Without ``shard_size`` every tar holds the largest size up to
+    ``max_shard_size`` that keeps that standard deviation within ``max_share_deviation``.
+    """
+
+    shard_size: int | None = Field(default=None, gt=0)  # samples per tar; None: sized from the bound
+    max_shard_size: int = Field(default=10_000, gt=0)
+    max_share_deviation: float = Field(default=0.01, gt=0, lt=1)  # per-epoch share standard deviation
 
 
 class BigVisionOptions(StrictModel):
@@ -56,7 +64,17 @@ class BigVisionOptions(StrictModel):
 
 
 class StreamingOptions(StrictModel):
-    size_limit: int = Field(default=1 << 26, gt=0)  # MDS shard bytes
+    size_limit: int = Field(default=1 << 26, gt=0, lt=1 << 32)  # MDS shard bytes (offsets are uint32)
+
+
+class DatacompOptions(StrictModel):
+    """DataComp's resharder keys samples by ``divmod(int(uid, 16), 2**64)``: uids must be hex.
+
+    ``non_hex_uids: error`` stops the export at the first other uid; ``sha256`` lists the first
+    128 bits of its SHA-256 instead (with ``uid_map.parquet``), for tools that key samples that way.
+    """
+
+    non_hex_uids: Literal["error", "sha256"] = "error"
 
 
 class ExportOptions(StrictModel):
@@ -67,10 +85,12 @@ class ExportOptions(StrictModel):
     domain: DomainOptions = DomainOptions()
     # samples per epoch (open_clip --train-num-samples); default: the manifest's total repeats
     epoch_size: int | None = Field(default=None, gt=0)
-    # per-domain formats: each kept sample once (mixture via domain weights), or once per repeat
-    copies: Literal["once", "repeats"] = "once"
+    # repeats: every kept row is drawn in proportion to its repeats (copies where the trainer has no
+    # per-sample weights, repeat counts where it has them); once: each kept row once, domain mixing only
+    copies: Literal["once", "repeats"] = "repeats"
     batch_rows: int = Field(default=8192, gt=0)  # source rows per read (bounds memory)
     csv: CsvOptions = CsvOptions()
     webdataset: WebdatasetOptions = WebdatasetOptions()
     bigvision: BigVisionOptions = BigVisionOptions()
     streaming: StreamingOptions = StreamingOptions()
+    datacomp: DatacompOptions = DatacompOptions()

@@ -10,7 +10,9 @@ Each format writes into a hidden staging directory that replaces ``DEST/<format 
 it is complete (a rename on local disks; on object stores each file is written atomically and the
 directory is cleared first). Nothing depends on time or randomness, so re-exporting gives the same
 bytes. Formats register with ``register_format``; a format whose optional library is missing raises
-``ExportSkipped`` and the others still finish.
+``ExportSkipped`` and the others still finish. With ``copies: repeats`` (the default) every format
+draws each kept row in proportion to its ``repeats``; ``mixture.json`` says how, holds the open_clip
+command lines and the expected per-epoch share deviation of the webdataset tars.
 """
 
 from __future__ import annotations
@@ -334,11 +336,28 @@ def _manifest(run: RunStore, shard_id: str) -> pa.Table:
     return table.sort_by("row")
 
 
-def _mixture(run: RunStore, shards, opts: ExportOptions, column: str | None) -> list[Domain]:
-    """Pass 1: per-domain counts and shares from the manifests and the domain column only."""
+HEX_UID = r"^[0-9a-fA-F]{1,32}$"  # what DataComp's resharder can key: divmod(int(uid, 16), 2**64)
+
+
+def _check_hex_uids(run: RunStore, shard_id: str, m: pa.Table) -> None:
+    kept = m.filter(pc.greater(m.column("repeats"), 0))
+    ok = pc.match_substring_regex(kept.column("uid").cast(pa.string()), HEX_UID)
+    bad = pc.invert(pc.fill_null(ok, False))
+    if pc.any(bad).as_py():
+        first = kept.filter(bad).slice(0, 1).to_pylist()[0]
+        raise InputError(
+            f"{run.uri}/manifest/{shard_id}.parquet row {first['row']}: uid {first['uid']!r} is not hex; DataComp's "
+            "resharder keys samples by int(uid, 16) (set export.datacomp.non_hex_uids: sha256 to list SHA-256 keys instead)")
+
+
+def _mixture(run: RunStore, shards, opts: ExportOptions, column: str | None, hex_uids: bool = False) -> list[Domain]:
+    """Pass 1: per-domain counts and shares from the manifests and the domain column only (and,
+    with ``hex_uids``, every kept uid checked before anything is written)."""
     acc: dict[str, Domain] = {}
     for s in shards:
         m = _manifest(run, s["shard_id"])
+        if hex_uids:
+            _check_hex_uids(run, s["shard_id"], m)
         rows = m.column("row").to_numpy()
         names = _domain_values(run, opts, column, s["shard_id"], rows)
         reps = m.column("repeats").to_numpy()
@@ -459,6 +478,12 @@ def mixture_dict(ctx: ExportContext) -> dict[str, Any]:
         "domains": {d.name: d.to_dict() for d in ctx.domains},
         "shares": "target_share = sum of weights / total (the solution); effective_share = sum of repeats / "
                   "total (after seeded stochastic rounding)",
+        "copies": ctx.options.copies,
+        "realises": ("each kept row drawn in proportion to its repeats (domain shares = effective_share): copies "
+                     "in csv, webdataset/wids, bigvision; repeat counts in streaming, hf and datacomp"
+                     if ctx.options.copies == "repeats" else
+                     "domain shares = target_share; rows within a domain drawn equally often (csv still "
+                     "carries repeats)"),
     }
 
 
@@ -468,7 +493,8 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
     run, info, shards, recipe = _load_run(out_dir)
     plan = _format_dirs(list(formats))
     column = opts.domain.column_name()
-    domains = _mixture(run, shards, opts, column)
+    hex_uids = "datacomp" in formats and opts.datacomp.non_hex_uids == "error"
+    domains = _mixture(run, shards, opts, column, hex_uids)
     total_repeats = sum(d.repeats for d in domains)
     need_source = any(cls.needs_source for _, cls in plan)
     if need_source:
@@ -531,6 +557,11 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
         for staging in stagings:
             if dest.fs.get_file_info(staging).type != pafs.FileType.NotFound:
                 dest.fs.delete_dir(staging)
+    commands = {("webdataset" if name == "wids" else name): {k: v for k, v in summary.items()
+                                                            if k in ("open_clip_args", "open_clip_command", "epoch")}
+                for name, summary in results.items() if isinstance(summary, dict) and "open_clip_args" in summary}
+    if commands:
+        results["mixture"]["open_clip"] = commands
     dest.write_json("mixture.json", obj=results["mixture"])
     return results
 

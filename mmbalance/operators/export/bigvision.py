@@ -1,9 +1,12 @@
 """big_vision ``bv:jsonl``: one ``<domain>.jsonl`` per domain and the mixture config snippet.
 
 Each line: ``{"image": "<key>.<ext>", "text": caption, "uid": ..., "domain": ...}``; images go to
-``bigvision/images/`` and the snippet points ``fopen_keys`` there. big_vision mixes datasets with
-``tf.data.Dataset.sample_from_datasets`` (a per-sample probability), so the weights are the target
-shares themselves.
+``bigvision/images/`` (once per row) and the snippet points ``fopen_keys`` there. big_vision mixes
+datasets with ``tf.data.Dataset.sample_from_datasets`` (a per-example domain probability) and has no
+per-sample weights, so with ``copies: repeats`` (the default) a row is one line per repeat and each
+domain's weight is its share of the lines: every line is equally likely, so a row is drawn in
+proportion to its repeats. With ``copies: once`` each row is one line and the weights are the
+target shares (domain mixing only).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ class BigVisionExporter(Exporter):
         for out in self.outs.values():
             out.commit()
         live = [(d, n) for d, n in zip(self.ctx.domains, self.counts) if n > 0]
-        total = sum(d.target_share for d, _ in live)
-        weights = {d.name: (d.target_share / total if total else 0.0) for d, _ in live}
+        mass = {d.name: (float(n) if self.ctx.options.copies == "repeats" else d.target_share) for d, n in live}
+        total = sum(mass.values())
+        weights = {name: (m / total if total else 0.0) for name, m in mass.items()}
         images = self.ctx.dest_path(self.dir, "images")
         lines = [
             "# big_vision input mixture written by mmbalance export; paste into get_config().",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from collections import Counter
 from typing import Any
 
@@ -89,6 +90,7 @@ class CsvExporter(Exporter):
             "skipped": dict(sorted(self.skipped.items())),
             "realised_shares": {d.name: (n / total if total else 0.0) for d, n in zip(self.ctx.domains, self.per_domain)},
             "open_clip_args": args,
+            "open_clip_command": "python -m open_clip_train.main " + " ".join(shlex.quote(a) for a in args),
         }
         self.store.write_json("export.json", obj=summary)
         return summary

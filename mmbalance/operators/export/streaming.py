@@ -1,23 +1,23 @@
-"""MosaicML streaming (optional): MDS shards per domain and the stream list with proportions.
+"""MosaicML streaming: MDS datasets per domain and the ``Stream`` list (``streaming/streams.json``).
 
-Needs ``mosaicml-streaming`` (``import streaming``); without it the format is skipped with a
-message and the other formats still finish. ``streaming/streams.json`` lists
-``{"local": <domain dir>, "proportion": <target share>}``; ``StreamingDataset(streams=[Stream(**s)
-for s in streams])`` then samples each domain with its share.
+MosaicML has no per-sample weights but a ``Stream`` can be repeated: with ``copies: repeats`` (the
+default) a domain's rows are split by their repeat count r into ``<domain>/r<r>/`` and that stream
+gets ``repeat: r``, so one epoch of ``StreamingDataset(streams=[Stream(**s) for s in streams])``
+holds every kept row exactly ``repeats`` times and each image is stored once. With ``copies:
+once`` there is one stream per domain with ``proportion: <target share>`` (domain mixing only).
+The shards are written natively (``mds.py``); ``mosaicml-streaming`` is needed only to read them.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
+from mmbalance.operators.export import ExportContext, Exporter, Rows, register_format
+from mmbalance.operators.export.mds import MDSShardWriter
 
-from mmbalance.operators.export import ExportContext, Exporter, ExportSkipped, Rows, copy_key, register_format
+COLUMNS = {"key": "str", "uid": "str", "caption": "str", "image": "bytes", "ext": "str", "domain": "str",
+           "weight": "float64", "repeats": "int"}
 
 
 @register_format("streaming")
@@ -26,52 +26,50 @@ class StreamingExporter(Exporter):
 
     def __init__(self, ctx: ExportContext, store):
         super().__init__(ctx, store)
-        if importlib.util.find_spec("streaming") is None:
-            raise ExportSkipped("mosaicml-streaming is not installed (pip install mosaicml-streaming); streaming export skipped")
-        if not isinstance(store.fs, pafs.LocalFileSystem):
-            raise ExportSkipped("streaming export writes MDS shards to a local directory only")
         if not ctx.caption_column or not ctx.image_column:
             raise ValueError("streaming export needs captions and image bytes (input.columns.caption/image)")
-        self.tmp = Path(tempfile.mkdtemp(prefix="mmbalance-mds-"))
-        self.writers: dict[int, Any] = {}
-        self.counts = [0] * len(ctx.domains)
+        self.writers: dict[tuple[int, int], MDSShardWriter] = {}  # (domain, repeat class) -> writer
         self.skipped: Counter[str] = Counter()
 
     def write(self, rows: Rows) -> None:
-        from streaming import MDSWriter
-
         data, ext, why = rows.media()
-        columns = {"key": "str", "uid": "str", "caption": "str", "image": "bytes", "ext": "str", "domain": "str"}
+        by_repeats = self.ctx.options.copies == "repeats"
         for i in range(len(rows)):
             if why[i] is not None:
                 self.skipped[why[i]] += 1
                 continue
             d = int(rows.domain[i])
-            if d not in self.writers:
-                self.writers[d] = MDSWriter(out=str(self.tmp / self.ctx.domains[d].dir), columns=columns,
-                                            size_limit=self.ctx.options.streaming.size_limit)
-            n = 1 if self.ctx.options.copies == "once" else int(rows.repeats[i])
-            for c in range(n):
-                key = rows.key[i] if n == 1 and self.ctx.options.copies == "once" else copy_key(rows.key[i], c)
-                self.writers[d].write({"key": key, "uid": rows.uid[i], "caption": rows.caption[i],  # type: ignore[index]
-                                       "image": data[i], "ext": ext[i], "domain": self.ctx.domains[d].name})
-            self.counts[d] += n
+            r = int(rows.repeats[i]) if by_repeats else 0
+            writer = self.writers.get((d, r))
+            if writer is None:
+                parts = (self.ctx.domains[d].dir, f"r{r}") if by_repeats else (self.ctx.domains[d].dir,)
+                writer = self.writers[(d, r)] = MDSShardWriter(self.store, parts, COLUMNS, self.ctx.options.streaming.size_limit)
+            writer.write({"key": rows.key[i], "uid": rows.uid[i], "caption": rows.caption[i],  # type: ignore[index]
+                          "image": data[i], "ext": ext[i], "domain": self.ctx.domains[d].name,
+                          "weight": float(rows.weight[i]), "repeats": int(rows.repeats[i])})
 
     def close(self) -> dict[str, Any]:
-        for w in self.writers.values():
+        streams = []
+        by_repeats = self.ctx.options.copies == "repeats"
+        live = sorted(self.writers)
+        total_target = sum(self.ctx.domains[d].target_share for d in {d for d, _ in live})
+        for d, r in live:
+            w = self.writers[(d, r)]
             w.finish()
-        for d in self.writers:
-            src = self.tmp / self.ctx.domains[d].dir
-            for f in sorted(src.rglob("*")):
-                if f.is_file():
-                    self.store._write_bytes((self.ctx.domains[d].dir, *f.relative_to(src).parts), f.read_bytes())
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        live = [(d, n) for d, n in zip(self.ctx.domains, self.counts) if n > 0]
-        total = sum(d.target_share for d, _ in live)
-        streams = [{"local": self.ctx.dest_path(self.dir, d.dir), "proportion": d.target_share / total if total else 0.0}
-                   for d, _ in live]
+            domain = self.ctx.domains[d]
+            stream: dict[str, Any] = {"local": self.ctx.dest_path(self.dir, *w.parts)}
+            if by_repeats:
+                stream["repeat"] = r
+            else:
+                stream["proportion"] = domain.target_share / total_target if total_target else 0.0
+            streams.append(stream)
         self.store.write_json("streams.json", obj=streams)
-        return {"dir": self.ctx.dest_path(self.dir), "streams": streams, "skipped": dict(sorted(self.skipped.items()))}
+        samples = {self.ctx.domains[d].name: 0 for d, _ in live}
+        for (d, r), w in sorted(self.writers.items()):
+            samples[self.ctx.domains[d].name] += w.samples * (r if by_repeats else 1)
+        return {"dir": self.ctx.dest_path(self.dir), "streams": streams, "copies": self.ctx.options.copies,
+                "epoch_samples": samples, "skipped": dict(sorted(self.skipped.items()))}
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for w in self.writers.values():
+            w.abort()

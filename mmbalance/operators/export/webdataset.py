@@ -3,12 +3,20 @@
 Layout under ``DEST/webdataset/``: ``<domain>/<domain>-00000.tar`` ... with members
 ``{key}.{png|jpg|webp}``, ``{key}.txt`` (caption, UTF-8) and ``{key}.json`` (uid, domain, weight,
 repeats, source shard and row); ``<domain>/sizes.json``; ``open_clip.json``; with ``wids``:
-``wids.json`` (every shard) and ``wids-<domain>.json``, URLs relative to the index file.
+``wids.json`` (every shard) and ``wids-<domain>.json``, URLs relative to the index file, and
+``wids-weights.npy`` (one draw weight per sample of ``wids.json``, in its order).
 
-open_clip's ``--train-data-upsampling-factors`` is a weight per *shard* (each source's weight is
-copied to every shard its brace pattern expands to) and a drawn shard yields all its samples, so
-domain i gets a share ``f_i n_i / sum_j f_j n_j`` of the samples (n_i: samples in its tars). The
-factors are therefore ``f_i = target_share_i / n_i``, scaled so the largest is 1.
+open_clip reads tars and has no per-sample weights, so with ``copies: repeats`` (the default) a row
+is written once per repeat (keys ``<key>_<copy>``) and every tar gets the same upsampling factor:
+each copy is equally likely, so each row is drawn in proportion to its repeats and an epoch over
+``wids.json`` holds it exactly ``repeats`` times. With ``copies: once`` each kept row is written
+once and only the domain shares are mixed: ``--train-data-upsampling-factors`` is a weight per
+*tar* (a source's weight is copied to every tar its brace pattern expands to) and a drawn tar
+yields all its samples, so domain i gets ``f_i n_i / sum_j f_j n_j`` of the samples (n_i: samples
+in its tars); the factors are ``f_i = target_share_i / n_i``, scaled so the largest is 1.
+
+Tars of a domain differ in size by at most one sample; their size bounds the per-epoch share
+deviation (``epoch.py``), which ``open_clip.json`` and ``mixture.json`` state.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ import tarfile
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format
+from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -50,15 +61,16 @@ class _Hashing:
 
 
 class _DomainTars:
-    def __init__(self, store, dirname: str, shard_size: int):
+    def __init__(self, store, dirname: str, planned: list[int], shard_size: int):
         self.store, self.dirname, self.shard_size = store, dirname, shard_size
+        self.planned = planned  # sizes of the tars, in order; more samples than planned get shard_size tars
         self.shards: list[dict[str, Any]] = []  # name, nsamples, filesize, md5sum
         self.out: OpenOutput | None = None
         self.tar: tarfile.TarFile | None = None
         self.count = 0
 
     def add(self, key: str, ext: str, image: bytes, caption: str, meta: dict[str, Any]) -> None:
-        if self.tar is None or self.count >= self.shard_size:
+        if self.tar is None or self.count >= self._capacity(len(self.shards) - 1):
             self.finish()
             name = f"{self.dirname}-{len(self.shards):05d}.tar"
             self.out = OpenOutput(self.store, self.dirname, name)
@@ -71,6 +83,9 @@ class _DomainTars:
         _member(self.tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         self.count += 1
         self.shards[-1]["nsamples"] += 1
+
+    def _capacity(self, index: int) -> int:
+        return self.planned[index] if 0 <= index < len(self.planned) else self.shard_size
 
     def finish(self) -> None:
         if self.tar is not None:
@@ -107,6 +122,21 @@ def realised_shares(factors: list[float], samples: list[int]) -> list[float]:
     return [m / total if total else 0.0 for m in mass]
 
 
+def plan_shard_size(ctx: ExportContext) -> tuple[int, list[float]]:
+    """Samples per tar (the option, or the largest within the share-deviation bound) and the
+    domain shares the tars are sized for."""
+    opts = ctx.options.webdataset
+    if ctx.options.copies == "repeats":
+        mass = [float(d.repeats) for d in ctx.domains]
+    else:
+        mass = [d.target_share if d.kept else 0.0 for d in ctx.domains]
+    total = sum(mass)
+    shares = [m / total if total else 0.0 for m in mass]
+    if opts.shard_size is not None:
+        return opts.shard_size, shares
+    return shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size), shares
+
+
 @register_format("webdataset", "wids")
 class WebdatasetExporter(Exporter):
     dir = "webdataset"
@@ -115,8 +145,10 @@ class WebdatasetExporter(Exporter):
         super().__init__(ctx, store)
         if not ctx.caption_column or not ctx.image_column:
             raise ValueError("webdataset export needs captions and image bytes (input.columns.caption/image)")
-        size = ctx.options.webdataset.shard_size
-        self.tars = [_DomainTars(store, d.dir, size) for d in ctx.domains]
+        self.shard_size, _ = plan_shard_size(ctx)
+        repeats = ctx.options.copies == "repeats"
+        self.tars = [_DomainTars(store, d.dir, balanced_sizes(d.repeats if repeats else d.kept, self.shard_size), self.shard_size)
+                     for d in ctx.domains]
         self.skipped: Counter[str] = Counter()
 
     def write(self, rows: Rows) -> None:
@@ -143,17 +175,38 @@ class WebdatasetExporter(Exporter):
             if t.shards:
                 self.store.write_json(t.dirname, "sizes.json", obj={s["name"]: s["nsamples"] for s in t.shards})
         live = [(d, t) for d, t in zip(self.ctx.domains, self.tars) if t.samples > 0]
-        targets = [d.target_share for d, _ in live]
-        total_t = sum(targets)
-        targets = [x / total_t for x in targets] if total_t else targets
         samples = [t.samples for _, t in live]
-        factors = [float(f"{f:.6g}") for f in upsampling_factors(targets, samples)]
+        if self.ctx.options.copies == "repeats":
+            # every copy equally likely: a row is drawn in proportion to its repeats
+            targets = [n / sum(samples) for n in samples]
+            factors = [1.0] * len(live)
+        else:
+            targets = [d.target_share for d, _ in live]
+            total_t = sum(targets)
+            targets = [x / total_t for x in targets] if total_t else targets
+            factors = [float(f"{f:.6g}") for f in upsampling_factors(targets, samples)]
         realised = realised_shares(factors, samples)
         train_data = "::".join(self.ctx.dest_path(self.dir, t.pattern()) for _, t in live)
         factor_arg = "::".join(f"{f:.6g}" for f in factors)
         args = ["--train-data", train_data, "--dataset-type", "webdataset",
                 "--train-data-upsampling-factors", factor_arg, "--dataset-resampled",
                 "--train-num-samples", str(self.ctx.epoch_size)]
+        tar_domain = [j for j, (_, t) in enumerate(live) for _ in t.shards]
+        tar_sizes = [s["nsamples"] for _, t in live for s in t.shards]
+        tar_weights = [factors[j] for j in tar_domain]
+        _, sds = share_deviation(tar_domain, tar_sizes, tar_weights, self.ctx.epoch_size, len(live))
+        opts = self.ctx.options.webdataset
+        epoch = {
+            "train_num_samples": self.ctx.epoch_size,
+            "shard_size": self.shard_size,
+            "shard_size_from": "option" if opts.shard_size is not None else "max_share_deviation",
+            "max_share_deviation": opts.max_share_deviation,
+            "share_deviation": {d.name: round(sd, 9) for (d, _), sd in zip(live, sds)},
+            "max_expected_share_deviation": round(max(sds, default=0.0), 9),
+            "within_bound": max(sds, default=0.0) <= opts.max_share_deviation,
+            "meaning": "standard deviation of a domain's share of one open_clip --dataset-resampled epoch of "
+                       "train_num_samples samples (whole tars drawn with replacement by factor); an upper estimate",
+        }
         summary: dict[str, Any] = {
             "dir": self.ctx.dest_path(self.dir),
             "domains": {d.name: {"dir": d.dir, "shards": len(t.shards), "samples": t.samples,
@@ -162,22 +215,34 @@ class WebdatasetExporter(Exporter):
             "empty_domains": [d.name for d, t in zip(self.ctx.domains, self.tars) if t.samples == 0],
             "skipped": dict(sorted(self.skipped.items())),
             "copies": self.ctx.options.copies,
+            "epoch": epoch,
             "open_clip_args": args,
             "open_clip_command": "python -m open_clip_train.main " + " ".join(shlex.quote(a) for a in args),
         }
         self.store.write_json("open_clip.json", obj=summary)
         all_shards = []
-        for d, t in live:
+        per_sample: list[np.ndarray] = []
+        for (d, t), f in zip(live, factors):
             entries = [{"url": f"{t.dirname}/{s['name']}", "nsamples": s["nsamples"], "filesize": s["filesize"],
                         "md5sum": s["md5sum"]} for s in t.shards]
             all_shards += entries
+            per_sample.append(np.full(t.samples, f))  # a sample's draw weight is its tar's factor
             self.store.write_json(f"wids-{t.dirname}.json", obj={
                 "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": d.name, "shardlist": entries})
         self.store.write_json("wids.json", obj={"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                                 "name": "mmbalance", "shardlist": all_shards})
+        weights = np.concatenate(per_sample) if per_sample else np.empty(0)
+        self.store._write_bytes(("wids-weights.npy",), _npy_bytes(weights / weights.sum() if weights.size else weights))
         summary["wids"] = self.ctx.dest_path(self.dir, "wids.json")
+        summary["wids_weights"] = self.ctx.dest_path(self.dir, "wids-weights.npy")
         return summary
 
     def abort(self) -> None:
         for t in self.tars:
             t.abort()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,28 +18,41 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmbalance.operators.export import export_run, safe_dir_names, sample_key, sniff_image
-from mmbalance.operators.export.datacomp import UID_DTYPE, uid_array, uid_pair
+from mmbalance.operators.export.datacomp import uid_array, uid_pair
 from mmbalance.operators.export.webdataset import realised_shares, upsampling_factors
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.export import ExportOptions
 from mmbalance.schemas.recipe import parse_recipe
 from mmbalance.synth import DEMO_RECIPE, synth_corpus
 
-FORMATS = ["parquet", "csv", "webdataset", "wids", "bigvision", "hf", "datacomp"]
-HEAVY = "nurse"  # the domain the test manifest repeats 4 times
+FORMATS = ["parquet", "csv", "webdataset", "wids", "bigvision", "hf", "streaming", "datacomp"]
+HEAVY = "nurse"  # the domain the test manifest repeats most
 
 
-def _repeats_for(occupation: str | None, r: float) -> int:
-    if r < 0.2:
+def _repeats_for(occupation: str | None, u: float) -> int:
+    """Known repeats that vary inside every domain: the per-row weight the exports must carry."""
+    if u < 0.2:
         return 0  # some rows dropped
-    return 4 if occupation == HEAVY else 1
+    if occupation == HEAVY:
+        return 4 if u < 0.6 else 2
+    return 1 if u < 0.7 else 3
+
+
+def _hex_uids(corpus: Path) -> None:
+    """DataComp-style uids (32 hex digits) so the DataComp subset keys every row exactly."""
+    for path in sorted(corpus.glob("*.parquet")):
+        t = pq.read_table(path)
+        uids = [hashlib.md5(u.encode()).hexdigest() for u in t["uid"].to_pylist()]
+        pq.write_table(t.set_column(t.schema.get_field_index("uid"), "uid", pa.array(uids)), path)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A small run whose manifest is rewritten with known repeats: nurse x4, others x1, 20% dropped."""
+    """A small run whose manifest is rewritten with known repeats (nurse 4 or 2, others 1 or 3,
+    20% dropped) and weight = repeats."""
     base = tmp_path_factory.mktemp("export")
     synth_corpus(base / "corpus", 500, 2, seed=3, dim=8)
+    _hex_uids(base / "corpus")
     recipe = parse_recipe({**DEMO_RECIPE, "input": {**DEMO_RECIPE["input"], "columns": {**DEMO_RECIPE["input"]["columns"], "image": "image"}}})
     rebalance(str(base / "corpus"), str(base / "run"), recipe, RunOptions(executor="local", show_progress=False, html_report=False))
     rng = np.random.default_rng(0)
@@ -58,12 +72,19 @@ def exported(run_dir: Path) -> dict:
     return export_run(str(run_dir), FORMATS, ExportOptions(domain={"by": "occupation"}, webdataset={"shard_size": 7}))
 
 
+@pytest.fixture(scope="module")
+def exported_once(run_dir: Path, tmp_path_factory) -> dict:
+    dest = tmp_path_factory.mktemp("once")
+    return export_run(str(run_dir), ["webdataset", "hf", "bigvision", "streaming", "datacomp"],
+                      ExportOptions(dest=str(dest), copies="once", domain={"by": "occupation"}, webdataset={"shard_size": 7}))
+
+
 def _source(run_dir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted((run_dir.parent / "corpus").glob("*.parquet")):
-        t = pq.read_table(path, columns=["uid", "caption", "image", "occupation"]).to_pydict()
-        for uid, cap, img, occ in zip(t["uid"], t["caption"], t["image"], t["occupation"]):
-            out[uid] = {"caption": cap, "image": img, "occupation": occ}
+        t = pq.read_table(path, columns=["uid", "caption", "image"]).to_pydict()
+        for uid, cap, img in zip(t["uid"], t["caption"], t["image"]):
+            out[uid] = {"caption": cap, "image": img}
     return out
 
 
@@ -75,12 +96,23 @@ def _kept(run_dir: Path) -> dict[str, int]:
     return out
 
 
+def _domain_of(run_dir: Path) -> dict[str, str]:
+    """uid -> the export's domain (the occupation tag; null -> 'unlabeled')."""
+    out = {}
+    for path in sorted((run_dir / "manifest").glob("*.parquet")):
+        m = pq.read_table(path).to_pydict()
+        tags = pq.read_table(run_dir / "tags" / path.name).to_pydict()
+        occ = dict(zip(tags["row"], tags["tag.occupation"]))
+        out.update({u: (occ[r] if occ[r] is not None else "unlabeled") for u, r in zip(m["uid"], m["row"])})
+    return out
+
+
 def _tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_csv_repeats_rows_and_keeps_captions_and_images(run_dir, exported):
-    src, kept = _source(run_dir), _kept(run_dir)
+    src, kept, domain = _source(run_dir), _kept(run_dir), _domain_of(run_dir)
     with open(exported["csv"]["file"], newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     seen: dict[str, int] = {}
@@ -88,7 +120,7 @@ def test_csv_repeats_rows_and_keeps_captions_and_images(run_dir, exported):
         seen[row["uid"]] = seen.get(row["uid"], 0) + 1
         assert row["title"] == src[row["uid"]]["caption"]
         assert Path(row["filepath"]).read_bytes() == src[row["uid"]]["image"]
-        assert row["domain"] == src[row["uid"]]["occupation"]
+        assert row["domain"] == domain[row["uid"]]
     assert seen == kept  # every kept uid exactly `repeats` times, nothing else
     assert len(rows) == sum(kept.values()) == exported["csv"]["rows"]
 
@@ -110,57 +142,115 @@ def _tar_samples(path: str) -> list[dict]:
     return [{"key": k, **v} for k, v in samples.items()]
 
 
-def test_webdataset_tars_hold_every_kept_sample(run_dir, exported):
-    src, kept = _source(run_dir), _kept(run_dir)
-    args = exported["webdataset"]["open_clip_args"]
-    urls = [u for part in args[args.index("--train-data") + 1].split("::") for u in _expand(part)]
-    found = {}
+def _train_urls(summary: dict) -> tuple[list[str], list[float]]:
+    """The tar URLs and per-tar weights exactly as open_clip expands --train-data and its factors."""
+    from open_clip_train.data import expand_urls
+
+    args = summary["open_clip_args"]
+    return expand_urls(args[args.index("--train-data") + 1], args[args.index("--train-data-upsampling-factors") + 1])
+
+
+def test_webdataset_reader_yields_every_row_repeats_times(run_dir, exported):
+    """The webdataset library reads the tars: each kept uid comes back exactly `repeats` times."""
+    wds = pytest.importorskip("webdataset")
+    src, kept, domain = _source(run_dir), _kept(run_dir), _domain_of(run_dir)
+    urls, _ = _train_urls(exported["webdataset"])
+    seen: dict[str, int] = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert sample["png"] == src[meta["uid"]]["image"]
+        assert sample["txt"] == src[meta["uid"]]["caption"].encode("utf-8")  # byte-identical caption
+        assert meta["domain"] == domain[meta["uid"]] and meta["repeats"] == kept[meta["uid"]]
+        assert "." not in sample["__key__"]
+        seen[meta["uid"]] = seen.get(meta["uid"], 0) + 1
+    assert seen == kept
     for url in urls:
         sizes = json.loads((Path(url).parent / "sizes.json").read_text())
-        samples = _tar_samples(url)
-        assert sizes[Path(url).name] == len(samples)
-        for s in samples:
-            assert "." not in s["key"]
-            meta = json.loads(s["json"])
-            assert s["png"] == src[meta["uid"]]["image"]
-            assert s["txt"] == src[meta["uid"]]["caption"].encode("utf-8")  # byte-identical caption
-            assert meta["domain"] == src[meta["uid"]]["occupation"] == Path(url).parent.name
-            found[meta["uid"]] = meta["repeats"]
-    assert found == kept  # every kept uid reachable, once
-    wids = json.loads((Path(exported["webdataset"]["dir"]) / "wids.json").read_text())
-    assert wids["__kind__"] == "wids-shard-index-v1"
-    assert sorted(str(Path(exported["webdataset"]["dir"]) / s["url"]) for s in wids["shardlist"]) == sorted(urls)
+        assert sizes[Path(url).name] == len(_tar_samples(url))
 
 
-def test_resampled_draws_match_the_target_shares(run_dir, exported):
-    """Simulate open_clip --dataset-resampled: a shard drawn with its source's factor, all its samples read."""
-    info = exported["webdataset"]
-    args = info["open_clip_args"]
-    parts = args[args.index("--train-data") + 1].split("::")
-    factors = [float(f) for f in args[args.index("--train-data-upsampling-factors") + 1].split("::")]
-    assert len(parts) == len(factors)
-    urls, weights = [], []
-    for part, f in zip(parts, factors):
-        for u in _expand(part):
-            urls.append(u)
-            weights.append(f)
+def test_open_clip_draws_each_row_in_proportion_to_its_repeats(run_dir, exported):
+    """Per open_clip shard draw (ResampledShards2: a tar with probability w_s / sum w, all its samples
+    read), the expected reads of a uid are sum over its copies of w_s / sum w: exactly repeats /
+    total repeats of one draw's mean yield."""
+    kept = _kept(run_dir)
+    urls, weights = _train_urls(exported["webdataset"])
+    rate: dict[str, float] = {}
+    total_w = sum(weights)
+    for url, w in zip(urls, weights):
+        for s in _tar_samples(url):
+            uid = json.loads(s["json"])["uid"]
+            rate[uid] = rate.get(uid, 0.0) + w / total_w
+    total_rate, total_repeats = sum(rate.values()), sum(kept.values())
+    assert set(rate) == set(kept)
+    for uid, r in kept.items():
+        assert rate[uid] / total_rate == pytest.approx(r / total_repeats, rel=1e-12)
+
+
+def test_wids_epoch_holds_every_row_repeats_times(run_dir, exported, tmp_path):
+    wids = pytest.importorskip("wids")
+    kept = _kept(run_dir)
+    index = Path(exported["webdataset"]["wids"])
+    ds = wids.ShardListDataset(str(index), transformations=[], cache_dir=str(tmp_path / "wids-cache"))
+    seen: dict[str, int] = {}
+    for i in range(len(ds)):
+        uid = json.loads(ds[i][".json"].read())["uid"]
+        seen[uid] = seen.get(uid, 0) + 1
+    assert seen == kept
+    weights = np.load(exported["webdataset"]["wids_weights"])
+    assert len(weights) == len(ds) and np.allclose(weights, 1 / len(ds))  # every copy equally likely
+
+
+def test_wids_weights_give_the_target_shares_with_copies_once(run_dir, exported_once, tmp_path):
+    """copies: once. torch's WeightedRandomSampler with wids-weights.npy over wids.json draws each
+    domain with its target share. Pearson chi-square over domains at 20,000 seeded draws; a correct
+    export fails it with probability 1e-6 (it is seeded, so the outcome is fixed)."""
+    torch = pytest.importorskip("torch")
+    wids = pytest.importorskip("wids")
+    from scipy.stats import chi2
+
+    info = exported_once["webdataset"]
+    index = Path(info["wids"])
+    ds = wids.ShardListDataset(str(index), transformations=[], cache_dir=str(tmp_path / "wids-cache"))
+    domain_of_index = [json.loads(ds[i][".json"].read())["domain"] for i in range(len(ds))]
+    names = sorted(info["domains"])
+    target = np.array([info["domains"][d]["target_share"] for d in names])
+    weights = torch.as_tensor(np.load(info["wids_weights"]))
+    n = 20_000
+    draws = list(torch.utils.data.WeightedRandomSampler(weights, n, replacement=True, generator=torch.Generator().manual_seed(0)))
+    counts = np.array([sum(1 for i in draws if domain_of_index[i] == d) for d in names], float)
+    stat = float(((counts - n * target) ** 2 / (n * target)).sum())
+    assert stat < chi2.ppf(1 - 1e-6, len(names) - 1)
+    # the kept counts alone (no weights) miss the heavy domain by far more than sampling error
+    plain = np.array([sum(1 for x in domain_of_index if x == d) for d in names], float) / len(ds)
+    assert abs(plain[names.index(HEAVY)] - target[names.index(HEAVY)]) > 10 * math.sqrt(0.25 / n)
+
+
+def test_resampled_draws_match_the_target_shares_with_copies_once(run_dir, exported_once):
+    """copies: once. Simulate open_clip --dataset-resampled with its own ResampledShards2: a tar drawn
+    with its factor, all its samples read. Each domain's share of 40,000 draws is within 5 ratio-
+    estimator standard errors of its target (false failure probability < 1e-6 per domain; seeded)."""
+    from open_clip_train.data import ResampledShards2
+
+    info = exported_once["webdataset"]
+    urls, weights = _train_urls(info)
     domains = [Path(u).parent.name for u in urls]
     sizes = [len(_tar_samples(u)) for u in urls]
     names = sorted(set(domains))
-    target = {d: info["domains"][d]["target_share"] for d in names}
-    # the test manifest: nurse rows repeat 4x, so nurse's target share is ~4x its share of samples
-    samples_share = {d: info["domains"][d]["samples"] / sum(v["samples"] for v in info["domains"].values()) for d in names}
-    assert target[HEAVY] > 3 * samples_share[HEAVY]
+    dir_to_name = {v["dir"]: k for k, v in info["domains"].items()}
+    target = {d: info["domains"][dir_to_name[d]]["target_share"] for d in names}
+    n = 40_000
+    by_url = dict(zip(urls, range(len(urls))))
 
-    def draw(ws: list[float], n: int) -> dict[str, float]:
-        rng = random.Random(0)
+    def draw(ws: list[float] | None) -> dict[str, float]:
+        sampler = ResampledShards2(urls, weights=ws, nshards=n, worker_seed=lambda: 0, deterministic=True)
         counts = dict.fromkeys(names, 0)
-        for i in rng.choices(range(len(urls)), weights=ws, k=n):
+        for item in sampler:
+            i = by_url[item["url"]]
             counts[domains[i]] += sizes[i]
         total = sum(counts.values())
         return {d: c / total for d, c in counts.items()}
 
-    n = 40_000
     p = np.array(weights) / sum(weights)
     x = np.array(sizes, float)
     mean = float(p @ x)
@@ -169,12 +259,12 @@ def test_resampled_draws_match_the_target_shares(run_dir, exported):
         xd = np.where(np.array(domains) == d, x, 0.0)
         return math.sqrt(float(p @ (xd - target[d] * x) ** 2) / n) / mean
 
-    shares = draw(weights, n)
+    shares = draw(weights)
     for d in names:
-        assert abs(shares[d] - target[d]) < 5 * sd(d) + 1e-3, d
-    # without the factors the heavy domain is far off: the check can fail
-    plain = draw([1.0] * len(urls), n)
-    assert abs(plain[HEAVY] - target[HEAVY]) > 10 * sd(HEAVY)
+        assert abs(shares[d] - target[d]) < 5 * sd(d) + 1e-9, d
+    heavy = info["domains"][HEAVY]["dir"]
+    plain = draw(None)  # without the factors the heavy domain is far off: the check can fail
+    assert abs(plain[heavy] - target[heavy]) > 10 * sd(heavy)
 
 
 def test_factor_rule():
@@ -183,47 +273,160 @@ def test_factor_rule():
     assert realised_shares(f, [100, 10, 50]) == pytest.approx([0.5, 0.3, 0.2])
 
 
-def test_datacomp_array_round_trips_sorted(run_dir, exported):
-    arr = np.load(exported["datacomp"]["file"], allow_pickle=False)
-    assert arr.dtype == UID_DTYPE and arr.ndim == 1
-    pairs = arr.tolist()
-    assert all(a < b for a, b in zip(pairs, pairs[1:]))  # sorted and unique
+def _load_subset(path: str) -> np.ndarray:
+    """What DataComp's load_subset does: a .npy (magic string) memory-mapped, dtype u8,u8."""
+    with open(path, "rb") as f:
+        assert f.read(6) == b"\x93NUMPY"
+    subset = np.load(path, mmap_mode="r")
+    assert subset.dtype == np.dtype("u8,u8")
+    return subset
+
+
+def _resharder_count(subset: np.ndarray, uid: str) -> int:
+    """The resharder's key code: the uid's hex value split in two u8 halves, looked up in the sorted
+    subset; the sample is written once per listing."""
+    key = np.array([divmod(int(uid, 16), 2**64)], np.dtype("u8,u8"))[0]
+    return int(np.searchsorted(subset, key, "right") - np.searchsorted(subset, key, "left"))
+
+
+def test_datacomp_subset_lists_each_uid_repeats_times(run_dir, exported):
     kept = _kept(run_dir)
-    assert set(arr.tolist()) == {uid_pair(u)[:2] for u in kept}
-    mapping = pq.read_table(exported["datacomp"]["uid_map"]).to_pydict()
-    assert set(mapping["uid"]) == set(kept)  # synth uids are not 128-bit hex: all mapped, all listed
+    subset = _load_subset(exported["datacomp"]["file"])
+    pairs = subset.tolist()
+    assert pairs == sorted(pairs) and len(subset) == sum(kept.values())
+    assert {u: _resharder_count(subset, u) for u in kept} == kept
+    assert _resharder_count(subset, "f" * 32) == 0  # a uid that is not kept is not found
+    assert exported["datacomp"]["hashed_uids"] == 0 and "uid_map" not in exported["datacomp"]
     hexes = [f"{random.Random(i).getrandbits(128):032x}" for i in range(50)]
     back = [f"{a:016x}{b:016x}" for a, b in uid_array(hexes).tolist()]
-    assert back == sorted(hexes)  # hex uids map exactly (DataComp's convention)
+    assert back == sorted(hexes)  # 32-digit hex uids map exactly (DataComp's convention)
+    assert uid_pair("abc")[:2] == (0, 0xABC)  # shorter hex: int(uid, 16) as the resharder computes it
 
 
-def test_bigvision_and_hf_carry_the_mixture(run_dir, exported):
-    kept = _kept(run_dir)
+def test_datacomp_lists_each_uid_once_with_copies_once(run_dir, exported_once):
+    subset = _load_subset(exported_once["datacomp"]["file"])
+    assert {u: _resharder_count(subset, u) for u in _kept(run_dir)} == dict.fromkeys(_kept(run_dir), 1)
+
+
+def _with_uid(run_dir: Path, dest: Path, uid: str) -> tuple[Path, str]:
+    """A copy of the run whose first kept manifest row has the given uid."""
+    copy = dest / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    path = sorted((copy / "manifest").glob("*.parquet"))[0]
+    m = pq.read_table(path)
+    uids = m["uid"].to_pylist()
+    i = next(j for j, r in enumerate(m["repeats"].to_pylist()) if r > 0)
+    uids[i] = uid
+    pq.write_table(m.set_column(m.schema.get_field_index("uid"), "uid", pa.array(uids)), path)
+    return copy, path.name
+
+
+def test_datacomp_non_hex_uid_is_an_error_before_anything_is_written(run_dir, tmp_path):
+    from mmbalance.schemas.contract import InputError
+
+    run, name = _with_uid(run_dir, tmp_path, "photo/123.jpg")
+    with pytest.raises(InputError, match=rf"manifest/{re.escape(name)} row \d+: uid 'photo/123.jpg' is not hex"):
+        export_run(str(run), ["csv", "datacomp"], ExportOptions(domain={"by": "occupation"}))
+    assert not (run / "export" / "csv").exists() and not (run / "export" / "datacomp").exists()
+    result = export_run(str(run), ["datacomp"], ExportOptions(datacomp={"non_hex_uids": "sha256"}))
+    mapping = pq.read_table(result["datacomp"]["uid_map"]).to_pydict()
+    assert mapping["uid"] == ["photo/123.jpg"] and result["datacomp"]["hashed_uids"] == 1
+    subset = _load_subset(result["datacomp"]["file"])
+    key = np.array([(mapping["u0"][0], mapping["u1"][0])], np.dtype("u8,u8"))[0]
+    assert np.searchsorted(subset, key, "right") > np.searchsorted(subset, key, "left")
+
+
+def test_bigvision_lines_carry_repeats_and_weights_are_line_shares(run_dir, exported, exported_once):
+    kept, domain = _kept(run_dir), _domain_of(run_dir)
     bv = exported["bigvision"]
-    assert sum(bv["data"].values()) == pytest.approx(1.0)
     lines = [json.loads(line) for p in Path(bv["dir"]).glob("*.jsonl") for line in p.read_text().splitlines()]
-    assert sorted(x["uid"] for x in lines) == sorted(kept)
-    assert all((Path(bv["dir"]) / "images" / x["image"]).is_file() for x in lines)
+    seen: dict[str, int] = {}
+    for x in lines:
+        seen[x["uid"]] = seen.get(x["uid"], 0) + 1
+        assert (Path(bv["dir"]) / "images" / x["image"]).is_file() and x["domain"] == domain[x["uid"]]
+    assert seen == kept  # bv:jsonl reads one example per line: every uid `repeats` times
+    per_dir = {d.stem: len(d.read_text().splitlines()) for d in Path(bv["dir"]).glob("*.jsonl")}
+    assert bv["data"] == pytest.approx({k: v / len(lines) for k, v in per_dir.items()})  # every line equally likely
     snippet = Path(bv["snippet"]).read_text()
     assert "config.input.data = {" in snippet and "bv:jsonl" in snippet
+    once = exported_once["bigvision"]
+    once_lines = [json.loads(line) for p in Path(once["dir"]).glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(x["uid"] for x in once_lines) == sorted(kept)
+    mix = exported_once["mixture"]["domains"]
+    assert once["data"][mix[HEAVY]["dir"]] == pytest.approx(mix[HEAVY]["target_share"])
+
+
+def test_hf_metadata_carries_repeats_and_probabilities(run_dir, exported, exported_once):
+    kept = _kept(run_dir)
     hf = exported["hf"]
-    assert sum(hf["probabilities"]) == pytest.approx(1.0)
-    assert hf["probabilities"][hf["domains"].index(HEAVY)] == pytest.approx(exported["mixture"]["domains"][HEAVY]["target_share"] / sum(
-        exported["mixture"]["domains"][d]["target_share"] for d in hf["domains"]))
-    uids = []
+    assert hf["copies"] == "repeats" and sum(hf["probabilities"]) == pytest.approx(1.0)
+    assert hf["probabilities"] == pytest.approx([r / sum(hf["repeats"]) for r in hf["repeats"]])
+    seen = {}
     for d in hf["data_dirs"]:
         meta = pq.read_table(Path(d) / "metadata.parquet").to_pydict()
         assert all((Path(d) / f).is_file() for f in meta["file_name"])
-        uids += meta["uid"]
-    assert sorted(uids) == sorted(kept)
+        seen.update(zip(meta["uid"], meta["repeats"]))
+    assert seen == kept  # each row once, with its repeats: the loader expands it
+    once = exported_once["hf"]
+    mix = exported_once["mixture"]["domains"]
+    assert once["probabilities"][once["domains"].index(HEAVY)] == pytest.approx(
+        mix[HEAVY]["target_share"] / sum(mix[d]["target_share"] for d in once["domains"]))
 
 
-def test_mixture_json(run_dir, exported):
+def _read_mds(directory: Path) -> list[dict]:
+    """The MDS layout read back by hand (the real reader runs in test_consumers.py)."""
+    index = json.loads((directory / "index.json").read_text())
+    out = []
+    for shard in index["shards"]:
+        raw = (directory / shard["raw_data"]["basename"]).read_bytes()
+        assert len(raw) == shard["raw_data"]["bytes"]
+        n = int(np.frombuffer(raw[:4], np.uint32)[0])
+        offsets = np.frombuffer(raw[4: 8 + 4 * n], np.uint32)
+        names, sizes, encs = shard["column_names"], shard["column_sizes"], shard["column_encodings"]
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            sample, pos = raw[a:b], 0
+            var = [s for s in sizes if s is None]
+            heads = np.frombuffer(sample[: 4 * len(var)], np.uint32).tolist()
+            pos = 4 * len(var)
+            row = {}
+            for name, size, enc in zip(names, sizes, encs):
+                length = size if size is not None else heads.pop(0)
+                datum = sample[pos: pos + length]
+                pos += length
+                row[name] = datum.decode() if enc == "str" else int(np.frombuffer(datum, np.int64)[0]) if enc == "int" else \
+                    float(np.frombuffer(datum, np.float64)[0]) if enc == "float64" else datum
+            out.append(row)
+        assert n == shard["samples"]
+    return out
+
+
+def test_streaming_streams_repeat_each_row_class(run_dir, exported):
+    kept, src = _kept(run_dir), _source(run_dir)
+    streams = json.loads((run_dir / "export" / "streaming" / "streams.json").read_text())
+    assert streams == exported["streaming"]["streams"] and all("repeat" in s and "proportion" not in s for s in streams)
+    epoch: dict[str, int] = {}
+    for stream in streams:
+        for row in _read_mds(Path(stream["local"])):
+            assert row["repeats"] == stream["repeat"] == kept[row["uid"]]
+            assert row["image"] == src[row["uid"]]["image"] and row["caption"] == src[row["uid"]]["caption"]
+            epoch[row["uid"]] = epoch.get(row["uid"], 0) + stream["repeat"]
+    assert epoch == kept  # one epoch of the streams is the manifest
+
+
+def test_mixture_json_states_commands_copies_and_epoch_deviation(run_dir, exported):
     mix = json.loads((run_dir / "export" / "mixture.json").read_text())
     kept = _kept(run_dir)
-    assert mix["epoch_size"] == sum(kept.values())
+    assert mix["epoch_size"] == sum(kept.values()) and mix["copies"] == "repeats"
     assert sum(d["target_share"] for d in mix["domains"].values()) == pytest.approx(1.0)
     assert sum(d["kept"] for d in mix["domains"].values()) == len(kept)
+    web = mix["open_clip"]["webdataset"]
+    assert web["open_clip_command"] == exported["webdataset"]["open_clip_command"]
+    assert web["open_clip_command"].startswith("python -m open_clip_train.main --train-data ")
+    assert mix["open_clip"]["csv"]["open_clip_args"] == exported["csv"]["open_clip_args"]
+    epoch = web["epoch"]
+    assert epoch["train_num_samples"] == mix["epoch_size"] and epoch["shard_size"] == 7
+    assert set(epoch["share_deviation"]) == set(exported["webdataset"]["domains"])
+    assert epoch["max_expected_share_deviation"] == max(epoch["share_deviation"].values()) > 0
 
 
 def test_reexport_is_byte_identical_and_leaves_no_stale_files(run_dir, exported):
@@ -244,18 +447,7 @@ def test_cluster_column_domains(run_dir, tmp_path):
     opts = ExportOptions(dest=str(tmp_path / "out"), domain={"column": "cluster_id", "source": "clusters"})
     result = export_run(str(run_dir), ["webdataset"], opts)
     assert sorted(result["webdataset"]["domains"]) == ["0", "1", "2"]
-    assert sum(v["samples"] for v in result["webdataset"]["domains"].values()) == len(_kept(run_dir))
-
-
-def test_streaming_is_skipped_with_a_message_when_missing(run_dir, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("streaming") is not None:
-        pytest.skip("mosaicml-streaming installed")
-    result = export_run(str(run_dir), ["streaming", "datacomp"], ExportOptions(dest=str(tmp_path / "o")))
-    assert "mosaicml-streaming" in result["streaming"]["skipped"]
-    assert (tmp_path / "o" / "datacomp" / "uids.npy").is_file()
-    assert not (tmp_path / "o" / "streaming").exists()
+    assert sum(v["samples"] for v in result["webdataset"]["domains"].values()) == sum(_kept(run_dir).values())
 
 
 def test_keys_names_and_sniffing():
@@ -280,3 +472,62 @@ def test_missing_run_is_a_clear_error(tmp_path):
         from mmbalance.operators.export import _format_dirs
 
         _format_dirs(["tarball"])
+
+
+def _simulate_epochs(summary: dict, epochs: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each domain's share of ``epochs`` open_clip --dataset-resampled epochs: tars drawn by open_clip's
+    own ResampledShards2 (seeded, epoch by epoch), all samples of a drawn tar read in order, the
+    epoch cut at --train-num-samples. (The sample shuffle buffer only lowers the deviation.)"""
+    from open_clip_train.data import ResampledShards2, SharedEpoch
+
+    urls, weights = _train_urls(summary)
+    args = summary["open_clip_args"]
+    n = int(args[args.index("--train-num-samples") + 1])
+    by_dir = {v["dir"]: k for k, v in summary["domains"].items()}
+    names = sorted(summary["domains"])
+    col = {name: j for j, name in enumerate(names)}
+    size = {}
+    for url in urls:
+        size[url] = json.loads((Path(url).parent / "sizes.json").read_text())[Path(url).name]
+    domain_of = {u: col[by_dir[Path(u).parent.name]] for u in urls}
+    epoch = SharedEpoch(0)
+    sampler = ResampledShards2(urls, weights=weights, worker_seed=lambda: seed, deterministic=True, epoch=epoch)
+    shares = np.zeros((epochs, len(names)))
+    for e in range(epochs):
+        epoch.set_value(e)
+        got = 0
+        for item in sampler:
+            take = min(size[item["url"]], n - got)
+            shares[e, domain_of[item["url"]]] += take
+            got += take
+            if got == n:
+                break
+    return {name: shares[:, col[name]] / n for name in names}
+
+
+def test_stated_epoch_deviation_matches_resampled_epochs(run_dir, exported):
+    """mixture.json's per-domain share deviation against 400 simulated open_clip epochs. The empirical
+    standard deviation of 400 epochs is within 5% of the true one typically (1/sqrt(2*400)); the
+    check allows 25% either way (over 5 standard errors; seeded, so it cannot flake)."""
+    mix = json.loads((run_dir / "export" / "mixture.json").read_text())
+    stated = mix["open_clip"]["webdataset"]["epoch"]["share_deviation"]
+    shares = _simulate_epochs(exported["webdataset"], 400)
+    expected = {d: v["realised_share"] for d, v in exported["webdataset"]["domains"].items()}
+    for d, s in shares.items():
+        assert abs(s.mean() - expected[d]) < 5 * stated[d] / math.sqrt(400) + 1e-9, d  # unbiased
+        assert 0.75 < s.std(ddof=1) / stated[d] < 1.25, (d, s.std(ddof=1), stated[d])
+    assert mix["open_clip"]["webdataset"]["epoch"]["max_expected_share_deviation"] > 0.02  # 7-sample tars, 764-sample epochs
+
+
+def test_default_tar_size_keeps_epoch_shares_within_the_bound(run_dir, tmp_path):
+    """Without shard_size the tars are sized from the epoch: at 20,000 samples per epoch and the
+    default bound 0.01, every domain's stated deviation is within it, and 100 simulated epochs agree."""
+    result = export_run(str(run_dir), ["webdataset"], ExportOptions(dest=str(tmp_path / "o"), domain={"by": "occupation"}, epoch_size=20_000))
+    epoch = result["webdataset"]["epoch"]
+    assert epoch["shard_size_from"] == "max_share_deviation" and epoch["within_bound"]
+    assert 1 < epoch["shard_size"] < 100 and epoch["max_expected_share_deviation"] <= epoch["max_share_deviation"] == 0.01
+    shares = _simulate_epochs(result["webdataset"], 100)
+    worst = max(s.std(ddof=1) for s in shares.values())
+    assert worst < 1.35 * epoch["max_expected_share_deviation"]  # 100 epochs: sd known to ~7%; 5 standard errors
+    mixture = json.loads((tmp_path / "o" / "mixture.json").read_text())
+    assert mixture["open_clip"]["webdataset"]["epoch"] == epoch
