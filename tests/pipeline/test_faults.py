@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from corpora import RECIPE_FROM_ISSUE
+from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards
 
 from mmbalance.jobs.local_cluster import cluster_env
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
@@ -277,8 +277,21 @@ def test_full_output_filesystem_local_executor(corpus, tmp_path, mounts):
     visible as done; given room, the same command resumes to the identical manifest."""
     result = run_scenario(corpus, tmp_path, f"size={third_of_a_run(corpus)}k", executor="local", rerun_with="size=256m")
     assert result["rc"] != 0
-    assert "No space left on device" in one_error_line(result["stderr"])
+    line = one_error_line(result["stderr"])
+    assert "No space left on device" in line and f"(writing {tmp_path / 'mnt' / 'out'}/" in line, line
     check_interrupted_run(result, corpus)
+
+
+@pytest.mark.timeout(120)
+def test_full_output_filesystem_names_the_file_it_could_not_write(tmp_path, mounts):
+    """A small corpus on a 96 KiB tmpfs: the error says which output could not be written."""
+    small = {"corpus": write_shards(tmp_path / "corpus", {f"s{i}.parquet": held_out_table(400, i) for i in range(3)}),
+             "recipe": tmp_path / "r.yaml"}
+    small["recipe"].write_text(RECIPE_FROM_ISSUE)
+    result = run_scenario(small, tmp_path, "size=96k", executor="local")
+    assert result["rc"] == 1
+    line = one_error_line(result["stderr"])
+    assert "No space left on device" in line and f"(writing {tmp_path / 'mnt' / 'out'}/" in line, line
 
 
 # The same faults with the Ray executor: each scenario runs once per module; what it left behind and
@@ -321,7 +334,8 @@ def test_full_output_filesystem_on_ray_leaves_nothing_half_done_and_resumes(full
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_full_output_filesystem_on_ray_is_one_clear_line(full_fs_on_ray):
-    assert "No space left on device" in one_error_line(full_fs_on_ray["stderr"])
+    line = one_error_line(full_fs_on_ray["stderr"])
+    assert "No space left on device" in line and "(writing /" in line, line
 
 
 @pytest.mark.slow
