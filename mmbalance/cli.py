@@ -89,6 +89,7 @@ def rebalance(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT made from another recipe or input."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    plan: bool = typer.Option(False, "--plan", help="Print the stages, units done / to do, resources and expected output size; run nothing."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Validate, tag, solve and write a resampled manifest with a before/after report."""
@@ -103,6 +104,14 @@ def rebalance(
             _fail("no shard directory: give SHARD_DIR or input.path in the recipe")
         if executor not in (None, "ray", "local"):
             _fail(f"--executor must be ray or local, got {executor!r}")
+        if plan:
+            from rich.console import Console
+
+            from mmbalance.pipeline.plan import render_plan
+            from mmbalance.pipeline.rebalance import Rebalancer
+
+            render_plan(Rebalancer(source, out, spec, RunOptions(overwrite=overwrite)).plan(), Console(width=max(Console().width, 150)))
+            return
         result = run(source, out, spec, RunOptions(executor=executor, address=address, num_cpus=num_cpus,
                                                    overwrite=overwrite, show_progress=not quiet))
         if not quiet:

@@ -92,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
           function="signatures_shard"),
     Stage("solve", "global", "merged signatures -> solution (cap | waterfill | reweigh | rake | m4 | rnb, composable)",
           reads=("signatures/*.parquet", "fit/sample.parquet"), writes=("signatures/merged.parquet", "solve/solution.json"),
-          resources_text="the driver (m4 with utility: one task per shard per dual evaluation)"),
+          resources_text="the driver (m4 utility: a task per shard per evaluation)"),
     Stage("weigh", "shard", "weights from the solution, seeded stochastic rounding",
           reads=("tags/{shard}.parquet", "assign/{shard}.parquet", "solve/solution.json"),
           writes=("manifest/{shard}.parquet", "after/{shard}.parquet", "after_entries/{label}/{shard}.parquet"),
@@ -167,3 +167,29 @@ def markdown_table() -> str:
                  s.resources_text, ", ".join(s.identity) or "-"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render_plan(planned: dict[str, Any], console) -> None:
+    """``mmbalance rebalance --plan``: one line per declared stage."""
+    from rich.table import Table
+
+    console.print(f"[bold]{planned['out']}[/bold]: {planned['status']}; {planned['shards']:,} shards, "
+                  f"{planned['input_rows']:,} rows from {planned['input']}", soft_wrap=True, highlight=False)
+    table = Table(box=None, pad_edge=False)
+    for name in ("stage", "unit", "units", "done", "to do", "rows to do", "resources", "expected output"):
+        table.add_column(name, justify="right" if name in ("units", "done", "to do", "rows to do", "expected output") else "left")
+    for row in planned["stages"]:
+        expected = row.get("note") or _size(row.get("expected_output_bytes"))
+        table.add_row(row["stage"], row["unit"], f"{row['units']:,}", f"{row['done']:,}", f"{row['to_do']:,}",
+                      "" if row["rows_to_do"] is None else f"{row['rows_to_do']:,}", row["resources"], expected)
+    console.print(table)

@@ -274,7 +274,13 @@ class Rebalancer:
     # -- the run ---------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        recipe, store = self.recipe, self.store
+        run, shards, layout_columns, dims = self._prepare()
+        with self.store.lock():
+            return self._locked_run(run, shards, layout_columns, dims)
+
+    def _prepare(self):
+        """Discovery and inspection (every footer and schema), content fingerprints, the run record."""
+        recipe = self.recipe
         t0 = time.perf_counter()
         check_output_location(self.input_uri, self.store.uri)
         fs, shards = discover_shards(self.input_uri, recipe.input.extensions)
@@ -306,8 +312,76 @@ class Rebalancer:
             "embedding_dims": dims,
             "versions": _versions(),
         }
-        with store.lock():
-            return self._locked_run(run, shards, layout_columns, dims)
+        return run, shards, layout_columns, dims
+
+    def plan(self) -> dict[str, Any]:
+        """What a run would do, from the declaration and what is verifiably done in OUT: per stage the
+        units done and to do, the resources, and the expected output size (from the outputs of the
+        units already done). Writes nothing."""
+        recipe, store = self.recipe, self.store
+        run, shards, _, _ = self._prepare()
+        status = "new run"
+        if store.exists("run.json"):
+            try:
+                previous = store.read_json("run.json")
+                same = all(previous.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+                status = "resume" if same else None
+                if not same and not self.options.overwrite:
+                    _check_previous_run(store, run, False, self.shard_fingerprints, {s.relpath: s.shard_id for s in shards})
+                    status = "resume (changed shards that no finished unit depends on are replaced)"
+            except InputError as err:
+                if not self.options.overwrite:
+                    raise
+                status = f"start over (--overwrite): {err}"
+            if status is None:
+                status = "start over (--overwrite)"
+        fresh = not status.startswith("resume")
+        ids, rows = [s.shard_id for s in shards], [s.num_rows for s in shards]
+        summaries = {} if fresh else {k: store.done_summary("scan", k) for k in store.verified_keys("scan", ids)}
+        valid = sum(v["rows_out"] for v in summaries.values()) if len(summaries) == len(ids) else None
+        buckets = max(1, math.ceil((valid if valid is not None else run["input_rows"]) / recipe.execution.dedup_bucket_rows))
+        solution = None if fresh else store.verified_summary("solve", "solution")
+        digests = {}
+        if solution is not None:
+            digests["solution_digest"] = hashlib.sha256(
+                json.dumps(store.read_json("solve", "solution.json"), sort_keys=True).encode()).hexdigest()[:16]
+        fitted = None if fresh else store.verified_summary("fit", "models")
+        if fitted is not None:
+            digests["models_digest"] = fit.models_digest(store)
+        out_rows = []
+        for declared in plan.active_stages(recipe):
+            entry: dict[str, Any] = {"stage": declared.name, "unit": declared.unit, "resources": declared.resources_text}
+            if declared.unit == "global":
+                done = {"fit": fitted is not None, "solve": solution is not None}.get(declared.name, False)
+                entry.update(units=1, done=int(done), to_do=int(not done), rows_to_do=None,
+                             note="" if declared.name in ("fit", "solve") else "rewritten by every run")
+            else:
+                keys = ids if declared.unit == "shard" else [f"{b:05d}-of-{buckets:05d}" for b in range(buckets)]
+                unit_rows = rows if declared.unit == "shard" else [run["input_rows"] // buckets] * buckets
+                if any(k not in digests for k in declared.identity):
+                    done = set()  # what these units depend on is not there yet
+                else:
+                    expect = [{k: digests[k] for k in declared.identity}] * len(keys)
+                    done = set() if fresh else store.verified_keys(declared.name, keys, expect)
+                entry.update(units=len(keys), done=len(done), to_do=len(keys) - len(done),
+                             rows_to_do=sum(r for k, r in zip(keys, unit_rows) if k not in done), note="")
+                entry["expected_output_bytes"] = self._expected_bytes(declared.name, keys, unit_rows, done)
+            out_rows.append(entry)
+        return {"out": store.uri, "input": self.input_uri, "status": status, "shards": len(shards),
+                "input_rows": run["input_rows"], "stages": out_rows}
+
+    def _expected_bytes(self, stage: str, keys: list[str], unit_rows: list[int], done: set[str]) -> int | None:
+        """The stage's output size: the recorded outputs of the units done, scaled by rows to the rest."""
+        written = rows_done = 0
+        for key, n in zip(keys, unit_rows):
+            if key in done:
+                marker = self.store.read_marker(stage, key) or {}
+                written += sum(r["size"] for r in marker.get("_outputs", {}).values() if r)
+                rows_done += n
+        if not done:
+            return None
+        total_rows = sum(unit_rows)
+        return int(written * total_rows / rows_done) if rows_done else written
 
     def _locked_run(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int]) -> RunResult:
         recipe, store = self.recipe, self.store
@@ -479,7 +553,7 @@ class Rebalancer:
                     raise InputError("the fit sample is empty: no valid rows to cluster or tag")
                 info = {"sample_rows": 0}
             else:
-                sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups)
+                sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups, ctx=ctx)
                 store.write_table("fit", "sample.parquet", table=sample)
             store.mark_done("fit", "models", info)
         self.stage_seconds["fit"] = round(time.perf_counter() - t, 3)

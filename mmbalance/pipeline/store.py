@@ -192,13 +192,13 @@ class RunStore:
 
     def done_summary(self, stage: str, key: str) -> dict[str, Any] | None:
         """A unit's summary, or None when its marker is missing or unreadable (a torn write, an edit)."""
-        marker = self._read_marker(stage, key)
+        marker = self.read_marker(stage, key)
         if marker is None:
             return None
         marker.pop(OUTPUTS_KEY, None)
         return marker
 
-    def _read_marker(self, stage: str, key: str) -> dict[str, Any] | None:
+    def read_marker(self, stage: str, key: str) -> dict[str, Any] | None:
         try:
             marker = self.read_json("_done", stage, f"{key}.json")
         except (FileNotFoundError, ValueError, UnicodeDecodeError):  # ValueError: JSONDecodeError
@@ -209,7 +209,7 @@ class RunStore:
         """The summary of a unit that is really done: its marker reads, records its outputs, every
         output still matches its record (size, checksum), and the marker's values for ``expect``'s
         keys (e.g. the solution digest the unit used) equal the current ones. Otherwise None: redo it."""
-        marker = self._read_marker(stage, key)
+        marker = self.read_marker(stage, key)
         if marker is None or not isinstance(marker.get(OUTPUTS_KEY), dict):
             return None
         if any(marker.get(k) != v for k, v in (expect or {}).items()):
