@@ -33,11 +33,14 @@ from scipy.optimize import linprog, minimize
 from scipy.special import xlogy
 
 from mmbalance.operators.solve import CorpusStats, LookupSolution, SampleBaselineSolution, register
+from mmbalance.operators.solve.m4_newton import projected_residual, newton_solve
 from mmbalance.schemas.balance import M4Balance
 from mmbalance.schemas.contract import tag_column
 
 FEASIBILITY_TOL = 1e-9  # largest constraint violation, as a share of the carrying weight, we call feasible
 KKT_TOL = 1e-13  # natural-residual target of the Newton polish (duals and moments are O(1))
+FALLBACK_FEASIBILITY_TOL = 1e-7  # the interior-point path's guarantee when the Newton finish does not reach 1e-9
+NEWTON_TOL = 1e-12  # the sparse Newton's target; it stops earlier at the floor of rounding
 MAX_POLISH_VARIABLES = 4000  # the polish forms a dense Hessian over the duals
 
 
@@ -235,15 +238,19 @@ class _Dual:
         self.nx = 2 * K + R + (1 if p.budget is not None else 0)
         blocks = [p.B, -p.A] + ([p.H] if R else []) + [sp.csr_matrix(np.ones((S, 1)))]
         self.N = sp.hstack(blocks, format="csr")
-        T = np.zeros((K + G + R + 1, self.nx))
-        T[:K, :K] = np.eye(K)
-        T[:K, K : 2 * K] = -np.eye(K)
-        T[K + p.group, np.arange(K)] = p.eps  # e_g = sum_{j in g} eps_j (mu+_j + mu-_j)
-        T[K + p.group, K + np.arange(K)] = p.eps
-        T[K + G + np.arange(R), 2 * K + np.arange(R)] = 1.0
+        # T maps the duals to shifts per column of N; sparse (a dual has at most two shift rows)
+        k = np.arange(K)
+        rows = [k, k, K + p.group, K + p.group, K + G + np.arange(R)]
+        cols = [k, K + k, k, K + k, 2 * K + np.arange(R)]
+        vals = [np.ones(K), -np.ones(K), p.eps, p.eps, np.ones(R)]  # e_g = sum_{j in g} eps_j (mu+_j + mu-_j)
         if p.budget is not None:
-            T[K + G + R, 2 * K + R] = 1.0
-        self.T = T
+            rows.append(np.array([K + G + R]))
+            cols.append(np.array([2 * K + R]))
+            vals.append(np.ones(1))
+        T = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(K + G + R + 1, self.nx))
+        T.eliminate_zeros()  # eps = 0: the dual has no tolerance row
+        self.T = self.Ts = T
         self.NT = self.N.T.tocsr()
         with np.errstate(divide="ignore"):
             self.log_eta = np.log(p.eta)
@@ -285,12 +292,17 @@ class _Dual:
             grad[-1] -= p.budget
         return value, grad, q
 
-    def hessian(self, x: np.ndarray) -> np.ndarray:
-        """Minus the (generalised) Hessian of the dual: T' N' diag(w dq/dt) N T."""
+    def curvature(self, x: np.ndarray, rows: np.ndarray | None = None) -> sp.csr_matrix:
+        """Z = N' diag(w dq/dt) N: minus the generalised Hessian in shift space (sparse), or its
+        ``rows`` x ``rows`` block."""
         _, _, curv, _ = self.primal(x)
-        NW = self.N.multiply((self.p.weight * curv)[:, None]).tocsr()
-        Hz = (self.NT @ NW).toarray()
-        return self.T.T @ Hz @ self.T
+        NT = self.NT if rows is None else self.NT[rows]
+        return (NT.multiply((self.p.weight * curv)[None, :]).tocsr() @ NT.T).tocsr()
+
+    def hessian(self, x: np.ndarray) -> np.ndarray:
+        """Minus the (generalised) Hessian of the dual: T' N' diag(w dq/dt) N T (dense)."""
+        Hz = self.curvature(x).toarray()
+        return np.asarray(self.T.T @ (self.T.T @ Hz.T).T)
 
 
 def primal_upper_bound(p: MomentProblem) -> float:
@@ -305,15 +317,22 @@ def primal_upper_bound(p: MomentProblem) -> float:
     return float(p.weight @ worst)
 
 
-def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True) -> DualResult:
-    """Maximise the dual (L-BFGS-B), then polish with projected Newton on the active set."""
-    start = time.perf_counter()
-    dual = _Dual(p)
+def _bounds(p: MomentProblem, dual: "_Dual", enforcement: float | None) -> tuple[np.ndarray, np.ndarray]:
     lo = np.zeros(dual.nx)
     hi = np.full(dual.nx, np.inf if enforcement is None else float(enforcement))
     lo[dual.hold], hi[dual.hold] = -np.inf, np.inf  # equalities: free duals
     if p.budget is not None:
         lo[-1], hi[-1] = -np.inf, np.inf
+    return lo, hi
+
+
+def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True) -> DualResult:
+    """Maximise the dual. Up to MAX_POLISH_VARIABLES duals: L-BFGS-B, then a dense projected-Newton
+    polish; above that (or when that does not reach the KKT target): the sparse projected
+    semismooth Newton of ``m4_newton``, whose cost grows with the binding constraints, not K."""
+    start = time.perf_counter()
+    dual = _Dual(p)
+    lo, hi = _bounds(p, dual, enforcement)
     bound = primal_upper_bound(p)
     certificate = False
 
@@ -327,31 +346,54 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
             certificate = True  # weak duality: no feasible q has this objective
             raise StopIteration
 
-    x0 = np.zeros(dual.nx)
+    x = np.zeros(dual.nx)
     if p.budget is not None:
-        x0[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
-    bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(hi), hi, None)))
-    res = minimize(
-        fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
-        options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 30},
-    )
-    x = np.clip(res.x, lo, hi)
-    info: dict[str, Any] = {
-        "lbfgsb_iterations": int(res.nit), "lbfgsb_status": str(res.message), "polish_iterations": 0,
-    }
-    if not certificate and polish and dual.nx <= MAX_POLISH_VARIABLES:
-        x, info["polish_iterations"] = _polish(dual, x, lo, hi)
-    value, grad, q = dual.value_grad(x)
+        x[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
+    info: dict[str, Any] = {"lbfgsb_iterations": 0, "polish_iterations": 0}
+    small = dual.nx <= MAX_POLISH_VARIABLES
+    if small:
+        bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(hi), hi, None)))
+        res = minimize(
+            fun, x, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+            options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 30},
+        )
+        x = np.clip(res.x, lo, hi)
+        info.update({"lbfgsb_iterations": int(res.nit), "lbfgsb_status": str(res.message)})
+        if not certificate and polish:
+            x, info["polish_iterations"] = _polish(dual, x, lo, hi)
+    if not certificate and polish:
+        _, grad, _ = dual.value_grad(x)
+        if not small or projected_residual(x, grad, lo, hi) > NEWTON_TOL:
+            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound)
+            certificate = certificate or newton.pop("certificate")
+            info.update(newton)
+    info["method"] = "lbfgsb+dense-newton" if small and "newton_iterations" not in info else "sparse-newton"
+    result = dual_result(p, dual, x, lo, hi, certificate, info)
+    result.info["seconds"] = round(time.perf_counter() - start, 6)
+    return result
+
+
+def dual_result(p: MomentProblem, dual: "_Dual", x: np.ndarray, lo: np.ndarray, hi: np.ndarray, certificate: bool,
+                info: dict[str, Any], q: np.ndarray | None = None) -> DualResult:
+    """Primal weights, moments, violations and the certificate at duals ``x`` (the primal ``q`` of
+    another solver when given: the gap then compares it with the dual value at ``x``)."""
+    bound = primal_upper_bound(p)
+    value, grad, q_dual = dual.value_grad(x)
     if not certificate and value > bound * (1 + 1e-9) + 1e-12:
         certificate = True
-    kkt = float(np.max(np.abs(x - np.clip(x + grad, lo, hi)))) if dual.nx else 0.0
+    kkt = projected_residual(x, grad, lo, hi)
+    if q is None:
+        q = q_dual
+        _, f, _, _ = dual.primal(x)
+        primal_value = float(p.weight @ f)
+    else:
+        primal_value = float(p.weight @ objective_terms(p, q))
     wq = p.weight * q
     moments = p.B.T @ wq
     carrying = p.A.T @ wq
     W = carrying[p.group]
     with np.errstate(divide="ignore", invalid="ignore"):
         violation = np.where(W > 0, np.maximum(0.0, np.abs(moments) - p.eps * W) / W, 0.0)
-    _, f, _, _ = dual.primal(x)
     budget_residual = float(wq.sum() - p.budget) if p.budget is not None else 0.0
     if p.budget is not None and p.budget > 0:
         budget_residual /= p.budget
@@ -359,12 +401,19 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
         moved = np.abs(p.H.T @ wq - p.hold_target) / np.maximum(p.hold_target, 1e-300)
         budget_residual = max(abs(budget_residual), float(moved.max()))
     info["dual_evaluations"] = dual.evaluations
-    info["seconds"] = round(time.perf_counter() - start, 6)
     return DualResult(
-        x=x, q=q, dual_value=value, primal_value=float(p.weight @ f), kkt_residual=kkt, moments=moments,
+        x=x, q=q, dual_value=value, primal_value=primal_value, kkt_residual=kkt, moments=moments,
         carrying=carrying, violation=violation, budget_residual=budget_residual,
         infeasible_certificate=certificate, info=info,
     )
+
+
+def objective_terms(p: MomentProblem, q: np.ndarray) -> np.ndarray:
+    """f(q_s; eta_s) per signature (compressed path)."""
+    if p.objective == "l2":
+        return 0.5 * (q - p.eta) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(q > 0, xlogy(q, q) - xlogy(q, p.eta), 0.0) - q + p.eta
 
 
 def _polish(dual: _Dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter: int = 50) -> tuple[np.ndarray, int]:
@@ -397,24 +446,117 @@ def _polish(dual: _Dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter
     return x, it
 
 
-def max_feasible_retention(p: MomentProblem) -> float:
-    """Largest sum_s w_s q_s over q in [0, Q] meeting the moment constraints: one LP (HiGHS).
-
-    The feasible retentions form an interval [0, eta_max] (q = 0 is feasible and the set is
-    convex), so the LP gives what bisection on the retention would, in one solve.
-    """
-    S, K, G = p.B.shape[0], p.K, p.G
+def _constraint_rows(p: MomentProblem) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The moments as sparse rows over (q [S], W [G]): A_ub (2K) <= 0 and W_g - sum_s w_s a_sg q_s = 0 (G)."""
+    K, G = p.K, p.G
     WB = (sp.diags(p.weight) @ p.B).T.tocsr()  # (K, S)
     E = sp.csr_matrix((p.eps, (np.arange(K), p.group)), shape=(K, G))
     A_ub = sp.vstack([sp.hstack([WB, -E]), sp.hstack([-WB, -E])], format="csr")
     WA = (sp.diags(p.weight) @ p.A).T.tocsr()  # (G, S)
-    A_eq = sp.hstack([-WA, sp.identity(G)], format="csr")
-    c = np.concatenate([-p.weight, np.zeros(G)])
-    bounds = [(0.0, p.max_weight)] * S + [(0.0, None)] * G
-    res = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * K), A_eq=A_eq, b_eq=np.zeros(G), bounds=bounds, method="highs")
+    return A_ub, sp.hstack([-WA, sp.identity(G)], format="csr")
+
+
+def max_feasible_retention(p: MomentProblem) -> float:
+    """Largest feasible scale of the request: one sparse LP (HiGHS) over (q, W, r).
+
+    With a budget: the largest retention r = sum_s w_s q_s over q in [0, Q] meeting the moments,
+    held masses scaled with r (H'wq = r * hold_target / budget: exact while no baseline is clipped
+    at Q). The feasible retentions form an interval [0, r_max] (q = 0 is feasible and the set is
+    convex), so the LP gives what bisection on the retention would, in one solve.
+    Without a budget: the largest r <= 1 with H'wq = r * hold_target (1: feasible as asked).
+    """
+    S, G, R = p.B.shape[0], p.G, p.holds
+    A_ub, A_carry = _constraint_rows(p)
+    A_ub = sp.hstack([A_ub, sp.csr_matrix((A_ub.shape[0], 1))], format="csr")
+    eq = [sp.hstack([A_carry, sp.csr_matrix((G, 1))], format="csr")]
+    scale = 1.0 if p.budget is None else p.budget
+    if p.budget is not None:  # sum w q = r
+        eq.append(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G)), sp.csr_matrix([[-1.0]])], format="csr"))
+    if R:  # H'wq = r * hold_target / scale
+        WH = (sp.diags(p.weight) @ p.H).T.tocsr()
+        eq.append(sp.hstack([WH, sp.csr_matrix((R, G)), sp.csr_matrix(-(p.hold_target / scale)[:, None])], format="csr"))
+    A_eq = sp.vstack(eq, format="csr")
+    c = np.zeros(S + G + 1)
+    c[-1] = -1.0
+    upper = p.max_weight if p.budget is not None else 1.0
+    bounds = np.array([(0.0, p.max_weight)] * S + [(0.0, None)] * G + [(0.0, upper)], dtype=object)
+    res = linprog(c, A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.zeros(A_eq.shape[0]),
+                  bounds=bounds.tolist(), method="highs")
     if res.status != 0:
-        raise RuntimeError(f"m4: the largest-retention LP failed ({res.message})")
-    return float(-res.fun)
+        raise ValueError(f"m4: the largest-feasible-retention LP did not finish ({res.message}); "
+                         f"loosen balance.tolerance or set balance.enforcement for a best-effort solution")
+    return float(res.x[-1])
+
+
+def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResult | None:
+    """The certified slow path: the compressed primal with Clarabel (interior point; a QP for L2,
+    exponential cones for KL), then the sparse Newton from its duals. None without Clarabel."""
+    try:
+        import clarabel
+    except ImportError:
+        return None
+    if p.stream is not None or enforcement is not None:
+        return None  # per-row baselines and bounded duals are dual-only formulations
+    start = time.perf_counter()
+    S, K, G, R = p.B.shape[0], p.K, p.G, p.holds
+    kl = p.objective == "kl"
+    n = S + G + (S if kl else 0)  # q, W[, t]
+    A_ub, A_carry = _constraint_rows(p)
+    pad = (lambda m: sp.hstack([m, sp.csr_matrix((m.shape[0], S))], format="csc")) if kl else (lambda m: m.tocsc())
+    eq_rows, eq_b = [pad(A_carry)], [np.zeros(G)]
+    if R:
+        eq_rows.append(pad(sp.hstack([(sp.diags(p.weight) @ p.H).T, sp.csr_matrix((R, G))])))
+        eq_b.append(p.hold_target)
+    if p.budget is not None:
+        eq_rows.append(pad(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G))])))
+        eq_b.append(np.array([p.budget]))
+    box = sp.hstack([sp.vstack([-sp.identity(S), sp.identity(S)]), sp.csr_matrix((2 * S, n - S))], format="csc")
+    blocks = eq_rows + [pad(A_ub), box]
+    b = np.concatenate(eq_b + [np.zeros(2 * K), np.zeros(S), np.full(S, p.max_weight)])
+    n_eq = sum(m.shape[0] for m in eq_rows)
+    cones = [clarabel.ZeroConeT(n_eq), clarabel.NonnegativeConeT(2 * K + 2 * S)]
+    if kl:  # (-t_s, q_s, eta_s) in K_exp  <=>  t_s >= q_s log(q_s / eta_s)
+        rows = np.arange(3 * S)
+        sig = np.repeat(np.arange(S), 3)
+        col = np.where(rows % 3 == 0, S + G + sig, sig)
+        val = np.where(rows % 3 == 0, 1.0, np.where(rows % 3 == 1, -1.0, 0.0))
+        keep = val != 0
+        blocks.append(sp.csc_matrix((val[keep], (rows[keep], col[keep])), shape=(3 * S, n)))
+        b = np.concatenate([b, np.where(rows % 3 == 2, p.eta[sig], 0.0)])
+        cones += [clarabel.ExponentialConeT()] * S
+        P = sp.csc_matrix((n, n))
+        c = np.concatenate([-p.weight, np.zeros(G), p.weight])
+    else:
+        P = sp.diags(np.concatenate([p.weight, np.zeros(G)])).tocsc()
+        c = np.concatenate([-p.weight * p.eta, np.zeros(G)])
+    A = sp.vstack(blocks, format="csc")
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    settings.tol_gap_abs = settings.tol_gap_rel = 1e-12
+    settings.tol_feas = 1e-12
+    settings.max_iter = 400
+    sol = clarabel.DefaultSolver(sp.triu(P).tocsc(), c, A, b, cones, settings).solve()
+    status = str(sol.status)
+    if not status.startswith(("Solved", "AlmostSolved")):
+        return None
+    z = np.asarray(sol.z)
+    x = np.concatenate([z[n_eq : n_eq + 2 * K], z[G : G + R], z[G + R : G + R + (1 if p.budget is not None else 0)]])
+    q = np.clip(np.asarray(sol.x)[:S], 0.0, p.max_weight)
+    dual = _Dual(p)
+    lo, hi = _bounds(p, dual, None)
+    x = np.clip(x, lo, hi)
+    x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, primal_upper_bound(p))
+    newton.pop("certificate")
+    info = {"method": "clarabel+sparse-newton", "clarabel_status": status, "clarabel_iterations": int(sol.iterations),
+            **newton}
+    polished = dual_result(p, dual, x, lo, hi, False, dict(info))
+    if polished.max_violation <= FEASIBILITY_TOL:
+        polished.info["seconds"] = round(time.perf_counter() - start, 6)
+        return polished
+    info["method"] = "clarabel"
+    plain = dual_result(p, dual, x, lo, hi, False, info, q=q)
+    plain.info["seconds"] = round(time.perf_counter() - start, 6)
+    return plain
 
 
 # -- from the recipe and the signature table --------------------------------------------------------
@@ -433,9 +575,18 @@ class Coordinate:
         return base if self.label is None else f"{base} x {self.label}={self.label_value}"
 
 
-def _codes(column: list[str | None], values: list[str]) -> np.ndarray:
-    index = {v: i for i, v in enumerate(values)}
-    return np.array([-1 if v is None else index.get(v, -2) for v in column], dtype=np.int64)
+def _codes(column: pl.Series, values: list[str]) -> np.ndarray:
+    """Index of each entry in ``values``; -1 for null, -2 for a value not in the list (vectorised)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.to_arrow()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(pa.string())
+    index = pc.index_in(arr, value_set=pa.array(values, arr.type))
+    out = index.fill_null(-2).to_numpy(zero_copy_only=False).astype(np.int64)
+    out[arr.is_null().to_numpy(zero_copy_only=False)] = -1
+    return out
 
 
 def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None = None,
@@ -492,14 +643,14 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     eps: list[float] = []
     groups: list[int] = []
     a_cols = []
-    hold_cols: list[np.ndarray] = []
+    hold_cols: list[tuple[np.ndarray, np.ndarray, int]] = []  # (rows, held column, columns) per pair
     notes: dict[str, Any] = {"pi": {}}
     for g, name in enumerate(used_attrs):
         values = list(attrs[name].values)
         m = len(values)
-        code = _codes(frame[tag_column(name)].to_list(), values)
+        code = _codes(frame[tag_column(name)], values)
         if np.any(code == -2):
-            bad = frame[tag_column(name)].to_list()[int(np.flatnonzero(code == -2)[0])]
+            bad = frame[tag_column(name)][int(np.flatnonzero(code == -2)[0])]
             raise ValueError(f"attribute '{name}' has value {bad!r}, not one of its values {values}")
         carrying = np.flatnonzero(code >= 0)
         a_cols.append(carrying)
@@ -526,20 +677,32 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
                 continue
             label_values = list(stats.vocab.get(lab, []))
             R = len(label_values)
-            y = _codes(frame[tag_column(lab)].to_list(), label_values)[carrying]
+            label_code = _codes(frame[tag_column(lab)], label_values)
+            if np.any(label_code == -2):
+                bad = frame[tag_column(lab)][int(np.flatnonzero(label_code == -2)[0])]
+                raise ValueError(
+                    f"label '{lab}' has value {bad!r}, which is not one of its declared values ({len(label_values)}: "
+                    f"{label_values[:5]}{'...' if R > 5 else ''}); add it to the label's values or remove values: to use every value seen")
+            y = label_code[carrying]
             has = y >= 0
+            pair_centred = centred
+            if step.hold_labels and name not in step.targets:
+                # Kamiran-Calders: prevalence among rows carrying both the attribute and the label,
+                # so that KL + hold_labels at eps = 0 is reweighing even with null labels
+                both = np.bincount(code[carrying][has], weights=counts[carrying][has], minlength=m)
+                pair_pi = both / both.sum() if both.sum() else pi
+                notes.setdefault("pi_by_pair", {})[f"{name} x {lab}"] = dict(zip(values, pair_pi.tolist()))
+                pair_centred = (code[carrying, None] == np.arange(m)[None, :]) - pair_pi[None, :]
             base = len(coords)
             rows_i.append(np.repeat(carrying[has], m))
             cols_j.append((base + np.arange(m)[None, :] * R + y[has, None]).reshape(-1))
-            vals.append(centred[has].reshape(-1))
+            vals.append(pair_centred[has].reshape(-1))
             coords += [Coordinate("association", name, v, lab, r) for v in values for r in label_values]
             eps += [step.tolerance.association] * (m * R)
             groups += [g] * (m * R)
             if step.hold_labels:  # each label value's mass among the rows carrying the attribute
-                for r in range(R):
-                    members = carrying[has][y[has] == r]
-                    if len(members):
-                        hold_cols.append(members)
+                present, column = np.unique(y[has], return_inverse=True)
+                hold_cols.append((carrying[has], column.reshape(-1), len(present)))
     K = len(coords)
     if rows_i:
         B = sp.csr_matrix(
@@ -559,10 +722,11 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     )
     H = hold_target = None
     if hold_cols:
+        offsets = np.cumsum([0] + [c[2] for c in hold_cols])
         H = sp.csr_matrix(
-            (np.ones(sum(len(c) for c in hold_cols)),
-             (np.concatenate(hold_cols), np.concatenate([np.full(len(c), h) for h, c in enumerate(hold_cols)]))),
-            shape=(S, len(hold_cols)),
+            (np.ones(sum(len(c[0]) for c in hold_cols)),
+             (np.concatenate([c[0] for c in hold_cols]), np.concatenate([c[1] + o for c, o in zip(hold_cols, offsets)]))),
+            shape=(S, int(offsets[-1])),
         )
         # held at the baseline: the mass the rows would have at their baseline keep rate
         hold_target = H.T @ (weight * eta)
@@ -644,6 +808,67 @@ def solve_m4(step: M4Balance, stats: CorpusStats) -> LookupSolution | SampleBase
             problem.stream.close()
 
 
+def _certified(problem: MomentProblem, result: DualResult, enforcement: float | None) -> DualResult | None:
+    """The dual result if it meets FEASIBILITY_TOL, else the primal path's if that meets
+    FALLBACK_FEASIBILITY_TOL, else None."""
+    if result.max_violation <= FEASIBILITY_TOL:
+        return result
+    fallback = primal_solve(problem, enforcement)
+    if fallback is not None and fallback.max_violation <= FALLBACK_FEASIBILITY_TOL:
+        fallback.info["dual_path"] = result.info
+        return fallback
+    return None
+
+
+def _unsettled(step: M4Balance, stats: CorpusStats, problem: MomentProblem, result: DualResult):
+    """A solve that left a violation: infeasible (say which way out, or solve where it is feasible)
+    or not converged (the certified slow path). Every way out is a solution or one ValueError."""
+    extra: dict[str, Any] = {}
+    scale = max_feasible_retention(problem)
+    if problem.budget is None:  # only held masses can make it infeasible
+        feasible = scale >= 1 - 1e-7
+    else:
+        extra["largest_feasible_retention"] = scale
+        feasible = scale >= problem.budget * (1 - 1e-9)
+    if feasible and step.enforcement is not None:
+        return problem, result, "enforcement_bound", extra  # feasible, but the duals needed exceed V
+    if feasible:
+        certified = _certified(problem, result, None)
+        if certified is None:
+            raise ValueError(
+                f"m4: the solver could not certify a solution (max violation {result.max_violation:.3g} > "
+                f"{FEASIBILITY_TOL:g}); loosen balance.tolerance slightly or set balance.enforcement for a best-effort solution")
+        return problem, certified, "optimal", extra
+    if step.enforcement is not None:
+        return problem, result, "infeasible_best_effort", extra
+    if problem.budget is None:
+        raise ValueError(
+            "balance.hold_labels: the held label masses cannot be kept within the association tolerances "
+            f"(largest feasible share of them {scale:.6g}); raise balance.tolerance.association, set "
+            "balance.hold_labels: false, or set balance.enforcement for a best-effort solution")
+    holds = " with balance.hold_labels" if problem.holds else ""
+    if scale <= 0:
+        raise ValueError(
+            f"balance.retention {step.retention} is infeasible for these constraints{holds} at any retention above 0; "
+            "raise balance.tolerance, drop pairs from balance.associate"
+            + (", set balance.hold_labels: false" if problem.holds else "")
+            + ", or set balance.enforcement for a best-effort solution")
+    if step.on_infeasible != "max_retention":
+        raise ValueError(
+            f"balance.retention {step.retention} is infeasible for these constraints{holds} (largest feasible "
+            f"retention {scale:.6g}); lower balance.retention, raise balance.max_weight or the tolerances, "
+            f"set balance.on_infeasible: max_retention, or balance.enforcement for a best-effort solution")
+    used = scale * (1 - 1e-6)  # strictly inside: the LP's own tolerance is ~1e-9
+    problem = _with_retention(problem, step, stats, used)
+    certified = _certified(problem, solve_moments(problem, None), None)
+    if certified is None:
+        raise ValueError(
+            f"balance.on_infeasible: max_retention: no certified solution at the largest feasible retention {used:.6g}"
+            f"{holds} (held masses scale with the retention only while no baseline is clipped at balance.max_weight); "
+            "lower balance.retention or loosen balance.tolerance")
+    return problem, certified, "solved_at_largest_feasible_retention", extra
+
+
 def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys, coords, notes):
     key_columns = keys.columns
     key_values = {c: keys[c].to_list() for c in key_columns}
@@ -658,31 +883,7 @@ def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys,
     status = "optimal"
     extra: dict[str, Any] = {}
     if result.max_violation > FEASIBILITY_TOL:
-        # q = 0 on carrying rows always meets the moments: only the budget can make it infeasible
-        largest = max_feasible_retention(problem) if problem.budget is not None else None
-        feasible = largest is not None and largest >= step.retention * (1 - 1e-9)
-        extra["largest_feasible_retention"] = largest
-        if feasible and step.enforcement is None:
-            raise RuntimeError(
-                f"m4: the dual solve did not converge (max violation {result.max_violation:.3g}, {result.info})"
-            )
-        if feasible:
-            status = "enforcement_bound"  # feasible, but the duals needed exceed balance.enforcement
-        elif step.enforcement is not None:
-            status = "infeasible_best_effort"
-        elif step.on_infeasible == "max_retention" and largest and largest > 0:
-            used = largest * (1 - 1e-6)  # strictly inside: the LP's own tolerance is ~1e-9
-            problem = _with_retention(problem, step, stats, used)
-            result = solve_moments(problem, None)
-            status = "solved_at_largest_feasible_retention"
-            if result.max_violation > 1e-6:
-                raise RuntimeError(f"m4: solve at the largest feasible retention {used:.6g} left violation {result.max_violation:.3g}")
-        else:
-            raise ValueError(
-                f"balance.retention {step.retention} is infeasible for these constraints (largest feasible "
-                f"retention {largest:.6g}); lower balance.retention, raise balance.max_weight or the tolerances, "
-                f"set balance.on_infeasible: max_retention, or balance.enforcement for a best-effort solution"
-            )
+        problem, result, status, extra = _unsettled(step, stats, problem, result)
     diagnostics = {**base, "status": status, "feasible": status in ("optimal", "solved_at_largest_feasible_retention"), **extra}
     diagnostics.update(_diagnostics(problem, result, coords, step, step.enforcement))
     if problem.stream is not None:  # the weight is per row: keep the dual shifts, apply per row

@@ -80,3 +80,65 @@ def cvxpy_m4(stats: CorpusStats):
     prob = cp.Problem(cp.Minimize(obj), cons)
     prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
     return prob.status, (None if q.value is None else np.asarray(q.value)), prob.value
+
+
+GENDERS = ["woman", "man"]
+AGES = ["young", "middle", "old"]
+
+
+def concept_signatures(seed: int, concepts: int, rows: int, occupations: int = 100) -> tuple[pa.Table, dict]:
+    """A signature table at concept scale: each row is (gender or null, age or null, one of
+    ``concepts`` clusters with Zipf-like sizes, occupation of ``occupations`` or null), with gender
+    and age planted per concept and occupation so head concepts' association constraints bind.
+    ``rows`` rows are drawn and grouped: the signature count is what distinct rows there are."""
+    rng = np.random.default_rng(seed)
+    zipf = 1.0 / np.arange(1, concepts + 1) ** 1.1
+    concept = rng.choice(concepts, size=rows, p=zipf / zipf.sum())
+    occ_p = 1.0 / np.arange(1, occupations + 1) ** 0.8
+    occ = np.where(rng.random(rows) < 0.5, occupations, rng.choice(occupations, size=rows, p=occ_p / occ_p.sum()))
+    lean_c = rng.normal(0.0, 0.6, concepts)
+    lean_o = np.append(rng.normal(0.0, 0.6, occupations), 0.0)
+    p_woman = 1.0 / (1.0 + np.exp(-(lean_c[concept] + lean_o[occ])))
+    gender = np.where(rng.random(rows) < 0.3, 2, (rng.random(rows) >= p_woman).astype(np.int64))
+    age_logits = rng.normal(0.0, 0.5, (concepts, 3))[concept]
+    age_p = np.exp(age_logits) / np.exp(age_logits).sum(axis=1, keepdims=True)
+    age = np.where(rng.random(rows) < 0.4, 3, (rng.random(rows)[:, None] > np.cumsum(age_p, axis=1)).sum(axis=1))
+    code = ((concept * (occupations + 1) + occ) * 3 + gender) * 4 + age
+    uniq, counts = np.unique(code, return_counts=True)
+    age_u, rest = uniq % 4, uniq // 4
+    gender_u, rest = rest % 3, rest // 3
+    occ_u, concept_u = rest % (occupations + 1), rest // (occupations + 1)
+    concept_names = [f"c{i}" for i in range(concepts)]
+    occ_names = [f"o{i}" for i in range(occupations)]
+
+    def strings(codes: np.ndarray, names: list[str]) -> pa.Array:
+        dictionary = pa.array(names, pa.string())
+        valid = codes < len(names)
+        indices = pa.array(np.where(valid, codes, 0).astype(np.int32), mask=~valid)
+        return pa.DictionaryArray.from_arrays(indices, dictionary).cast(pa.string())
+
+    table = pa.table({
+        "tag.gender": strings(gender_u, GENDERS), "tag.age": strings(age_u, AGES),
+        "tag.concept": strings(concept_u, concept_names), "tag.occupation": strings(occ_u, occ_names),
+        "count": pa.array(counts.astype(np.int64)),
+    })
+    vocab = {"gender": GENDERS, "age": AGES, "concept": concept_names, "occupation": occ_names}
+    return table, vocab
+
+
+def concept_stats(seed: int, concepts: int, rows: int, balance: dict, occupations: int = 100) -> CorpusStats:
+    """``concept_signatures`` as solver input, under a recipe with the given balance step."""
+    table, vocab = concept_signatures(seed, concepts, rows, occupations)
+    recipe = parse_recipe({
+        "attributes": [{"name": "gender", "values": GENDERS}, {"name": "age", "values": AGES}],
+        "labels": [{"name": "concept"}, {"name": "occupation"}],
+        "balance": balance,
+    })
+    return CorpusStats(recipe, table, vocab, int(np.asarray(table.column("count")).sum()))
+
+
+CONCEPT_BALANCE = {
+    "method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}},
+    "associate": [["gender", "occupation"], ["gender", "concept"], ["age", "concept"]],
+    "tolerance": {"representation": 0.01, "association": 0.002}, "retention": 0.6, "max_weight": 1.0,
+}
