@@ -31,4 +31,4 @@ def test_run_exports_webdataset_and_csv_by_cluster(tmp_path):
     assert list((export / "webdataset").rglob("*.tar")) and (export / "webdataset" / "open_clip.json").exists()
     assert "export" in result.report["stage_seconds"]
     uids = np.load(next((export / "datacomp").glob("*.npy")))
-    assert len(uids) == result.report["weights"]["distinct_rows_kept"]
+    assert len(uids) == result.report["weights"]["realized_rows"]  # each uid listed `repeats` times

@@ -38,21 +38,12 @@ def _repeats_for(occupation: str | None, u: float) -> int:
     return 1 if u < 0.7 else 3
 
 
-def _hex_uids(corpus: Path) -> None:
-    """DataComp-style uids (32 hex digits) so the DataComp subset keys every row exactly."""
-    for path in sorted(corpus.glob("*.parquet")):
-        t = pq.read_table(path)
-        uids = [hashlib.md5(u.encode()).hexdigest() for u in t["uid"].to_pylist()]
-        pq.write_table(t.set_column(t.schema.get_field_index("uid"), "uid", pa.array(uids)), path)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A small run whose manifest is rewritten with known repeats (nurse 4 or 2, others 1 or 3,
-    20% dropped) and weight = repeats."""
+    20% dropped) and weight = repeats. synth's uids are hex digits, as DataComp's resharder needs."""
     base = tmp_path_factory.mktemp("export")
     synth_corpus(base / "corpus", 500, 2, seed=3, dim=8)
-    _hex_uids(base / "corpus")
     recipe = parse_recipe({**DEMO_RECIPE, "input": {**DEMO_RECIPE["input"], "columns": {**DEMO_RECIPE["input"]["columns"], "image": "image"}}})
     rebalance(str(base / "corpus"), str(base / "run"), recipe, RunOptions(executor="local", show_progress=False, html_report=False))
     rng = np.random.default_rng(0)
