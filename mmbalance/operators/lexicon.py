@@ -34,6 +34,8 @@ from mmbalance.schemas.contract import entries_column, tag_column
 MultipleRule = Literal["unknown", "both", "majority"]
 BOTH_SEPARATOR = "+"  # rule "both": the fired values joined in declared order, e.g. "woman+man"
 CAPTION_SOURCE = "caption"
+COVERAGE_COUNTERS = 256  # Misra-Gries counters per coverage summary (batch, shard, run)
+MIN_WORD_LETTERS = 3  # shorter words are left out of the untagged-nouns list
 
 # A punctuation character (not a letter, digit, combining mark, space, hyphen or underscore) is
 # captured and padded with spaces; hyphens and underscores match the second branch and vanish.
@@ -117,6 +119,7 @@ class Encoded:
 
     ids: np.ndarray  # int32 per token
     offsets: np.ndarray  # int64, n + 1
+    tokens: pa.Array | None = None  # the token strings (for coverage)
 
     @property
     def num_rows(self) -> int:
@@ -184,7 +187,7 @@ class PhraseMatcher:
         toks = tokenize(captions)
         value_set = self.tokens if pa.types.is_string(toks.tokens.type) else pc.cast(self.tokens, toks.tokens.type)
         ids = pc.fill_null(pc.index_in(toks.tokens, value_set=value_set), -1)
-        return Encoded(ids.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), toks.offsets)
+        return Encoded(ids.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), toks.offsets, toks.tokens)
 
     def find(self, enc: Encoded) -> Matches:
         ids, offsets = enc.ids, enc.offsets
@@ -367,9 +370,9 @@ class LexiconTagger:
     def from_vocabularies(cls, vocabularies: Iterable[Vocabulary], multiple: MultipleRule = "unknown", **kwargs):
         return cls([LexiconAttribute.from_vocabulary(v, multiple) for v in vocabularies], **kwargs)
 
-    def counts(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> dict[str, np.ndarray]:
-        """Per attribute, an (n, K) int32 matrix of matches per caption and value."""
-        enc = self.matcher.encode(captions)
+    def _kept(self, enc: Encoded) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """(start, length, attribute) of every phrase match, and per kept match its row, attribute
+        and value (a phrase in two attributes' lexicons gives one match per attribute)."""
         m = self.matcher.find(enc)
         # one row per (match, attribute/value the phrase belongs to)
         lo, hi = self._label_offsets[m.node], self._label_offsets[m.node + 1]
@@ -388,25 +391,187 @@ class LexiconTagger:
             before = np.cumsum(cue)  # before[p] = cues among tokens [0, p)
             window_start = np.maximum(start - self.negation_window, enc.offsets[row])
             keep &= (before[start] - before[window_start]) == 0
-        n = enc.num_rows
-        out = {}
-        for a_idx, a in enumerate(self.attributes):
-            sel = keep & (attr == a_idx)
-            k = len(a.values)
-            flat = np.bincount(row[sel] * k + value[sel], minlength=n * k)
-            out[a.name] = flat.reshape(n, k).astype(np.int32)
-        return out
+        return (start, length, attr), row[keep], attr[keep], value[keep]
 
-    def tag(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None], source: str = CAPTION_SOURCE) -> pa.Table:
-        """Per attribute: the tag column (``tag.<name>.<source>``) and one hits column per value."""
+    def _per_attribute(self, row, attr, value, n: int):
+        for a_idx, a in enumerate(self.attributes):
+            sel = attr == a_idx
+            yield a, row[sel], value[sel]
+
+    def counts(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> dict[str, np.ndarray]:
+        """Per attribute, an (n, K) int32 matrix of matches per caption and value."""
+        enc = self.matcher.encode(captions)
+        _, row, attr, value = self._kept(enc)
+        n = enc.num_rows
+        return {a.name: _dense_counts(r, v, n, len(a.values)) for a, r, v in self._per_attribute(row, attr, value, n)}
+
+    def tag(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None], source: str = CAPTION_SOURCE,
+            hits: bool = True) -> pa.Table:
+        """Per attribute: the tag column (``tag.<name>.<source>``) and, with ``hits``, one hits column per value."""
+        return self.tag_with_coverage(captions, source, hits, coverage=False)[0]
+
+    def tag_with_coverage(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None], source: str = CAPTION_SOURCE,
+                          hits: bool = False, coverage: bool = True, stop_words: "StopWords | None" = None,
+                          counters: int = COVERAGE_COUNTERS) -> tuple[pa.Table, dict[str, dict]]:
+        """``tag`` plus, per attribute, what the vocabulary missed (``coverage_counts``): captions,
+        captions tagged, and a Misra-Gries summary of the words of untagged captions."""
+        enc = self.matcher.encode(captions)
+        (start, length, found_attr), row, attr, value = self._kept(enc)
+        n = enc.num_rows
         data: dict[str, pa.Array] = {}
-        counts_all = self.counts(captions)
-        for a in self.attributes:
-            counts = counts_all[a.name]
-            data[source_tag_column(a.name, source)] = resolve_multiple(counts, a.values, a.multiple)
-            for j, value in enumerate(a.values):
-                data[hits_column(a.name, value)] = pa.array(counts[:, j], pa.int32())
-        return pa.table(data)
+        cover: dict[str, dict] = {}
+        words = BatchWords.of(enc, stop_words or default_stop_words()) if coverage else None
+        for a_idx, (a, r, v) in enumerate(self._per_attribute(row, attr, value, n)):
+            tag = resolve_sparse(r, v, n, a.values, a.multiple)
+            data[source_tag_column(a.name, source)] = tag
+            if hits:
+                counts = _dense_counts(r, v, n, len(a.values))
+                for j, name in enumerate(a.values):
+                    data[hits_column(a.name, name)] = pa.array(counts[:, j], pa.int32())
+            if coverage:
+                found = found_attr == a_idx
+                cover[a.name] = coverage_counts(enc, tag, start[found], length[found], words, counters)
+        return pa.table(data), cover
+
+
+def _dense_counts(row: np.ndarray, value: np.ndarray, n: int, k: int) -> np.ndarray:
+    out = np.zeros(n * k, np.int32)
+    if len(row):
+        keys, c = np.unique(row * k + value, return_counts=True)
+        out[keys] = c
+    return out.reshape(n, k)
+
+
+def resolve_sparse(row: np.ndarray, value: np.ndarray, n: int, values: Sequence[str], rule: MultipleRule) -> pa.Array:
+    """``resolve_multiple`` from the kept matches (row, value index) without a dense (n, K) matrix:
+    rows where one value fired take it; rows where several did go through the rule."""
+    k = len(values)
+    idx = np.full(n, -1, np.int64)
+    multi = np.zeros(0, np.int64)
+    if len(row):
+        keys = np.unique(row * k + value)
+        r, v = keys // k, keys % k
+        first = np.r_[True, r[1:] != r[:-1]]
+        nfired = np.diff(np.r_[np.flatnonzero(first), len(r)])
+        rows = r[first]
+        single = nfired == 1
+        idx[rows[single]] = v[first][single]
+        multi = rows[~single]
+    base = pc.take(pa.array(list(values), pa.string()), pa.array(idx, pa.int32(), mask=idx < 0))
+    if len(row) and len(multi) and rule != "unknown":
+        sel = np.isin(row, multi)
+        resolved = resolve_multiple(_dense_counts(np.searchsorted(multi, row[sel]), value[sel], len(multi), k), values, rule)
+        order = np.arange(n)
+        order[multi] = n + np.arange(len(multi))
+        return pc.take(pa.concat_arrays([base, resolved]), pa.array(order))
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage: what a vocabulary misses
+
+
+
+class StopWords:
+    """A word set as an Arrow value set (for ``pc.is_in`` over a batch's tokens)."""
+
+    def __init__(self, words: Iterable[str]):
+        self.words = pa.array(sorted({w.strip().lower() for w in words if w.strip()}), pa.string())
+
+
+_STOP_WORDS: StopWords | None = None
+
+
+def default_stop_words() -> StopWords:
+    global _STOP_WORDS
+    if _STOP_WORDS is None:
+        _STOP_WORDS = StopWords(load_lines("stop_words"))
+    return _STOP_WORDS
+
+
+def misra_gries(counts: dict[str, int], counters: int, error: int = 0) -> dict:
+    """Reduce word counts to at most ``counters`` entries: every count is lowered by the
+    (counters + 1)-th largest (Misra-Gries); the summary's ``error`` grows by that amount and
+    bounds how far each stored count is below the true one."""
+    if len(counts) <= counters:
+        return {"words": dict(counts), "error": error}
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    cut = ordered[counters][1]
+    return {"words": {w: c - cut for w, c in ordered[:counters] if c > cut}, "error": error + cut}
+
+
+@dataclass
+class BatchWords:
+    """A batch's tokens as ids into its distinct words, and which distinct words may be listed
+    (not stop words, letters only, long enough): the filters run once per distinct word."""
+
+    ids: np.ndarray  # int64 per token, into ``words``
+    words: pa.Array
+    eligible: np.ndarray  # bool per distinct word
+
+    @classmethod
+    def of(cls, enc: Encoded, stop_words: StopWords) -> "BatchWords":
+        encoded = pc.dictionary_encode(enc.tokens)
+        words = encoded.dictionary
+        eligible = pc.and_(pc.and_(pc.invert(pc.is_in(words, value_set=stop_words.words)), pc.utf8_is_alpha(words)),
+                           pc.greater_equal(pc.utf8_length(words), MIN_WORD_LETTERS))
+        return cls(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), words,
+                   eligible.to_numpy(zero_copy_only=False))
+
+
+def coverage_counts(enc: Encoded, tags: pa.Array, match_start: np.ndarray, match_length: np.ndarray,
+                    words: BatchWords, counters: int = COVERAGE_COUNTERS) -> dict:
+    """One batch's coverage of one attribute: captions (with a word), captions tagged, and the
+    words of untagged captions that no phrase of the attribute covers (stop words, words with
+    non-letters or under 3 letters left out) as a Misra-Gries summary (``merge_coverage``)."""
+    lengths = np.diff(enc.offsets)
+    untagged = tags.is_null().to_numpy(zero_copy_only=False)
+    has_words = lengths > 0
+    covered = np.zeros(len(enc.ids) + 1, np.int64)
+    if len(match_start):  # +1 at each match start, -1 after its end: positive inside a match
+        np.add.at(covered, match_start, 1)
+        np.add.at(covered, match_start + match_length, -1)
+    mask = np.repeat(untagged & has_words, lengths) & (np.cumsum(covered[:-1]) == 0)
+    ids = words.ids[mask]
+    counts = np.bincount(ids[words.eligible[ids]], minlength=len(words.words))
+    nonzero = np.flatnonzero(counts)
+    error = 0
+    if len(nonzero) > counters:  # Misra-Gries on the batch: keep the top counters, lowered by the next
+        top = nonzero[np.argpartition(-counts[nonzero], counters)[: counters + 1]]
+        top = top[np.lexsort((top, -counts[top]))]
+        error = int(counts[top[-1]])
+        nonzero = top[:-1][counts[top[:-1]] > error]
+    found = dict(zip(words.words.take(pa.array(nonzero)).to_pylist(), (counts[nonzero] - error).tolist()))
+    return {"captions": int(has_words.sum()), "tagged": int((has_words & ~untagged).sum()), "rows": len(lengths),
+            "words": found, "error": error}
+
+
+def merge_coverage(a: dict | None, b: dict, counters: int = COVERAGE_COUNTERS) -> dict:
+    """Merge two coverage summaries (batches or shards): counts add, the word summaries add and are
+    reduced again (Misra-Gries summaries are mergeable with the errors adding)."""
+    if a is None:
+        return b
+    words = dict(a["words"])
+    for w, c in b["words"].items():
+        words[w] = words.get(w, 0) + c
+    summary = misra_gries(words, counters, a["error"] + b["error"])
+    return {"captions": a["captions"] + b["captions"], "tagged": a["tagged"] + b["tagged"], "rows": a["rows"] + b["rows"],
+            "words": summary["words"], "error": summary["error"]}
+
+
+def coverage_report(summary: dict, top: int = 50) -> dict:
+    """The report's view: share of captions tagged and the ``top`` most frequent untagged words."""
+    words = sorted(summary["words"].items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {
+        "captions": summary["captions"],
+        "tagged": summary["tagged"],
+        "tagged_share": summary["tagged"] / summary["captions"] if summary["captions"] else 0.0,
+        "untagged_nouns": [{"noun": w, "count": c} for w, c in words],
+        "count_error_max": summary["error"],
+        "method": (f"words of untagged captions not matched by the vocabulary, not stop words, letters only, "
+                   f">= {MIN_WORD_LETTERS} letters; occurrences, Misra-Gries summary of {COVERAGE_COUNTERS} counters per "
+                   f"shard merged across shards: each count is a lower bound, at most count_error_max below the true count"),
+    }
 
 
 class CaptionTagger:

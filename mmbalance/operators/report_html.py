@@ -29,7 +29,7 @@ REJECT_EXAMPLES = 5
 # Known top-level keys of report.json; any other key gets a generic section so new stages show up.
 _KNOWN = {
     "after_expected", "after_realized", "before", "input", "method", "rows", "solution",
-    "stage_seconds", "vocabulary_sizes", "weights", "audit", "constraint_families",
+    "stage_seconds", "vocabulary_sizes", "weights", "audit", "constraint_families", "coverage",
 }
 _VIEWS = (("before", "count", "before"), ("after_expected", "w_sum", "after (E)"), ("after_realized", "rep_sum", "after (repeats)"))
 _COLORS = {"before": "#9aa5b1", "after (E)": "#1f6feb", "after (repeats)": "#7ee2b8", "target": "#d73a49"}
@@ -522,6 +522,22 @@ def _weights_section(report: dict[str, Any], hist: dict[str, Any]) -> str:
             + f'<p class="muted">{num(hist["zero_weight_rows"])} rows have weight 0; ESS from the manifest: {num(ess)}</p></div></div>')
 
 
+def _coverage_section(report: dict[str, Any]) -> str:
+    """Per caption-sourced tag: share of captions tagged and the most frequent untagged nouns."""
+    out = ""
+    for name, cov in report["coverage"].items():
+        ptr = pointer("coverage", name)
+        nouns = [[_e(item["noun"]), num(item["count"], pointer_join(ptr, "untagged_nouns", i, "count"))]
+                 for i, item in enumerate(cov["untagged_nouns"])]
+        out += (f'<h3>{_e(name)}</h3><p>{num(cov["tagged"], pointer_join(ptr, "tagged"))} of '
+                f'{num(cov["captions"], pointer_join(ptr, "captions"))} captions tagged '
+                f'({num(cov["tagged_share"], pointer_join(ptr, "tagged_share"))}). Most frequent nouns of untagged captions '
+                f'(what the vocabulary may miss; counts at most {num(cov["count_error_max"], pointer_join(ptr, "count_error_max"))} low):</p>'
+                + (_table(["noun", "count"], nouns, "kv") if nouns else '<p class="muted">(none)</p>')
+                + f'<p class="muted">{_e(cov["method"])}</p>')
+    return out
+
+
 def _rejects_section(report: dict[str, Any], store: RunStore) -> str:
     reasons = report["rows"]["rejected_by_reason"]
     if not reasons:
@@ -592,6 +608,8 @@ def render_html(store: RunStore) -> str:
     ]
     if "audit" in report:
         sections.append(("audit", "Tagging audit", render_any(report["audit"], "/audit")))
+    if "coverage" in report:
+        sections.append(("coverage", "Caption coverage", _coverage_section(report)))
     for key in sorted(k for k in report if k not in _KNOWN):
         sections.append((key, key.replace("_", " ").capitalize(), render_any(report[key], pointer(key))))
     sections += [

@@ -15,7 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import load_vocabulary
-from mmbalance.operators.lexicon import CAPTION_SOURCE, LexiconAttribute, LexiconTagger, MetadataMatcher, source_tag_column
+from mmbalance.operators.lexicon import (
+    CAPTION_SOURCE, LexiconAttribute, LexiconTagger, MetadataMatcher, coverage_report, merge_coverage, source_tag_column,
+)
 from mmbalance.operators.zero_shot import SourceTags, audit_counts, combine_sources, merge_audit, merge_uid_samples, sample_uids
 from mmbalance.schemas.contract import UTILITY_COLUMN, entries_column, fired_column, source_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import AttributeSpec, LabelSpec, Recipe, RecipeError
@@ -81,7 +83,7 @@ class RowTagger:
         self.caption = {s.name: _caption_tagger(s) for s in self.specs if "caption" in s.sources}
         self.metadata = {s.name: _metadata_matcher(s) for s in self.specs if s.is_metadata}
 
-    def _source_tags(self, table: pa.Table, spec) -> dict[str, pa.Array]:
+    def _source_tags(self, table: pa.Table, spec, coverage: dict[str, Any] | None = None) -> dict[str, pa.Array]:
         out = {}
         for source in spec.sources:
             if source == "zero_shot":
@@ -90,19 +92,24 @@ class RowTagger:
                 out["column"] = _blank_to_null(_string_column(table, spec.source_column))
             else:
                 captions = table.column(self.recipe.input.columns.caption)
-                tagged = self.caption[spec.name].tag(captions)
+                tagged, cover = self.caption[spec.name].tag_with_coverage(captions, coverage=coverage is not None)
                 out["caption"] = tagged.column(source_tag_column(spec.name, CAPTION_SOURCE)).combine_chunks()
+                if coverage is not None:
+                    coverage[spec.name] = cover[spec.name]
         return out
 
     def __call__(self, table: pa.Table, rows: np.ndarray) -> tuple[pa.Table, dict[str, Any]]:
         uids = _string_column(table, self.recipe.input.columns.uid)
         data: dict[str, pa.Array] = {"row": pa.array(rows, pa.int64()), "uid": uids}
         audit: dict[str, Any] = {}
+        coverage: dict[str, Any] = {}  # caption-source coverage per spec, carried in the audit
         for spec in self.specs:
             if spec.is_metadata:
                 data[entries_column(spec.name)] = self.metadata[spec.name].match(table.column(self.recipe.input.columns.caption))
                 continue
-            per_source = self._source_tags(table, spec)
+            per_source = self._source_tags(table, spec, coverage)
+            if spec.name in coverage:
+                audit.setdefault(spec.name, {})["coverage"] = coverage[spec.name]
             if spec.deferred:
                 for source, arr in per_source.items():
                     data[source_column(spec.name, source)] = arr
@@ -112,7 +119,8 @@ class RowTagger:
                 data[fired_column(spec.name)] = fired
             data[tag_column(spec.name)] = tag
             if counts is not None:
-                audit[spec.name] = {"counts": counts, "uids": sample_uids(uids, tag, AUDIT_UIDS_PER_VALUE, self.recipe.sample.seed)}
+                audit.setdefault(spec.name, {}).update(
+                    counts=counts, uids=sample_uids(uids, tag, AUDIT_UIDS_PER_VALUE, self.recipe.sample.seed))
         if self.recipe.input.columns.utility:
             data[UTILITY_COLUMN] = pc.cast(table.column(self.recipe.input.columns.utility).combine_chunks(), pa.float64())
         schema = tags_schema(self.recipe)
@@ -120,17 +128,28 @@ class RowTagger:
 
 
 def merge_audits(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge per-batch or per-shard audits (JSON-able: uid samples as [hash, uid] lists)."""
+    """Merge per-batch or per-shard audits (JSON-able: uid samples as [hash, uid] lists). An item
+    has ``counts`` and ``uids`` (inferred tags) and/or ``coverage`` (caption sources)."""
     out: dict[str, Any] = {}
     for part in parts:
         for name, item in part.items():
-            uids = {v: [tuple(x) for x in items] for v, items in item["uids"].items()}
-            if name not in out:
-                out[name] = {"counts": item["counts"], "uids": uids}
-            else:
-                out[name]["counts"] = merge_audit(out[name]["counts"], item["counts"])
-                out[name]["uids"] = merge_uid_samples([out[name]["uids"], uids], AUDIT_UIDS_PER_VALUE)
+            merged = out.setdefault(name, {})
+            if "counts" in item:
+                uids = {v: [tuple(x) for x in items] for v, items in item["uids"].items()}
+                if "counts" not in merged:
+                    merged["counts"], merged["uids"] = item["counts"], uids
+                else:
+                    merged["counts"] = merge_audit(merged["counts"], item["counts"])
+                    merged["uids"] = merge_uid_samples([merged["uids"], uids], AUDIT_UIDS_PER_VALUE)
+            if "coverage" in item:
+                merged["coverage"] = merge_coverage(merged.get("coverage"), item["coverage"])
     return out
+
+
+def coverage_section(audit: dict[str, Any], top: int = 50) -> dict[str, Any]:
+    """The report's ``coverage``: per caption-sourced attribute/label, the share of captions tagged
+    and the ``top`` most frequent untagged nouns (from the merged audits)."""
+    return {name: coverage_report(item["coverage"], top) for name, item in audit.items() if "coverage" in item}
 
 
 def tag_rows(table: pa.Table, recipe: Recipe, rows: np.ndarray) -> pa.Table:

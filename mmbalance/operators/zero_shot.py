@@ -2,10 +2,13 @@
 
 Zero-shot: each value has a prompt ensemble; its text embeddings (from the same CLIP model as the
 corpus embeddings) are normalised, averaged and normalised again. An explicit "none" class (no
-person, ...) competes with the values. A sample's scores are a softmax over cosine similarities
-divided by a temperature (CLIP's logit scale 100 is temperature 0.01). The hard tag is the argmax
-value, or null when the argmax is "none" or its probability is below the threshold. Image-side
-scores use the image embedding, text-side scores the caption embedding.
+person, ...) competes with the values. Scores follow the model's training loss: for CLIP (softmax
+contrastive loss) a softmax over cosine similarities divided by a temperature (CLIP's logit scale
+100 is temperature 0.01); for SigLIP (sigmoid loss, open_clip models with a ``logit_bias``) an
+independent sigmoid per class of ``cos * exp(logit_scale) + logit_bias``, the model's learned scale
+and bias, so a score is the model's probability that the prompt matches. The hard tag is the argmax
+class, or null when the argmax is "none" or its score is below the threshold. Image-side scores
+use the image embedding, text-side scores the caption embedding.
 
 Combination: an attribute can have several sources (zero-shot image/text, caption lexicon, a
 given column); ``combine_sources`` applies one rule and records which sources fired as a bitmask.
@@ -16,6 +19,7 @@ rows tagged) and a bottom-k uid sample per value that merges exactly across shar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -44,17 +48,58 @@ def score_column(name: str, source: str) -> str:
 # Zero-shot
 
 
+Scoring = Literal["softmax", "sigmoid"]
+SCORING_CHOICES = ("auto", "softmax", "sigmoid")
+
+
 @dataclass(frozen=True)
 class ClassEmbeddings:
-    """Unit text embeddings per class: the values in order, then "none" when ``has_none``."""
+    """Unit text embeddings per class: the values in order, then "none" when ``has_none``; with
+    ``scoring="sigmoid"`` the model's learned ``logit_scale`` (exp applied) and ``logit_bias``."""
 
     values: tuple[str, ...]
     matrix: np.ndarray  # (C, d) float32
     has_none: bool
+    scoring: Scoring = "softmax"
+    logit_scale: float | None = None
+    logit_bias: float | None = None
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
+        if self.scoring == "sigmoid" and (self.logit_scale is None or self.logit_bias is None):
+            raise ValueError("sigmoid scoring needs the model's logit_scale and logit_bias")
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.values + ((NONE_VALUE,) if self.has_none else ())
+
+    def scoring_meta(self) -> dict:
+        """JSON-able scoring fields (saved beside the matrix; ``from_meta`` reads them back)."""
+        return {"scoring": self.scoring, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
+
+    @classmethod
+    def from_meta(cls, meta: dict, matrix: np.ndarray) -> "ClassEmbeddings":
+        return cls(tuple(meta["values"]), matrix, meta["has_none"], meta.get("scoring", "softmax"),
+                   meta.get("logit_scale"), meta.get("logit_bias"))
+
+
+def model_scoring(model, requested: str = "auto") -> dict:
+    """How a model's zero-shot scores are made, from its trained head: an open_clip model with a
+    learned ``logit_bias`` (SigLIP) gives sigmoid scoring with its scale and bias; otherwise
+    (CLIP) softmax. ``requested`` forces one; sigmoid on a model without a bias is an error."""
+    if requested not in SCORING_CHOICES:
+        raise ValueError(f"scoring must be one of {SCORING_CHOICES}, got {requested!r}")
+    bias = getattr(model, "logit_bias", None)
+    scale = getattr(model, "logit_scale", None)
+    scoring = ("sigmoid" if bias is not None else "softmax") if requested == "auto" else requested
+    if scoring == "softmax":
+        return {"scoring": "softmax", "logit_scale": None, "logit_bias": None}
+    if bias is None or scale is None:
+        raise ValueError("scoring sigmoid needs a model trained with the sigmoid loss (SigLIP: a learned logit_bias); "
+                         "this model has none: use softmax")
+    return {"scoring": "sigmoid", "logit_scale": float(np.exp(float(scale.detach().float().cpu().reshape(-1)[0]))),
+            "logit_bias": float(bias.detach().float().cpu().reshape(-1)[0])}
 
 
 def _unit_rows(m: np.ndarray, what: str) -> np.ndarray:
@@ -91,12 +136,15 @@ def prompt_embeddings(
     return ClassEmbeddings(values, _unit_rows(means, "prompt ensemble").astype(np.float32), bool(none_prompts))
 
 
-def vocabulary_embeddings(vocab: Vocabulary, encode_text: Callable[[list[str]], np.ndarray]) -> ClassEmbeddings:
-    """Class embeddings of a shipped or user vocabulary (values with prompts, plus its none class)."""
+def vocabulary_embeddings(vocab: Vocabulary, encode_text: Callable[[list[str]], np.ndarray],
+                          scoring: dict | None = None) -> ClassEmbeddings:
+    """Class embeddings of a shipped or user vocabulary (values with prompts, plus its none class);
+    ``scoring`` as from ``model_scoring`` (default softmax)."""
     missing = [v for v in vocab.values if not vocab.prompts[v]]
     if missing:
         raise ValueError(f"{vocab.name}: values without prompts: {missing}")
-    return prompt_embeddings({v: vocab.prompts[v] for v in vocab.values}, encode_text, vocab.none_prompts)
+    classes = prompt_embeddings({v: vocab.prompts[v] for v in vocab.values}, encode_text, vocab.none_prompts)
+    return dataclasses.replace(classes, **scoring) if scoring else classes
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +161,10 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np
 def class_probabilities(
     embeddings: np.ndarray, classes: ClassEmbeddings, temperature: float = 0.01, valid: np.ndarray | None = None
 ) -> np.ndarray:
-    """(n, C) float32 softmax of cosine / temperature; NaN rows for invalid or zero embeddings."""
+    """(n, C) scores; NaN rows for invalid or zero embeddings. float32 softmax of cosine /
+    temperature, or with ``classes.scoring == "sigmoid"`` the float64 per-class sigmoid of
+    cosine * logit_scale + logit_bias (``temperature`` unused; float32 would round strong matches
+    of several classes to 1.0 and tie the argmax)."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
     emb = np.asarray(embeddings, np.float32)
@@ -123,12 +174,17 @@ def class_probabilities(
     ok = (norms > 0) & np.isfinite(norms)
     if valid is not None:
         ok &= valid
-    logits = (emb @ classes.matrix.T) / np.where(ok, norms, 1)[:, None] / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
+    cosine = (emb @ classes.matrix.T) / np.where(ok, norms, 1)[:, None]
+    if classes.scoring == "sigmoid":
+        logits = cosine.astype(np.float64) * classes.logit_scale + classes.logit_bias
+        p = np.exp(-np.logaddexp(0.0, -logits))  # sigmoid without overflow
+    else:
+        logits = cosine / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
     p[~ok] = np.nan
-    return p.astype(np.float32)
+    return p if classes.scoring == "sigmoid" else p.astype(np.float32)
 
 
 def hard_tags(probs: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> pa.Array:

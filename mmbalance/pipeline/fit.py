@@ -155,7 +155,7 @@ def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
 
     from mmbalance.data import load_vocabulary
     from mmbalance.operators.embed import load_model
-    from mmbalance.operators.zero_shot import vocabulary_embeddings
+    from mmbalance.operators.zero_shot import model_scoring, vocabulary_embeddings
     from mmbalance.schemas.embed import EmbedSpec
 
     zs = spec.zero_shot
@@ -174,7 +174,11 @@ def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
         text_spec = recipe.embed
     bundle = load_model(text_spec.model_copy(update={"device": "cpu", "num_gpus": 0.0}))
     try:
-        return vocabulary_embeddings(vocab, bundle.encode_texts)
+        try:
+            scoring = model_scoring(bundle.model, zs.scoring)  # SigLIP: sigmoid with the learned scale/bias
+        except ValueError as err:
+            raise InputError(f"{spec.name}.zero_shot.scoring: {err}") from None
+        return vocabulary_embeddings(vocab, bundle.encode_texts, scoring)
     finally:
         bundle.close()
 
@@ -217,10 +221,11 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         _save_array(store, spec.name, classes.matrix, {
             "kind": "zero_shot", "name": spec.name, "values": list(classes.values), "has_none": classes.has_none,
             "vocabulary": zs.vocabulary, "temperature": zs.temperature, "threshold": zs.threshold, "sides": zs.sides,
+            **classes.scoring_meta(),
         })
         tag, _, _ = zero_shot_tags(spec, classes, sample, {"image": SAMPLE_IMAGE, "text": SAMPLE_TEXT}, sample)
         sample = sample.append_column(tag_column(spec.name), tag)
-        info[spec.name] = {"kind": "zero_shot", "classes": list(classes.classes), "sides": zs.sides}
+        info[spec.name] = {"kind": "zero_shot", "classes": list(classes.classes), "sides": zs.sides, **classes.scoring_meta()}
     for spec in recipe.clusters:
         x, ok = sample_embedding(spec).extract(sample)
         ks = [spec.k] if isinstance(spec.k, int) else list(spec.k)
@@ -290,7 +295,7 @@ def load_models(store: RunStore) -> dict[str, Any]:
         elif meta["kind"] == "zero_shot":
             from mmbalance.operators.zero_shot import ClassEmbeddings
 
-            models[meta["name"]] = ("zero_shot", ClassEmbeddings(tuple(meta["values"]), centroids, meta["has_none"]))
+            models[meta["name"]] = ("zero_shot", ClassEmbeddings.from_meta(meta, centroids))
         else:
             models[meta["name"]] = ("subclass", cluster.SubclassModel(meta["classes"], np.asarray(meta["counts"], np.int64), centroids, meta))
     return models

@@ -517,8 +517,10 @@ class Rebalancer:
         if audit:
             report["audit"] = {
                 name: {**summarise_audit(item["counts"]), "sample_uids": {v: [u for _, u in items] for v, items in item["uids"].items()}}
-                for name, item in audit.items()
+                for name, item in audit.items() if "counts" in item
             }
+        if coverage := tag_op.coverage_section(audit):  # caption sources: share tagged, untagged nouns
+            report["coverage"] = coverage
         self.stage_seconds["report"] = round(time.perf_counter() - t, 3)
 
         # export: trainer formats from the manifest (rewritten whole each run: byte-identical)

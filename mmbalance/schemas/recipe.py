@@ -67,11 +67,14 @@ class MetadataSourceSpec(StrictModel):
 
 
 class ZeroShotSourceSpec(StrictModel):
-    """Tags from embeddings: softmax over prompt-ensemble embeddings of each value plus "none"."""
+    """Tags from embeddings: scores of prompt-ensemble embeddings of each value plus "none"."""
 
     vocabulary: str  # a shipped name or a YAML path (values with prompts, none_prompts)
     sides: list[Literal["image", "text"]] = ["image"]  # image embeddings, caption (text) embeddings
-    temperature: float = Field(default=0.01, gt=0)  # CLIP's logit scale 100
+    # auto: as the model was trained: sigmoid with its learned scale and bias for SigLIP (a
+    # logit_bias), softmax over cosine / temperature for CLIP
+    scoring: Literal["auto", "softmax", "sigmoid"] = "auto"
+    temperature: float = Field(default=0.01, gt=0)  # softmax only; CLIP's logit scale 100
     threshold: float = Field(default=0.5, ge=0, le=1)  # below it (or "none" winning): no tag
     # the text tower that encodes the prompts: default the recipe's embed model; with mapped
     # embedding columns name the model that made them (open_clip name and pretrained tag/path)
@@ -141,9 +144,35 @@ class TaggedSpec(StrictModel):
 
 
 class AttributeSpec(TaggedSpec):
-    """A sensitive attribute s: a closed set of values; null means "not applicable" (no person)."""
+    """A sensitive attribute s: a closed set of values; null means "not applicable" (no person).
+    With a caption or zero-shot vocabulary ``values`` may be omitted: the vocabulary's values."""
 
     values: list[str] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _values_from_vocabulary(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("values") is not None:
+            return data
+        sources = data.get("source", "column")
+        sources = [sources] if isinstance(sources, str) else list(sources or [])
+        found: dict[str, tuple[str, ...]] = {}
+        for source in ("caption", "zero_shot"):
+            section = data.get(source)
+            name = section.get("vocabulary") if isinstance(section, dict) else getattr(section, "vocabulary", None)
+            if source in sources and isinstance(name, str):
+                from mmbalance.data import load_vocabulary
+
+                try:
+                    found[source] = load_vocabulary(name).values
+                except (ValueError, OSError) as err:
+                    raise ValueError(f"{data.get('name')}.{source}.vocabulary: {err}") from None
+        if not found:
+            return data  # "values: Field required" names the missing key
+        if len(set(found.values())) > 1:
+            raise ValueError("values: the caption and zero_shot vocabularies have different values; list the values to use")
+        return {**data, "values": list(next(iter(found.values())))}
+
 
     @model_validator(mode="after")
     def _not_metadata(self):
