@@ -15,7 +15,8 @@ from mmbalance.schemas.recipe import Recipe
 
 def validate_corpus(shard_dir: str, recipe: Recipe, examples: int = 5, show_progress: bool = True) -> dict[str, Any]:
     """What a run would reject, by reason, with example rows; nothing is written outside a temp dir."""
-    with tempfile.TemporaryDirectory(prefix="mmbalance-validate-") as scratch:
+    # a hidden name: discovery skips it even when the input directory holds the temp dir
+    with tempfile.TemporaryDirectory(prefix=".mmbalance-validate-") as scratch:
         result = rebalance(shard_dir, scratch, recipe, RunOptions(executor="local", stop_after="dedup", show_progress=show_progress))
         scans = result.report["scans"]
         reasons: dict[str, int] = defaultdict(int)

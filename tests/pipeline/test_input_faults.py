@@ -91,17 +91,31 @@ def test_out_under_a_skipped_name_inside_the_input_reruns_cleanly(small, tmp_pat
     assert manifest(out) == before and len(before) == 2
 
 
+def test_validate_scratch_inside_the_input_is_not_read_as_input(small, monkeypatch):
+    """``mmbalance validate`` runs into a temp dir; with TMPDIR inside the input it must still work."""
+    import tempfile
+
+    from mmbalance.pipeline.validate import validate_corpus
+    from mmbalance.schemas.recipe import load_recipe
+
+    corpus, recipe = small
+    monkeypatch.setattr(tempfile, "tempdir", str(corpus))
+    summary = validate_corpus(str(corpus), load_recipe(recipe), show_progress=False)
+    assert summary["rows"] == 600 and summary["shards"] == 2
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_under_local_executor_says_so_and_the_rerun_resumes(tmp_path):
-    corpus = write_shards(tmp_path / "corpus", {f"s{i:02d}.parquet": held_out_table(2000, i) for i in range(12)})
-    (tmp_path / "r.yaml").write_text(RECIPE_FROM_ISSUE)
+    corpus = write_shards(tmp_path / "corpus", {f"s{i:02d}.parquet": held_out_table(1000, i) for i in range(8)})
+    (tmp_path / "r.yaml").write_text(RECIPE_FROM_ISSUE + "report: {html: false, leakage: false}\n")
 
     def cli(out: Path) -> list[str]:
         return [sys.executable, "-m", "mmbalance.cli", "rebalance", str(corpus), "--out", str(out),
                 "--recipe", str(tmp_path / "r.yaml"), "--executor", "local", "-q"]
 
-    clean = subprocess.run(cli(tmp_path / "clean"), env=ENV, capture_output=True, text=True, timeout=200)
-    assert clean.returncode == 0, clean.stderr
+    clean = rebalance_in_process(corpus, tmp_path / "clean", tmp_path / "r.yaml")
+    assert clean.exit_code == 0, clean.stderr
     out = tmp_path / "out"
     proc = subprocess.Popen(cli(out), env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
