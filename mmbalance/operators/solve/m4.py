@@ -575,6 +575,37 @@ class Coordinate:
         return base if self.label is None else f"{base} x {self.label}={self.label_value}"
 
 
+class Coordinates:
+    """The constraint coordinates in blocks (one per attribute, one per associated pair), named on
+    demand: a million Coordinate objects would cost more than the solve."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[int, str, list[str], str | None, list[str] | None]] = []  # (start, ...)
+        self.size = 0
+        self.kept: np.ndarray | None = None  # coordinate ids kept after dropping untouched ones
+
+    def add(self, kind: str, attribute: str, values: list[str], label: str | None = None,
+            label_values: list[str] | None = None) -> None:
+        self.blocks.append((self.size, kind, attribute, values, label, label_values))
+        self.size += len(values) * (len(label_values) if label is not None else 1)
+
+    def keep(self, used: np.ndarray) -> None:
+        self.kept = np.asarray(used)
+
+    def __len__(self) -> int:
+        return self.size if self.kept is None else len(self.kept)
+
+    def __getitem__(self, j: int) -> Coordinate:
+        j = int(j if self.kept is None else self.kept[j])
+        starts = [b[0] for b in self.blocks]
+        start, kind, attribute, values, label, label_values = self.blocks[int(np.searchsorted(starts, j, side="right")) - 1]
+        local = j - start
+        if label is None:
+            return Coordinate(kind, attribute, values[local])
+        R = len(label_values)
+        return Coordinate(kind, attribute, values[local // R], label, label_values[local % R])
+
+
 def _codes(column: pl.Series, values: list[str]) -> np.ndarray:
     """Index of each entry in ``values``; -1 for null, -2 for a value not in the list (vectorised)."""
     import pyarrow as pa
@@ -639,7 +670,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     rows_i: list[np.ndarray] = []
     cols_j: list[np.ndarray] = []
     vals: list[np.ndarray] = []
-    coords: list[Coordinate] = []
+    coords = Coordinates()
     eps: list[float] = []
     groups: list[int] = []
     a_cols = []
@@ -665,11 +696,11 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
         notes["pi"][name] = dict(zip(values, pi.tolist()))
         centred = (code[carrying, None] == np.arange(m)[None, :]) - pi[None, :]  # (carrying, m)
         if name in step.targets:
-            base = len(coords)
+            base = coords.size
             rows_i.append(np.repeat(carrying, m))
             cols_j.append(np.tile(base + np.arange(m), len(carrying)))
             vals.append(centred.reshape(-1))
-            coords += [Coordinate("representation", name, v) for v in values]
+            coords.add("representation", name, values)
             eps += [step.tolerance.representation] * m
             groups += [g] * m
         for a_name, lab in pairs:
@@ -693,17 +724,17 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
                 pair_pi = both / both.sum() if both.sum() else pi
                 notes.setdefault("pi_by_pair", {})[f"{name} x {lab}"] = dict(zip(values, pair_pi.tolist()))
                 pair_centred = (code[carrying, None] == np.arange(m)[None, :]) - pair_pi[None, :]
-            base = len(coords)
+            base = coords.size
             rows_i.append(np.repeat(carrying[has], m))
             cols_j.append((base + np.arange(m)[None, :] * R + y[has, None]).reshape(-1))
             vals.append(pair_centred[has].reshape(-1))
-            coords += [Coordinate("association", name, v, lab, r) for v in values for r in label_values]
+            coords.add("association", name, values, lab, label_values)
             eps += [step.tolerance.association] * (m * R)
             groups += [g] * (m * R)
             if step.hold_labels:  # each label value's mass among the rows carrying the attribute
                 present, column = np.unique(y[has], return_inverse=True)
                 hold_cols.append((carrying[has], column.reshape(-1), len(present)))
-    K = len(coords)
+    K = coords.size
     if rows_i:
         B = sp.csr_matrix(
             (np.concatenate(vals).astype(np.float64), (np.concatenate(rows_i), np.concatenate(cols_j))), shape=(S, K)
@@ -714,7 +745,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     # a coordinate no signature touches is 0 <= eps * W whatever q is: drop it
     used = np.flatnonzero(np.diff(B.tocsc().indptr) > 0)
     B = B[:, used].tocsr()
-    coords = [coords[j] for j in used]
+    coords.keep(used)
     A = sp.csr_matrix(
         (np.ones(sum(len(c) for c in a_cols)), (np.concatenate(a_cols) if a_cols else np.zeros(0, np.int64),
          np.concatenate([np.full(len(c), g) for g, c in enumerate(a_cols)]) if a_cols else np.zeros(0, np.int64))),
@@ -747,7 +778,7 @@ def _with_retention(p: MomentProblem, step: M4Balance, stats: CorpusStats, reten
     return replace(p, eta=rebuilt.eta, budget=rebuilt.budget, stream=rebuilt.stream, hold_target=rebuilt.hold_target)
 
 
-def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step: M4Balance, enforcement: float | None) -> dict[str, Any]:
+def _diagnostics(p: MomentProblem, r: DualResult, coords: Coordinates, step: M4Balance, enforcement: float | None) -> dict[str, Any]:
     K = p.K
     mu_plus, mu_minus = r.x[:K], r.x[K : 2 * K]
     scale = max(1.0, float(np.max(r.x[: 2 * K]))) if K else 1.0
@@ -755,13 +786,14 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
     W = r.carrying[p.group] if K else np.zeros(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(W > 0, r.moments / W, 0.0)
-    table = []
-    for j, c in enumerate(coords):
-        table.append({
-            "constraint": c.name(), "kind": c.kind, "moment": float(share[j]), "tolerance": float(p.eps[j]),
-            "violation": float(r.violation[j]), "dual": float(mu_plus[j] - mu_minus[j]), "binding": bool(binding_mask[j]),
-        })
-    order = sorted(range(K), key=lambda j: (-r.violation[j], -abs(share[j]) / max(p.eps[j], 1e-300)))
+
+    def row(j: int) -> dict[str, Any]:
+        c = coords[j]
+        return {"constraint": c.name(), "kind": c.kind, "moment": float(share[j]), "tolerance": float(p.eps[j]),
+                "violation": float(r.violation[j]), "dual": float(mu_plus[j] - mu_minus[j]), "binding": bool(binding_mask[j])}
+
+    # largest violation first, then the moment nearest its tolerance
+    order = np.lexsort((-np.abs(share) / np.maximum(p.eps, 1e-300), -r.violation)) if K else np.zeros(0, np.int64)
     limit = 200
     n = p.rows
     wq = p.weight * r.q
@@ -790,8 +822,9 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: list[Coordinate], step
         "signatures": int(p.B.shape[0]),
         "constraints": 2 * K + p.holds + (1 if p.budget is not None else 0),
         "held_masses": p.holds,
-        "binding": [table[j] for j in range(K) if binding_mask[j]][:limit],
-        "moments": [table[j] for j in order[:limit]],
+        "binding_constraints": int(binding_mask.sum()),
+        "binding": [row(j) for j in np.flatnonzero(binding_mask)[:limit]],
+        "moments": [row(j) for j in order[:limit]],
         "moments_truncated": max(0, K - limit),
         "solver": r.info,
     }
