@@ -14,6 +14,7 @@ Everything here works on unit-norm float32 vectors, where cosine similarity is t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -410,8 +411,81 @@ def greedy_kmeanspp(x: np.ndarray, k: int, *, seed: int = 0, init_size: int | No
 
 
 KMeansInit = Literal["auto", "greedy-kmeans++", "kmeans++", "random"]
+KMeansMethod = Literal["auto", "flat", "two_level"]
 # greedy seeding costs ~k^2 (2 + ln k) 10 d flops: beyond this k, "auto" uses faiss's k-means++
 GREEDY_INIT_MAX_K = 2048
+# from this k on, method "auto" fits in two levels (benchmarks/bench_cluster.py --sweep measures where
+# two-level gets faster than flat at equal quality)
+TWO_LEVEL_MIN_K = 2048
+# Lloyd stops when an iteration raises the objective by less than tol (relative), at most niter
+DEFAULT_TOL = 1e-5
+LLOYD_CHUNK = 5  # iterations per faiss call between convergence checks
+# restarts while they are cheap: each costs about RESTART_ITERS iterations of n*k*d multiply-adds
+RESTART_ITERS = 10
+RESTART_BUDGET = 2e11
+MAX_AUTO_RESTARTS = 5
+COARSE_POINTS_PER_CENTROID = 1024  # the two-level fit's coarse cells only route points
+REFINE_ITERS, REFINE_NPROBE = 3, 3  # two-level: global Lloyd rounds, each point searching its 3 nearest cells
+QUALITY_ROWS = 50_000  # rows the two-level fit scores its (exact, flat) mean cosine on
+
+
+def default_restarts(n: int, k: int, d: int) -> int:
+    """Restarts "auto" runs: up to 5 while their short runs fit a budget of ~2e11 multiply-adds
+    (a few seconds); at large n*k a single run (restarts then matter little for mean cosine)."""
+    return int(min(MAX_AUTO_RESTARTS, max(1, RESTART_BUDGET // (n * k * d * RESTART_ITERS))))
+
+
+def use_gpu(gpu: bool | None) -> bool:
+    """None: a GPU when faiss-gpu sees one; True: a GPU or an error saying why not; False: CPU."""
+    available = gpu_available()
+    if gpu is None:
+        return available
+    if gpu and not available:
+        raise ValueError("a GPU was asked for, but faiss sees none (faiss-cpu build, or no visible device)")
+    return bool(gpu)
+
+
+def _lloyd(x: np.ndarray, k: int, start: np.ndarray | None, *, seed: int, niter: int, tol: float,
+           max_points_per_centroid: int, faiss_init: int, gpu: bool) -> tuple[np.ndarray, int, bool]:
+    """Spherical Lloyd iterations with faiss until converged (relative gain < tol) or niter.
+    Returns (centroids, iterations run, converged)."""
+    d = x.shape[1]
+    centroids, done, last = start, 0, None
+    while done < niter:
+        step = min(LLOYD_CHUNK, niter - done)
+        km = faiss.Kmeans(d, k, niter=step, seed=seed, spherical=True, verbose=False, nredo=1,
+                          max_points_per_centroid=max_points_per_centroid,
+                          min_points_per_centroid=1,  # we size the sample ourselves; the warning is noise
+                          init_method=faiss_init, gpu=gpu)
+        km.train(x, init_centroids=centroids)
+        centroids, done = np.array(km.centroids, np.float32), done + step
+        # obj[i]: sum of cosines to the centroids before update i (faiss, inner-product index)
+        obj = np.r_[[] if last is None else [last], np.asarray(km.obj, np.float64)]
+        last = float(obj[-1])
+        gains = np.diff(obj)
+        if len(gains) and np.any(np.abs(gains) <= tol * np.abs(obj[1:])):
+            return centroids, done, True
+    return centroids, done, False
+
+
+def split_counts(sizes: np.ndarray, k: int) -> np.ndarray:
+    """k split over cells in proportion to their sizes (largest remainders): every non-empty cell
+    gets at least 1 and at most its size; the counts sum to k."""
+    sizes = np.asarray(sizes, np.int64)
+    if not 1 <= k <= sizes.sum():
+        raise ValueError(f"cannot split k={k} over cells holding {int(sizes.sum())} points")
+    share = k * sizes / sizes.sum()
+    counts = np.minimum(np.maximum(np.floor(share), sizes > 0), sizes).astype(np.int64)
+    while (gap := k - int(counts.sum())) != 0:
+        if gap > 0:  # largest remaining share first, among cells with room
+            room = np.flatnonzero(counts < sizes)
+            pick = room[np.argsort(-(share[room] - counts[room]), kind="stable")[:gap]]
+            counts[pick] += 1
+        else:  # the >= 1 floors overshot: take from the most over-served cells that keep one
+            spare = np.flatnonzero(counts > 1)
+            pick = spare[np.argsort(share[spare] - counts[spare], kind="stable")[:-gap]]
+            counts[pick] -= 1
+    return counts
 
 
 def fit_kmeans(
@@ -419,58 +493,78 @@ def fit_kmeans(
     k: int,
     *,
     seed: int = 0,
-    niter: int = 20,
+    niter: int = 100,
+    tol: float = DEFAULT_TOL,
     max_points_per_centroid: int = 256,
-    nredo: int = 1,
+    nredo: int | None = None,
     init: KMeansInit = "auto",
     init_size: int | None = None,
     gpu: bool | None = None,
     embedding: EmbeddingSpec | None = None,
     init_centroids: np.ndarray | None = None,
+    method: KMeansMethod = "auto",
+    coarse_k: int | None = None,
 ) -> KMeansModel:
     """Spherical k-means of unit rows with faiss.
 
-    ``max_points_per_centroid`` is explicit because faiss otherwise silently trains on a random
-    256*k subset; the number of points actually used is recorded in the metadata. ``gpu=None``
-    uses a GPU when faiss-gpu sees one. ``nredo`` restarts keep the best mean cosine. Inertia
-    (sum of squared distances, = 2 - 2 cos for unit vectors) is measured on all of ``x``.
+    Lloyd runs to convergence (an iteration gains less than ``tol`` of the objective) or ``niter``.
+    ``nredo`` restarts (None: ``default_restarts``, i.e. several while cheap) each run
+    ``RESTART_ITERS`` iterations from their own seeding; the best mean cosine continues to
+    convergence. ``method``: "flat" (one k-means over all points), "two_level" (``coarse_k`` ~
+    sqrt(k) cells, each split into clusters in proportion to its size), or "auto" (two-level from
+    ``TWO_LEVEL_MIN_K``). ``max_points_per_centroid`` is explicit because faiss otherwise silently
+    trains on a random 256*k subset; the number of points used is recorded. ``gpu=None`` uses a GPU
+    when faiss-gpu sees one. Inertia (sum of 2 - 2 cos) and mean cosine are measured on all of
+    ``x`` (two-level: on a seeded subsample of ``QUALITY_ROWS``, against all k centroids).
     """
     x, ok = unit_rows(x)
     x = x[ok] if not ok.all() else x
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} clusters need at least k usable points, got {n}")
-    use_gpu = gpu_available() if gpu is None else bool(gpu)
+    if method == "auto":
+        method = "two_level" if k >= TWO_LEVEL_MIN_K and init_centroids is None else "flat"
+    gpu_used = use_gpu(gpu)
+    if method == "two_level":
+        if init_centroids is not None:
+            raise ValueError("init_centroids applies to a flat fit only")
+        return _fit_two_level(x, k, seed=seed, niter=niter, tol=tol, max_points_per_centroid=max_points_per_centroid,
+                              nredo=nredo, init=init, init_size=init_size, gpu=gpu_used, embedding=embedding,
+                              coarse_k=coarse_k)
     if init == "auto":
         init = "greedy-kmeans++" if k <= GREEDY_INIT_MAX_K else "kmeans++"
     faiss_init = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                   "random": faiss.ClusteringInitMethod_RANDOM,
                   "greedy-kmeans++": faiss.ClusteringInitMethod_RANDOM}[init]
     ours = init_centroids is None and init == "greedy-kmeans++"
-    best: tuple[float, np.ndarray, np.ndarray] | None = None
-    # faiss's nredo would restart from the same given centroids: run our restarts ourselves
-    for redo in range(nredo if ours or init_centroids is not None else 1):
+    restarts = 1 if init_centroids is not None else int(nredo or default_restarts(n, k, d))
+    short = min(RESTART_ITERS, niter) if restarts > 1 else niter
+    lloyd = functools.partial(_lloyd, x, k, tol=tol, max_points_per_centroid=max_points_per_centroid,
+                              faiss_init=faiss_init, gpu=gpu_used)
+    best: tuple[float, int, np.ndarray, np.ndarray, int, bool] | None = None
+    scores = []
+    for redo in range(restarts):
         start = greedy_kmeanspp(x, k, seed=_faiss_seed(seed, 7, redo), init_size=init_size) if ours else init_centroids
-        km = faiss.Kmeans(
-            d, k, niter=niter, seed=_faiss_seed(seed, redo), spherical=True, verbose=False,
-            nredo=1 if start is not None else nredo,
-            max_points_per_centroid=max_points_per_centroid,
-            min_points_per_centroid=1,  # we size the sample ourselves; the warning is noise
-            init_method=faiss_init, gpu=use_gpu,
-        )
-        km.train(x, init_centroids=start)
-        centroids, _ = unit_rows(km.centroids)
-        _, sim = _search(x, _flat_ip(centroids))
+        centroids, iters, converged = lloyd(start, seed=_faiss_seed(seed, redo), niter=short)
+        centroids, _ = unit_rows(centroids)
+        _, sim = _search(x, _flat_ip(centroids, gpu_used))
         score = float(sim.astype(np.float64).sum())
+        scores.append(score / n)
         if best is None or score > best[0]:
-            best = (score, centroids, sim)
-    _, centroids, sim = best
+            best = (score, redo, centroids, sim, iters, converged)
+    _, redo, centroids, sim, iters, converged = best
+    if not converged and iters < niter:  # the best restart continues to convergence
+        centroids, more, converged = lloyd(centroids, seed=_faiss_seed(seed, redo), niter=niter - iters)
+        centroids, iters = unit_rows(centroids)[0], iters + more
+        _, sim = _search(x, _flat_ip(centroids, gpu_used))
     meta = {
-        "algorithm": "faiss.Kmeans spherical", "faiss_version": faiss.__version__, "k": k, "dim": d,
-        "seed": seed, "niter": niter, "nredo": nredo, "init": init if init_centroids is None else "given",
+        "algorithm": "faiss.Kmeans spherical", "method": "flat", "faiss_version": faiss.__version__, "k": k, "dim": d,
+        "seed": seed, "niter": niter, "tol": tol, "iterations": iters, "converged": converged,
+        "nredo": restarts, "restart_iterations": short, "restart_mean_cosine": scores, "best_restart": redo,
+        "init": init if init_centroids is None else "given",
         "init_size": default_init_size(n, k, init_size) if ours else None,
         "max_points_per_centroid": max_points_per_centroid,
-        "n_sample": n, "n_trained": min(n, k * max_points_per_centroid), "gpu": use_gpu,
+        "n_sample": n, "n_trained": min(n, k * max_points_per_centroid), "gpu": gpu_used,
         "inertia": float(np.sum(2.0 - 2.0 * sim.astype(np.float64))),
         "mean_cosine": float(sim.mean()),
         "embedding": embedding.to_dict() if embedding else None,
@@ -478,10 +572,124 @@ def fit_kmeans(
     return KMeansModel(centroids, meta)
 
 
-def _flat_ip(centroids: np.ndarray) -> faiss.Index:
+def _fit_two_level(x: np.ndarray, k: int, *, seed: int, niter: int, tol: float, max_points_per_centroid: int,
+                   nredo: int | None, init: KMeansInit, init_size: int | None, gpu: bool,
+                   embedding: EmbeddingSpec | None, coarse_k: int | None,
+                   refine_iters: int = REFINE_ITERS) -> KMeansModel:
+    """Coarse k-means into k1 ~ sqrt(k) cells, then each cell's points into a share of k in
+    proportion to its size (as ssl-data-curation and NeMo Curator do at large k): ~sqrt(k) times
+    less work per iteration than a flat fit. Points near a cell's border were fitted with their
+    cell only, so ``REFINE_ITERS`` global Lloyd rounds follow in which each point's centroid is
+    searched in its ``REFINE_NPROBE`` nearest cells (an IVF search). The result is k ordinary
+    centroids: assignment stays a flat nearest-centroid search over all of them."""
+    n, d = x.shape
+    k1 = int(min(max(coarse_k or round(np.sqrt(k)), 1), k))
+    coarse = fit_kmeans(x, k1, seed=_faiss_seed(seed, 0xC0), niter=niter, tol=tol, nredo=nredo, init=init,
+                        max_points_per_centroid=min(max_points_per_centroid, COARSE_POINTS_PER_CENTROID),
+                        gpu=gpu, method="flat")
+    cell, _ = assign(x, coarse.centroids, gpu=gpu)
+    sizes = np.bincount(cell, minlength=k1)
+    counts = split_counts(sizes, k)
+    order = np.argsort(cell, kind="stable")
+    bounds = np.r_[0, np.cumsum(sizes)]
+    blocks, within, iters, unconverged = [], 0.0, [], 0
+    for c in range(k1):
+        if counts[c] == 0:
+            continue
+        pts = x[order[bounds[c] : bounds[c + 1]]]
+        if counts[c] == 1:
+            cent = unit_rows(pts.sum(axis=0, keepdims=True))[0]  # spherical mean
+            within += float((pts @ cent[0]).astype(np.float64).sum())
+        else:
+            # cells fit once each (nredo=None would restart every small cell): restarts pay at the coarse level
+            model = fit_kmeans(pts, int(counts[c]), seed=_faiss_seed(seed, 0xCE, c), niter=niter, tol=tol, nredo=nredo or 1,
+                               init=init, init_size=init_size, max_points_per_centroid=max_points_per_centroid,
+                               gpu=gpu, method="flat")
+            cent = model.centroids
+            within += model.meta["mean_cosine"] * len(pts)
+            iters.append(model.meta["iterations"])
+            unconverged += not model.meta["converged"]
+        blocks.append(cent)
+    centroids = np.ascontiguousarray(np.concatenate(blocks), np.float32)
+    centroids, refine_gain = _refine(x, centroids, coarse.centroids, iters=refine_iters, nprobe=REFINE_NPROBE, gpu=gpu)
+    rng = np.random.default_rng([seed, 0x5C0])
+    rows = np.sort(rng.choice(n, size=QUALITY_ROWS, replace=False)) if n > QUALITY_ROWS else np.arange(n)
+    _, sim = assign(x[rows], centroids, gpu=gpu)
+    sim = 1.0 - sim.astype(np.float64)
+    meta = {
+        "algorithm": "faiss.Kmeans spherical", "method": "two_level", "faiss_version": faiss.__version__, "k": k,
+        "dim": d, "seed": seed, "niter": niter, "tol": tol, "coarse_k": k1, "cell_sizes": sizes.tolist(),
+        "cell_k": counts.tolist(), "coarse_mean_cosine": coarse.meta["mean_cosine"], "coarse_nredo": coarse.meta["nredo"],
+        "cell_iterations_max": max(iters, default=0), "cells_unconverged": unconverged,
+        "init": init, "max_points_per_centroid": max_points_per_centroid, "n_sample": n, "gpu": gpu,
+        "mean_cosine_within_cell": within / n,  # each point scored against its own cell's centroids only
+        "refine_iters": refine_iters, "refine_nprobe": REFINE_NPROBE, "refine_mean_cosine": refine_gain,
+        "quality_rows": len(rows), "mean_cosine": float(sim.mean()),
+        "inertia": float(np.sum(2.0 - 2.0 * sim) * n / len(rows)),  # scaled from the scored rows
+        "embedding": embedding.to_dict() if embedding else None,
+    }
+    return KMeansModel(centroids, meta)
+
+
+def _refine(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, *, iters: int, nprobe: int, gpu: bool,
+            batch_rows: int = 65536) -> tuple[np.ndarray, list[float]]:
+    """Lloyd rounds over all of ``x`` with each point's centroid searched among the centroids of
+    its ``nprobe`` nearest coarse cells; returns the centroids and each round's mean cosine."""
+    import scipy.sparse as sparse
+
+    n, d = x.shape
+    k = len(centroids)
+    scores = []
+    for _ in range(iters):
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(coarse)
+        ivf = faiss.IndexIVFFlat(quantizer, d, len(coarse), faiss.METRIC_INNER_PRODUCT)
+        ivf.is_trained = True  # the coarse centroids are the cells
+        ivf.add(centroids)
+        ivf.nprobe = nprobe
+        index = _to_gpu(ivf) if gpu else ivf
+        sums = np.zeros((k, d), np.float64)
+        total = 0.0
+        for lo in range(0, n, batch_rows):
+            xb = x[lo : lo + batch_rows]
+            sim, ids = index.search(xb, 1)
+            ids = ids[:, 0]
+            found = ids >= 0
+            total += float(sim[found, 0].astype(np.float64).sum())
+            members = sparse.csr_matrix((np.ones(int(found.sum()), np.float32), (ids[found], np.flatnonzero(found))),
+                                        shape=(k, len(xb)))
+            sums += members @ xb
+        norms = np.linalg.norm(sums, axis=1)
+        moved = norms > 0  # a centroid that won no point stays where it was
+        centroids = centroids.copy()
+        centroids[moved] = (sums[moved] / norms[moved, None]).astype(np.float32)
+        scores.append(total / n)
+    return np.ascontiguousarray(centroids, np.float32), scores
+
+
+def _flat_ip(centroids: np.ndarray, gpu: bool = False) -> faiss.Index:
+    """Exact inner-product index over the centroids, on the GPU(s) when ``gpu``."""
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    return index
+    return _to_gpu(index) if gpu else index
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_resources():
+    # one set of GPU resources (streams, scratch memory) per process, made on first use
+    return faiss.StandardGpuResources()
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    # device 0 of what this process sees (Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES)
+    return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+
+
+def cluster_index(centroids: np.ndarray | KMeansModel, gpu: bool | None = None) -> faiss.Index:
+    """The nearest-centroid index ``assign`` searches: flat (exact) over unit centroids, on a GPU
+    when ``use_gpu(gpu)``. Build once per process and pass as ``assign(index=...)``."""
+    c = centroids.centroids if isinstance(centroids, KMeansModel) else centroids
+    return _flat_ip(unit_rows(c)[0], use_gpu(gpu))
 
 
 def _search(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
@@ -496,14 +704,17 @@ def assign(
     embedding: EmbeddingSpec | None = None,
     batch_rows: int = 16384,
     index: faiss.Index | None = None,
+    gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by cosine: (cluster_id int32, cosine distance 1 - cos float32).
+    """Nearest centroid by cosine: (cluster_id int32, cosine distance 1 - cos float32), exact
+    (a flat search over every centroid).
 
-    Rows are processed ``batch_rows`` at a time, so the float32 working copy never exceeds one
-    batch. Unusable rows (null, NaN/inf, zero vector) get id -1 and distance NaN.
+    Rows are processed ``batch_rows`` at a time, so the float32 working copy (and on a GPU the
+    device's query buffer) never exceeds one batch. Unusable rows (null, NaN/inf, zero vector) get
+    id -1 and distance NaN. Without ``index``, one is built (``cluster_index``: a GPU when
+    ``use_gpu(gpu)``); pass one built once to reuse it across calls.
     """
-    c = centroids.centroids if isinstance(centroids, KMeansModel) else centroids
-    index = index if index is not None else _flat_ip(unit_rows(c)[0])
+    index = index if index is not None else cluster_index(centroids, gpu)
     n = data.num_rows if isinstance(data, pa.Table) else len(data)
     ids = np.full(n, -1, np.int32)
     dist = np.full(n, np.nan, np.float32)
@@ -546,11 +757,7 @@ class ClusterAssigner:
         if num_threads is not None:
             faiss.omp_set_num_threads(num_threads)  # one actor per core: avoid oversubscription
         model = centroids if isinstance(centroids, KMeansModel) else KMeansModel.load(*_split_model_path(centroids))
-        self.index = _flat_ip(model.centroids)
-        if gpu or (gpu is None and gpu_available()):  # None: a GPU when this actor sees one
-            if not gpu_available():
-                raise RuntimeError("gpu=True but faiss-gpu sees no GPU in this worker")
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
+        self.index = cluster_index(model, gpu)  # None: a GPU when this actor sees one
         self.embedding, self.parents, self.keep_columns = embedding, [np.asarray(p) for p in parents], keep_columns
         self.id_column, self.distance_column = id_column, distance_column
 
