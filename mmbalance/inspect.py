@@ -13,7 +13,6 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 from rich.console import Console
@@ -254,16 +253,21 @@ def _signature_prevalence(table: pa.Table, weight: str) -> dict[str, dict[str, A
     return out
 
 
-def _stage_progress(store: RunStore) -> dict[str, int]:
-    """Finished units per stage, from the done markers."""
+def _stage_progress(store: RunStore) -> tuple[dict[str, int], dict[str, list[dict[str, Any]]]]:
+    """Finished units per declared stage (from the done markers, in stage order) and the units a
+    deferred run recorded as failed (execution.on_unit_error: defer)."""
+    from mmbalance.pipeline.plan import STAGES
+
     done: dict[str, int] = {}
-    base = store.path("_done")
-    if store.fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return done
-    for info in store.fs.get_file_info(pafs.FileSelector(base)):
-        if info.type == pafs.FileType.Directory:
-            done[info.base_name] = len(store.list_files("_done", info.base_name, suffix=".json"))
-    return done
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for declared in STAGES:
+        n = len(store.list_files("_done", declared.name, suffix=".json"))
+        if n:
+            done[declared.name] = n
+        names = store.list_files("_failed", declared.name, suffix=".json")
+        if names:
+            failed[declared.name] = [store.read_json("_failed", declared.name, name) for name in names]
+    return done, failed
 
 
 def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
@@ -276,10 +280,17 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     console.print(f"[bold]{escape(store.uri)}[/bold]: mmbalance run ({escape(method)}) of {escape(str(run.get('input')))}: {fmt(run.get('shards', 0))} shards, "
                   f"{fmt(run.get('input_rows', 0))} rows; input fingerprint {run.get('input_fingerprint')}, "
                   f"recipe {run.get('recipe_fingerprint')}")
-    done = _stage_progress(store)
-    summary["done"] = done
+    done, failed = _stage_progress(store)
+    summary["done"], summary["failed"] = done, failed
     if done:
-        console.print("finished units: " + ", ".join(f"{k} {v}" for k, v in sorted(done.items())))
+        from mmbalance.pipeline.plan import stage
+
+        shards = run.get("shards")
+        console.print("finished units: " + ", ".join(
+            f"{k} {v}/{shards}" if stage(k).unit == "shard" and shards else f"{k} {v}" for k, v in done.items()))
+    for stage, units in failed.items():
+        console.print(f"[red]failed {stage} units: {len(units)}[/red] (first: {escape(units[0]['reason'])}); "
+                      "rerun the same command to retry them")
 
     manifest_files = store.list_files("manifest", suffix=".parquet")
     manifest_rows = 0

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from corpora import RECIPE_FROM_ISSUE, held_out_table
+from rich.console import Console
 
+from mmbalance.inspect import inspect_path
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import load_recipe
@@ -206,6 +208,10 @@ def test_cli_one_line_exit_2_for_a_changed_shard_and_a_damaged_run_file(corpus, 
                                    "choose another --out")
 
 
+def failed_reason(out: Path) -> str:
+    return json.loads(next((out / "_failed" / "scan").iterdir()).read_text())["reason"]
+
+
 def corrupt_first_page(path: Path) -> None:
     """Flip bytes inside the uid column's first data page; the footer stays valid, so the shard
     passes inspection and fails only when the scan decompresses it."""
@@ -237,6 +243,11 @@ def test_on_unit_error_defer_records_the_failed_shard_and_a_rerun_retries_only_i
     failed = list((out / "_failed" / "scan").iterdir())
     assert len(failed) == 1 and json.loads(failed[0].read_text())["reason"].startswith("shard-2.parquet: unreadable data")
     assert len(list((out / "_done" / "scan").iterdir())) == 3
+    console = Console(record=True, width=200)
+    summary = inspect_path(str(out), console=console)  # inspect reads the same records
+    assert summary["done"] == {"scan": 3} and summary["failed"]["scan"][0]["reason"] == failed_reason(out)
+    text = console.export_text()
+    assert "finished units: scan 3/4" in text and "failed scan units: 1" in text
 
     ran.clear()  # still unreadable: only the failed unit is retried
     with pytest.raises(InputError, match="1 of 4 scan units failed"):
