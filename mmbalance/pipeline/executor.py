@@ -172,7 +172,7 @@ class RayExecutor:
 
 # Outlives the driver for one reason: the driver's Ray processes get SIGKILL with it (PDEATHSIG),
 # but the raylet's own children (DashboardAgent, RuntimeEnvAgent) do not and would live on. It
-# notes every process the driver starts after it (polling), and when its stdin closes without a
+# notes every Ray process the driver starts after it (polling), and when its stdin closes without a
 # "done" (the driver died, even by kill -9) ends the ones still alive: TERM, then KILL.
 _RAY_WATCHDOG = r"""
 import os, select, signal, sys
@@ -189,7 +189,10 @@ def note():
         return
     for child in children:
         try:
-            if child.pid != me.pid and child.pid not in known and child.create_time() >= since:
+            if child.pid == me.pid or child.pid in known or child.create_time() < since:
+                continue
+            command = " ".join(child.cmdline())
+            if "ray::" in command or "/ray/" in command:  # Ray's binaries, scripts and workers only
                 known[child.pid] = child
         except psutil.Error:
             pass
