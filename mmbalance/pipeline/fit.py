@@ -210,7 +210,8 @@ def zero_shot_tags(spec, classes, table: pa.Table, columns: dict[str, str], sour
     return combine_tags(spec, per_source, probs, list(classes.values))
 
 
-def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int) -> tuple[pa.Table, dict[str, Any]]:
+def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int,
+               ctx=None) -> tuple[pa.Table, dict[str, Any]]:
     """Fit every zero-shot, cluster and subclass model on the sample; returns the sample with their tags."""
     from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT
 
@@ -233,8 +234,8 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
             raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many sampled rows, got {int(ok.sum())}; "
                              "raise sample.size")
         # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)
-        kwargs = {"seed": spec.seed, "niter": spec.niter, "nredo": spec.nredo,
-                  "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
+        kwargs = {"seed": spec.seed, "niter": spec.niter, "tol": spec.tol, "nredo": spec.nredo, "method": spec.method,
+                  "coarse_k": spec.coarse_k, "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
         parents: list[np.ndarray] = []
         if spec.levels:
             from mmbalance.operators.hierarchy import fit_hierarchical_kmeans
@@ -249,40 +250,144 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         else:
             model = cluster.fit_kmeans(x[ok], ks[0], **kwargs)
             meta = dict(model.meta)
-        meta.update(kind="cluster", name=spec.name, embedding=spec.embedding)
-        _save_array(store, spec.name, model.centroids, meta)
-        ids, _ = cluster.assign(x, model.centroids)
+        ids, dist = cluster.assign(x, model.centroids)
         ids[~ok] = -1
+        # exact quality on the whole sample (a two-level fit scored only a subset of it)
+        meta.update(kind="cluster", name=spec.name, embedding=spec.embedding, sample_mean_cosine=float(1.0 - dist[ok].mean()))
+        _save_array(store, spec.name, model.centroids, meta)
         sample = sample.append_column(tag_column(spec.name), _cluster_tags(ids))
         for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
             sample = sample.append_column(tag_column(name), _cluster_tags(level))
         info[spec.name] = {k: v for k, v in meta.items() if k not in ("embedding", "parents")}
+    # labels tagged only in the fit (clusters and their levels, zero-shot): no per-row tag before assignment
+    made_here = {n for c in recipe.clusters for n in (c.name, *c.level_names())} | {t.name for t in recipe.deferred_tags()}
     for spec in recipe.subclasses:
         x, ok = sample_embedding(spec).extract(sample)
         of = tag_column(spec.of)
-        if spec.of in [c.name for c in recipe.clusters]:
-            # cluster sizes are known only after assignment: estimate n_c from the sample
-            vc = pc.value_counts(sample.column(of).drop_null())
+        labels = sample.column(of).combine_chunks()
+        strata: dict[str, Any] = {}
+        if spec.of in made_here:
+            # class sizes are known only after assignment: estimate n_c from the uniform sample, fit on it
+            vc = pc.value_counts(labels.drop_null())
             scale = valid_rows / max(sample.num_rows, 1)
             sizes = {v: int(round(n * scale)) for v, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
             exact = False
+            fit_x, fit_labels = x, pc.if_else(pa.array(ok), labels, pa.scalar(None, pa.string()))
         else:
+            if ctx is None:
+                raise ValueError("subclasses of a scan-time label need the run context to read their stratified sample")
             sizes, exact = class_counts(store, shards, dups, of), True
-        labels = sample.column(of).combine_chunks()
+            fit_table, strata = stratified_sample(ctx, store, spec, shards, dups, sizes)
+            fit_x, fit_ok = sample_embedding(spec).extract(fit_table)
+            fit_labels = pc.if_else(pa.array(fit_ok), fit_table.column("stratum").combine_chunks(), pa.scalar(None, pa.string()))
         try:
-            model = cluster.fit_subclasses(x, pc.if_else(pa.array(ok), labels, pa.scalar(None, pa.string())),
-                                           m0=spec.m0, class_sizes=sizes, seed=spec.seed, niter=spec.niter)
+            model = cluster.fit_subclasses(fit_x, fit_labels, m0=spec.m0, class_sizes=sizes, seed=spec.seed, niter=spec.niter)
         except ValueError as err:
             raise InputError(f"subclasses {spec.name}: {err}; raise sample.size") from None
         meta = {**model.meta, "kind": "subclass", "name": spec.name, "of": spec.of, "m0": spec.m0,
                 "embedding": spec.embedding, "classes": model.classes, "counts": model.counts.tolist(),
-                "class_sizes": sizes, "class_sizes_exact": exact}
+                "class_sizes": sizes, "class_sizes_exact": exact, **strata}
         _save_array(store, spec.name, model.centroids, meta)
         ids, _ = model.assign(x, labels)
         sample = sample.append_column(tag_column(spec.name), _subclass_tags(model, ids))
         info[spec.name] = {"subclasses": int(model.counts.sum()), "classes": len(model.classes), "m0": spec.m0,
-                           "class_sizes_exact": exact}
+                           "class_sizes_exact": exact, **strata}
     return sample, info
+
+
+def subclass_caps(sizes: dict[str, int], m0: int, points_per_subclass: int, budget: int) -> tuple[dict[str, int], int]:
+    """SBCL per-class fit caps min(n_c, K_c * p) with the largest p <= ``points_per_subclass`` whose
+    caps sum to at most ``budget`` rows; returns (caps, p). Every class gets at least K_c rows."""
+    names = sorted(sizes)
+    n = np.array([sizes[c] for c in names], np.int64)
+    counts = cluster.sbcl_subclass_counts(n, m0)
+    if counts.sum() > budget:
+        raise InputError(f"{int(counts.sum())} SBCL subclasses need at least as many fit rows, but sample.size is "
+                         f"{budget}: raise sample.size or m0")
+    lo, hi = 1, int(points_per_subclass)  # p = 1 fits: sum(min(n_c, K_c)) <= sum(K_c) <= budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(n, counts * mid).sum() <= budget else (lo, mid - 1)
+    return {c: int(v) for c, v in zip(names, np.minimum(n, counts * lo))}, lo
+
+
+def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, sizes: dict[str, int]) -> tuple[pa.Table, dict[str, Any]]:
+    """SBCL's fit sample for subclasses of a scan-time label: per class c the min(n_c, K_c * p)
+    rows with the smallest seeded uid priority (the uniform sample's priority, so the two nest),
+    selected exactly from the tags sidecars (keys only, memory bounded by the caps), then the
+    embeddings of the chosen rows: from the scan's sample candidates where they are there, else
+    read from their shard (only shards holding a missing row are read).
+
+    Returns (table with shard_index, row, stratum, image_emb/text_emb; and a record of the caps)."""
+    from mmbalance.pipeline.stages import embedding_batches, embedding_columns
+
+    caps, per_subclass = subclass_caps(sizes, spec.m0, spec.points_per_subclass, ctx.recipe.sample.size)
+    of = tag_column(spec.of)
+    seed = ctx.recipe.sample.seed
+
+    def keys():
+        for shard in shards:
+            tags = store.read_table("tags", f"{shard.shard_id}.parquet", columns=["row", "uid", of])
+            tags = drop_rows(tags, dups.get(shard.index, {}).get("rows", []))[0]
+            tags = tags.filter(pc.is_valid(tags.column(of)))
+            yield pa.table({
+                cluster.SAMPLE_UID: pc.cast(tags.column("uid"), pa.string()),
+                cluster.SAMPLE_PRIORITY: pa.array(cluster.sample_priority(tags.column("uid"), seed), pa.uint64()),
+                cluster.SAMPLE_STRATUM: pc.cast(tags.column(of), pa.string()),
+                "shard_index": pa.array(np.full(tags.num_rows, shard.index, np.int64)),
+                "row": tags.column("row"),
+            })
+
+    chosen = cluster.merge_samples(keys(), per_stratum=caps)
+    sources = embedding_columns(ctx.recipe)  # sample name -> column in the shard (or the embeddings sidecar)
+    dims = dict(ctx.embedding_dims)
+    parts, read_shards = [], 0
+    by_index = {s.index: s for s in shards}
+    shard_of = chosen.column("shard_index").to_numpy()
+    for index in np.unique(shard_of):
+        shard = by_index[int(index)]
+        mine = chosen.filter(pa.array(shard_of == index))
+        rows = np.sort(mine.column("row").to_numpy())
+        got: list[pa.Table] = []
+        have = np.zeros(0, np.int64)
+        if store.exists("sample", f"{shard.shard_id}.parquet") and ctx.recipe.embed is None:
+            cand = store.read_table("sample", f"{shard.shard_id}.parquet", columns=["row", *sources])
+            hit = pc.is_in(cand.column("row"), value_set=pa.array(rows)).to_numpy(zero_copy_only=False)
+            if hit.any():
+                cand = cand.filter(pa.array(hit))
+                have = cand.column("row").to_numpy()
+                got.append(pa.table({"row": pa.array(have, pa.int64()),
+                                     **{name: cluster.fixed_size_list(cluster.embedding_matrix(cand.column(name))[0].astype(np.float16))
+                                        for name in sources}}))
+        missing = np.setdiff1d(rows, have)
+        if len(missing):
+            read_shards += 1
+            task = {"shard_id": shard.shard_id, "path": shard.path, "relpath": shard.relpath}
+            for batch_rows, table in embedding_batches(ctx, store, task, missing):
+                want = np.isin(batch_rows, missing)
+                if not want.any():
+                    continue
+                cols = {"row": pa.array(batch_rows[want], pa.int64())}
+                for name, column in sources.items():
+                    matrix, _ = cluster.embedding_matrix(table.column(column).filter(pa.array(want)), dims.get(column))
+                    cols[name] = cluster.fixed_size_list(matrix.astype(np.float16))
+                got.append(pa.table(cols))
+        found = pa.concat_tables(got).combine_chunks() if got else None
+        if found is None or found.num_rows != len(rows):
+            raise RuntimeError(f"subclasses {spec.name}: shard {shard.relpath}: {len(rows)} rows chosen, "
+                               f"{0 if found is None else found.num_rows} embeddings found")
+        order = pc.sort_indices(found, sort_keys=[("row", "ascending")])
+        found = found.take(order)
+        strata = mine.take(pc.sort_indices(mine, sort_keys=[("row", "ascending")]))
+        parts.append(pa.table({"shard_index": strata.column("shard_index"), "row": found.column("row"),
+                               "stratum": strata.column(cluster.SAMPLE_STRATUM),
+                               **{name: found.column(name) for name in sources}}))
+    table = pa.concat_tables(parts) if parts else None
+    if table is None:
+        raise InputError(f"subclasses {spec.name}: no rows carry '{spec.of}'")
+    record = {"fit_caps": caps, "points_per_subclass": per_subclass, "fit_rows": table.num_rows,
+              "shards_read_for_embeddings": read_shards}
+    return table, record
 
 
 def load_models(store: RunStore) -> dict[str, Any]:
@@ -291,7 +396,9 @@ def load_models(store: RunStore) -> dict[str, Any]:
         meta = store.read_json("models", name)
         centroids = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
         if meta["kind"] == "cluster":
-            models[meta["name"]] = ("cluster", centroids, [np.asarray(p, np.int64) for p in meta.get("parents", [])])
+            # the search index is built once per process (on a GPU when faiss sees one) and reused per batch
+            models[meta["name"]] = ("cluster", centroids, [np.asarray(p, np.int64) for p in meta.get("parents", [])],
+                                    cluster.cluster_index(centroids))
         elif meta["kind"] == "zero_shot":
             from mmbalance.operators.zero_shot import ClassEmbeddings
 
@@ -343,8 +450,8 @@ def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -
         if counts is not None:
             audit[spec.name] = {"counts": counts, "uids": sample_uids(tags.column("uid"), tag, 5, recipe.sample.seed)}
     for spec in recipe.clusters:
-        _, centroids, parents = models[spec.name]
-        ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe))
+        _, centroids, parents, index = models[spec.name]
+        ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe), index=index)
         data[tag_column(spec.name)] = _cluster_tags(ids)
         for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
             data[tag_column(name)] = _cluster_tags(level)

@@ -173,7 +173,6 @@ class AttributeSpec(TaggedSpec):
             raise ValueError("values: the caption and zero_shot vocabularies have different values; list the values to use")
         return {**data, "values": list(next(iter(found.values())))}
 
-
     @model_validator(mode="after")
     def _not_metadata(self):
         if self.is_metadata:
@@ -204,8 +203,13 @@ class ClusterSpec(StrictModel):
     name: str = "cluster"
     embedding: Literal["image", "text", "mean"] = "image"
     k: int | list[int] = Field(default=100)
-    niter: int = Field(default=20, gt=0)
-    nredo: int = Field(default=1, gt=0)  # k-means restarts, the best mean cosine kept
+    niter: int = Field(default=100, gt=0)  # most Lloyd iterations; a fit stops earlier once converged
+    tol: float = Field(default=1e-5, ge=0)  # converged: an iteration gains less than this (relative)
+    nredo: int | None = Field(default=None, gt=0)  # restarts, the best mean cosine kept; None: several while cheap
+    # flat: one k-means over all points; two_level: ~sqrt(k) coarse cells, each split in proportion
+    # to its size (minutes instead of hours at k = 10^4); auto: two_level from k = 2048
+    method: Literal["auto", "flat", "two_level"] = "auto"
+    coarse_k: int | None = Field(default=None, gt=0)  # two-level coarse cells (default round(sqrt(k)))
     seed: int = 0
     silhouette_rows: int = Field(default=10_000, gt=10)
     # hierarchical k-means (Vo et al.): cluster the centroids again into each of these k's, coarser
@@ -244,7 +248,9 @@ class SubclassSpec(StrictModel):
     of: str  # a label (or cluster) name
     m0: int = Field(default=10, gt=0)
     embedding: Literal["image", "text", "mean"] = "image"
-    niter: int = Field(default=20, gt=0)
+    niter: int = Field(default=100, gt=0)  # most Lloyd iterations per class (stops once converged)
+    # fit points per subclass: the sample is stratified by class with caps min(n_c, K_c * this)
+    points_per_subclass: int = Field(default=64, gt=0)
     seed: int = 0
 
 
