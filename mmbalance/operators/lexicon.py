@@ -508,15 +508,17 @@ class BatchWords:
     ids: np.ndarray  # int64 per token, into ``words``
     words: pa.Array
     eligible: np.ndarray  # bool per distinct word
+    nonempty: np.ndarray  # bool per distinct word ("" comes from splitting padded text)
 
     @classmethod
     def of(cls, enc: Encoded, stop_words: StopWords) -> "BatchWords":
         encoded = pc.dictionary_encode(enc.tokens)
         words = encoded.dictionary
+        length = pc.utf8_length(words)
         eligible = pc.and_(pc.and_(pc.invert(pc.is_in(words, value_set=stop_words.words)), pc.utf8_is_alpha(words)),
-                           pc.greater_equal(pc.utf8_length(words), MIN_WORD_LETTERS))
+                           pc.greater_equal(length, MIN_WORD_LETTERS))
         return cls(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), words,
-                   eligible.to_numpy(zero_copy_only=False))
+                   eligible.to_numpy(zero_copy_only=False), pc.greater(length, 0).to_numpy(zero_copy_only=False))
 
 
 def coverage_counts(enc: Encoded, tags: pa.Array, match_start: np.ndarray, match_length: np.ndarray,
@@ -526,7 +528,9 @@ def coverage_counts(enc: Encoded, tags: pa.Array, match_start: np.ndarray, match
     non-letters or under 3 letters left out) as a Misra-Gries summary (``merge_coverage``)."""
     lengths = np.diff(enc.offsets)
     untagged = tags.is_null().to_numpy(zero_copy_only=False)
-    has_words = lengths > 0
+    # splitting a blank or padded caption yields empty tokens: a caption is one with a real token
+    real = words.nonempty[words.ids]
+    has_words = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[real], minlength=len(lengths)) > 0
     covered = np.zeros(len(enc.ids) + 1, np.int64)
     if len(match_start):  # +1 at each match start, -1 after its end: positive inside a match
         np.add.at(covered, match_start, 1)

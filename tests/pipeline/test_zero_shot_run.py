@@ -78,3 +78,50 @@ def test_zero_shot_needs_a_text_tower():
         parse_recipe({"input": {"columns": {"image_embedding": "e"}},
                       "attributes": [{"name": "g", "source": "zero_shot", "values": ["woman", "man"],
                                       "zero_shot": {"vocabulary": "perceived_gender"}}]})
+
+
+# open_clip's SigLIP layout (CustomTextCLIP, learned logit_bias, non-causal text tower pooled at the
+# last token), tiny and random; no hf_tokenizer_name: open_clip's bundled CLIP tokenizer, offline
+TINY_SIGLIP = {
+    "model_cfg": {
+        "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                     "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
+    },
+    "preprocess_cfg": {},
+}
+
+
+def test_siglip_zero_shot_run_uses_the_sigmoid_head_and_vocabulary_values(tmp_path):
+    import json
+
+    model_dir = tmp_path / "siglip"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps(TINY_SIGLIP))
+    classes = _class_matrix(model_dir)
+    rng = np.random.default_rng(1)
+    n = 600
+    truth = rng.integers(0, 3, n)
+    gaps = [np.linalg.norm(classes[i] - classes[j]) for i in range(3) for j in range(i + 1, 3)]
+    emb = classes[truth] + rng.normal(0, 0.1 * min(gaps) / np.sqrt(classes.shape[1]), (n, classes.shape[1]))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    table = pa.table({"uid": [f"s{i}" for i in range(n)],
+                      "image_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1).astype(np.float32)), classes.shape[1])})
+    corpus = write_shards(tmp_path / "c", {"a.parquet": table.slice(0, 300), "b.parquet": table.slice(300)})
+    recipe = parse_recipe({
+        "input": {"columns": {"uid": "uid", "image_embedding": "image_emb"}},
+        # no values: the vocabulary's (woman, man)
+        "attributes": [{"name": "gender", "source": "zero_shot", "zero_shot": {
+            "vocabulary": "perceived_gender", "threshold": 0.0, "model": f"local-dir:{model_dir}", "pretrained": "random"}}],
+        "sample": {"size": 200},
+    })
+    assert recipe.attributes[0].values == ["woman", "man"]
+    result = rebalance(str(corpus), str(tmp_path / "o"), recipe, RunOptions(executor="local", show_progress=False, html_report=False))
+    fit_info = result.report["fit"]["gender"]
+    # the model's head as initialised (logit_scale log(1/0.07), logit_bias -10): sigmoid scoring
+    assert fit_info["scoring"] == "sigmoid" and fit_info["logit_bias"] == -10.0
+    assert fit_info["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    assigned = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "o" / "assign").glob("*.parquet"))])
+    expected = [["woman", "man", None][t] for t in truth]
+    assert np.mean([a == b for a, b in zip(assigned.column("tag.gender").to_pylist(), expected)]) >= 0.95
