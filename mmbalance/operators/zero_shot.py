@@ -473,16 +473,17 @@ def sample_uids(uids: pa.Array | pa.ChunkedArray, tags: pa.Array | pa.ChunkedArr
     h = (h ^ (h >> np.uint64(31))) * np.uint64(0xD6E8FEB86659FD93)
     h ^= h >> np.uint64(32)
     h >>= np.uint64(1)  # fit int64 for JSON and sorting
-    values = tags.to_numpy(zero_copy_only=False)
-    valid = tags.is_valid().to_numpy(zero_copy_only=False)
+    # one sort for all values (a vocabulary can have hundreds): by value, then hash, then row
+    encoded = pc.dictionary_encode(pc.cast(tags, pa.string()))
+    code = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((np.arange(len(code)), h, code))
+    order = order[code[order] >= 0]
+    starts = np.flatnonzero(np.r_[True, code[order][1:] != code[order][:-1]]) if len(order) else order
+    names = encoded.dictionary.to_pylist()
     out: dict[str, list[tuple[int, str]]] = {}
-    uid_list = None
-    for v in pc.unique(tags.drop_null()).to_pylist():
-        rows = np.flatnonzero(valid & (values == v))
-        pick = rows[np.argsort(h[rows], kind="stable")[:per_value]]
-        if uid_list is None:
-            uid_list = uids
-        out[v] = [(int(h[i]), uid_list[int(i)].as_py()) for i in pick]
+    for lo, hi in zip(starts, np.r_[starts[1:], len(order)]):
+        pick = order[lo : min(hi, lo + per_value)]
+        out[names[code[order[lo]]]] = [(int(h[i]), u) for i, u in zip(pick, uids.take(pa.array(pick)).to_pylist())]
     return out
 
 

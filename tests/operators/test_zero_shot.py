@@ -259,3 +259,21 @@ def test_uid_samples_are_seeded_and_merge_exactly():
     assert all(tags[int(u.split("-")[1])].as_py() == "woman" for u in picked)
     other = merge_uid_samples([sample_uids(uids, tags, 20, seed=8)], 20)
     assert {u for _, u in other["woman"]} != picked
+
+
+def test_uid_sample_per_value_is_that_values_own_bottom_k():
+    """One sort for hundreds of values gives each value the sample it would get on its own."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    values = [f"v{j}" for j in range(150)]
+    tags = pa.array([values[j] if j < 150 else None for j in rng.integers(0, 170, n)], pa.string())
+    uids = pa.array([f"u{i}" for i in range(n)])
+    whole = sample_uids(uids, tags, 3, seed=1)
+    assert set(whole) == set(tags.drop_null().to_pylist())
+    for v in values[:20]:
+        rows = np.flatnonzero(np.array(tags.to_pylist(), dtype=object) == v)
+        alone = sample_uids(uids.take(pa.array(rows)), tags.take(pa.array(rows)), 3, seed=1)
+        assert whole[v] == alone[v] and len(whole[v]) == min(3, len(rows))
+        assert [h for h, _ in whole[v]] == sorted(h for h, _ in whole[v])
+    everything = sample_uids(uids, tags, n, seed=1)
+    assert sum(len(x) for x in everything.values()) == sum(t is not None for t in tags.to_pylist())
