@@ -65,6 +65,14 @@ def embedding_problems(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarr
     return is_null, wrong_dim, bad & ~wrong_dim
 
 
+def _nonzero(values: np.ndarray) -> np.ndarray:
+    """values != 0 (either sign of zero is zero); float16 on its bits, which numpy compares ~6x
+    faster than float16 values."""
+    if values.dtype == np.float16:
+        return (values.view(np.uint16) & np.uint16(0x7FFF)) != 0
+    return values != 0
+
+
 def all_zero_rows(column: pa.Array, dim: int) -> np.ndarray:
     """Rows of a list or fixed_size_list column with ``dim`` values that are all zero (either sign):
     no direction to normalise, cluster or compare, so such a row is rejected like a NaN."""
@@ -77,13 +85,13 @@ def all_zero_rows(column: pa.Array, dim: int) -> np.ndarray:
         if column.type.list_size != dim:
             return out
         flat = column.values.slice(column.offset * dim, n * dim).to_numpy(zero_copy_only=False)
-        return ~(flat.reshape(n, dim) != 0).any(axis=1) & ~is_null
+        return ~_nonzero(flat.reshape(n, dim)).any(axis=1) & ~is_null
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero((lengths == dim) & ~is_null)
     if len(rows) == 0:
         return out
     # flatten() skips null list slots, so value offsets are the cumulative lengths (nulls as 0)
-    nonzero = np.append(column.flatten().to_numpy(zero_copy_only=False) != 0, False)
+    nonzero = np.append(_nonzero(column.flatten().to_numpy(zero_copy_only=False)), False)
     starts = (np.cumsum(lengths) - lengths)[rows]
     bounds = np.empty(2 * len(rows), np.int64)
     bounds[0::2], bounds[1::2] = starts, starts + dim  # segments [start, start + dim) at even positions
