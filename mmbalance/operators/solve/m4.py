@@ -908,6 +908,7 @@ def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys,
     base = {
         "requested_retention": step.retention, "max_weight": step.max_weight, "budget": step.budget,
         "tolerance": step.tolerance.model_dump(), "enforcement": step.enforcement, "pi": notes["pi"],
+        **({"pi_by_pair": notes["pi_by_pair"]} if "pi_by_pair" in notes else {}),
         "utility": notes["utility"], "rows": problem.rows,
     }
     if problem.rows == 0:
