@@ -321,6 +321,8 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
     Returns (table with shard_index, row, stratum, image_emb/text_emb; and a record of the caps)."""
     from mmbalance.pipeline.stages import embedding_batches, embedding_columns
 
+    if not sizes:
+        raise InputError(f"subclasses {spec.name}: no valid row carries '{spec.of}'")
     caps, per_subclass = subclass_caps(sizes, spec.m0, spec.points_per_subclass, ctx.recipe.sample.size)
     of = tag_column(spec.of)
     seed = ctx.recipe.sample.seed

@@ -179,3 +179,24 @@ def test_hierarchy_levels_are_labels_m4_can_associate(tmp_path):
         after.append(abs(np.sum(w * s * y)) / w.sum())
     assert max(before) > 5 * eps  # the planted association at the top level
     assert max(after) <= eps + 1e-6  # held on every level-2 value under the solved weights
+
+
+@pytest.mark.parametrize("sizes, m0, per, budget", [({"a": 5000, "b": 70, "c": 7}, 10, 64, 4000),
+                                                    ({"a": 900, "b": 900}, 30, 64, 100_000),
+                                                    ({"a": 12, "b": 1}, 1, 5, 13)])
+def test_subclass_caps_fill_the_budget_by_the_sbcl_rule(sizes, m0, per, budget):
+    from mmbalance.pipeline.fit import subclass_caps
+
+    caps, p = subclass_caps(sizes, m0, per, budget)
+    k = _sbcl_counts(sizes, m0)
+    total = lambda q: sum(min(sizes[c], k[c] * q) for c in sizes)  # noqa: E731
+    assert p == max(q for q in range(1, per + 1) if total(q) <= budget)  # brute force over p
+    assert caps == {c: min(sizes[c], k[c] * p) for c in sizes} and all(caps[c] >= min(k[c], sizes[c]) for c in sizes)
+
+
+def test_too_many_subclasses_for_the_sample_is_a_clear_error():
+    from mmbalance.pipeline.fit import subclass_caps
+    from mmbalance.schemas.contract import InputError
+
+    with pytest.raises(InputError, match="1001 SBCL subclasses need at least as many fit rows, but sample.size is 500"):
+        subclass_caps({"a": 10_000, "b": 10}, 10, 64, 500)
