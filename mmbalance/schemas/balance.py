@@ -78,8 +78,9 @@ class M4Balance(StrictModel):
     # rows per dual evaluation) or the signature's mean utility (compressed, approximate)
     utility: Literal["sample", "signature"] = "sample"
     # hold each associated label value's mass among the rows carrying the attribute at its
-    # baseline (exact equalities): with the KL objective, eps = 0 and pi = observed prevalence this
-    # is Kamiran-Calders reweighing, label marginals included
+    # baseline (exact equalities); an attribute without targets is then centred at its prevalence
+    # among rows carrying both it and the label: with the KL objective, eps = 0 and no budget this
+    # is Kamiran-Calders reweighing over those rows (null labels included), label marginals held
     hold_labels: bool = False
 
     @field_validator("targets")

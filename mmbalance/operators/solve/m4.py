@@ -10,9 +10,26 @@ one weight and the problem is over the rows of the signature table, with multipl
 
 For duals x = (mu+, mu-, gamma) the minimiser is per signature and closed form, q_s = clip(eta_s -
 t_s, 0, Q) (L2) or min(eta_s exp(-t_s), Q) (KL) with t = C mu + gamma, so the dual has 2K + 1
-variables whatever n is. We maximise it with L-BFGS-B (bounds mu >= 0, or <= V for the
-bounded-dual variant), then polish with projected Newton steps on the active set (the dual is
-piecewise quadratic for L2) to machine precision.
+variables whatever n is. Up to MAX_POLISH_VARIABLES duals: L-BFGS-B, then projected Newton on the
+active set (dense Hessian). Above that (k = 10^3..10^5 cluster labels): the sparse projected
+semismooth Newton of ``m4_newton``, whose Hessian block covers only the shift rows of the free
+duals. A feasible problem the dual path does not certify goes to the primal (Clarabel) and back
+to the Newton finish (``primal_solve``); anything the data cannot give is one ValueError.
+
+Guarantee: status optimal means every moment within its tolerance up to FEASIBILITY_TOL (1e-9)
+of the carrying weight, the budget and held masses within 1e-9 relative, and the KKT residual and
+duality gap in the diagnostics (FALLBACK_FEASIBILITY_TOL, 1e-7, when only the interior-point
+solution is left; ``solver.method`` says which path).
+
+Label values must be among the label's values (declared, or seen): any other is an error, never
+silently left out of the constraints.
+
+hold_labels: each associated label value's mass among the rows carrying the attribute is held
+at its baseline (equalities, free duals), and an attribute without targets is centred per pair at
+its prevalence among the rows carrying both the attribute and the label (``pi_by_pair``). With
+the KL objective, eps = 0 and no budget, the weights are then exactly Kamiran-Calders reweighing
+n_s n_y / (n n_sy) counted over the rows carrying both, and 1 on rows missing either, with null
+labels too.
 
 Per-sample utility would give every sample its own baseline and needs the streaming path (a
 map-reduce of K-vectors per dual evaluation); here utility enters per signature as utility_sum /
