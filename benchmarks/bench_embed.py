@@ -81,7 +81,7 @@ def model_spec(name: str, args, workdir: str) -> EmbedSpec:
         model = f"local-dir:{d}"
     return EmbedSpec(model=model, pretrained="random", precision=args.precision, batch_size=args.batch_size,
                      device=args.device, num_gpus=args.num_gpus, num_cpus=args.threads,
-                     decode_threads=args.decode_threads, jpeg_draft=args.jpeg_draft)
+                     decode_threads=args.decode_threads, jpeg_draft=args.jpeg_draft, image_decode=args.image_decode)
 
 
 def sync(bundle) -> None:
@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads")
     ap.add_argument("--decode-threads", type=int, default=None)
     ap.add_argument("--jpeg-draft", action="store_true")
+    ap.add_argument("--image-decode", default="auto", choices=["auto", "pil", "torch"],
+                    help="embed.image_decode: torch = torchvision/nvJPEG decode + tensor resize (auto: torch on CUDA)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -211,7 +213,8 @@ def main() -> None:
         "benchmark": "open_clip embed stage: per-stage and end-to-end throughput, random-init weights",
         "machine": machine(args),
         "inputs": {"jpeg_long_side": args.long_side, "jpeg_pool": args.pool,
-                   "mean_jpeg_bytes": int(np.mean([len(b) for b in pool])), "jpeg_draft": args.jpeg_draft},
+                   "mean_jpeg_bytes": int(np.mean([len(b) for b in pool])), "jpeg_draft": args.jpeg_draft,
+                   "image_decode": args.image_decode},
         "results": results,
     }
     device = results[0]["device"] if results else "cpu"

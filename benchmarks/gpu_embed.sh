@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU embed throughput (issue 4): ViT-B-32 (random init: speed does not depend on the weights),
-# batch 256, fp16 autocast, images decoded on the host from JPEG bytes (512 px long side), captions
-# tokenised and embedded too. The same command on any machine with a CUDA GPU:
+# batch 256, fp16 autocast, JPEG bytes (512 px long side) decoded by nvJPEG and resized on the GPU
+# (image_decode auto); the _draft run decodes on the host with PIL at a reduced DCT scale; captions
+# tokenised and embedded too. benchmarks/gpu_check.sh is issue 16's whole GPU check (embed, faiss,
+# rebalance). The same command on any machine with a CUDA GPU:
 #
 #     bash benchmarks/gpu_embed.sh            # -> benchmarks/results/embed_cuda.json (+ _draft.json)
 #

@@ -51,7 +51,7 @@ class EmbedSpec(StrictModel):
     precision: Literal["auto", "fp32", "amp", "fp16", "bf16"] = "auto"
     batch_size: int = Field(default=256, gt=0)  # images per model forward
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when num_gpus > 0 and available
-    num_gpus: float = Field(default=0.0, ge=0)  # per actor
+    num_gpus: float = Field(default=0.0, ge=0)  # per actor; 1 with actors = GPUs: one actor per GPU
     num_cpus: float = Field(default=1.0, gt=0)  # per actor; also torch intra-op threads
     actors: int = Field(default=1, gt=0)  # actor pool size
     decode_threads: int | None = Field(default=None, gt=0)  # default: the actor's CPUs
