@@ -169,6 +169,9 @@ class RnbBalance(StrictModel):
     # assigned to the nearest training domain, never clustered separately
     eval_path: str | None = None
     min_sample_rows: int = Field(default=2, gt=0)  # domains with fewer sample rows keep weight 1
+    # largest row weight (expected copies): domain weights above it are clipped and the others
+    # scaled up so the balanced domains keep their rows' expected total; None: no cap
+    max_weight: float | None = Field(default=None, ge=1.0)
     unlabeled: Literal["keep", "drop"] = "keep"  # rows without a value: weight 1, or dropped
     gradient_dim: int = Field(default=65536, gt=0)  # larger gradients are sketched to this size
     seed: int = 0

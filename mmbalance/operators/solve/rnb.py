@@ -123,6 +123,25 @@ def _embedding_columns(stats: CorpusStats, table: pa.Table) -> tuple[str, str]:
     return pick[0], pick[1]
 
 
+def cap_domain_weights(weight: np.ndarray, rows: np.ndarray, max_weight: float) -> np.ndarray:
+    """min(Q, c w_d) with the one c that keeps sum_d n_d w_d: water-filling over the domains (each
+    pass caps at least one more domain, so at most m passes). Needs Q >= the mean weight."""
+    total = float(rows @ weight)
+    capped = np.zeros(len(weight), dtype=bool)
+    out = weight.astype(np.float64).copy()
+    for _ in range(len(weight) + 1):
+        free_mass = float(rows[~capped] @ weight[~capped])
+        if free_mass <= 0:
+            break
+        scale = (total - max_weight * rows[capped].sum()) / free_mass
+        out = np.where(capped, max_weight, scale * weight)
+        over = ~capped & (out > max_weight)
+        if not over.any():
+            break
+        capped |= over
+    return np.minimum(out, max_weight)
+
+
 def _six(x: Any) -> Any:
     return np.vectorize(lambda v: float(f"{v:.6g}"))(np.asarray(x)).tolist()
 
@@ -177,6 +196,10 @@ def solve_rnb(step: RnbBalance, stats: CorpusStats) -> LookupSolution:
     run = proxy_balance(x, t, d_idx, m, step, p_eval, p_init)
     total = n_d.sum()
     w_dom = run.p * total / n_d  # p_d / (n_d / n) over the balanced domains
+    clipped: list[str] = []
+    if step.max_weight is not None and w_dom.max() > step.max_weight:
+        clipped = [domains[d] for d in np.flatnonzero(w_dom > step.max_weight)]
+        w_dom = cap_domain_weights(w_dom, n_d, step.max_weight)
     keys: list[str | None] = []
     weight: list[float] = []
     for v, c in corpus.items():
@@ -204,6 +227,10 @@ def solve_rnb(step: RnbBalance, stats: CorpusStats) -> LookupSolution:
             "gram": [_six(g) for g in run.grams],
             "proxy_loss": _six(run.losses),
             "domain_weight": dict(zip(domains, _six(w_dom))),
+            # the mixture the weights give (p after clipping at max_weight)
+            "p_applied": _six(w_dom * n_d / total),
+            "max_weight": step.max_weight,
+            "clipped_domains": clipped,
             "gradient_sketched": run.sketched,
             "lam": step.lam,
             "rounds": step.rounds,
