@@ -254,12 +254,15 @@ def scale_main() -> None:
                     help="flat vs two-level at k = rows/100 on this many rows (the k=10^4 / 1M ratio)")
     ap.add_argument("--sklearn-rows", type=int, default=100_000)
     ap.add_argument("--budget-s", type=float, default=2400, help="skip k=1e5 when less than 6 min remain")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the flat-vs-two-level proxy")
+    ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name (parts run as separate processes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     t_start = time.perf_counter()
     n, d = args.rows, args.dim
-    out = args.out / f"cluster_scale_{n}x{d}.json"
+    out = args.out / f"cluster_scale_{n}x{d}{'_' + args.tag if args.tag else ''}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cluster.py --scale " + " ".join(sys.argv[1:]),
@@ -304,7 +307,7 @@ def scale_main() -> None:
         print(rec, flush=True)
         return rec
 
-    ks = [int(v) for v in args.ks.split(",")]
+    ks = [int(v) for v in args.ks.split(",") if v]
     for k in ks:
         if k >= 100_000 and time.perf_counter() - t_start > args.budget_s - 360:
             res["runs"].append({"label": f"two_level k={k}", "skipped": "the time budget left was under 6 minutes"})
@@ -320,16 +323,25 @@ def scale_main() -> None:
     # flat at k = 10^4 over 10^6 rows is hours on this machine: compare at the same points per
     # centroid (100) on a seeded subset instead, both evaluated on the subset itself
     m = args.proxy_rows
-    sub = x[np.sort(np.random.default_rng([args.seed, 2]).choice(n, size=m, replace=False))]
+    if args.no_proxy:
+        m = 0
+    sub = x[:0] if not m else x[np.sort(np.random.default_rng([args.seed, 2]).choice(n, size=m, replace=False))]
     kp = m // 100
     ev = sub[: min(len(sub), args.eval_rows)]
-    two = run(f"proxy two_level k={kp} on {m} rows", sub, kp, ev, method="two_level")
-    flat = run(f"proxy flat k={kp} on {m} rows", sub, kp, ev, method="flat")
-    res["flat_proxy"] = {"rows": m, "k": kp, "points_per_centroid": 100, "cosine_two_level_vs_flat": two["mean_cosine"] / flat["mean_cosine"] - 1.0,
-                         "speedup_cpu": flat["fit_cpu_s"] / two["fit_cpu_s"],
-                         "why": "a flat k=10,000 fit over 1M x 512 (~1e13 flops per iteration) does not fit this machine's "
-                                "time; this compares both methods at the same 100 points per centroid"}
-    save()
+    two = flat = None
+    if m:
+        two = run(f"proxy two_level k={kp} on {m} rows", sub, kp, ev, method="two_level")
+        flat = run(f"proxy flat k={kp} on {m} rows", sub, kp, ev, method="flat")
+        res["flat_proxy"] = {
+            "rows": m, "k": kp, "points_per_centroid": 100,
+            "cosine_two_level_vs_flat": two["mean_cosine"] / flat["mean_cosine"] - 1.0,
+            "speedup_cpu": flat["fit_cpu_s"] / two["fit_cpu_s"],
+            "why": "a flat k=10,000 fit over 1M x 512 (~1e13 flops per iteration) does not fit this machine's "
+                   "time; this compares both methods at the same 100 points per centroid as k=10,000 over 1M"}
+        save()
+    if args.no_sklearn:
+        print(f"wrote {out}")
+        return
 
     # sklearn at the same data (a subset: its Lloyd is single-threaded Elkan/Lloyd in float32)
     from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -347,7 +359,7 @@ def scale_main() -> None:
             cpu = time.process_time() - cpu
             rec = {"label": f"{name} k={k}", "rows": ms, "k": k, "fit_s": t, "fit_cpu_s": cpu, "load_avg_before": load,
                    "mean_cosine": _cosine_on(ev, est.cluster_centers_.astype(np.float32)), "eval_rows": len(ev),
-                   "iterations": int(getattr(est, "n_iter_", 0)), "ours_s": ours["fit_s"],
+                   "iterations": int(getattr(est, "n_iter_", 0)), "ours_s": ours["fit_s"], "ours_cpu_s": ours["fit_cpu_s"],
                    "ours_mean_cosine": ours["mean_cosine"]}
             res["runs"].append(rec)
             save()
