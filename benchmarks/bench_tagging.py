@@ -1,9 +1,15 @@
-"""Caption tagging benchmark (issue 5): captions/s on one core for the shipped lexicons
-(perceived gender, age group, 54 occupations) with the chosen matcher against the alternatives,
+"""Caption tagging benchmark (issues 5, 15): captions/s on one core for the shipped lexicons
+(perceived gender, age group, occupations) with the chosen matcher against the alternatives,
 and metadata matching with a large entry list.
 
     .venv/bin/python benchmarks/bench_tagging.py                   # 1M captions
     .venv/bin/python benchmarks/bench_tagging.py --rows 200000     # fewer
+    .venv/bin/python benchmarks/bench_tagging.py --only-trie --baseline OLD.json   # compare with a run of older code
+
+``trie`` is ``LexiconTagger.counts`` (the dense per-value matrix, the figure earlier runs
+recorded); ``trie_tags`` is ``tag(hits=False)``, the tag column the scan uses; ``trie_coverage``
+is ``tag_with_coverage``, what the scan runs per caption source (tags plus the untagged-words
+summary). Load averages before and after are recorded: the machine is shared.
 
 Matchers compared (all case-insensitive, whole-word):
 - ``trie``: mmbalance.operators.lexicon (pyarrow tokenise + one hash lookup per token + a numpy
@@ -87,7 +93,10 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=50_000, help="metadata entries for the metadata benchmark")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--only-trie", action="store_true", help="skip the alternative matchers and metadata")
+    ap.add_argument("--baseline", default=None, help="a JSON of an earlier run to record beside this one")
     args = ap.parse_args()
+    load_before = os.getloadavg()
 
     vocabs = [load_vocabulary(n) for n in SHIPPED]
     phrase_value = {}
@@ -120,6 +129,15 @@ def main() -> None:
     secs, _ = bench(lambda arr, _c: bare.counts(arr), captions, args.batch)
     results["matchers"]["trie_no_rules"] = {"rows": args.rows, "seconds": secs, "captions_per_s": args.rows / secs}
     print(f"trie (no rules): {args.rows / secs:,.0f} captions/s")
+
+    secs, _ = bench(lambda arr, _c: tagger.tag(arr, hits=False), captions, args.batch)
+    results["matchers"]["trie_tags"] = {"rows": args.rows, "seconds": secs, "captions_per_s": args.rows / secs}
+    print(f"trie tags: {args.rows / secs:,.0f} captions/s")
+    secs, _ = bench(lambda arr, _c: tagger.tag_with_coverage(arr), captions, args.batch)
+    results["matchers"]["trie_coverage"] = {"rows": args.rows, "seconds": secs, "captions_per_s": args.rows / secs}
+    print(f"trie tags + coverage: {args.rows / secs:,.0f} captions/s")
+    if args.only_trie:
+        return finish(args, results, load_before)
 
     body = "|".join(re.escape(p).replace(r"\ ", r"[\s_-]+") for p in phrases)
     regex = re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)
@@ -183,6 +201,17 @@ def main() -> None:
                            "compile_s": compile_s, "mean_matches_last_batch": float(pc.mean(pc.list_value_length(last)).as_py())}
     print(f"metadata ({len(entries)} entries): {args.rows / secs:,.0f} captions/s (compile {compile_s:.1f} s)")
 
+    finish(args, results, load_before)
+
+
+def finish(args, results: dict, load_before) -> None:
+    results["loadavg_before"], results["loadavg_after"] = list(load_before), list(os.getloadavg())
+    if args.baseline:
+        base = json.loads(Path(args.baseline).read_text())
+        results["baseline"] = base
+        ref = base["matchers"]["trie"]["captions_per_s"]
+        results["vs_baseline_trie"] = {k: v["captions_per_s"] / ref for k, v in results["matchers"].items()
+                                       if k.startswith("trie") and "captions_per_s" in v}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tagging_{args.rows}.json"

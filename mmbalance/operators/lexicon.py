@@ -119,7 +119,10 @@ class Encoded:
 
     ids: np.ndarray  # int32 per token
     offsets: np.ndarray  # int64, n + 1
-    tokens: pa.Array | None = None  # the token strings (for coverage)
+    tokens: pa.Array | None = None  # the token strings
+    # with ``encode(..., words=True)``: each token's index into ``words``, the batch's distinct tokens
+    codes: np.ndarray | None = None
+    words: pa.Array | None = None
 
     @property
     def num_rows(self) -> int:
@@ -183,11 +186,19 @@ class PhraseMatcher:
     def token_id(self, token: str) -> int:
         return self._token_id.get(token, -1)
 
-    def encode(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> Encoded:
+    def encode(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None], words: bool = False) -> Encoded:
+        """Token ids; with ``words`` also the batch's distinct tokens, found by one dictionary
+        encoding whose (small) dictionary is then looked up, instead of a lookup per token."""
         toks = tokenize(captions)
         value_set = self.tokens if pa.types.is_string(toks.tokens.type) else pc.cast(self.tokens, toks.tokens.type)
-        ids = pc.fill_null(pc.index_in(toks.tokens, value_set=value_set), -1)
-        return Encoded(ids.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), toks.offsets, toks.tokens)
+        if not words:
+            ids = pc.fill_null(pc.index_in(toks.tokens, value_set=value_set), -1)
+            return Encoded(ids.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), toks.offsets, toks.tokens)
+        encoded = pc.dictionary_encode(toks.tokens)
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        word_ids = pc.fill_null(pc.index_in(encoded.dictionary, value_set=value_set), -1).to_numpy(zero_copy_only=False)
+        ids = word_ids.astype(np.int32)[codes] if len(codes) else np.zeros(0, np.int32)
+        return Encoded(ids, toks.offsets, toks.tokens, codes, encoded.dictionary)
 
     def find(self, enc: Encoded) -> Matches:
         ids, offsets = enc.ids, enc.offsets
@@ -415,7 +426,7 @@ class LexiconTagger:
                           counters: int = COVERAGE_COUNTERS) -> tuple[pa.Table, dict[str, dict]]:
         """``tag`` plus, per attribute, what the vocabulary missed (``coverage_counts``): captions,
         captions tagged, and a Misra-Gries summary of the words of untagged captions."""
-        enc = self.matcher.encode(captions)
+        enc = self.matcher.encode(captions, words=coverage)
         (start, length, found_attr), row, attr, value = self._kept(enc)
         n = enc.num_rows
         data: dict[str, pa.Array] = {}
@@ -512,13 +523,15 @@ class BatchWords:
 
     @classmethod
     def of(cls, enc: Encoded, stop_words: StopWords) -> "BatchWords":
-        encoded = pc.dictionary_encode(enc.tokens)
-        words = encoded.dictionary
+        if enc.codes is None:
+            encoded = pc.dictionary_encode(enc.tokens)
+            codes, words = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), encoded.dictionary
+        else:
+            codes, words = enc.codes, enc.words
         length = pc.utf8_length(words)
         eligible = pc.and_(pc.and_(pc.invert(pc.is_in(words, value_set=stop_words.words)), pc.utf8_is_alpha(words)),
                            pc.greater_equal(length, MIN_WORD_LETTERS))
-        return cls(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), words,
-                   eligible.to_numpy(zero_copy_only=False), pc.greater(length, 0).to_numpy(zero_copy_only=False))
+        return cls(codes, words, eligible.to_numpy(zero_copy_only=False), pc.greater(length, 0).to_numpy(zero_copy_only=False))
 
 
 def coverage_counts(enc: Encoded, tags: pa.Array, match_start: np.ndarray, match_length: np.ndarray,
@@ -529,8 +542,10 @@ def coverage_counts(enc: Encoded, tags: pa.Array, match_start: np.ndarray, match
     lengths = np.diff(enc.offsets)
     untagged = tags.is_null().to_numpy(zero_copy_only=False)
     # splitting a blank or padded caption yields empty tokens: a caption is one with a real token
-    real = words.nonempty[words.ids]
-    has_words = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[real], minlength=len(lengths)) > 0
+    empty_words = np.flatnonzero(~words.nonempty)  # at most one: ""
+    empty = np.flatnonzero(words.ids == empty_words[0]) if len(empty_words) else np.zeros(0, np.int64)
+    empties = np.bincount(np.searchsorted(enc.offsets, empty, side="right") - 1, minlength=len(lengths))
+    has_words = lengths - empties[: len(lengths)] > 0
     covered = np.zeros(len(enc.ids) + 1, np.int64)
     if len(match_start):  # +1 at each match start, -1 after its end: positive inside a match
         np.add.at(covered, match_start, 1)
