@@ -9,6 +9,11 @@ Three layers, each usable alone:
   * ``embed_table`` (plain function on an Arrow table), ``EmbedBatches`` (Ray Data callable class,
     ``pa.Table`` in and out) and ``embed_shard`` (streams one shard).
 
+Images reach the model one of two ways (``embed.image_decode``): PIL decodes, resizes and crops on the
+decode threads (open_clip's own transform), or, on CUDA by default, whole RGB/grey JPEGs are decoded
+in one batched nvJPEG call and resized as tensors on the GPU by the prefetch thread on a side stream
+while the model runs the previous batch; every other format goes through PIL with the same reasons.
+
 Outputs are L2-normalised float16 fixed_size_list columns (see ``mmbalance.schemas.embed``).
 torch and open_clip are imported lazily: the module imports without the ``embed`` extra.
 """
