@@ -15,3 +15,4 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[dev,embed]"
+bash scripts/setup_consumers.sh  # .venv-consumers: mosaicml-streaming + HF datasets for the export round trips

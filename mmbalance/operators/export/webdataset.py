@@ -204,6 +204,9 @@ class WebdatasetExporter(Exporter):
             "share_deviation": {d.name: round(sd, 9) for (d, _), sd in zip(live, sds)},
             "max_expected_share_deviation": round(max(sds, default=0.0), 9),
             "within_bound": max(sds, default=0.0) <= opts.max_share_deviation,
+            **({} if max(sds, default=0.0) <= opts.max_share_deviation or opts.shard_size is not None else {
+                "note": "even one-sample tars exceed the bound: an epoch this short cannot hold the shares closer "
+                        "(sampling alone gives sqrt(t (1 - t) / N)); raise --epoch-size or max_share_deviation"}),
             "meaning": "standard deviation of a domain's share of one open_clip --dataset-resampled epoch of "
                        "train_num_samples samples (whole tars drawn with replacement by factor); an upper estimate",
         }
