@@ -4,8 +4,11 @@
   text or their normalised mean) without per-row Python.
 - ``BottomKSampler`` / ``merge_samples``: a seeded uniform sample (or one capped per stratum) that
   is the same whatever the shard split, so per-shard samples merge exactly in bounded memory.
-- ``fit_kmeans``: spherical k-means with faiss; ``KMeansModel`` saves centroids (npy) + metadata (json).
-- ``assign`` / ``ClusterAssigner``: nearest centroid by cosine, one batch at a time (Ray Data operator).
+- ``fit_kmeans``: spherical k-means with faiss, run to convergence with restarts while cheap; at
+  large k (``TWO_LEVEL_MIN_K``) in two levels (coarse cells, each split by size, IVF-refined);
+  ``KMeansModel`` saves centroids (npy) + metadata (json).
+- ``assign`` / ``cluster_index`` / ``ClusterAssigner``: exact nearest centroid by cosine (a flat
+  search over all centroids, on a GPU when faiss sees one), one batch at a time.
 - ``silhouette_cosine`` / ``sweep_k``: R&B Regroup's choice of k on a subsample.
 - ``sbcl_subclass_counts`` / ``fit_subclasses``: SBCL subclasses inside each class.
 
@@ -27,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.operators.dedup import hash_uids
+# embedding columns as matrices and the sample priority hash live below the stages; re-exported here
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority  # noqa: F401
 from mmbalance.operators.validate import _to_array
 
 EmbeddingSource = Literal["image", "text", "mean"]
@@ -75,50 +79,6 @@ class EmbeddingSpec:
         return unit_rows(*embedding_matrix(table.column(self.columns[0])))
 
 
-def _one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    # combine_chunks copies even a single chunk; a batch is almost always one chunk
-    if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
-        return column.chunk(0)
-    return _to_array(column)
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float16/float32 matrix of a list or fixed_size_list column and a mask of non-null rows.
-
-    A single-chunk fixed_size_list without null values is a zero-copy view of Arrow's buffer;
-    null rows of a variable-size list are zero-filled, a non-null row of the wrong length is an error.
-    """
-    arr = _one_array(column)
-    n = len(arr)
-    valid = ~arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.ones(n, bool)
-    if pa.types.is_fixed_size_list(arr.type):
-        d = arr.type.list_size
-        flat = arr.values.slice(arr.offset * d, n * d)
-        if flat.null_count:  # null child values: those rows are unusable
-            child_null = flat.is_null().to_numpy(zero_copy_only=False).reshape(n, d).any(axis=1)
-            valid &= ~child_null
-            flat = flat.fill_null(0)
-        return flat.to_numpy(zero_copy_only=False).reshape(n, d), valid
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        raise TypeError(f"embedding column must be a list or fixed_size_list of floats, got {arr.type}")
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-    seen = np.unique(lengths[valid])
-    d = int(seen[0]) if len(seen) else dim
-    if d is None:  # no non-null row (or no row): nothing to decode, every row unusable
-        return np.zeros((n, 0), np.float32), valid
-    if len(seen) > 1 or (dim is not None and d != dim):
-        raise ValueError(f"embedding rows have lengths {seen.tolist()}, expected one length{f' {dim}' if dim else ''}")
-    flat = arr.flatten()  # skips null rows
-    if flat.null_count:
-        flat = flat.fill_null(float("nan"))  # NaN marks the row unusable in unit_rows
-    values = flat.to_numpy(zero_copy_only=False).reshape(-1, d)
-    if valid.all():
-        return values, valid
-    out = np.zeros((n, d), values.dtype)
-    out[valid] = values
-    return out, valid
-
-
 def unit_rows(matrix: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Float32 copy of ``matrix`` with unit-norm rows; rows with NaN/inf or zero norm become unusable
     (zeros in the output, False in the mask)."""
@@ -140,30 +100,7 @@ def _as_unit(data: np.ndarray | pa.Table, embedding: EmbeddingSpec | None) -> tu
     return unit_rows(data)
 
 
-def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    """A matrix as an Arrow fixed_size_list column (zero-copy for a contiguous float matrix)."""
-    m = np.ascontiguousarray(matrix)
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
-
-
 # --------------------------------------------------------------------------- sampling
-
-_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint64(30))
-    h = h * _M1
-    h = h ^ (h >> np.uint64(27))
-    h = h * _M2
-    return h ^ (h >> np.uint64(31))
-
-
-def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
-    """Uniform uint64 priority per uid: a function of (uid, seed) only, so every shard agrees."""
-    salt = _splitmix64(np.array([int(seed) % 2**64], np.uint64) * _GOLDEN + _GOLDEN)
-    return _splitmix64(hash_uids(uids) ^ salt)
-
 
 SAMPLE_UID, SAMPLE_PRIORITY, SAMPLE_STRATUM, SAMPLE_EMBEDDING = "uid", "priority", "stratum", "embedding"
 
