@@ -258,8 +258,9 @@ def export_cmd(
     dest: Optional[str] = typer.Option(None, "--dest", help="Output directory (default OUT/export)."),
     input_uri: Optional[str] = typer.Option(None, "--input", help="Where the source shards are now (default: run.json input)."),
     epoch_size: Optional[int] = typer.Option(None, "--epoch-size", help="Samples per epoch (--train-num-samples); default the manifest's repeats."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per webdataset tar."),
-    copies: Optional[str] = typer.Option(None, "--copies", help="once | repeats: per-domain formats hold each sample once or once per repeat."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per webdataset tar (default: sized so an epoch's domain shares stay within --max-share-deviation)."),
+    max_share_deviation: Optional[float] = typer.Option(None, "--max-share-deviation", help="Per-epoch domain share standard deviation the tar size is chosen for (default 0.01)."),
+    copies: Optional[str] = typer.Option(None, "--copies", help="repeats (default): every row drawn in proportion to its repeats | once: each row once, domain mixing only."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Write trainer-ready files (open_clip TSV/webdataset + command line, big_vision, HF, DataComp) from a run, without recomputing."""
@@ -286,6 +287,8 @@ def export_cmd(
                 data[key] = value
         if shard_size is not None:
             data["webdataset"] = {**(data.get("webdataset") or {}), "shard_size": shard_size}
+        if max_share_deviation is not None:
+            data["webdataset"] = {**(data.get("webdataset") or {}), "max_share_deviation": max_share_deviation}
         try:
             opts = ExportOptions.model_validate(data)
             opts.domain.column_name()

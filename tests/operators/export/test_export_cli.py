@@ -25,6 +25,14 @@ def test_export_command(tmp_path):
     assert spec["open_clip_command"] in res.output
     assert (tmp_path / "run" / "export" / "datacomp" / "uids.npy").is_file()
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "run" / "manifest").iterdir()) == manifest_before
+    mixture = json.loads((tmp_path / "run" / "export" / "mixture.json").read_text())
+    assert mixture["open_clip"]["webdataset"]["open_clip_command"] == spec["open_clip_command"]
+    assert mixture["copies"] == "repeats" and mixture["open_clip"]["webdataset"]["epoch"]["shard_size"] == 5
+    sized = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "webdataset", "--domain", "occupation",
+                                "--max-share-deviation", "0.2", "--epoch-size", "1000"])
+    assert sized.exit_code == 0, sized.output
+    epoch = json.loads((tmp_path / "run" / "export" / "mixture.json").read_text())["open_clip"]["webdataset"]["epoch"]
+    assert epoch["max_share_deviation"] == 0.2 and epoch["within_bound"] and epoch["shard_size_from"] == "max_share_deviation"
     bad = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "csv", "--domain", "nope"])
     assert bad.exit_code == 2 and "tag.nope" in bad.output
     none = runner.invoke(app, ["export", str(tmp_path / "run")])
