@@ -106,28 +106,31 @@ def test_validate_scratch_inside_the_input_is_not_read_as_input(small, monkeypat
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigterm_under_local_executor_says_so_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_sigterm_says_so_in_one_line_and_the_rerun_resumes(tmp_path, executor):
     corpus = write_shards(tmp_path / "corpus", {f"s{i:02d}.parquet": held_out_table(1000, i) for i in range(8)})
     (tmp_path / "r.yaml").write_text(RECIPE_FROM_ISSUE + "report: {html: false, leakage: false}\n")
 
-    def cli(out: Path) -> list[str]:
+    def cli(out: Path, executor: str) -> list[str]:
         return [sys.executable, "-m", "mmbalance.cli", "rebalance", str(corpus), "--out", str(out),
-                "--recipe", str(tmp_path / "r.yaml"), "--executor", "local", "-q"]
+                "--recipe", str(tmp_path / "r.yaml"), "--executor", executor, "--num-cpus", "1", "-q"]
 
     clean = rebalance_in_process(corpus, tmp_path / "clean", tmp_path / "r.yaml")
     assert clean.exit_code == 0, clean.stderr
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli(out), env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cli(out, executor), env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started: list[psutil.Process] = []
     try:
         markers = out / "_done" / "scan"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 150
         while proc.poll() is None and time.monotonic() < deadline:
             if markers.exists() and any(markers.glob("*.json")):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "the run ended before one shard was scanned"
+        started = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -135,7 +138,11 @@ def test_sigterm_under_local_executor_says_so_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     assert one_error_line(err) == "mmbalance: error: terminated; rerun the same command to resume"
     assert not (out / "report.json").exists() and not list(out.rglob(".tmp-*"))
-    rerun = subprocess.run(cli(out), env=ENV, capture_output=True, text=True, timeout=200)
+    deadline = time.monotonic() + 20  # the run's Ray (if any) is stopped with it
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started), [(p.pid, p.name()) for p in _alive(started)]
+    rerun = subprocess.run(cli(out, "local"), env=ENV, capture_output=True, text=True, timeout=200)
     assert rerun.returncode == 0, rerun.stderr
     assert manifest(out) == manifest(tmp_path / "clean")
 
