@@ -28,7 +28,7 @@ from mmbalance.operators.cluster import (
     fit_kmeans,
     unit_rows,
 )
-from mmbalance.operators.solve.waterfill import waterfill_quotas
+from mmbalance.operators.quotas import waterfill_quotas
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.operators import cluster
-from mmbalance.pipeline.stages import drop_rows
+from mmbalance.pipeline.rows import drop_rows
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
@@ -40,7 +40,7 @@ def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table
     """Up to ``sample.size`` image embeddings of an evaluation shard directory (first rows in shard
     order: evaluation sets are small), as the ``image_emb`` column; bad rows are skipped."""
     from mmbalance.pipeline.shards import discover_shards
-    from mmbalance.pipeline.stages import SAMPLE_IMAGE, read_batches
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, read_batches
 
     column = recipe.input.columns.image_embedding
     if not column:
@@ -95,14 +95,14 @@ def _embedding(spec: ClusterSpec | SubclassSpec, image: str | None, text: str | 
 
 
 def sample_embedding(spec) -> cluster.EmbeddingSpec:
-    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT
 
     return _embedding(spec, SAMPLE_IMAGE, SAMPLE_TEXT)
 
 
 def source_embedding(spec, recipe: Recipe) -> cluster.EmbeddingSpec:
     """The embedding columns as the assign stage reads them (source shard or embeddings sidecar)."""
-    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
 
     cols = embedding_columns(recipe)
     return _embedding(spec, cols.get(SAMPLE_IMAGE), cols.get(SAMPLE_TEXT))
@@ -213,7 +213,7 @@ def zero_shot_tags(spec, classes, table: pa.Table, columns: dict[str, str], sour
 def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int,
                ctx=None) -> tuple[pa.Table, dict[str, Any]]:
     """Fit every zero-shot, cluster and subclass model on the sample; returns the sample with their tags."""
-    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT
 
     info: dict[str, Any] = {"sample_rows": sample.num_rows}
     for spec in recipe.deferred_tags():
@@ -319,7 +319,7 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
     read from their shard (only shards holding a missing row are read).
 
     Returns (table with shard_index, row, stratum, image_emb/text_emb; and a record of the caps)."""
-    from mmbalance.pipeline.stages import embedding_batches, embedding_columns
+    from mmbalance.pipeline.rows import embedding_batches, embedding_columns
 
     if not sizes:
         raise InputError(f"subclasses {spec.name}: no valid row carries '{spec.of}'")
@@ -436,7 +436,7 @@ def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -
     """Zero-shot, cluster and subclass tags for one batch of valid rows (``batch``: their
     embeddings), and the zero-shot audit counts."""
     from mmbalance.operators.zero_shot import sample_uids
-    from mmbalance.pipeline.stages import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
     from mmbalance.schemas.contract import fired_column
 
     recipe = ctx.recipe

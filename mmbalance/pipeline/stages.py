@@ -13,17 +13,22 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
-from mmbalance.operators import cluster, dedup, stats, tag, validate, weigh
+from mmbalance.operators import dedup, stats, tag, validate, weigh
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority
 from mmbalance.operators.solve import solution_from_dict
 from mmbalance.pipeline.plan import check_accounting
+from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* and read_batches are used through this module too
+    SAMPLE_IMAGE,
+    SAMPLE_TEXT,
+    drop_rows,
+    embedding_batches,
+    embedding_columns,
+    read_batches,
+)
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
-
-
-SAMPLE_IMAGE, SAMPLE_TEXT = "image_emb", "text_emb"  # embedding columns of the fit sample
 
 
 @dataclass(frozen=True)
@@ -101,37 +106,8 @@ def row_tagger(recipe: Recipe) -> tag.RowTagger:
     return _row_tagger(recipe.model_dump_json())
 
 
-def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
-    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
-    match) is an input error naming the file."""
-    try:
-        pfile = pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
-        batches = pfile.iter_batches(batch_size=batch_rows, columns=columns)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            yield pa.Table.from_batches([batch])
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})") from None
-
-
-def embedding_columns(recipe: Recipe) -> dict[str, str]:
-    """Embedding columns by sample-table name, in the source shards or (with ``embed``) the sidecar."""
-    if recipe.embed is not None:
-        return {SAMPLE_IMAGE: SAMPLE_IMAGE, SAMPLE_TEXT: SAMPLE_TEXT}
-    cols = recipe.input.columns
-    out = {}
-    if cols.image_embedding:
-        out[SAMPLE_IMAGE] = cols.image_embedding
-    if cols.text_embedding:
-        out[SAMPLE_TEXT] = cols.text_embedding
-    return out
-
-
 def _sample_candidates(ctx: RunContext, table: pa.Table, tags: pa.Table, keep: np.ndarray) -> pa.Table | None:
-    priority = cluster.sample_priority(tags.column("uid"), ctx.recipe.sample.seed)
+    priority = sample_priority(tags.column("uid"), ctx.recipe.sample.seed)
     chosen = np.flatnonzero(priority <= np.uint64(ctx.sample_threshold))
     if len(chosen) == 0:
         return None
@@ -139,8 +115,8 @@ def _sample_candidates(ctx: RunContext, table: pa.Table, tags: pa.Table, keep: n
     if ctx.recipe.embed is not None:
         return out  # embeddings are made later: the fit attaches them from embeddings/
     for name, column in embedding_columns(ctx.recipe).items():
-        matrix, _ = cluster.embedding_matrix(table.column(column).take(pa.array(keep[chosen])), dict(ctx.embedding_dims)[column])
-        out = out.append_column(name, cluster.fixed_size_list(matrix.astype(np.float16)))
+        matrix, _ = embedding_matrix(table.column(column).take(pa.array(keep[chosen])), dict(ctx.embedding_dims)[column])
+        out = out.append_column(name, fixed_size_list(matrix.astype(np.float16)))
     return out
 
 
@@ -241,7 +217,6 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-
 # -- signatures: per-shard counts of valid, first-occurrence rows -------------------------------
 
 
@@ -256,13 +231,6 @@ def entry_count_table(entries: pa.ChunkedArray | pa.Array, weights: np.ndarray |
     nz = np.flatnonzero(counts)
     count = pa.array(counts[nz], pa.float64() if weights is not None else pa.int64())
     return pa.table({"entry_id": pa.array(nz, pa.int32()), "count": count})
-
-
-def drop_rows(tags: pa.Table, rows) -> tuple[pa.Table, pa.Table]:
-    if len(rows) == 0:
-        return tags, tags.slice(0, 0)
-    hit = pc.is_in(tags.column("row"), value_set=pa.array(rows, pa.int64()))
-    return tags.filter(pc.invert(hit)), tags.filter(hit)
 
 
 def kept_tags(ctx: RunContext, store: RunStore, shard_id: str, dup_rows) -> pa.Table:
@@ -307,7 +275,6 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-
 # -- weigh: the solution applied, stochastic rounding, manifest --------------------------------
 
 
@@ -343,7 +310,6 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-
 # -- assign: cluster and subclass ids from the fitted models ------------------------------------
 
 
@@ -352,31 +318,6 @@ def _load_models(out: str, digest: str):
     from mmbalance.pipeline.fit import load_models
 
     return load_models(RunStore(out))
-
-
-def embedding_batches(ctx: RunContext, store: RunStore, task: dict[str, Any], valid_rows: np.ndarray):
-    """(rows, table of embedding columns) for the valid rows of a shard, in row order: from the
-    source shard, or from the embeddings sidecar (which lacks the rows the embed stage rejected)."""
-    columns = list(embedding_columns(ctx.recipe).values())
-    if ctx.recipe.embed is not None:
-        sidecar = pq.ParquetFile(store.fs.open_input_file(store.path("embeddings", f"{task['shard_id']}.parquet")))
-        for batch in sidecar.iter_batches(batch_size=ctx.recipe.execution.batch_rows, columns=["row", *columns]):
-            table = pa.Table.from_batches([batch])
-            yield table.column("row").to_numpy(), table.select(columns)
-        return
-    fs, _ = resolve_filesystem(ctx.input_uri)
-    offset, start = 0, 0
-    with fs.open_input_file(task["path"]) as handle:
-        for table in read_batches(handle, task["relpath"], columns, ctx.recipe.execution.batch_rows,
-                                  ctx.recipe.execution.verify_checksums):
-            rows = np.arange(start, start + table.num_rows)
-            start += table.num_rows
-            # valid rows are ascending, so each batch's valid rows are the next slice of them
-            stop = offset + int(np.searchsorted(valid_rows[offset:], rows[-1], side="right")) if len(rows) else offset
-            mine = valid_rows[offset:stop]
-            offset = stop
-            if len(mine):
-                yield mine, table.take(pa.array(mine - rows[0]))
 
 
 @_timed
