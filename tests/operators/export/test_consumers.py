@@ -68,11 +68,23 @@ def _manifest(run: Path) -> tuple[dict[str, int], dict[str, tuple[str, str]]]:
     return kept, src
 
 
-def test_streaming_dataset_epoch_draws_every_uid_repeats_times(run, tmp_path):
+@pytest.fixture(scope="module")
+def streaming(run, tmp_path_factory) -> tuple[dict, dict, dict, dict]:
+    """Both streaming exports (copies: repeats and once) and one StreamingDataset epoch of each,
+    read in a single consumer process."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    repeats = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp / "repeats"), domain={"by": "occupation"}))
+    once = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp / "once"), copies="once", domain={"by": "occupation"}))
+    got = _consume("read_streaming.py", "0", str(tmp / "repeats" / "streaming" / "streams.json"),
+                   str(tmp / "once" / "streaming" / "streams.json"), tmp=tmp)
+    return repeats, got[0], once, got[1]
+
+
+def test_streaming_dataset_epoch_draws_every_uid_repeats_times(run, streaming):
     kept, src = _manifest(run)
     assert len(set(kept.values())) > 1  # the weights differ between rows: the round trip can fail
-    result = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp_path / "out"), domain={"by": "occupation"}))
-    got = _consume("read_streaming.py", str(tmp_path / "out" / "streaming" / "streams.json"), "0", tmp=tmp_path)
+    result, got, _, _ = streaming
+    assert all("repeat" in s for s in result["streaming"]["streams"])
     assert got["uids"] == kept  # one StreamingDataset epoch is the manifest, exactly
     assert got["epoch_size"] == sum(kept.values())
     for uid, (caption, image, repeats) in got["fields"].items():
@@ -80,20 +92,22 @@ def test_streaming_dataset_epoch_draws_every_uid_repeats_times(run, tmp_path):
     assert got["domains"] == result["streaming"]["epoch_samples"]
 
 
-def test_streaming_proportions_with_copies_once(run, tmp_path):
+def test_streaming_proportions_with_copies_once(run, streaming):
     """copies: once: one stream per domain with its target share; StreamingDataset takes
     round(proportion x epoch) samples of each stream, so the domain counts are exact to rounding."""
     kept, _ = _manifest(run)
-    result = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp_path / "out"), copies="once", domain={"by": "occupation"}))
+    _, _, result, got = streaming
     streams = result["streaming"]["streams"]
     assert all("proportion" in s for s in streams)
-    got = _consume("read_streaming.py", str(tmp_path / "out" / "streaming" / "streams.json"), "1", tmp=tmp_path)
     n = got["epoch_size"]
     assert abs(n - len(kept)) <= len(streams)
+    by_dir = {v["dir"]: name for name, v in result["mixture"]["domains"].items()}
+    proportion = {by_dir[Path(s["local"]).name]: s["proportion"] for s in streams}
     mix = result["mixture"]["domains"]
-    for domain, count in got["domains"].items():
-        assert abs(count - mix[domain]["target_share"] * n) <= 1, domain
-    assert set(got["uids"]) <= set(kept)
+    for domain, p in proportion.items():
+        assert p == pytest.approx(mix[domain]["target_share"] / sum(mix[d]["target_share"] for d in proportion))
+        assert abs(got["domains"].get(domain, 0) - p * n) <= 1, domain
+    assert sum(got["domains"].values()) == n and set(got["uids"]) <= set(kept)
 
 
 def test_hf_loader_epoch_and_interleave(run, tmp_path):
