@@ -323,7 +323,9 @@ class _Dual:
         ``rows`` x ``rows`` block."""
         _, _, curv, _ = self.primal(x)
         NT = self.NT if rows is None else self.NT[rows]
-        return (NT.multiply((self.p.weight * curv)[None, :]).tocsr() @ NT.T).tocsr()
+        scaled = NT.copy()
+        scaled.data *= (self.p.weight * curv)[NT.indices]  # N' D without a broadcast (COO) product
+        return (scaled @ NT.T).tocsr()
 
     def hessian(self, x: np.ndarray) -> np.ndarray:
         """Minus the (generalised) Hessian of the dual: T' N' diag(w dq/dt) N T (dense)."""
