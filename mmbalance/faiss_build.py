@@ -62,6 +62,17 @@ def check_installation(installed: dict[str, str] | None = None) -> None:
         )
 
 
+def import_faiss():
+    """``import faiss`` for mmbalance's modules: one build installed, else a one-line error with the fix."""
+    installed = installed_distributions()
+    check_installation(installed)
+    try:
+        import faiss
+    except ImportError as err:
+        raise FaissInstallError(f"import faiss failed ({', '.join(installed)} installed): {str(err).splitlines()[0]}") from None
+    return faiss
+
+
 def describe() -> dict:
     """The installed distributions, the imported module, whether it has GPU support and how many GPUs it sees."""
     out: dict = {"distributions": installed_distributions()}

@@ -79,3 +79,15 @@ def test_check_reports_this_install_and_refuses_missing_gpus():
     lines = refused.stderr.strip().splitlines()
     assert lines and all(ln.startswith("faiss_build: ") for ln in lines)
     assert ("--use gpu" in lines[0]) if not report["gpu_build"] else ("sees 0 GPUs" in lines[0])
+
+
+def test_import_faiss_names_the_fix(monkeypatch):
+    import faiss
+
+    assert faiss_build.import_faiss() is faiss  # this environment: exactly one build
+    monkeypatch.setattr(faiss_build, "installed_distributions", lambda: {})
+    with pytest.raises(FaissInstallError, match="faiss is not installed: pip install faiss-cpu"):
+        faiss_build.import_faiss()
+    monkeypatch.setattr(faiss_build, "installed_distributions", lambda: {"faiss-cpu": "1", "faiss-gpu-cu12": "1"})
+    with pytest.raises(FaissInstallError, match="2 faiss builds are installed"):
+        faiss_build.import_faiss()
