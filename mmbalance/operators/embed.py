@@ -6,8 +6,8 @@ Three layers, each usable alone:
     exception. No torch needed.
   * ``load_model(spec) -> ModelBundle``: the model, tokenizer, preprocessing and the record of what was
     loaded (``bundle.info``: name, tag, checkpoint sha256, dim, versions) for run.json and sidecars.
-  * ``embed_table`` (plain function on an Arrow table), ``EmbedBatches`` (Ray Data callable class,
-    ``pa.Table`` in and out) and ``embed_shard`` (streams one shard).
+  * ``embed_table`` (plain function on an Arrow table) and ``embed_shard`` (streams one shard; the
+    embed stage runs it on an actor pool).
 
 Images reach the model one of two ways (``embed.image_decode``): PIL decodes, resizes and crops on the
 decode threads (open_clip's own transform), or, on CUDA by default, whole RGB/grey JPEGs are decoded
@@ -929,49 +929,6 @@ def embed_table(
     text = Half(txt_vals, txt_ok, txt_reason) if captions is not None else None
     return assemble(uid_strings(table.column(columns.uid)), np.asarray(rows, np.int64), image, text, dim, shard,
                     bundle.spec.on_image_error, bundle.spec.on_missing_caption, bundle.info)
-
-
-class EmbedBatches:
-    """Ray Data callable class: ``ds.map_batches(EmbedBatches, fn_constructor_kwargs=...,
-    batch_format="pyarrow", compute=ActorPoolStrategy(size=spec.actors), **spec.resources())``.
-
-    The model is loaded once per actor. Returns every input row: ``keep`` columns, ``row``, the
-    embeddings, ``embed_note`` and ``embed_reject_reason`` (null for kept rows). Row indices come from
-    the batch's ``row`` column when present, else 0..n-1.
-    """
-
-    def __init__(self, spec: EmbedSpec | dict, columns: EmbedColumns | dict, keep: tuple[str, ...] = (),
-                 shard: str = "", image_base: str | None = None):
-        self.spec = EmbedSpec.model_validate(spec) if isinstance(spec, dict) else spec
-        self.columns = EmbedColumns(**columns) if isinstance(columns, dict) else columns
-        self.keep = tuple(keep)
-        self.shard = shard
-        self.bundle = load_model(self.spec, num_threads=self.spec.threads())
-        fs, base = (None, None)
-        if image_base:
-            from mmbalance.pipeline.store import resolve_filesystem
-
-            fs, base = resolve_filesystem(image_base)
-        self.source = ImageSource(fs, base)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        rows = (batch.column("row").to_numpy() if "row" in batch.column_names
-                else np.arange(n, dtype=np.int64)).astype(np.int64)
-        sidecar, rejects = embed_table(batch, self.bundle, self.columns, self.shard, rows=rows, source=self.source)
-        pos = {int(r): i for i, r in enumerate(rows)}
-        where = np.full(n, -1, np.int64)
-        where[[pos[int(r)] for r in sidecar.column("row").to_pylist()]] = np.arange(sidecar.num_rows)
-        take = pa.array(where, mask=where < 0)
-        reasons = np.full(n, None, dtype=object)
-        for r, reason in zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist()):
-            reasons[pos[int(r)]] = reason
-        out = {c: batch.column(c) for c in self.keep if c != "row"}
-        out["row"] = pa.array(rows, pa.int64())
-        for c in (IMAGE_EMB, TEXT_EMB, EMBED_NOTE):
-            out[c] = sidecar.column(c).take(take)
-        out[REJECT_REASON] = pa.array(reasons.tolist(), pa.string())
-        return pa.table(out)
 
 
 def embed_shard(

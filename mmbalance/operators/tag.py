@@ -155,13 +155,3 @@ def coverage_section(audit: dict[str, Any], top: int = 50) -> dict[str, Any]:
 def tag_rows(table: pa.Table, recipe: Recipe, rows: np.ndarray) -> pa.Table:
     """The tags table of ``table``; ``rows`` are the source row indices of its rows."""
     return RowTagger(recipe)(table, rows)[0]
-
-
-class ColumnTagger:
-    """Ray Data operator: a batch of source rows in, its tags table out (``row`` counts within the batch)."""
-
-    def __init__(self, recipe: Recipe):
-        self.tagger = RowTagger(recipe)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.tagger(batch, np.arange(batch.num_rows))[0]

@@ -1,7 +1,6 @@
 """Row-level validation: every row is either valid or rejected with a one-line reason.
 
-Usable as a plain function on an Arrow table (``validate_rows``) and as a Ray Data operator
-(``RowValidator`` with ``map_batches(..., batch_format="pyarrow")``, which keeps the valid rows).
+A plain function on an Arrow table (``validate_rows``); the scan stage calls it per batch.
 """
 
 from __future__ import annotations
@@ -223,21 +222,3 @@ def validate_rows(
         key = r.split(":")[0] if r.startswith("attribute") else r.split(" (")[0]
         counts[key] = counts.get(key, 0) + 1
     return ValidationResult(valid=~reasons.bad, rejects=rejects, reason_counts=counts)
-
-
-REJECT_REASON_COLUMN = "reject_reason"
-
-
-class RowValidator:
-    """Ray Data operator: adds ``reject_reason`` (null for valid rows); no row is dropped here."""
-
-    def __init__(self, recipe: Recipe, embedding_dims: dict[str, int]):
-        self.recipe = recipe
-        self.embedding_dims = embedding_dims
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        result = validate_rows(batch, self.recipe, self.embedding_dims)
-        reasons = [None] * batch.num_rows
-        for row, reason in zip(result.rejects.column("row").to_pylist(), result.rejects.column("reason").to_pylist()):
-            reasons[row] = reason
-        return batch.append_column(REJECT_REASON_COLUMN, pa.array(reasons, pa.string()))

@@ -17,7 +17,6 @@ from PIL import Image  # noqa: E402
 
 from mmbalance.operators.embed import (  # noqa: E402
     REJECT_REASON,
-    EmbedBatches,
     EmbedColumns,
     ImageError,
     ImageSource,
@@ -313,23 +312,6 @@ def test_struct_and_path_columns(tmp_path, bundle):
     mem.rm("/mmb-test", recursive=True)
     assert sidecar.column("image_emb").combine_chunks().equals(ref.column("image_emb").combine_chunks().slice(0, 1))
     assert rejects.column("reason")[0].as_py().startswith("image not found (column 'image': memory://mmb-test/gone.png")
-
-
-def test_ray_callable_class_on_a_table(tiny_dir, bundle):
-    spec = tiny_spec(tiny_dir).model_dump()
-    op = EmbedBatches(spec, {"uid": "uid", "image": "image", "caption": "caption"}, keep=("uid", "row"), shard="s")
-    assert torch.get_num_threads() == 1
-    images = [encode(picture(i)) for i in range(4)] + [b"bad"]
-    batch = table_of(images, ["a", "b", None, "d", "e"]).append_column("row", pa.array([50, 51, 52, 53, 54], pa.int64()))
-    out = op(batch)
-    assert out.num_rows == 5 and out.column("row").to_pylist() == [50, 51, 52, 53, 54]
-    assert out.column("uid").to_pylist() == ["u0", "u1", "u2", "u3", "u4"]
-    reasons = out.column(REJECT_REASON).to_pylist()
-    assert reasons[:4] == [None] * 4 and reasons[4].startswith("image undecodable")
-    assert out.column("image_emb").is_null().to_pylist() == [False] * 4 + [True]
-    assert out.column("text_emb").is_null().to_pylist() == [False, False, True, False, True]
-    ref, _ = embed_table(batch, bundle, COLS)
-    assert out.column("image_emb").combine_chunks().slice(0, 4).equals(ref.column("image_emb").combine_chunks())
 
 
 def test_embed_shard_streams_batches(tmp_path, bundle):

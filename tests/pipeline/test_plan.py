@@ -87,3 +87,15 @@ def test_cli_plan_prints_the_table_and_runs_nothing(held_out_corpus, tmp_path):
     assert lines[0].endswith(f"new run; 4 shards, {sum(3000 + 250 * i for i in range(4)):,} rows from {held_out_corpus}")
     scan = next(line for line in lines if line.startswith("scan "))
     assert scan.split()[:5] == ["scan", "shard", "4", "0", "4"]
+
+
+@pytest.mark.parametrize("module, must_not_load", [
+    ("mmbalance.pipeline.fit", "mmbalance.pipeline.stages"),  # fit reads rows through pipeline/rows.py
+    ("mmbalance.pipeline.stages", "mmbalance.operators.cluster"),  # a scan worker never loads faiss
+    ("mmbalance.pipeline.stages", "faiss"),
+    ("mmbalance.operators.hierarchy", "mmbalance.operators.solve.waterfill"),  # quotas live below both
+])
+def test_layers_do_not_reach_upwards(module, must_not_load):
+    code = f"import sys, {module}; print({must_not_load!r} in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

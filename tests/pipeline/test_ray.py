@@ -21,28 +21,6 @@ def test_ray_executor_matches_local(ray_cluster, held_out_corpus, tmp_path, issu
     assert result.report["rows"]["manifest"] == sum(3000 + 250 * i for i in range(4))
 
 
-def test_operators_run_inside_ray_data(ray_cluster, issue_recipe):
-    import ray.data
-
-    from mmbalance.operators.tag import ColumnTagger
-    from mmbalance.operators.validate import REJECT_REASON_COLUMN, RowValidator
-
-    table = held_out_table(500, 9, dim=8, fixed_size=True)
-    gender = table.column("gender").to_pylist()
-    gender[17] = "other"
-    table = table.set_column(4, "gender", pa.array(gender, pa.string()))
-    ds = ray.data.from_arrow(table).map_batches(
-        RowValidator, fn_constructor_kwargs={"recipe": issue_recipe, "embedding_dims": {"image_emb": 8, "text_emb": 8}},
-        batch_format="pyarrow", batch_size=128, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-    )
-    out = ds.to_arrow_refs()
-    result = pa.concat_tables(ray.get(out))
-    assert result.num_rows == 500
-    assert result.column(REJECT_REASON_COLUMN).null_count == 499
-    tags = ray.data.from_arrow(table).map_batches(ColumnTagger(issue_recipe), batch_format="pyarrow").take_all()
-    assert {t["tag.occupation"] for t in tags} == set(table.column("occupation").to_pylist())
-
-
 def test_job_entrypoint_runs_on_the_current_cluster(ray_cluster, held_out_corpus, tmp_path, capsys):
     from corpora import RECIPE_FROM_ISSUE
 
