@@ -41,7 +41,7 @@ class StageLog:
         now = time.monotonic()
         self.started.setdefault(stage, now)
         self.units[stage] = self.units.get(stage, 0) + 1
-        self.rows[stage] = self.rows.get(stage, 0) + int(summary.get("rows_in", summary.get("rows", 0)) or 0)
+        self.rows[stage] = self.rows.get(stage, 0) + int(summary["rows_in"])  # every unit: the accounting schema
         if now - self.last.get(stage, float("-inf")) >= self.every:
             self.last[stage] = now
             elapsed = now - self.started[stage]
