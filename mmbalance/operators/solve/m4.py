@@ -563,7 +563,10 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
     settings.tol_gap_abs = settings.tol_gap_rel = 1e-12
     settings.tol_feas = 1e-12
     settings.max_iter = 400
-    sol = clarabel.DefaultSolver(sp.triu(P).tocsc(), c, A, b, cones, settings).solve()
+    try:
+        sol = clarabel.DefaultSolver(sp.triu(P).tocsc(), c, A, b, cones, settings).solve()
+    except Exception:  # noqa: BLE001 - a failed fallback is reported by the caller as one line
+        return None
     status = str(sol.status)
     if not status.startswith(("Solved", "AlmostSolved")):
         return None

@@ -266,3 +266,24 @@ def test_run_with_an_undeclared_label_value_exits_with_one_line(tmp_path):
     recipe = _concept_recipe(values=[f"k{i}" for i in range(5)])
     with pytest.raises(InputError, match=r"label 'concept' has value 'zebra'"):
         rebalance(str(corpus), str(tmp_path / "o"), recipe, RunOptions(executor="local", show_progress=False, html_report=False))
+
+
+@pytest.mark.parametrize("balance, message", [
+    ({"retention": 0.99, "max_weight": 1.0, "tolerance": {"representation": 0.0, "association": 0.0},
+      "on_infeasible": "error"}, r"solve: balance.retention 0.99 is infeasible for these constraints"),
+    ({"budget": False, "hold_labels": True, "retention": 1.0, "max_weight": 2.0,
+      "tolerance": {"representation": 0.01, "association": 0.0}}, r"solve: balance.hold_labels: the held label masses cannot be kept"),
+])
+def test_unsatisfiable_runs_exit_with_one_line(tmp_path, balance, message):
+    """What the data cannot give ends the run as one InputError line (exit 2 from the CLI)."""
+    from mmbalance.pipeline.rebalance import RunOptions, rebalance
+
+    corpus = _concept_corpus(tmp_path / "c", 3000, 40, seed=4)
+    base = _concept_recipe().model_dump(mode="json", exclude_none=True)
+    base["balance"] = {**{k: v for k, v in base["balance"].items() if k in ("method", "targets", "associate")}, **balance}
+    if balance.get("hold_labels"):
+        base["balance"].pop("targets")  # held masses at eps 0: a label with one gender only cannot hold
+    with pytest.raises(InputError, match=message) as err:
+        rebalance(str(corpus), str(tmp_path / "o"), parse_recipe(base),
+                  RunOptions(executor="local", show_progress=False, html_report=False))
+    assert "\n" not in str(err.value) and "None" not in str(err.value)
