@@ -59,3 +59,18 @@ def test_m4_streaming_dual_evaluations_run_as_ray_tasks(ray_cluster, tmp_path):
         manifests[executor] = {p.name: p.read_bytes() for p in (tmp_path / executor / "manifest").iterdir()}
         assert not (tmp_path / executor / "solve" / "stream").exists()  # blocks are cleaned up after the solve
     assert manifests["ray"] == manifests["local"]
+
+
+@pytest.mark.parametrize("sizes, slots, per_group, groups", [
+    ([25_000] * 160, 2, 250_000, 16),  # small shards: ten to a Ray task
+    ([250_000] * 16, 2, 250_000, 16),  # shards of the target size: one each
+    ([25_000] * 3, 2, 250_000, 3),  # fewer tasks than slots: one each
+    ([1] * 10, 4, 1, 10),  # no sizes known (M4 stream blocks): one each
+    ([10, 10, 1_000_000, 10, 10], 1, 250_000, [[0, 1], [2], [3, 4]]),  # a big shard keeps its own task
+])
+def test_small_tasks_are_grouped_consecutively(sizes, slots, per_group, groups):
+    from mmbalance.pipeline.executor import group_tasks
+
+    got = group_tasks(sizes, slots, per_group)
+    assert [i for g in got for i in g] == list(range(len(sizes)))  # every task once, in order
+    assert (got == groups) if isinstance(groups, list) else (len(got) == groups and all(got))
