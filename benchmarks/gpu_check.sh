@@ -37,7 +37,7 @@ for a in "$@"; do
 done
 
 wheels=""
-[ "$use_wheels" = 1 ] && wheels=$(find .whl -name '*.whl' 2>/dev/null | sort)
+[ "$use_wheels" = 1 ] && wheels=$(find .whl -type f -name '*.whl' 2>/dev/null | sort)
 if [ -n "$wheels" ]; then
   echo "gpu_check: installing $(echo "$wheels" | wc -l) wheels from .whl into $SITE" >&2
   # shellcheck disable=SC2086
@@ -60,7 +60,7 @@ PYEOF
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 missing=$("$PY" - <<'PYEOF'
-import importlib
+import importlib.util
 need = ["torch", "torchvision", "open_clip", "pydantic", "polars", "faiss", "yaml", "typer", "rich", "numba", "scipy", "sklearn", "psutil", "pyarrow"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PYEOF
