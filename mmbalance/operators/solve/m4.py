@@ -59,6 +59,7 @@ KKT_TOL = 1e-13  # natural-residual target of the Newton polish (duals and momen
 FALLBACK_FEASIBILITY_TOL = 1e-7  # the interior-point path's guarantee when the Newton finish does not reach 1e-9
 NEWTON_TOL = 1e-12  # the sparse Newton's target; it stops earlier at the floor of rounding
 MAX_POLISH_VARIABLES = 4000  # the polish forms a dense Hessian over the duals
+DENSE_PATH_SIGNATURES = 20_000  # above this many signatures (or streaming) the sparse Newton goes first
 
 
 @dataclass
@@ -378,7 +379,9 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if p.budget is not None:
         x[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
     info: dict[str, Any] = {"lbfgsb_iterations": 0, "polish_iterations": 0}
-    small = dual.nx <= MAX_POLISH_VARIABLES
+    # L-BFGS-B needs tens to hundreds of dual evaluations: fine on small tables, but each is a pass
+    # over every signature (or, streaming, every row), where Newton needs a handful
+    small = dual.nx <= MAX_POLISH_VARIABLES and p.B.shape[0] <= DENSE_PATH_SIGNATURES and p.stream is None
     if small:
         bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(hi), hi, None)))
         res = minimize(
