@@ -116,3 +116,46 @@ def test_datacomp_npz_runs_without_torch(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["rows"]["manifest"] == 300 and report["solution"]["values"] == 4
     assert json.loads((tmp_path / "o" / "run.json").read_text())["embed"]["embedding_dim"] == 512
+
+
+def test_tensor_image_decode_in_a_run_keeps_and_rejects_the_rows_pil_does(tmp_path):
+    """embed.image_decode torch (the GPU default; here on the CPU): JPEGs decoded by torchvision and
+    resized as tensors, other formats through PIL. Same rows kept and rejected, for the same reasons,
+    and embeddings within resize rounding of the PIL path's."""
+    pytest.importorskip("open_clip")
+    import io
+
+    from PIL import Image
+
+    src = _corpus_with_bad_images(tmp_path)
+    tables = {}
+    for i, path in enumerate(sorted(src.glob("*.parquet"))):
+        t = pq.read_table(path)
+        images = []
+        for j, data in enumerate(t.column("image").to_pylist()):
+            try:
+                img = Image.open(io.BytesIO(data)).convert("RGB").resize((40, 30))
+            except Exception:
+                images.append(data)  # the bad rows stay bad
+                continue
+            buf = io.BytesIO()
+            img.convert("CMYK" if j == 7 else "RGB").save(buf, format="JPEG", quality=90)
+            images.append(buf.getvalue()[: 300] if j == 9 else buf.getvalue())  # row 9: a truncated JPEG
+        tables[path.name] = t.set_column(t.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    corpus = write_shards(tmp_path / "jpeg", tables)
+    model_dir = tiny_open_clip_dir(tmp_path / "tiny")
+    runs = {}
+    for mode in ("pil", "torch"):
+        recipe = _recipe(model_dir)
+        recipe["embed"]["image_decode"] = mode
+        rebalance(str(corpus), str(tmp_path / mode), parse_recipe(recipe), LOCAL)
+        out = tmp_path / mode
+        rejects = pl.concat([pl.read_parquet(p) for p in sorted((out / "rejects" / "embed").glob("*.parquet"))])
+        side = pl.concat([pl.from_arrow(pq.read_table(p)) for p in sorted((out / "embeddings").glob("*.parquet"))])
+        runs[mode] = (rejects.sort("shard", "row"), side)
+    (pil_rejects, pil_side), (torch_rejects, torch_side) = runs["pil"], runs["torch"]
+    assert pil_rejects.equals(torch_rejects) and sorted(pil_rejects["row"].to_list()) == [3, 3, 5, 5, 9, 9]
+    assert pil_side["uid"].to_list() == torch_side["uid"].to_list() and len(pil_side) == 234
+    a = np.stack(pil_side["image_emb"].to_numpy()).astype(np.float32)
+    b = np.stack(torch_side["image_emb"].to_numpy()).astype(np.float32)
+    assert np.abs(a - b).max() < 2e-2
