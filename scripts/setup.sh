@@ -15,4 +15,6 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[dev,embed]"
+# exactly one faiss build: a rerun after `python -m mmbalance.faiss_build --use gpu` reinstalls faiss-cpu beside it
+.venv/bin/python -m mmbalance.faiss_build > /dev/null
 bash scripts/setup_consumers.sh  # .venv-consumers: mosaicml-streaming + HF datasets for the export round trips
