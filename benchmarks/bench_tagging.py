@@ -95,8 +95,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--only-trie", action="store_true", help="skip the alternative matchers and metadata")
     ap.add_argument("--baseline", default=None, help="a JSON of an earlier run to record beside this one")
+    ap.add_argument("--paired-with", default=None,
+                    help="a copy of older code (e.g. git archive COMMIT mmbalance | tar -x -C DIR): time its tagger "
+                         "and this one on the same batches, alternating, so load changes hit both alike")
     args = ap.parse_args()
     load_before = os.getloadavg()
+    if args.paired_with:
+        return paired(args, load_before)
 
     vocabs = [load_vocabulary(n) for n in SHIPPED]
     phrase_value = {}
@@ -202,6 +207,67 @@ def main() -> None:
     print(f"metadata ({len(entries)} entries): {args.rows / secs:,.0f} captions/s (compile {compile_s:.1f} s)")
 
     finish(args, results, load_before)
+
+
+def paired(args, load_before) -> None:
+    """Old and new taggers on the same caption batches, alternating (order rotated per batch).
+
+    Variants, each over all batches: ``old_counts`` / ``new_counts`` (one tagger of the three
+    vocabularies, dense counts: the figure earlier runs recorded); ``old_scan`` (what the scan ran
+    before: one tagger per caption source, ``tag``) and ``new_scan`` (one tagger per source,
+    ``tag_with_coverage``: tags plus the untagged-words summary); ``new_scan_no_coverage``.
+    """
+    import importlib.util
+
+    root = Path(args.paired_with)
+    spec = importlib.util.spec_from_file_location("old_lexicon", root / "mmbalance" / "operators" / "lexicon.py")
+    old_lexicon = importlib.util.module_from_spec(spec)
+    sys.modules["old_lexicon"] = old_lexicon  # dataclasses look their module up there
+    spec.loader.exec_module(old_lexicon)
+    new_vocabs = [load_vocabulary(n) for n in SHIPPED]
+    old_vocabs = [load_vocabulary(root / "mmbalance" / "data" / f"{n}.yaml") for n in SHIPPED]
+    phrases = sorted({p.lower() for v in new_vocabs for value in v.values for p in v.lexicon[value]}, key=len, reverse=True)
+    captions = make_captions(args.rows, args.seed, phrases)
+    arr = pa.array(captions, pa.string())
+    old_one = old_lexicon.LexiconTagger.from_vocabularies(old_vocabs)
+    new_one = LexiconTagger.from_vocabularies(new_vocabs)
+    old_each = [old_lexicon.LexiconTagger.from_vocabularies([v]) for v in old_vocabs]
+    new_each = [LexiconTagger.from_vocabularies([v]) for v in new_vocabs]
+    variants = {
+        "old_counts": lambda b: old_one.counts(b),
+        "new_counts": lambda b: new_one.counts(b),
+        "old_scan": lambda b: [t.tag(b) for t in old_each],
+        "new_scan_no_coverage": lambda b: [t.tag(b, hits=False) for t in new_each],
+        "new_scan": lambda b: [t.tag_with_coverage(b) for t in new_each],
+    }
+    seconds = dict.fromkeys(variants, 0.0)
+    names = list(variants)
+    for i, lo in enumerate(range(0, args.rows, args.batch)):
+        batch = arr.slice(lo, args.batch)
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t = time.perf_counter()
+            variants[name](batch)
+            seconds[name] += time.perf_counter() - t
+    results = {
+        "mode": "paired", "rows": args.rows, "batch": args.batch, "older_code": str(root),
+        "phrases_new": len(phrases), "values_new": sum(len(v.values) for v in new_vocabs),
+        "values_old": sum(len(v.values) for v in old_vocabs),
+        "phrases_old": len({p.lower() for v in old_vocabs for value in v.values for p in v.lexicon[value]}),
+        "python": platform.python_version(), "pyarrow": pa.__version__, "cpus": os.cpu_count(),
+        "captions_per_s": {k: args.rows / v for k, v in seconds.items()},
+        "new_vs_old": {"counts": seconds["old_counts"] / seconds["new_counts"],
+                       "scan": seconds["old_scan"] / seconds["new_scan"],
+                       "scan_no_coverage": seconds["old_scan"] / seconds["new_scan_no_coverage"]},
+    }
+    for k, v in results["captions_per_s"].items():
+        print(f"{k}: {v:,.0f} captions/s")
+    print("new/old throughput:", {k: round(v, 3) for k, v in results["new_vs_old"].items()})
+    results["loadavg_before"], results["loadavg_after"] = list(load_before), list(os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"tagging_paired_{args.rows}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
 
 
 def finish(args, results: dict, load_before) -> None:
