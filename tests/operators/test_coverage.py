@@ -35,16 +35,20 @@ def _captions(n: int, seed: int, vocab_size: int) -> list[str | None]:
     words = [f"w{chr(97 + i % 26)}{chr(97 + (i // 26) % 26)}{chr(97 + (i // 676) % 26)}" for i in range(vocab_size)]
     p = 1.0 / np.arange(1, vocab_size + 1) ** 1.1
     p /= p.sum()
+    lengths = rng.integers(3, 9, n)
+    drawn = np.array(words, dtype=object)[rng.choice(vocab_size, size=lengths.sum(), p=p)].tolist()
+    pets = rng.choice(["a cat", "dogs", "the tabby cat", "no cat"], n).tolist()
+    ends = rng.choice(["the", "of", "photo", "42", "it's", "x"], n).tolist()
     out: list[str | None] = []
+    pos = 0
     for i in range(n):
+        ws, pos = drawn[pos : pos + lengths[i]], pos + lengths[i]
         if i % 50 == 0:
             out.append(None if i % 100 == 0 else "  ")
             continue
-        ws = list(rng.choice(words, size=rng.integers(3, 9), p=p))
-        if rng.random() < 0.4:
-            ws.insert(rng.integers(len(ws)), str(rng.choice(["a cat", "dogs", "the tabby cat", "no cat"])))
-        ws.append(str(rng.choice(["the", "of", "photo", "42", "it's", "x"])))
-        out.append(" ".join(ws))
+        if i % 5 < 2:
+            ws.insert(i % len(ws), pets[i])
+        out.append(" ".join(ws + [ends[i]]))
     return out
 
 
