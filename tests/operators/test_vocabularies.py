@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from mmbalance.data import SHIPPED, load_vocabulary, parse_vocabulary
 from mmbalance.operators.lexicon import LexiconAttribute, LexiconTagger, resolve_multiple, resolve_sparse, source_tag_column
@@ -249,3 +251,37 @@ def test_sparse_resolution_equals_the_dense_rule(rule):
 def test_parse_vocabulary_mapping_without_a_file():
     vocab = parse_vocabulary({"name": "p", "kind": "label", "values": {"cat": {"lexicon": ["cat"]}}})
     assert vocab.values == ("cat",) and LexiconAttribute.from_vocabulary(vocab).lexicon == {"cat": ("cat",)}
+
+
+def test_held_out_occupations_are_tagged():
+    """The occupations of the tests' held-out corpus (not synth's list) all tag (issue 15's report)."""
+    from corpora import HELD_OUT_OCCUPATIONS, held_out_table
+
+    table = held_out_table(500, seed=3)
+    tags = LexiconTagger.from_vocabularies([load_vocabulary("occupation")]).tag(table.column("caption"), hits=False)
+    assert tags.column(OCC).to_pylist() == table.column("occupation").to_pylist()
+    assert set(HELD_OUT_OCCUPATIONS) <= set(load_vocabulary("occupation").values)
+
+
+@pytest.mark.parametrize("vocab_text, label_key, message", [
+    ("name: x\nextends: x.yaml\n", "labels", "loops back to itself"),
+    ("name: x\nextends: occupation\ndrop_values: [no_such]\n", "labels", "drop_values names values not in 'occupation'"),
+    ("name: x\nextends: occupation\ndrop_values: [no_such]\n", "attributes", "drop_values names values not in 'occupation'"),
+])
+def test_bad_vocabulary_file_is_a_one_line_cli_error(tmp_path, vocab_text, label_key, message):
+    from typer.testing import CliRunner
+
+    from mmbalance.cli import app
+
+    (tmp_path / "x.yaml").write_text(vocab_text)
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    pq.write_table(pa.table({"uid": ["a", "b"], "caption": ["a nurse", "a welder"]}), corpus / "s.parquet")
+    spec = {"name": "occ", "source": "caption", "caption": {"vocabulary": str(tmp_path / "x.yaml")}}
+    recipe = {"input": {"columns": {"uid": "uid", "caption": "caption"}}, label_key: [spec], "report": {"leakage": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["rebalance", str(corpus), "--out", str(tmp_path / "o"), "--recipe",
+                                      str(tmp_path / "r.yaml"), "--executor", "local", "-q"])
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "x.yaml" in lines[0], result.stderr
