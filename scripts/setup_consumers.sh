@@ -18,7 +18,8 @@ if [ -x .venv/bin/python ]; then
   [ -d "$MAIN_SITE/torch" ] || MAIN_SITE=""
 fi
 want=$( { cat "$REQS"; [ -z "$MAIN_SITE" ] || ls -d "$MAIN_SITE"/torch-*.dist-info "$MAIN_SITE"/torchvision-*.dist-info; } | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" = "$want" ] && "$VENV/bin/python" -c "import streaming, datasets" 2>/dev/null; then
+installed='import importlib.metadata as m; [m.version(p) for p in ("mosaicml-streaming", "datasets", "torch")]'
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" = "$want" ] && "$VENV/bin/python" -c "$installed" 2>/dev/null; then
   echo "setup_consumers: $VENV is up to date"
   exit 0
 fi
