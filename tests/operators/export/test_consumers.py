@@ -73,7 +73,9 @@ def streaming(run, tmp_path_factory) -> tuple[dict, dict, dict, dict]:
     """Both streaming exports (copies: repeats and once) and one StreamingDataset epoch of each,
     read in a single consumer process."""
     tmp = tmp_path_factory.mktemp("streaming")
-    repeats = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp / "repeats"), domain={"by": "occupation"}))
+    # small shards: several per stream, so the reader walks shard boundaries and offsets
+    repeats = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp / "repeats"), domain={"by": "occupation"},
+                                                                streaming={"size_limit": 1 << 13}))
     once = export_run(str(run), ["streaming"], ExportOptions(dest=str(tmp / "once"), copies="once", domain={"by": "occupation"}))
     got = _consume("read_streaming.py", "0", str(tmp / "repeats" / "streaming" / "streams.json"),
                    str(tmp / "once" / "streaming" / "streams.json"), tmp=tmp)
@@ -85,6 +87,8 @@ def test_streaming_dataset_epoch_draws_every_uid_repeats_times(run, streaming):
     assert len(set(kept.values())) > 1  # the weights differ between rows: the round trip can fail
     result, got, _, _ = streaming
     assert all("repeat" in s for s in result["streaming"]["streams"])
+    indexes = [json.loads((Path(s["local"]) / "index.json").read_text()) for s in result["streaming"]["streams"]]
+    assert max(len(i["shards"]) for i in indexes) > 2
     assert got["uids"] == kept  # one StreamingDataset epoch is the manifest, exactly
     assert got["epoch_size"] == sum(kept.values())
     for uid, (caption, image, repeats) in got["fields"].items():
