@@ -256,6 +256,10 @@ class _Dual:
         self.nx = 2 * K + R + (1 if p.budget is not None else 0)
         blocks = [p.B, -p.A] + ([p.H] if R else []) + [sp.csr_matrix(np.ones((S, 1)))]
         self.N = sp.hstack(blocks, format="csr")
+        # shift rows every carrying signature touches (-A per group, the budget's 1): kept dense and
+        # out of the sparse curvature product, where they would make every row of N count
+        self.dense_rows = np.concatenate([K + np.arange(G), [K + G + R]]).astype(np.int64)
+        self.dense_cols = np.column_stack([-p.A.toarray(), np.ones(S)])
         # T maps the duals to shifts per column of N; sparse (a dual has at most two shift rows)
         k = np.arange(K)
         rows = [k, k, K + p.group, K + p.group, K + G + np.arange(R)]
@@ -323,10 +327,20 @@ class _Dual:
         """Z = N' diag(w dq/dt) N: minus the generalised Hessian in shift space (sparse), or its
         ``rows`` x ``rows`` block."""
         _, _, curv, _ = self.primal(x)
-        NT = self.NT if rows is None else self.NT[rows]
-        scaled = NT.copy()
-        scaled.data *= (self.p.weight * curv)[NT.indices]  # N' D without a broadcast (COO) product
-        return (scaled @ NT.T).tocsr()
+        d = self.p.weight * curv
+        rows = np.arange(self.NT.shape[0]) if rows is None else np.asarray(rows, np.int64)
+        at = np.searchsorted(self.dense_rows, rows)
+        dense = (at < len(self.dense_rows)) & (self.dense_rows[np.minimum(at, len(self.dense_rows) - 1)] == rows)
+        X = self.NT[rows[~dense]]
+        scaled = X.copy()
+        scaled.data *= d[X.indices]  # N' D without a broadcast (COO) product
+        Dm = self.dense_cols[:, at[dense]]
+        cross = sp.csr_matrix(scaled @ Dm)
+        Z = sp.bmat([[scaled @ X.T, cross], [cross.T, sp.csr_matrix(Dm.T @ (d[:, None] * Dm))]], format="csr")
+        order = np.concatenate([np.flatnonzero(~dense), np.flatnonzero(dense)])  # Z's rows, as positions in ``rows``
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return Z[back][:, back].tocsr()
 
     def hessian(self, x: np.ndarray) -> np.ndarray:
         """Minus the (generalised) Hessian of the dual: T' N' diag(w dq/dt) N T (dense)."""
