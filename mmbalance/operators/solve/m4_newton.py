@@ -140,7 +140,7 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
             continue
         r_new = projected_residual(trial, g_new, lo, hi)
         # at the floor of rounding (sums over millions of signatures): no gain, no smaller residual
-        if v_new - value <= 1e-15 * max(1.0, abs(value)) and r_new >= 0.5 * residual:
+        if v_new - value <= 1e-12 * abs(value) and r_new >= 0.5 * residual:
             stalls += 1
         else:
             stalls = 0
@@ -148,7 +148,7 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
             print(f"newton {it}: residual {r_new:.3g} value {v_new:.15g} alpha {alpha:.3g} free {len(free)} cg {counter['n']} "
                   f"evals {dual.evaluations} t {time.perf_counter() - start:.2f}", flush=True)
         x, value, grad, residual = trial, v_new, g_new, r_new
-        if stalls >= 3:
+        if stalls >= 3 or (stalls and residual <= 100 * tol):  # near the target, one stalled step is enough
             info["stalled"] = True
             break
     info["kkt_residual"] = residual
