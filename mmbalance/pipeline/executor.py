@@ -41,8 +41,9 @@ def _run_one(fn: TaskFn, task: dict[str, Any]) -> dict[str, Any]:
         return {"os_error": str(err), "errno": err.errno}
 
 
-def _run_group(fn: TaskFn, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Several small tasks in one Ray task: one scheduling round trip for all of them."""
+def run_units(fn: TaskFn, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several small tasks in one Ray task: one scheduling round trip for all of them (a busy Ray
+    worker's title is ``ray::run_units``)."""
     return [_run_one(fn, t) for t in tasks]
 
 
@@ -149,7 +150,8 @@ class RayExecutor:
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-3)))
         groups = group_tasks(sizes if sizes is not None else [1] * len(tasks), slots,
                              self.ROWS_PER_GROUP if sizes is not None else 1)
-        remote = ray.remote(num_cpus=cpus, max_retries=3)(_run_group)  # retried if a worker dies
+        # retried if a worker dies; SPREAD: shards are independent, so use every node of a cluster
+        remote = ray.remote(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")(run_units)
         fn_ref = ray.put(fn)
         pending = iter(groups)
         in_flight: list = []

@@ -127,7 +127,7 @@ def test_two_node_job_places_work_on_both_nodes(cluster, job_inputs):
     info = JobSubmissionClient(cluster.dashboard_url).get_job_info(sub)
     assert info.driver_node_id == second  # entrypoint resource honoured: the driver ran on node 2
     tasks = list_tasks(address=cluster.dashboard_url, filters=[("job_id", "=", info.job_id)], detail=True, limit=10_000, raise_on_missing_output=False)
-    work = [t for t in tasks if "MapBatches" in t.name and t.state == "FINISHED"]
+    work = [t for t in tasks if "run_units" in t.name and t.state == "FINISHED"]  # the per-shard tasks
     placed = {t.node_id for t in work}
     assert placed == set(nodes), (len(work), placed, set(nodes))
 

@@ -109,7 +109,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def _stage_workers(proc: subprocess.Popen) -> list[psutil.Process]:
     """Ray workers of this CLI's embedded Ray that are running a per-shard task right now
-    (Ray sets a busy worker's title to ``ray::<task>``; the CLI's Ray Data tasks are MapBatches)."""
+    (Ray sets a busy worker's title to ``ray::<task>``; the CLI's per-shard tasks are run_units)."""
     found = []
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -120,7 +120,7 @@ def _stage_workers(proc: subprocess.Popen) -> list[psutil.Process]:
             title = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::MapBatches"):
+        if title.startswith("ray::run_units"):
             found.append(child)
     return found
 
