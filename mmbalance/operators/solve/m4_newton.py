@@ -11,10 +11,12 @@ Each iteration: the free set (Bertsekas' projected Newton, with an epsilon-activ
 Levenberg-Marquardt regularised Newton system on it solved by preconditioned CG (Jacobi), and an
 Armijo search along the projection arc. The Hessian product never touches the signatures, so CG
 iterations are cheap next to one dual evaluation (one pass over the signatures or the rows).
+MMBALANCE_M4_TRACE=1 prints one line per iteration (residual, value, step, free duals).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, cg
 
-_TRACE = bool(__import__('os').environ.get('MMBALANCE_M4_TRACE'))
+_TRACE = bool(os.environ.get("MMBALANCE_M4_TRACE"))
 
 
 def projected_residual(x: np.ndarray, grad: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
