@@ -207,7 +207,7 @@ class ClusterSpec(StrictModel):
     tol: float = Field(default=1e-5, ge=0)  # converged: an iteration gains less than this (relative)
     nredo: int | None = Field(default=None, gt=0)  # restarts, the best mean cosine kept; None: several while cheap
     # flat: one k-means over all points; two_level: ~sqrt(k) coarse cells, each split in proportion
-    # to its size (minutes instead of hours at k = 10^4); auto: two_level from k = 2048
+    # to its size (minutes instead of hours at k = 10^4); auto: two_level from k = 1000
     method: Literal["auto", "flat", "two_level"] = "auto"
     coarse_k: int | None = Field(default=None, gt=0)  # two-level coarse cells (default round(sqrt(k)))
     seed: int = 0
