@@ -42,7 +42,7 @@ OCCUPATION_FORMS = {
     "librarian": ["librarian"], "ceo": ["CEO", "chief executive officer"], "secretary": ["secretaries"],
     "police_officer": ["police officer", "cops", "policewoman"], "firefighter": ["fire-fighter", "firefighters"],
     "construction_worker": ["construction workers"], "developer": ["software developer", "programmers"],
-    "hairdresser": ["hairdresser", "barbers"], "cashier": ["cashiers"], "receptionist": ["receptionist"],
+    "hairdresser": ["hairdresser", "hairstylists"], "barber": ["barbers"], "cashier": ["cashiers"], "receptionist": ["receptionist"],
     "carpenter": ["carpenters"], "lawyer": ["attorney", "lawyers"], "farmer": ["farmers"], "pilot": ["pilot"],
     "teacher": ["teachers"], "chef": ["chef"], "mechanic": ["mechanic"], "janitor_as_cleaner": ["janitor"],
     "surgeon": ["surgeons"], "scientist": ["scientist"], "waiter": ["waitress"], "accountant": ["accountants"],

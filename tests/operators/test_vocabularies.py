@@ -132,6 +132,44 @@ def test_occupation_vocabulary_has_bias_benchmark_occupations():
     assert [w for w, t in zip(words, tags) if t is None] == []
 
 
+def _english_plurals(phrase: str) -> set[str]:
+    """Plurals of a phrase by English rules (last word, or the head noun before "of"/"in"), written here."""
+    head, _, last = phrase.rpartition(" ")
+    last_forms = {last + "s", last + "es", re.sub(r"y$", "ies", last), re.sub(r"man$", "men", last),
+                  re.sub(r"person$", "people", last), re.sub(r"fe?$", "ves", last)}
+    out = {f"{head} {w}".strip() for w in last_forms}
+    out.add(re.sub(r"^(\w+)( of | in )", r"\1s\2", phrase))  # "member of congress" -> "members of congress"
+    return out
+
+
+def test_occupation_vocabulary_is_bls_detailed_scale_with_plurals_and_unique_phrases():
+    """Issue 15: several hundred values (one per BLS detailed occupation where BLS separates them),
+    each with its plural, and no phrase under two values (also in raw form, before compiling)."""
+    occ = load_vocabulary("occupation")
+    assert len(occ.values) >= 300, len(occ.values)
+    no_plural = [v for v in occ.values
+                 if not any(_english_plurals(w) & set(occ.lexicon[v]) for w in occ.lexicon[v])]
+    assert no_plural == []
+    owner: dict[str, str] = {}
+    clashes = []
+    for value in occ.values:
+        for phrase in occ.lexicon[value]:
+            key = " ".join(phrase.lower().replace("-", " ").replace("_", " ").split())
+            if owner.setdefault(key, value) != value:
+                clashes.append((phrase, owner[key], value))
+    assert clashes == []
+    # split where BLS lists occupations separately: each is its own value, singular and plural
+    tagger = LexiconTagger.from_vocabularies([occ])
+    split = {"surgeon": "surgeon", "orthopedic surgeons": "orthopedic_surgeon", "dentists": "dentist",
+             "an orthodontist": "orthodontist", "pharmacists": "pharmacist", "physician assistants": "physician_assistant",
+             "a pediatrician": "pediatrician", "dental hygienists": "dental_hygienist", "barbers": "barber",
+             "a school bus driver": "school_bus_driver", "truck drivers": "truck_driver", "a tutor": "tutor",
+             "mechanical engineers": "mechanical_engineer", "the headmistress": "school_principal",
+             "a doctor": "doctor", "two engineers": "engineer", "teachers": "teacher", "mechanics": "mechanic"}
+    tags = tagger.tag(pa.array(list(split)), hits=False).column(OCC).to_pylist()
+    assert dict(zip(split, tags)) == split
+
+
 @pytest.mark.parametrize("caption, expected", [
     ("the waitress and her coffee", "waiter"), ("Actresses on stage", "actor"), ("two firemen", "firefighter"),
     ("a fire-fighter's helmet", "firefighter"), ("POLICEWOMEN on patrol", "police_officer"),
