@@ -1,4 +1,4 @@
-"""R&B's Balance rule as a small class a training loop calls between rounds (algorithms.md section 2).
+"""R&B's Balance rule as a small class a training loop calls between rounds (docs/algorithms.md section 2).
 
 In each round, accumulate per domain i the sum g_i of its samples' final-layer gradients and the
 number of samples |S_i|; at the end of the round

@@ -1,4 +1,4 @@
-"""Clustering operators (algorithms.md sections 2, 3, 5): fit on a bounded sample, assign every row.
+"""Clustering operators (docs/algorithms.md sections 2, 3, 5): fit on a bounded sample, assign every row.
 
 - ``EmbeddingSpec`` / ``embedding_matrix``: (n, d) matrices from Arrow embedding columns (image,
   text or their normalised mean) without per-row Python.
@@ -25,14 +25,17 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmbalance.faiss_build import import_faiss
+
 # embedding columns as matrices and the sample priority hash live below the stages; re-exported here
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority  # noqa: F401
 from mmbalance.operators.validate import _to_array
+
+faiss = import_faiss()  # one faiss build (CPU or GPU), else one line naming the fix
 
 EmbeddingSource = Literal["image", "text", "mean"]
 CLUSTER_ID_COLUMN = "cluster_id"

@@ -1,4 +1,4 @@
-"""Hierarchical k-means with resampling and balanced sampling over the hierarchy (algorithms.md
+"""Hierarchical k-means with resampling and balanced sampling over the hierarchy (docs/algorithms.md
 section 5, Vo et al. 2024).
 
 Level 1 clusters the fit sample; level l clusters the centroids of level l-1. Within a level the

@@ -1,4 +1,4 @@
-"""Bias and balance metrics (algorithms.md section 7), computed from signature tables.
+"""Bias and balance metrics (docs/algorithms.md section 7), computed from signature tables.
 
 A signature table has the tag columns and one weight column (``count`` before balancing, ``w_sum``
 for the expected weights, ``rep_sum`` for the realised repeats), so every metric is exact for the

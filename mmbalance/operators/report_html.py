@@ -572,12 +572,17 @@ def _facts_section(report: dict[str, Any], run: dict[str, Any], stages: dict[str
     timing_rows = []
     for name, s in secs.items():
         st = stages.get(name, {})
+        per_unit, rate = st.get("seconds_per_unit", {}), st.get("rows_per_second_per_unit", {})
+        slowest = ", ".join(f'{_e(u["unit"])} ({fmt(u["seconds"])} s)' for u in st.get("slowest", [])[:3])
         timing_rows.append([_e(name), num(s, pointer("stage_seconds", name)), num(st["units"]) if "units" in st else "",
-                            num(st["task_seconds"]) if "task_seconds" in st else ""])
+                            num(st["task_seconds"]) if "task_seconds" in st else "",
+                            num(per_unit["p50"]) if "p50" in per_unit else "", num(per_unit["p95"]) if "p95" in per_unit else "",
+                            num(rate["p50"]) if "p50" in rate else "", f'<span class="muted">{slowest}</span>'])
     recipe = yaml.safe_dump(run.get("recipe", {}), sort_keys=False)
     return (accounting + '<div class="row"><div>' + _table(["fact", "value"], facts) + _table(["vocabulary", "values"], vocab)
             + "</div><div>" + (plot_timings(secs) if secs else "")
-            + _table(["stage", "wall s", "units", "task s"], timing_rows) + "</div></div>"
+            + _table(["stage", "wall s", "units", "task s", "unit s p50", "unit s p95", "rows/s p50", "slowest units"], timing_rows)
+            + "</div></div>"
             + f"<details><summary>recipe (resolved)</summary><pre>{_e(recipe)}</pre></details>")
 
 

@@ -69,17 +69,22 @@ class RunResult:
 
 
 def _versions() -> dict[str, str]:
+    import importlib.metadata
+
     import numpy
     import polars
-    import ray
 
+    try:  # read without importing: the local executor runs where Ray is not installed
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray_version = "absent"
     return {
         "mmbalance": mmbalance.__version__,
         "python": platform.python_version(),
         "pyarrow": pa.__version__,
         "numpy": numpy.__version__,
         "polars": polars.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
     }
 
 

@@ -47,14 +47,14 @@ def _check_shares(targets: dict[str, dict[str, float]], key: str) -> dict[str, d
 
 
 class M4Tolerance(StrictModel):
-    """Bounds on the moments of algorithms.md section 1, as shares of the carrying rows' weight."""
+    """Bounds on the moments of docs/algorithms.md section 1, as shares of the carrying rows' weight."""
 
     representation: float = Field(default=0.01, ge=0.0, le=1.0)
     association: float = Field(default=0.01, ge=0.0, le=1.0)
 
 
 class M4Balance(StrictModel):
-    """M4 moment matching (algorithms.md section 1, our formulation), solved exactly in the dual.
+    """M4 moment matching (docs/algorithms.md section 1, our formulation), solved exactly in the dual.
 
     ``targets`` gives first-order constraints per attribute; ``associate`` lists [attribute, label]
     pairs for second-order constraints (proxies are more labels). An attribute that is associated
@@ -128,7 +128,7 @@ class RakeBalance(StrictModel):
 
 
 class WaterfillBalance(StrictModel):
-    """Max-min fair quotas over the values of a label to a target size (algorithms.md section 5)."""
+    """Max-min fair quotas over the values of a label to a target size (docs/algorithms.md section 5)."""
 
     method: Literal["waterfill"]
     by: str
@@ -147,7 +147,7 @@ class WaterfillBalance(StrictModel):
 
 
 class RnbBalance(StrictModel):
-    """R&B Balance (algorithms.md section 2): domains are the values of a label or cluster ``by``.
+    """R&B Balance (docs/algorithms.md section 2): domains are the values of a label or cluster ``by``.
 
     A short proxy run on the sample's frozen embeddings (a linear image-to-text projection trained
     with the CLIP loss) gives per-domain final-layer gradients each round; the mixture becomes

@@ -1,4 +1,4 @@
-"""MetaCLIP balancing (algorithms.md section 4): value e of a label is kept with p_e = t / max(c_e, t)."""
+"""MetaCLIP balancing (docs/algorithms.md section 4): value e of a label is kept with p_e = t / max(c_e, t)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""M4 moment matching (algorithms.md section 1, "our formulation"), solved exactly in the dual.
+"""M4 moment matching (docs/algorithms.md section 1, "our formulation"), solved exactly in the dual.
 
 Compressed path: hard tags and a per-signature baseline, so samples with the same signature share
 one weight and the problem is over the rows of the signature table, with multiplicity ``count``:

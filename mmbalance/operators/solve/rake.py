@@ -1,4 +1,4 @@
-"""Raking / iterative proportional fitting (algorithms.md section 6) over the signature table.
+"""Raking / iterative proportional fitting (docs/algorithms.md section 6) over the signature table.
 
 Each marginal is a share among the rows carrying that column (null = no value, as for RB): a step
 rescales the carrying rows by target / current share and leaves the others alone. Cycles until the

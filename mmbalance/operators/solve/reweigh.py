@@ -1,4 +1,4 @@
-"""Reweighing (Kamiran & Calders; algorithms.md section 6): cell (s, y) gets n_s n_y / (n n_sy).
+"""Reweighing (Kamiran & Calders; docs/algorithms.md section 6): cell (s, y) gets n_s n_y / (n n_sy).
 
 Cells are over the rows that carry both the attribute and the label; the others have no cell and
 keep weight 1. When every (s, y) cell is non-empty, the marginals of s and y over those rows are

@@ -1,4 +1,4 @@
-"""R&B Balance offline (algorithms.md section 2, our formulation): ``balance.method: rnb``.
+"""R&B Balance offline (docs/algorithms.md section 2, our formulation): ``balance.method: rnb``.
 
 Domains are the values of a label or cluster (``balance.by``). On the embedding sample
 (``CorpusStats.sample``) a linear image-to-text projection ``z = W x`` is trained for a few rounds

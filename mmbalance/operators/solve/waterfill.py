@@ -1,4 +1,4 @@
-"""Water-filling (algorithms.md section 5): max-min fair quotas over clusters or label values.
+"""Water-filling (docs/algorithms.md section 5): max-min fair quotas over clusters or label values.
 
 ``waterfill_quotas`` is the building block of hierarchical balanced sampling (the clustering
 stage imports it); ``balance.method: waterfill`` applies it over the values of one label.
