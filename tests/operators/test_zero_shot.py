@@ -93,13 +93,15 @@ def test_prompt_ensembles_recover_planted_classes():
     vocab = load_vocabulary("occupation")
     classes = vocabulary_embeddings(vocab, model)
     rng = np.random.default_rng(2)
-    labels = rng.integers(len(classes.classes), size=3000)
+    none = classes.classes.index(NONE_VALUE)
+    # every class drawn, and a fifth of the rows planted as "none" so the null path is exercised
+    labels = np.where(rng.random(3000) < 0.2, none, rng.integers(len(classes.classes), size=3000))
     images = _noisy_copies(rng, classes.matrix, labels, noise=0.3)
     tags = hard_tags(class_probabilities(images, classes, temperature=0.005), classes.classes, 0.3).to_pylist()
     truth = [None if classes.classes[k] == NONE_VALUE else classes.classes[k] for k in labels]
     accuracy = np.mean([t == g for t, g in zip(tags, truth)])
     assert accuracy >= 0.99, accuracy
-    assert sum(g is None for g in truth) > 20  # the none class is exercised
+    assert sum(g is None for g in truth) > 500  # the none class is exercised
 
 
 def test_none_class_and_threshold_give_null():
