@@ -265,7 +265,8 @@ def scale_main() -> None:
     out = args.out / f"cluster_scale_{n}x{d}{'_' + args.tag if args.tag else ''}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict = {
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cluster.py --scale " + " ".join(sys.argv[1:]),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python benchmarks/bench_cluster.py --scale "
+                   + " ".join(sys.argv[1:]),
         "params": {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__,
                     "gpu_visible": gpu_available(), "platform": platform.platform()},
