@@ -85,6 +85,19 @@ TINY_OPEN_CLIP = {
 }
 
 
+# open_clip's SigLIP layout (CustomTextCLIP, learned logit_bias, non-causal text tower pooled at the
+# last token), tiny and random; no hf_tokenizer_name: open_clip's bundled CLIP tokenizer, offline
+TINY_SIGLIP = {
+    "model_cfg": {
+        "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                     "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
+    },
+    "preprocess_cfg": {},
+}
+
+
 def tiny_open_clip_dir(directory: Path) -> Path:
     """A ``local-dir:`` open_clip config (no weights: use ``pretrained: random``)."""
     import json

@@ -8,23 +8,13 @@ import json
 
 import numpy as np
 import pytest
+from corpora import TINY_SIGLIP
 
 from mmbalance.operators.zero_shot import ClassEmbeddings, class_probabilities, hard_tags, model_scoring
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-# open_clip's SigLIP layout (CustomTextCLIP, init_logit_bias, non-causal text tower pooled at the
-# last token), 2 layers 64 wide; no hf_tokenizer_name, so get_tokenizer gives the CLIP tokenizer
-TINY_SIGLIP = {
-    "model_cfg": {
-        "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                     "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
-    },
-    "preprocess_cfg": {},
-}
 PROMPTS = ["a photo of a woman.", "a photo of a man.", "a photo of an empty street."]
 
 

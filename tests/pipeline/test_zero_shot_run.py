@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpora import tiny_open_clip_dir, write_shards
+from corpora import TINY_SIGLIP, tiny_open_clip_dir, write_shards
 
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.recipe import RecipeError, parse_recipe
@@ -80,17 +80,6 @@ def test_zero_shot_needs_a_text_tower():
                                       "zero_shot": {"vocabulary": "perceived_gender"}}]})
 
 
-# open_clip's SigLIP layout (CustomTextCLIP, learned logit_bias, non-causal text tower pooled at the
-# last token), tiny and random; no hf_tokenizer_name: open_clip's bundled CLIP tokenizer, offline
-TINY_SIGLIP = {
-    "model_cfg": {
-        "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                     "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
-    },
-    "preprocess_cfg": {},
-}
 
 
 def test_siglip_zero_shot_run_uses_the_sigmoid_head_and_vocabulary_values(tmp_path):
