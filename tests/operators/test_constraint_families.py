@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import html
+import re
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from corpora import held_out_table, write_shards
 
+from mmbalance.operators.report_html import resolve, write_html_report
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.recipe import parse_recipe
 
@@ -72,3 +76,10 @@ def test_families_match_the_manifest_and_name_binding_and_leakage(tmp_path):
         leak = families[f"gender x {label}"]["leakage"]
         assert leak["before"]["accuracy"] == probe["before"]["accuracy"] and leak["after"]["accuracy"] == probe["after"]["accuracy"]
         assert leak["after"]["accuracy"] < leak["before"]["accuracy"]
+
+    # the HTML section shows the same numbers (every marked figure resolves to report.json's)
+    page = open(write_html_report(str(tmp_path / "o"))).read()
+    marked = re.findall(r'data-key="(/constraint_families/[^"]+)" data-value="([^"]+)"', page)
+    assert {html.unescape(k).split("/")[3] for k, _ in marked} >= {"constraints", "at_tolerance", "worst_moment", "leakage"}
+    for key, value in marked:
+        assert float(value) == float(resolve(report, html.unescape(key))), key
