@@ -139,21 +139,21 @@ def weight_summary(after: pl.DataFrame, rows: int) -> dict[str, Any]:
 
 
 def _moment_matrix(frame: pl.DataFrame, weight: str, attr: str, values: list[str], pi: np.ndarray,
-                   label: str | None, label_values: list[str]) -> tuple[np.ndarray, float]:
+                   label: str | None, label_values: list[str]) -> np.ndarray:
     """M4 moments as shares of the carrying weight W: sum_w (s_k - pi_k) y_r / W, (m, R) for an
-    association family (label) or (m, 1) for representation (label None); and W."""
+    association family (label) or (m, 1) for representation (label None)."""
     s_col = tag_column(attr)
     carrying = frame.filter(pl.col(s_col).is_not_null())
     total = float(carrying[weight].sum()) if carrying.height else 0.0
     m = len(values)
     if not total:
-        return np.zeros((m, len(label_values) if label else 1)), 0.0
+        return np.zeros((m, len(label_values) if label else 1))
     s_index = pl.DataFrame({s_col: values, "__k": np.arange(m)}, schema={s_col: pl.String, "__k": pl.Int64})
     if label is None:
         by = carrying.group_by(s_col).agg(pl.col(weight).sum().alias("w")).join(s_index, on=s_col)
         mass = np.zeros(m)
         mass[by["__k"].to_numpy()] = by["w"].to_numpy()
-        return ((mass - pi * total) / total)[:, None], total
+        return ((mass - pi * total) / total)[:, None]
     y_col = tag_column(label)
     R = len(label_values)
     y_index = pl.DataFrame({y_col: label_values, "__r": np.arange(R)}, schema={y_col: pl.String, "__r": pl.Int64})
@@ -161,7 +161,7 @@ def _moment_matrix(frame: pl.DataFrame, weight: str, attr: str, values: list[str
              .join(s_index, on=s_col).join(y_index, on=y_col))
     mass = np.zeros((m, R))
     mass[joint["__k"].to_numpy(), joint["__r"].to_numpy()] = joint["w"].to_numpy()
-    return (mass - pi[:, None] * mass.sum(axis=0)[None, :]) / total, total
+    return (mass - pi[:, None] * mass.sum(axis=0)[None, :]) / total
 
 
 def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str]], vocab: dict[str, list[str]],
@@ -180,7 +180,9 @@ def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str
         families += [(a, lab, spec.tolerance.association) for a, lab in dict.fromkeys(map(tuple, spec.associate))]
         for attr, label, eps in families:
             values = list(attrs[attr].values)
-            pi = np.array([float(diag["pi"].get(attr, {}).get(v, 0.0)) for v in values])
+            # with hold_labels an untargeted attribute is centred per pair (the solver's pi_by_pair)
+            shares = diag.get("pi_by_pair", {}).get(f"{attr} x {label}") or diag["pi"].get(attr, {})
+            pi = np.array([float(shares.get(v, 0.0)) for v in values])
             label_values = list(vocab.get(label, [])) if label else []
             entry: dict[str, Any] = {
                 "step": index, "family": f"{attr} x {label}" if label else f"{attr} representation",
@@ -189,7 +191,7 @@ def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str
             }
             worst: dict[str, float] = {}
             for view, (frame, weight) in views.items():
-                moments, _ = _moment_matrix(frame, weight, attr, values, pi, label, label_values)
+                moments = _moment_matrix(frame, weight, attr, values, pi, label, label_values)
                 worst[view] = float(np.abs(moments).max()) if moments.size else 0.0
                 if view == "after_expected":
                     # at the bound up to the solver's precision: the constraints that bind

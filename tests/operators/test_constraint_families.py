@@ -83,3 +83,34 @@ def test_families_match_the_manifest_and_name_binding_and_leakage(tmp_path):
     assert {html.unescape(k).split("/")[3] for k, _ in marked} >= {"constraints", "at_tolerance", "worst_moment", "leakage"}
     for key, value in marked:
         assert float(value) == float(resolve(report, html.unescape(key))), key
+
+
+def test_families_with_held_labels_use_the_solvers_per_pair_prevalence(tmp_path):
+    """hold_labels centres an untargeted attribute on its prevalence among rows carrying the label
+    too; with null labels that differs from the prevalence over all carrying rows."""
+    def table(i):
+        t = _with_second_label(held_out_table(3000, 90 + i), i)
+        # men's rows lack a scene more often, so the prevalence among rows with a scene differs
+        scene = [None if (g == "man" and j % 2 == 0) else s
+                 for j, (g, s) in enumerate(zip(t.column("gender").to_pylist(), t.column("scene").to_pylist()))]
+        return t.set_column(t.column_names.index("scene"), "scene", pa.array(scene, pa.string()))
+
+    corpus = write_shards(tmp_path / "c", {f"s{i}.parquet": table(i) for i in range(2)})
+    recipe = parse_recipe({
+        "input": {"columns": {"uid": "uid"}},
+        "attributes": [{"name": "gender", "values": ["woman", "man"]}],
+        "labels": [{"name": "scene"}],
+        "balance": {"method": "m4", "associate": [["gender", "scene"]], "hold_labels": True,
+                    "tolerance": {"association": 0.004}, "budget": False, "max_weight": 3.0, "retention": 0.5},
+        "report": {"leakage": False},
+    })
+    report = rebalance(str(corpus), str(tmp_path / "o"), recipe,
+                       RunOptions(executor="local", show_progress=False, html_report=False)).report
+    pair_pi = report["solution"]["pi_by_pair"]["gender x scene"]
+    assert abs(pair_pi["woman"] - report["solution"]["pi"]["gender"]["woman"]) > 1e-3  # the two centrings differ
+    manifest = pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / "o" / "manifest").glob("*.parquet"))])
+    truth = pl.concat([pl.read_parquet(p, columns=["uid", "gender", "scene"]) for p in sorted(corpus.glob("*.parquet"))])
+    frame = manifest.join(truth, on="uid")
+    (fam,) = report["constraint_families"]
+    assert abs(fam["worst_moment"]["after_expected"] - _worst_moment(frame, "weight", pair_pi, "scene")) < 1e-9
+    assert fam["over_tolerance"] == 0 and fam["at_tolerance"] == report["solution"]["binding_constraints"]
