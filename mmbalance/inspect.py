@@ -288,8 +288,8 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
         shards = run.get("shards")
         console.print("finished units: " + ", ".join(
             f"{k} {v}/{shards}" if stage(k).unit == "shard" and shards else f"{k} {v}" for k, v in done.items()))
-    for stage, units in failed.items():
-        console.print(f"[red]failed {stage} units: {len(units)}[/red] (first: {escape(units[0]['reason'])}); "
+    for stage_name, units in failed.items():  # not `stage`: that name is the declaration lookup above
+        console.print(f"[red]failed {stage_name} units: {len(units)}[/red] (first: {escape(units[0]['reason'])}); "
                       "rerun the same command to retry them")
 
     manifest_files = store.list_files("manifest", suffix=".parquet")
