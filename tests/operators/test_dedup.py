@@ -4,6 +4,31 @@ import pyarrow as pa
 from mmbalance.operators.dedup import bucket_bounds, find_duplicates, hash_uids
 
 
+def _reference_hash(uid: str) -> int:
+    """FNV-1a 64 over the UTF-8 bytes, then splitmix64's finaliser: the definition, byte by byte."""
+    mask = 2**64 - 1
+    h = 0xCBF29CE484222325
+    for b in uid.encode():
+        h = ((h ^ b) * 0x100000001B3) & mask
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & mask
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & mask
+    return h ^ (h >> 31)
+
+
+def test_hashes_are_pinned_to_their_definition():
+    # pinned values: a change here silently breaks dedup and sample priorities across versions
+    uids = ["abc", "", "uid-123", "é" * 700, "x" * 5000 + "y"]  # the last two pass the numpy byte limit
+    pinned = [996580060897260808, 17665956581633026203, 5771212521346449656, 4378476658494685035,
+              12162346476839719536]
+    assert hash_uids(pa.array(uids)).tolist() == pinned
+    assert [_reference_hash(u) for u in uids] == pinned
+    rng = np.random.default_rng(1)
+    strings = ["".join(map(chr, rng.integers(32, 0x2000, int(rng.integers(0, 1500))))) for _ in range(400)]
+    assert hash_uids(pa.array(strings)).tolist() == [_reference_hash(u) for u in strings]
+
+
 def test_hashes_are_stable_and_slice_safe():
     arr = pa.array(["a", "abc", "", "uid-123", "abc"])
     h = hash_uids(arr)
