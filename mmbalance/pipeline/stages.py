@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from mmbalance.operators import dedup, stats, tag, validate, weigh
+# Ray workers import this module to run any stage: what only some stages need (polars, scipy through
+# the solvers, the stats summaries) is imported inside them, so a scan worker stays ~100 MB leaner.
+from mmbalance.operators import dedup, tag, validate
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority
-from mmbalance.operators.solve import solution_from_dict
 from mmbalance.pipeline.plan import check_accounting
 from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* and read_batches are used through this module too
     SAMPLE_IMAGE,
@@ -178,22 +178,35 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 # -- dedup: one bucket of the uid-hash space -----------------------------------------------------
 
 
+def _hash_range(store: RunStore, shard_id: str, lo: int, hi: int):
+    """The (uid_hash, row) rows of a shard's sorted uid file with lo <= uid_hash <= hi: row-group
+    statistics skip the row groups outside the range, so a bucket reads a slice of each file."""
+    with store.fs.open_input_file(store.path("uids", f"{shard_id}.parquet")) as handle:
+        pfile = pq.ParquetFile(handle)
+        column = pfile.schema_arrow.get_field_index("uid_hash")
+        for i in range(pfile.metadata.num_row_groups):
+            st = pfile.metadata.row_group(i).column(column).statistics
+            if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
+                continue
+            table = pfile.read_row_group(i).cast(UID_HASH_SCHEMA)
+            hashes = table.column("uid_hash")
+            keep = pc.and_(pc.greater_equal(hashes, pa.scalar(lo, pa.uint64())), pc.less_equal(hashes, pa.scalar(hi, pa.uint64())))
+            table = table.filter(keep)
+            if table.num_rows:
+                yield table
+
+
 @_timed
 def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     store = RunStore(ctx.out)
     lo, hi = int(task["lo"]), int(task["hi"])
     shard_ids: list[str] = task["shard_ids"]
-    paths = [store.path("uids", f"{sid}.parquet") for sid in shard_ids]
-    dataset = pads.dataset(paths, filesystem=store.fs, format="parquet", schema=UID_HASH_SCHEMA)
-    cond = (pads.field("uid_hash") >= pa.scalar(lo, pa.uint64())) & (pads.field("uid_hash") <= pa.scalar(hi, pa.uint64()))
-    index_of = {p: i for i, p in enumerate(paths)}
     parts_hash, parts_row, parts_shard = [], [], []
-    for fragment in dataset.get_fragments():
-        table = fragment.to_table(filter=cond)  # row-group statistics skip most of each sorted file
-        if table.num_rows:
+    for index, sid in enumerate(shard_ids):
+        for table in _hash_range(store, sid, lo, hi):
             parts_hash.append(table.column("uid_hash").to_numpy())
             parts_row.append(table.column("row").to_numpy())
-            parts_shard.append(np.full(table.num_rows, index_of[fragment.path], np.int64))
+            parts_shard.append(np.full(table.num_rows, index, np.int64))
     rows_seen = int(sum(len(h) for h in parts_hash))
 
     def fetch_uids(shard_pos: int, rows: np.ndarray) -> list[str]:
@@ -266,6 +279,8 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
             schema=REJECTS_SCHEMA,
         )
         store.write_table("rejects", "dedup", f"{shard_id}.parquet", table=rejects)
+    from mmbalance.operators import stats
+
     store.write_table("signatures", f"{shard_id}.parquet", table=stats.summarise(kept, ctx.tag_columns))
     for spec in ctx.recipe.metadata_labels():  # per-entry counts: sparse, merged by summing
         store.write_table("entries", spec.name, f"{shard_id}.parquet", table=entry_count_table(kept.column(entries_column(spec.name))))
@@ -280,11 +295,15 @@ def signatures_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _load_solution(out: str, digest: str):
+    from mmbalance.operators.solve import solution_from_dict
+
     return solution_from_dict(RunStore(out).read_json("solve", "solution.json"))
 
 
 @_timed
 def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
+    from mmbalance.operators import stats, weigh
+
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
@@ -324,6 +343,8 @@ def _load_models(out: str, digest: str):
 def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     """Cluster/subclass ids of every valid row, aligned to the rows of the tags sidecar (null where
     a row has no embedding)."""
+    import polars as pl
+
     from mmbalance.pipeline.fit import assign_table, assigned_schema
 
     store = RunStore(ctx.out)
@@ -460,6 +481,8 @@ def _npz(store: RunStore, *parts: str) -> dict[str, np.ndarray]:
 
 def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     """(signature id, utility) of a shard's kept rows, saved as its block under solve/stream/."""
+    import polars as pl
+
     from mmbalance.operators.solve.m4 import signature_ids
     from mmbalance.schemas.contract import UTILITY_COLUMN
 
