@@ -182,9 +182,15 @@ if spec.get("remount_after"):
     deadline = time.monotonic() + 200
     while proc.poll() is None and time.monotonic() < deadline:
         if os.path.isdir(markers) and len([n for n in os.listdir(markers) if n.endswith(".json")]) >= count:
-            sh("mount", "--bind", out, out)
-            sh("mount", "-o", "remount,bind,ro", out)
-            result["remounted"] = True
+            # util-linux < 2.39 binds, then remounts read-only: a file the run opens through the new
+            # bind in between makes the remount EBUSY; detach that bind and try again
+            for _ in range(100):
+                sh("mount", "--bind", out, out)
+                if subprocess.run(["mount", "-o", "remount,bind,ro", out], stderr=subprocess.DEVNULL).returncode == 0:
+                    result["remounted"] = True
+                    break
+                sh("umount", "-l", out)
+                time.sleep(0.002)
             break
         time.sleep(0.005)
 try:
