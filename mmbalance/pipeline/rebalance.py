@@ -419,8 +419,8 @@ class Rebalancer:
             self.options.address or recipe.execution.address,
             self.options.num_cpus or recipe.execution.num_cpus,
             recipe.execution.object_store_memory_mb,
-        ):
-            return self._stages(ctx, shards, RayExecutor(), run)
+        ) as embedded:
+            return self._stages(ctx, shards, RayExecutor(settle_workers=embedded), run)
 
     def _stages(self, ctx: stages.RunContext, shards, executor, run: dict[str, Any]) -> RunResult:
         recipe, store = self.recipe, self.store
@@ -465,6 +465,7 @@ class Rebalancer:
 
         # solve (global, small)
         t = time.perf_counter()
+        executor.settle()  # timed: waiting for workers to exit is the stage's cost
         before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
@@ -498,6 +499,7 @@ class Rebalancer:
 
         # report
         t = time.perf_counter()
+        executor.settle()  # timed: waiting for workers to exit is the stage's cost
         after = stats_op.merge((store.read_table("after", f"{i}.parquet") for i in ids), ctx.tag_columns)
         store.write_table("after", "merged.parquet", table=after)
         report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
@@ -550,6 +552,7 @@ class Rebalancer:
     def _fit(self, ctx: stages.RunContext, executor, shards, dups, valid_rows: int) -> dict[str, Any]:
         recipe, store = self.recipe, self.store
         t = time.perf_counter()
+        executor.settle()  # timed: waiting for workers to exit is the stage's cost
         info = store.verified_summary("fit", "models")
         if info is None:
             store.take_written()

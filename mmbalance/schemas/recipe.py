@@ -284,7 +284,7 @@ class ExecutionSpec(StrictModel):
     address: str | None = None
     num_cpus: int | None = Field(default=None, gt=0)
     # Rows per Arrow batch inside a shard: bounds memory per worker (4k-25k measured fastest).
-    batch_rows: int = Field(default=16384, gt=0)
+    batch_rows: int = Field(default=4096, gt=0)
     object_store_memory_mb: int | None = Field(default=None, gt=0)
     # Rows per dedup bucket: bounds the memory of the global duplicate-uid check.
     dedup_bucket_rows: int = Field(default=1_000_000, gt=0)
@@ -606,5 +606,5 @@ export:
 execution:                      # how to run; never changes the results
   executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
   # address: ray://head:10001
-  batch_rows: 16384             # rows per Arrow batch inside a shard (bounds worker memory)
+  batch_rows: 4096              # rows per Arrow batch inside a shard (bounds worker memory)
 """
