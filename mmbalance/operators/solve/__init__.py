@@ -113,6 +113,7 @@ def register(method: str) -> Callable[[SolverFn], SolverFn]:
 
 
 def _solve_step(step, stats: CorpusStats) -> Solution:
+    _load_solvers()
     try:
         solver = SOLVERS[step.method]
     except KeyError:
@@ -233,10 +234,13 @@ def solve_none(step, stats: CorpusStats) -> Solution:
     return LookupSolution("none", [], {}, [1.0], default=1.0, diagnostics={"note": "every valid row kept once"})
 
 
-# methods register themselves on import
-from mmbalance.operators.solve import cap as _cap  # noqa: E402,F401
-from mmbalance.operators.solve import m4 as _m4  # noqa: E402,F401
-from mmbalance.operators.solve import reweigh as _reweigh  # noqa: E402,F401
-from mmbalance.operators.solve import rake as _rake  # noqa: E402,F401
-from mmbalance.operators.solve import waterfill as _waterfill  # noqa: E402,F401
-from mmbalance.operators.solve import rnb as _rnb  # noqa: E402,F401
+_SOLVER_MODULES = ("cap", "m4", "reweigh", "rake", "waterfill", "rnb")
+
+
+def _load_solvers() -> None:
+    """Import the solver modules, which register themselves: at the first solve, not on import, so
+    a worker that only applies a solution (the weigh stage) does not load scipy (~0.4 s, ~50 MB)."""
+    import importlib
+
+    for name in _SOLVER_MODULES:
+        importlib.import_module(f"mmbalance.operators.solve.{name}")
