@@ -26,6 +26,9 @@ A file can build on a shipped vocabulary (or another file) instead of copying it
 A phrase a file lists under one of its values moves there from the inherited value that had it
 (a phrase is never under two values). Kind, templates and none prompts are inherited unless the
 file sets them; new templates re-fill every value that has a phrase rather than its own prompts.
+
+Files are read as recipes are (``mmbalance.schemas.yaml_loader``): a key given twice in one mapping
+is an error naming the file and line, and yes/no/on/off/true/false stay strings (value names).
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-
-import yaml
 
 NONE_VALUE = "none"  # reserved: the zero-shot "no such thing in the image" class
 SHIPPED = ("perceived_gender", "age_group", "occupation")
@@ -208,12 +209,12 @@ def _load(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> Vocabulary:
         if not path.is_file():
             raise ValueError(f"{path}: no such vocabulary file (shipped ones: {', '.join(SHIPPED)})")
         text, source, base_dir = path.read_text(encoding="utf-8"), str(path), path.parent
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ValueError(f"{source}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    # the recipe's YAML rules: a key given twice is an error naming its line (not last-one-wins),
+    # and yes/no/on/off/true/false stay strings (value names). Imported here: the schemas package's
+    # __init__ loads the recipe model (pydantic), which `import mmbalance.data` does not need.
+    from mmbalance.schemas.yaml_loader import load_strict
+
+    data = load_strict(text, source)
     return parse_vocabulary(data, source, base_dir, (*seen, key))
 
 

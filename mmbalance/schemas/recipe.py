@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 
 from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
 from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.export import ExportFormat, ExportOptions
+from mmbalance.schemas.yaml_loader import DuplicateKeyError, StrictLoader, load_strict
 
 
 class RecipeError(ValueError):
@@ -493,48 +493,14 @@ def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
         raise RecipeError(_format_error(source, err)) from None
 
 
-class _DuplicateKey(yaml.MarkedYAMLError):
-    pass
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """YAML for recipes: a key given twice in one mapping is an error (PyYAML keeps the last), and
-    the YAML 1.1 boolean words (yes/no/on/off/true/false, any case) stay the strings they were
-    written as. Pydantic reads those words into ``bool`` fields itself, so flags still work, while a
-    value name such as ``no`` or ``true`` in ``values:`` or ``targets:`` keeps its exact text."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # '<<' merges may override keys on purpose
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark)
-                except TypeError:
-                    continue  # an unhashable key: the constructor below says so
-                if first is not key_node.start_mark:
-                    raise _DuplicateKey(None, None, f"duplicate key '{key}' (first given on line {first.line + 1})",
-                                        key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+# the recipe's YAML rules (duplicate keys are errors, yes/no stay strings) live in yaml_loader,
+# shared with the tag vocabularies; the names stay importable from here
+RecipeLoader = StrictLoader
+_DuplicateKey = DuplicateKeyError
 
 
 def recipe_from_yaml(text: str, source: str) -> Recipe:
-    try:
-        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as err:
-        raise RecipeError(f"{source}: line {err.problem_mark.line + 1} {err.problem}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{source}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    data = load_strict(text, source, RecipeError)
     if data is not None and not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
     return parse_recipe(data, source)

@@ -252,6 +252,59 @@ def test_bad_vocabulary_files_are_one_line_errors(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    # a value listed twice under one vocabulary: PyYAML alone keeps the second without a word
+    ("name: x\nvalues:\n  nurse: {lexicon: [nurse]}\n  welder: {lexicon: [welder]}\n  nurse: {lexicon: [rn]}\n",
+     "line 5 duplicate key 'nurse' (first given on line 3)"),
+    ("name: x\nvalues:\n  a: {lexicon: [a]}\nname: y\n", "line 4 duplicate key 'name' (first given on line 1)"),
+    ("name: x\nvalues:\n  a:\n    lexicon: [a]\n    lexicon: [b]\n", "line 5 duplicate key 'lexicon' (first given on line 4)"),
+    ("name: x\nvalues: {a: {lexicon: [a]}, a: {lexicon: [b]}}\n", "line 2 duplicate key 'a' (first given on line 2)"),
+])
+def test_duplicate_key_in_a_user_vocabulary_names_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_vocabulary(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_duplicate_key_in_an_extended_file_names_that_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: b\nvalues:\n  a: {lexicon: [a]}\n  a: {lexicon: [b]}\n")
+    (tmp_path / "top.yaml").write_text("name: t\nextends: base.yaml\n")
+    with pytest.raises(ValueError) as err:
+        load_vocabulary(tmp_path / "top.yaml")
+    assert str(err.value) == f"{tmp_path / 'base.yaml'}: line 4 duplicate key 'a' (first given on line 3)"
+
+
+def test_yes_no_on_off_value_names_and_terms_stay_strings(tmp_path):
+    path = tmp_path / "answers.yaml"
+    path.write_text(
+        "name: answer\nkind: label\nvalues:\n"
+        "  yes: {lexicon: [yes, yeah]}\n  no: {lexicon: [no, nope]}\n"
+        "  On: {phrase: on, lexicon: [switched on]}\n  OFF: {lexicon: [off, switched off]}\n"
+        "  true: {lexicon: [true story]}\n"
+    )
+    vocab = load_vocabulary(path)
+    assert vocab.values == ("yes", "no", "On", "OFF", "true")
+    assert vocab.lexicon["yes"] == ("yes", "yeah") and vocab.lexicon["no"] == ("no", "nope")
+    assert vocab.lexicon["OFF"] == ("off", "switched off") and vocab.phrases["On"] == "on"
+    tags = LexiconTagger.from_vocabularies([vocab]).tag(["yes, please", "nope", "the light is switched on"], hits=False)
+    assert tags.column(source_tag_column("answer", "caption")).to_pylist() == ["yes", "no", "On"]
+
+
+def test_every_shipped_vocabulary_loads_as_plain_yaml_read_it():
+    """Every YAML file shipped in mmbalance/data is in SHIPPED and loads with the strict reader, and
+    what it reads equals PyYAML's plain reading: no key there is duplicated or a yes/no boolean, so
+    the strict loader changed no shipped vocabulary."""
+    data_dir = Path(__file__).parents[2] / "mmbalance" / "data"
+    assert sorted(p.stem for p in data_dir.glob("*.yaml")) == sorted(SHIPPED)
+    for name in SHIPPED:
+        vocab = load_vocabulary(name)
+        assert vocab.name == name and vocab.values
+        plain = parse_vocabulary(yaml.safe_load((data_dir / f"{name}.yaml").read_text(encoding="utf-8")), name)
+        assert vocab == plain, name
+
+
 def test_recipe_values_come_from_the_vocabulary(tmp_path):
     base = {"input": {"columns": {"uid": "uid", "caption": "caption", "image_embedding": "e"}}}
     recipe = parse_recipe({**base, "attributes": [
@@ -305,6 +358,10 @@ def test_held_out_occupations_are_tagged():
     ("name: x\nextends: x.yaml\n", "labels", "loops back to itself"),
     ("name: x\nextends: occupation\ndrop_values: [no_such]\n", "labels", "drop_values names values not in 'occupation'"),
     ("name: x\nextends: occupation\ndrop_values: [no_such]\n", "attributes", "drop_values names values not in 'occupation'"),
+    ("name: x\nkind: label\nvalues:\n  nurse: {lexicon: [nurse]}\n  nurse: {lexicon: [rn]}\n", "labels",
+     "x.yaml: line 5 duplicate key 'nurse' (first given on line 4)"),
+    ("name: x\nvalues:\n  woman: {lexicon: [woman]}\n  man: {lexicon: [man]}\n  woman: {lexicon: [she]}\n", "attributes",
+     "x.yaml: line 5 duplicate key 'woman' (first given on line 3)"),
 ])
 def test_bad_vocabulary_file_is_a_one_line_cli_error(tmp_path, vocab_text, label_key, message):
     from typer.testing import CliRunner
