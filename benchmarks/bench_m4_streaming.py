@@ -115,12 +115,28 @@ def main() -> None:
                     "associate": [["gender", "occupation"]], "retention": 0.6, "max_weight": 1.0,
                     "on_infeasible": "max_retention"},
     })
-    results = []
-    if args.executor == "ray":
-        import ray
+    import contextlib
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20,
-                 log_to_driver=False, logging_level="ERROR")
+    from mmbalance.pipeline.executor import ray_session
+
+    results = []
+    # the embedded Ray exactly as a pipeline run starts it (idle workers end after 0.5 s)
+    session = ray_session(num_cpus=2, object_store_mb=300) if args.executor == "ray" else contextlib.nullcontext()
+    with session:
+        run_all(args, recipe, results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
+    keep = [r for r in previous if (r.get("executor", "local"), r["rows"]) not in {(e["executor"], e["rows"]) for e in results}]
+    for r in keep:
+        r.setdefault("executor", "local")
+    args.out.write_text(json.dumps({"benchmark": "M4 streaming path (per-row utility) solve time vs rows, in-process and on Ray",
+                                    "python": platform.python_version(), "cpus": os.cpu_count(),
+                                    "command": " ".join(["python", *sys.argv]),
+                                    "results": keep + results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def run_all(args, recipe, results: list) -> None:
     for rows in args.rows:
         n_shards = max(1, rows // args.rows_per_shard)
         tables = [shard(rows // n_shards, seed) for seed in range(n_shards)]
@@ -137,16 +153,6 @@ def main() -> None:
         results.append(entry)
         print(json.dumps(entry), flush=True)
         del tables, stats
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
-    keep = [r for r in previous if (r.get("executor", "local"), r["rows"]) not in {(e["executor"], e["rows"]) for e in results}]
-    for r in keep:
-        r.setdefault("executor", "local")
-    args.out.write_text(json.dumps({"benchmark": "M4 streaming path (per-row utility) solve time vs rows, in-process and on Ray",
-                                    "python": platform.python_version(), "cpus": os.cpu_count(),
-                                    "command": " ".join(["python", *sys.argv]),
-                                    "results": keep + results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

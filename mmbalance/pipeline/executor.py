@@ -333,11 +333,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
                     log_to_driver=False,
                     object_store_memory=(object_store_mb or 512) * 1024 * 1024,
                     runtime_env=env,
-                    # no idle workers: between per-shard stages the driver works alone (fit, solve,
-                    # report) and two idle workers would hold ~550 MB; a stage starts its own (~1 s)
-                    _system_config={"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 300,
-                                    "kill_idle_workers_interval_ms": 50,
-                                    "enable_worker_prestart": False},
+                    # no idle workers kept: between per-shard stages the driver works alone (fit,
+                    # solve, report) and two idle workers held ~550 MB. A worker idle for 0.5 s ends:
+                    # back-to-back task maps (M4's streamed dual evaluations) keep theirs warm
+                    _system_config={"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 500,
+                                    "kill_idle_workers_interval_ms": 50, "enable_worker_prestart": False},
                 )
         except BaseException:
             _stop_ray_watchdog(watchdog)
