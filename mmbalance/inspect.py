@@ -21,6 +21,7 @@ from rich.table import Table
 
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
+from mmbalance.pipeline.rows import open_source, source_batches
 from mmbalance.pipeline.shards import discover_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import tag_column
@@ -77,8 +78,10 @@ def _footer(fs, shard) -> dict[str, Any]:
     return {"shard": shard, "rows": meta.num_rows, "row_groups": meta.num_row_groups, "schema": schema, "nulls": nulls}
 
 
-def _sample(fs, footers: list[dict], columns: list[str], sample_rows: int, sample_shards: int) -> pa.Table:
-    """At most ``sample_rows`` rows of ``columns``, from the start of shards spread over the corpus."""
+def _sample(fs, footers: list[dict], columns: list[str], sample_rows: int, sample_shards: int,
+            verify_checksums: bool = False) -> pa.Table:
+    """At most ``sample_rows`` rows of ``columns``, from the start of shards spread over the corpus;
+    ``verify_checksums`` checks their page CRCs (the recipe's ``execution.verify_checksums``)."""
     nonempty = [f for f in footers if f["rows"] > 0]
     if not nonempty or not columns or sample_rows <= 0:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
@@ -88,12 +91,11 @@ def _sample(fs, footers: list[dict], columns: list[str], sample_rows: int, sampl
     parts = []
     for f in picked:
         present = [c for c in columns if c in f["schema"].names]
+        relpath = f["shard"].relpath
         with fs.open_input_file(f["shard"].path) as handle:
-            pfile = pq.ParquetFile(handle)
-            batch = next(pfile.iter_batches(batch_size=per, columns=present), None)
-        if batch is None:
+            table = next(source_batches(open_source(handle, relpath, verify_checksums), relpath, present, per), None)
+        if table is None:
             continue
-        table = pa.Table.from_batches([batch])
         for c in columns:
             if c not in table.column_names:
                 table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
@@ -166,7 +168,8 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
     candidates = [n for n, c in columns.items() if c["tag_type"]]
     if recipe is not None:
         candidates = list(dict.fromkeys(candidates + [s.source_column for s in [*recipe.attributes, *recipe.labels] if "column" in s.sources and s.source_column in columns]))
-    sample = pl.from_arrow(_sample(fs, footers, candidates, sample_rows, sample_shards))
+    verify = recipe.execution.verify_checksums if recipe else False
+    sample = pl.from_arrow(_sample(fs, footers, candidates, sample_rows, sample_shards, verify))
     attrs, labels, how = _roles(recipe, sample, candidates, uid)
     picked_from = min(sample_shards, sum(1 for f in footers if f["rows"] > 0))
     summary.update(sample_rows=sample.height, sample_shards=picked_from, attributes=attrs, labels=labels)

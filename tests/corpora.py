@@ -74,6 +74,20 @@ def write_shards(directory: Path, tables: dict[str, pa.Table]) -> Path:
     return directory
 
 
+def write_with_flipped_byte(path: Path, table: pa.Table, column: str, **kw) -> None:
+    """``table`` written with page CRCs (uncompressed and plain, so a flip leaves a readable but
+    wrong value) and the last byte of ``column``'s last row group flipped: a byte inside a data page
+    of that column, whose CRC then no longer matches. Unverified, it reads back wrong without an error."""
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_page_checksum=True, **kw)
+    meta = pq.read_metadata(path)
+    group = meta.row_group(meta.num_row_groups - 1)
+    chunk = next(group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == column)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert not pq.read_table(path, columns=[column]).column(column).equals(table.column(column))
+
+
 # A random-init open_clip model small enough for tests: 2-layer towers, 64 wide, 32 px images.
 TINY_OPEN_CLIP = {
     "model_cfg": {

@@ -7,16 +7,19 @@ import shutil
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards, write_with_flipped_byte
 from mmbalance.cli import app
 from mmbalance.inspect import inspect_path
 from mmbalance.operators.report_html import fmt
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.schemas.recipe import parse_recipe
+from mmbalance.schemas.contract import InputError
+from mmbalance.schemas.recipe import load_recipe, parse_recipe
 from mmbalance.synth import DEMO_RECIPE, synth_corpus
 
 
@@ -89,6 +92,32 @@ def test_shard_directory_with_recipe_and_cluster_like_column(demo_run):
     sizes = summary["sizes"]["subclass"]
     assert 1 < sizes["values"] <= 60 and sizes["largest"] <= 300
     assert "subclass" in console.export_text()
+
+
+def test_shard_directory_sample_verifies_page_checksums_on_request(tmp_path):
+    """execution.verify_checksums: a flipped byte in a data page of a sampled column is a one-line
+    input error naming the shard; unverified (no recipe, or the flag off) the sample holds it as read."""
+    corpus = write_shards(tmp_path / "corpus", {"a.parquet": held_out_table(200, seed=1)})
+    table = held_out_table(200, seed=2)
+    write_with_flipped_byte(corpus / "b.parquet", table, "occupation")
+    on = tmp_path / "on.yaml"
+    on.write_text(RECIPE_FROM_ISSUE + "execution: {verify_checksums: true}\n")
+    with pytest.raises(InputError, match=r"^b\.parquet: unreadable data \(.*CRC") as err:
+        inspect_path(str(corpus), recipe=load_recipe(on), console=_console(), sample_rows=400)
+    assert "\n" not in str(err.value)
+    result = CliRunner().invoke(app, ["inspect", str(corpus), "--recipe", str(on), "--sample-rows", "400"])
+    assert result.exit_code == 2 and "b.parquet: unreadable data" in result.output and "CRC" in result.output
+
+    def distinct(*tables: pa.Table) -> int:
+        return len({v for t in tables for v in t.column("occupation").to_pylist() if v is not None})
+
+    as_read = distinct(pq.read_table(corpus / "a.parquet"), pq.read_table(corpus / "b.parquet"))
+    assert as_read != distinct(pq.read_table(corpus / "a.parquet"), table)  # the flipped value is a new one
+    off = tmp_path / "off.yaml"
+    off.write_text(RECIPE_FROM_ISSUE)
+    for recipe in (load_recipe(off), None):
+        summary = inspect_path(str(corpus), recipe=recipe, console=_console(), sample_rows=400)
+        assert summary["sample_rows"] == 400 and summary["prevalence"]["occupation"]["distinct"] == as_read
 
 
 def test_run_directory_numbers_match_report(demo_run):

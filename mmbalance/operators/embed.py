@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from mmbalance.operators.precomputed import Half, assemble, uid_strings
+from mmbalance.pipeline.rows import read_batches
 from mmbalance.schemas.embed import EMBED_NOTE, IMAGE_EMB, RANDOM_INIT, TEXT_EMB, EmbedSpec
 
 log = logging.getLogger(__name__)
@@ -941,19 +941,21 @@ def embed_shard(
     image_base: str | None = None,
     timings: dict | None = None,
     only_rows: np.ndarray | None = None,
+    verify_checksums: bool = False,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream one Parquet shard in batches: yields (sidecar rows, rejects) per batch.
 
     Relative image paths resolve against ``image_base`` (default: the shard's directory, same fs).
     ``only_rows`` (sorted shard row indices, e.g. the rows validation kept) limits the work to those.
+    ``verify_checksums`` checks the shard's page CRCs (``execution.verify_checksums``); an unreadable
+    page is an input error naming ``shard``.
     """
     base = image_base if image_base is not None else path.rsplit("/", 1)[0] if "/" in path else ""
     source = ImageSource(fs, base)
     done = 0
     with fs.open_input_file(path) as handle:
-        pfile = pq.ParquetFile(handle)
-        for batch in pfile.iter_batches(batch_size=batch_rows or 8 * bundle.spec.batch_size, columns=columns.names()):
-            table = pa.Table.from_batches([batch])
+        for table in read_batches(handle, shard, columns.names(), batch_rows or 8 * bundle.spec.batch_size,
+                                  verify_checksums):
             rows = np.arange(done, done + table.num_rows, dtype=np.int64)
             done += table.num_rows
             if only_rows is not None:
@@ -961,5 +963,5 @@ def embed_shard(
                 rows = np.asarray(only_rows[lo:hi], np.int64)
                 if not len(rows):
                     continue
-                table = table.take(pa.array(rows - (done - batch.num_rows)))
+                table = table.take(pa.array(rows - (done - table.num_rows)))
             yield embed_table(table, bundle, columns, shard, rows=rows, source=source, timings=timings)

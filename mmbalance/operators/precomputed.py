@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from mmbalance.pipeline.rows import open_source, source_batches
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError
 from mmbalance.schemas.embed import (
     DATACOMP_VARIANTS,
@@ -257,8 +257,11 @@ def npz_sidecar_batches(
     batch_rows: int = 16384,
     on_image_error: str = "reject",
     on_missing_caption: str = "image_only",
+    verify_checksums: bool = False,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Stream a shard's ``.npz`` embeddings as sidecar batches (row counts and dims checked first)."""
+    """Stream a shard's ``.npz`` embeddings as sidecar batches (row counts and dims checked first).
+    ``verify_checksums`` checks the shard's page CRCs (``execution.verify_checksums``); an unreadable
+    page of its uid column is an input error naming ``shard``."""
     npz = npz_path_for(shard_path, spec.suffix)
     info = npz_info(spec)
     dim = info["embedding_dim"]
@@ -274,7 +277,7 @@ def npz_sidecar_batches(
             # a file shorter than the zip trailer fails pyarrow's seek rather than zipfile's check
             raise InputError(f"{npz}: not an .npz file ({str(err).splitlines()[0]})") from None
         with archive:
-            pfile = pq.ParquetFile(handle)
+            pfile = open_source(handle, shard, verify_checksums)
             num_rows = pfile.metadata.num_rows
             members = [NpyMember(archive, image_key, npz), NpyMember(archive, text_key, npz)]
             for m in members:
@@ -283,7 +286,7 @@ def npz_sidecar_batches(
                 if m.shape[1] != dim:
                     raise InputError(f"{m.where}: dimension {m.shape[1]}, expected {dim} for variant '{spec.variant}'")
             done = 0
-            for batch in pfile.iter_batches(batch_size=batch_rows, columns=[uid_column]):
+            for batch in source_batches(pfile, shard, [uid_column], batch_rows):
                 n = batch.num_rows
                 img, _ = normalise_rows(members[0].read(n), f"image embedding (npz '{image_key}')")
                 txt, _ = normalise_rows(members[1].read(n), f"text embedding (npz '{text_key}')")

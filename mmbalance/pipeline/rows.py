@@ -21,11 +21,27 @@ if TYPE_CHECKING:
 SAMPLE_IMAGE, SAMPLE_TEXT = "image_emb", "text_emb"  # embedding columns of the fit sample
 
 
-def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
-    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
-    match) is an input error naming the file."""
+READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)  # what a corrupt page raises
+
+
+def unreadable(relpath: str, err: BaseException) -> InputError:
+    return InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})")
+
+
+def open_source(handle, relpath: str, verify_checksums: bool = False) -> pq.ParquetFile:
+    """A source shard's ParquetFile, verifying page CRCs on request (``execution.verify_checksums``);
+    an unreadable footer is an input error naming the file."""
     try:
-        pfile = pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
+        return pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
+    except READ_ERRORS as err:
+        raise unreadable(relpath, err) from None
+
+
+def source_batches(pfile: pq.ParquetFile, relpath: str, columns: list[str], batch_rows: int):
+    """Tables of ``batch_rows`` rows of an open source shard; a corrupt page (or, verifying, a page
+    whose CRC does not match) is an input error naming the file. Only the reads are guarded: an
+    error raised by the consumer of a batch is its own."""
+    try:
         batches = pfile.iter_batches(batch_size=batch_rows, columns=columns)
         while True:
             try:
@@ -33,8 +49,14 @@ def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, veri
             except StopIteration:
                 return
             yield pa.Table.from_batches([batch])
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})") from None
+    except READ_ERRORS as err:
+        raise unreadable(relpath, err) from None
+
+
+def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
+    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
+    match) is an input error naming the file."""
+    yield from source_batches(open_source(handle, relpath, verify_checksums), relpath, columns, batch_rows)
 
 
 def embedding_columns(recipe: Recipe) -> dict[str, str]:

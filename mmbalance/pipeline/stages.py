@@ -430,13 +430,14 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         from mmbalance.operators.precomputed import npz_sidecar_batches
 
         batches = npz_sidecar_batches(fs, task["path"], relpath, spec.npz, ctx.recipe.input.columns.uid,
-                                      ctx.recipe.execution.batch_rows, spec.on_image_error, spec.on_missing_caption)
+                                      ctx.recipe.execution.batch_rows, spec.on_image_error, spec.on_missing_caption,
+                                      ctx.recipe.execution.verify_checksums)
     else:
         from mmbalance.operators.embed import EmbedColumns, embed_shard
 
         bundle = _embed_bundle(spec.model_dump_json())
         batches = embed_shard(fs, task["path"], relpath, bundle, EmbedColumns.from_recipe(ctx.recipe),
-                              only_rows=valid_rows)
+                              only_rows=valid_rows, verify_checksums=ctx.recipe.execution.verify_checksums)
     schema = sidecar_schema(int(info["embedding_dim"]), info)
     embedded = rejected = 0
     reasons: dict[str, int] = {}

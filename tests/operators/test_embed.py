@@ -25,8 +25,9 @@ from mmbalance.operators.embed import (  # noqa: E402
     embed_table,
     load_model,
 )
-from corpora import TINY_OPEN_CLIP  # noqa: E402
+from corpora import TINY_OPEN_CLIP, write_with_flipped_byte  # noqa: E402
 
+from mmbalance.schemas.contract import InputError  # noqa: E402
 from mmbalance.schemas.embed import (  # noqa: E402
     EmbeddingMismatchError,
     EmbedSpec,
@@ -345,6 +346,29 @@ def test_embed_shard_streams_batches(tmp_path, bundle):
     assert sub.column("uid").to_pylist() == ["u1", "u2", "u9", "u10"]
     assert np.abs(matrix(sub.column("image_emb")).astype(np.float32)
                   - matrix(whole.column("image_emb")).astype(np.float32)[[1, 2, 8, 9]]).max() < 2e-3
+
+
+def test_embed_shard_verifies_page_checksums_on_request(tmp_path, bundle):
+    """execution.verify_checksums: a flipped byte in a data page of the image column is a one-line
+    input error naming the shard; unverified (the default) the shard embeds as read, flip and all."""
+    import pyarrow.fs as pafs
+
+    n = 5
+    table = table_of([encode(picture(i)) for i in range(n)], [f"cap {i}" for i in range(n)])
+    path = tmp_path / "shard.parquet"
+    write_with_flipped_byte(path, table, "image")
+    fs = pafs.LocalFileSystem()
+    with pytest.raises(InputError, match=r"^shard\.parquet: unreadable data \(.*CRC") as err:
+        list(embed_shard(fs, str(path), "shard.parquet", bundle, COLS, batch_rows=4, verify_checksums=True))
+    assert "\n" not in str(err.value)
+    parts = list(embed_shard(fs, str(path), "shard.parquet", bundle, COLS, batch_rows=4))
+    sidecar = pa.concat_tables([p[0] for p in parts])
+    rejects = pa.concat_tables([p[1] for p in parts])
+    as_read, as_read_rejects = embed_table(pq.read_table(path), bundle, COLS, shard="shard.parquet")
+    assert sidecar.column("row").to_pylist() == as_read.column("row").to_pylist()
+    assert rejects.column("reason").to_pylist() == as_read_rejects.column("reason").to_pylist()
+    assert np.abs(matrix(sidecar.column("image_emb")).astype(np.float32)
+                  - matrix(as_read.column("image_emb")).astype(np.float32)).max() < 2e-3
 
 
 def test_jpeg_draft_decodes_smaller(tiny_dir):

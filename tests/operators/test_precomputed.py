@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from corpora import write_with_flipped_byte
 from mmbalance.operators.precomputed import columns_sidecar, npz_info, npz_path_for, npz_sidecar_batches
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.embed import (
@@ -112,6 +113,21 @@ def test_npz_errors_are_one_line(tmp_path):
     with pytest.raises(InputError, match="not an .npz file") as err:
         run_npz(path, NpzSpec(variant="b32"))
     assert "\n" not in str(err.value)
+
+
+def test_npz_verifies_the_shard_page_checksums_on_request(tmp_path):
+    """execution.verify_checksums: a flipped byte in a data page of the uid column beside the .npz is
+    a one-line input error naming the shard; unverified (the default) the uids come as read."""
+    path, _ = datacomp_shard(tmp_path, 9)
+    table = pq.read_table(path)
+    write_with_flipped_byte(path, table, "uid")
+    with pytest.raises(InputError, match=r"^00000000\.parquet: unreadable data \(.*CRC") as err:
+        run_npz(path, NpzSpec(variant="b32"), batch_rows=4, verify_checksums=True)
+    assert "\n" not in str(err.value)
+    sidecar, rejects, batches = run_npz(path, NpzSpec(variant="b32"), batch_rows=4)
+    assert batches == 3 and rejects.num_rows == 0
+    uids = sidecar.column("uid").to_pylist()
+    assert uids == pq.read_table(path).column("uid").to_pylist() and uids != table.column("uid").to_pylist()
 
 
 def test_custom_keys_and_paths(tmp_path):

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mmbalance.pipeline.rows import open_source, source_batches
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.export import EXPORT_FORMATS, ExportOptions
@@ -284,20 +285,22 @@ def _domain_values(ctx_run: RunStore, opts: ExportOptions, column: str | None, s
     return [unlabeled if v is None else str(v) for v in values]
 
 
-def _read_source(fs: pafs.FileSystem, path: str, columns: list[str], rows: np.ndarray, batch_rows: int) -> pa.Table:
-    """``columns`` of the given (sorted) rows of one shard, reading ``batch_rows`` at a time."""
+def _read_source(fs: pafs.FileSystem, path: str, columns: list[str], rows: np.ndarray, batch_rows: int,
+                 verify_checksums: bool = False) -> pa.Table:
+    """``columns`` of the given (sorted) rows of one shard, reading ``batch_rows`` at a time;
+    ``verify_checksums`` checks its page CRCs (the run's ``execution.verify_checksums``)."""
     parts = []
     with fs.open_input_file(path) as handle:
-        pf = pq.ParquetFile(handle)
+        pf = open_source(handle, path, verify_checksums)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r} (set export image_column/caption_column)")
         offset = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+        for table in source_batches(pf, path, columns, batch_rows):
+            lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
             if hi > lo:
-                parts.append(pa.Table.from_batches([batch]).take(pa.array(rows[lo:hi] - offset)))
-            offset += batch.num_rows
+                parts.append(table.take(pa.array(rows[lo:hi] - offset)))
+            offset += table.num_rows
             if hi == len(rows):
                 break
     if not parts:
@@ -430,7 +433,8 @@ def _iter_rows(ctx: ExportContext, shards, need_source: bool) -> Iterator[Rows]:
         )
         if need_source:
             cols = [c for c in (ctx.caption_column, ctx.image_column) if c]
-            src = _read_source(ctx.input_fs, f"{ctx.input_root}/{s['relpath']}", cols, rows, ctx.options.batch_rows)
+            src = _read_source(ctx.input_fs, f"{ctx.input_root}/{s['relpath']}", cols, rows, ctx.options.batch_rows,
+                               ctx.recipe.execution.verify_checksums)
             if ctx.caption_column:
                 batch.caption = src.column(ctx.caption_column).to_pylist()
             if ctx.image_column:

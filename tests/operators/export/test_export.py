@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from corpora import write_with_flipped_byte
 from mmbalance.operators.export import export_run, safe_dir_names, sample_key, sniff_image
 from mmbalance.operators.export.datacomp import uid_array, uid_pair
 from mmbalance.operators.export.webdataset import realised_shares, upsampling_factors
@@ -452,6 +453,44 @@ def test_keys_names_and_sniffing():
     assert sniff_image(b"\xff\xd8\xff\xe0") == "jpg"
     assert sniff_image(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
     assert sniff_image(b"GIF89a") is None
+
+
+def test_source_reads_verify_page_checksums_when_the_run_did(run_dir, tmp_path):
+    """The run's execution.verify_checksums covers the export's reads of the source shards: a flipped
+    byte in a data page of the caption column is a one-line input error naming the shard; unverified
+    (the default) the export carries the caption as read."""
+    from mmbalance.schemas.contract import InputError
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(run_dir.parent / "corpus", corpus)
+    shard = json.loads((run / "shards.json").read_text())[0]
+    table = pq.read_table(corpus / shard["relpath"])
+    write_with_flipped_byte(corpus / shard["relpath"], table, "caption")
+    flipped = [i for i, (a, b) in enumerate(zip(table.column("caption").to_pylist(),
+                                                pq.read_table(corpus / shard["relpath"]).column("caption").to_pylist())) if a != b]
+    manifest = run / "manifest" / f"{shard['shard_id']}.parquet"
+    m = pq.read_table(manifest)
+    at = m.column("row").to_pylist().index(flipped[0])  # the flipped row is kept, once
+    reps = m.column("repeats").to_pylist()
+    reps[at] = 1
+    pq.write_table(m.set_column(m.schema.get_field_index("repeats"), "repeats", pa.array(reps, pa.int32())), manifest)
+
+    uid = table.column("uid")[flipped[0]].as_py()
+    result = export_run(str(run), ["csv"], ExportOptions(input=str(corpus), dest=str(tmp_path / "off")))
+    with open(result["csv"]["file"], newline="", encoding="utf-8") as f:
+        titles = {row["uid"]: row["title"] for row in csv.DictReader(f, delimiter="\t")}
+    before = table.column("caption")[flipped[0]].as_py()
+    assert titles[uid] != before and len(titles[uid]) == len(before)  # read as flipped, without an error
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["recipe"]["execution"]["verify_checksums"] is False
+    info["recipe"]["execution"]["verify_checksums"] = True
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(InputError, match=rf"{re.escape(shard['relpath'])}: unreadable data \(.*CRC") as err:
+        export_run(str(run), ["csv"], ExportOptions(input=str(corpus), dest=str(tmp_path / "on")))
+    assert "\n" not in str(err.value)
 
 
 def test_missing_run_is_a_clear_error(tmp_path):
