@@ -81,7 +81,8 @@ def write_with_flipped_byte(path: Path, table: pa.Table, column: str, **kw) -> N
     pq.write_table(table, path, compression="none", use_dictionary=False, write_page_checksum=True, **kw)
     meta = pq.read_metadata(path)
     group = meta.row_group(meta.num_row_groups - 1)
-    chunk = next(group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == column)
+    chunk = next(group.column(j) for j in range(group.num_columns)  # a nested column's leaf: emb.list.element
+                 if group.column(j).path_in_schema == column or group.column(j).path_in_schema.startswith(column + "."))
     data = bytearray(path.read_bytes())
     data[chunk.data_page_offset + chunk.total_compressed_size - 1] ^= 0x01
     path.write_bytes(bytes(data))

@@ -49,7 +49,8 @@ def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table
     parts, total = [], 0
     for shard in shards:
         with fs.open_input_file(shard.path) as handle:
-            for table in read_batches(handle, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows):
+            for table in read_batches(handle, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows,
+                                      recipe.execution.verify_checksums):
                 matrix, valid = cluster.embedding_matrix(table.column(column), dims.get(column))
                 x, ok = cluster.unit_rows(matrix, valid)
                 x = x[ok][: recipe.sample.size - total]
