@@ -9,6 +9,7 @@ on the machine). Outputs are compared with a direct ``mmbalance rebalance --exec
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -30,16 +31,68 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 SECOND = "mmb_node2"  # the custom resource only the second node has
 
 
+# A port taken by another process, as Ray's processes write it: gRPC ("errno:98"), Ray's own checks
+# ("errno: 98 (Address already in use)"), Python ("[Errno 98]") and the dashboard ("already occupied").
+# Not "Address already in use" alone: Ray's fatal-check message quotes it as a hint on any failure.
+PORT_TAKEN = re.compile(r"errno:? ?98\b|already occupied", re.IGNORECASE)
+
+
+def port_taken(cluster: LocalCluster) -> bool:
+    """Whether a failed start lost a port: LocalCluster picks ports by binding port 0 and closing the
+    socket, so under load another process can take one before Ray binds it."""
+    for path in Path(cluster.temp_dir).rglob("*"):
+        if path.suffix in (".log", ".out", ".err") and path.is_file():
+            try:
+                if PORT_TAKEN.search(path.read_text(errors="replace")):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def start_cluster(setup, attempts: int = 3, **options) -> LocalCluster:
+    """A started LocalCluster(**options) with ``setup(cluster)`` done (extra nodes). A start that
+    failed on a taken port is stopped and retried with fresh ports; any other failure is raised."""
+    for attempt in range(1, attempts + 1):
+        c = LocalCluster(**options)
+        try:
+            c.start()
+            setup(c)
+            return c
+        except BaseException as exc:
+            retry = isinstance(exc, Exception) and attempt < attempts and port_taken(c)
+            c.stop()
+            if not retry:
+                raise
+            print(f"cluster start lost a port to another process (attempt {attempt}); retrying with fresh ports")
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalCluster(num_cpus=2, object_store_mb=150)
+    c = start_cluster(lambda c: c.add_node(num_cpus=1, resources={SECOND: 1}), num_cpus=2, object_store_mb=150)
     try:
-        c.start()
-        c.add_node(num_cpus=1, resources={SECOND: 1})
         yield c
     finally:
         c.stop()
     assert not c.processes()
+
+
+@pytest.mark.parametrize("text, taken", [
+    # lines Ray 2.60 wrote when the GCS, raylet and dashboard ports were taken, and Python's own form
+    ('UNKNOWN:Address already in use {created_time:"...", errno:98, os_error:"Address already in use"}', True),
+    ("src/ray/rpc/grpc_server.cc:134 (PID: 9730, TID: 9730, errno: 98 (Address already in use)): ...", True),
+    ("ValueError: Failed to bind to 127.0.0.1:39195 because it's already occupied.", True),
+    ("OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', 4242)", True),
+    # the hint Ray prints with every fatal gRPC failure is not by itself a taken port
+    ("If the server startup error message is `Address already in use`, it indicates the server fails", False),
+    ("The current node timed out during startup.", False),
+])
+def test_a_taken_port_is_told_from_other_start_failures(tmp_path, text, taken):
+    c = LocalCluster(temp_dir=str(tmp_path))
+    (tmp_path / "session_x" / "logs").mkdir(parents=True)
+    (tmp_path / "session_x" / "logs" / "gcs_server.err").write_text(f"noise\n{text}\nmore noise\n")
+    assert port_taken(c) is taken
 
 
 @pytest.fixture(scope="module")
