@@ -207,6 +207,12 @@ class RayExecutor:
                 self._worker_pids.add(done["pid"])
                 for result in done["results"]:
                     yield _unwrap(result)
+        except (SystemExit, KeyboardInterrupt):
+            # SIGTERM or Ctrl-C: the run ends and ray.shutdown stops what is in flight. Cancelling a
+            # task that is completing at that moment trips a Ray CHECK that aborts the driver
+            # (task_manager.cc "Tried to complete task that was not pending"; 2 runs in 10)
+            in_flight = []
+            raise
         finally:
             for ref in in_flight:  # an error or a closed generator: stop what is still running
                 ray.cancel(ref, force=False)

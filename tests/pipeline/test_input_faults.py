@@ -135,7 +135,7 @@ def test_sigterm_says_so_in_one_line_and_the_rerun_resumes(tmp_path, executor):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, err
     assert one_error_line(err) == "mmbalance: error: terminated; rerun the same command to resume"
     assert not (out / "report.json").exists() and not list(out.rglob(".tmp-*"))
     deadline = time.monotonic() + 20  # the run's Ray (if any) is stopped with it
