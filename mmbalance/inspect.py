@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
-from mmbalance.pipeline.rows import open_source, source_batches
+from mmbalance.operators.source import open_source, source_batches
 from mmbalance.pipeline.shards import discover_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import tag_column

@@ -11,52 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmbalance.operators.source import read_batches
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
-from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import Recipe
 
 if TYPE_CHECKING:
     from mmbalance.pipeline.stages import RunContext
 
 SAMPLE_IMAGE, SAMPLE_TEXT = "image_emb", "text_emb"  # embedding columns of the fit sample
-
-
-READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)  # what a corrupt page raises
-
-
-def unreadable(relpath: str, err: BaseException) -> InputError:
-    return InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})")
-
-
-def open_source(handle, relpath: str, verify_checksums: bool = False) -> pq.ParquetFile:
-    """A source shard's ParquetFile, verifying page CRCs on request (``execution.verify_checksums``);
-    an unreadable footer is an input error naming the file."""
-    try:
-        return pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
-    except READ_ERRORS as err:
-        raise unreadable(relpath, err) from None
-
-
-def source_batches(pfile: pq.ParquetFile, relpath: str, columns: list[str], batch_rows: int):
-    """Tables of ``batch_rows`` rows of an open source shard; a corrupt page (or, verifying, a page
-    whose CRC does not match) is an input error naming the file. Only the reads are guarded: an
-    error raised by the consumer of a batch is its own."""
-    try:
-        batches = pfile.iter_batches(batch_size=batch_rows, columns=columns)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            yield pa.Table.from_batches([batch])
-    except READ_ERRORS as err:
-        raise unreadable(relpath, err) from None
-
-
-def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
-    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
-    match) is an input error naming the file."""
-    yield from source_batches(open_source(handle, relpath, verify_checksums), relpath, columns, batch_rows)
 
 
 def embedding_columns(recipe: Recipe) -> dict[str, str]:

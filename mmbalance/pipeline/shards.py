@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mmbalance.operators.source import READ_ERRORS, unreadable
 from mmbalance.pipeline.store import resolve_filesystem
 from mmbalance.schemas.contract import InputError, ShardLayout, check_shard_schema
 from mmbalance.schemas.recipe import Recipe
@@ -208,8 +209,8 @@ def _first_lengths(fs: pafs.FileSystem, shard: Shard, column: str, limit: int, v
                 seen += len(parts[-1])
                 if seen >= limit:
                     break
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise InputError(f"{shard.relpath}: unreadable data ({str(err).splitlines()[0]})") from None
+    except READ_ERRORS as err:
+        raise unreadable(shard.relpath, err) from None
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 

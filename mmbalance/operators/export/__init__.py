@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mmbalance.pipeline.rows import open_source, source_batches
+from mmbalance.operators.source import open_source, source_batches
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.export import EXPORT_FORMATS, ExportOptions
