@@ -93,18 +93,29 @@ def solver_lines(solution: dict[str, Any], method: str = "") -> list[str]:
     return lines
 
 
+def _accuracy(probe: dict[str, Any]) -> str:
+    ci = probe.get("accuracy_ci")
+    return f"{probe['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def leakage_lines(leakage: dict[str, Any]) -> list[str]:
-    """Probe accuracy before -> after against the majority rate, per attribute and feature set."""
+    """Probe accuracy (with its interval) before -> after against the majority rate, per attribute
+    and feature set; a probe scored on too few rows says so."""
     lines = []
     for attr, probes in leakage.items():
         if not isinstance(probes, dict):
             continue
         for feature, views in probes.items():
             before, after = views.get("before"), views.get("after")
+            what = f"leakage {attr} from {feature.replace('_', ' ')}"
             if not before or not after:
+                lines.append(f"{what}: too few rows to fit a probe")
                 continue
-            lines.append(
-                f"leakage {attr} from {feature.replace('_', ' ')}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-                f"(majority {before['majority_rate']:.3f} -> {after['majority_rate']:.3f})"
-            )
+            line = (f"{what}: accuracy {_accuracy(before)} -> {_accuracy(after)} "
+                    f"(majority {before['majority_rate']:.3f} -> {after['majority_rate']:.3f})")
+            unreadable = [f"{v} {p['effective_test_rows']:,.0f}" for v, p in (("before", before), ("after", after))
+                          if not p.get("readable", True)]
+            if unreadable:
+                line += f"; too few scored rows to read ({', '.join(unreadable)} effective)"
+            lines.append(line)
     return lines

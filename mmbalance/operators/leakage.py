@@ -3,11 +3,17 @@
 - dataset leakage: a classifier predicting s from the label vector y (one-hot of every label);
 - embedding leakage: a linear probe predicting s from the image (and text) embeddings.
 
-Both are fit and scored on the seeded fit sample, split by a hash of the uid into train and a
-held-out fifth, before balancing (every row weight 1) and after (the solution's weights as sample
-weights in both fitting and scoring). Label-level balancing can leave embedding leakage high;
-the report shows it rather than hiding it. Accuracy is reported beside the weighted majority-class
-rate, since accuracy alone hides how skewed s is.
+Both are fit and scored on the seeded fit sample, split by a hash of the uid into five folds,
+before balancing (every row weight 1) and after (the solution's weights as sample weights in both
+fitting and scoring). Label-level balancing can leave embedding leakage high; the report shows it
+rather than hiding it. Accuracy is reported beside the weighted majority-class rate, since accuracy
+alone hides how skewed s is.
+
+Figures a reader can trust: one fold is held out while it holds at least MIN_HELD_OUT_ROWS
+effective rows (Kish, under the view's weights); below that every fold is held out once
+(cross-fitting: five fits, every row scored out of fold), which is as wide as the sample gets.
+Every accuracy, majority rate and excess carries a seeded bootstrap interval over the scored rows,
+and a probe scored on fewer than MIN_READABLE_ROWS effective rows says so (``readable: false``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from mmbalance.operators.cluster import embedding_matrix, unit_rows
 from mmbalance.schemas.contract import tag_column
 from mmbalance.schemas.recipe import Recipe
 
-HELD_OUT_MOD = 5  # one fifth of the sample, by uid hash
+HELD_OUT_MOD = 5  # folds by uid hash; fold 0 is the held-out fifth
+MIN_HELD_OUT_ROWS = 2000  # effective held-out rows below which every fold is scored out of fold
+MIN_READABLE_ROWS = 400  # effective scored rows below which a probe is flagged as too few to read
+BOOTSTRAP_RESAMPLES = 1000
+CONFIDENCE = 0.95
 
 
 def _one_hot(sample: pa.Table, labels: list[str], vocab: dict[str, list[str]]):
@@ -41,21 +51,80 @@ def _one_hot(sample: pa.Table, labels: list[str], vocab: dict[str, list[str]]):
     return sp.hstack(blocks, format="csr") if blocks else sp.csr_matrix((sample.num_rows, 0), dtype=np.float32)
 
 
-def _probe(x: np.ndarray, y: np.ndarray, w: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any] | None:
+def effective_rows(w: np.ndarray) -> float:
+    """Kish's effective sample size of weighted rows, (sum w)^2 / sum w^2."""
+    total = float(w.sum())
+    return total * total / float((w * w).sum()) if total > 0 else 0.0
+
+
+def _scores(correct: np.ndarray, y: np.ndarray, w: np.ndarray, classes: int) -> tuple[float, float]:
+    """Weighted accuracy and weighted majority-class rate of one set of scored rows."""
+    total = w.sum()
+    return float((correct * w).sum() / total), float(np.bincount(y, weights=w, minlength=classes).max() / total)
+
+
+def bootstrap_intervals(correct: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int,
+                        resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE) -> dict[str, list[float]]:
+    """Percentile intervals of accuracy, majority rate and their difference (excess), resampling the
+    scored rows with replacement (each with its weight); paired, so the excess interval is not the
+    difference of two intervals."""
+    rng = np.random.default_rng([seed, 0x1EA4])
+    n, classes = len(y), int(y.max()) + 1
+    acc, maj = np.empty(resamples), np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(n, 1))  # bound the index matrix to ~16 MB
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        wi = w[idx]
+        total = wi.sum(axis=1)
+        acc[start:start + len(idx)] = (wi * correct[idx]).sum(axis=1) / total
+        shares = np.stack([(wi * (y[idx] == c)).sum(axis=1) for c in range(classes)], axis=1) / total[:, None]
+        maj[start:start + len(idx)] = shares.max(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    return {name: [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+            for name, values in (("accuracy", acc), ("majority_rate", maj), ("excess", acc - maj))}
+
+
+def _fit_predict(x, y, w, train: np.ndarray, scored: np.ndarray, seed: int) -> np.ndarray | None:
     from sklearn.linear_model import LogisticRegression
 
-    train = ~test & (w > 0)
-    scored = test & (w > 0)
-    if x.shape[1] == 0 or train.sum() < 10 or scored.sum() < 10 or len(np.unique(y[train])) < 2:
+    if train.sum() < 10 or scored.sum() == 0 or len(np.unique(y[train])) < 2:
         return None
     model = LogisticRegression(max_iter=300, random_state=seed)
     model.fit(x[train], y[train], sample_weight=w[train])
-    correct = model.predict(x[scored]) == y[scored]
-    ws = w[scored]
-    shares = np.bincount(y[scored], weights=ws) / ws.sum()
-    accuracy = float((correct * ws).sum() / ws.sum())
-    return {"accuracy": accuracy, "majority_rate": float(shares.max()), "excess": accuracy - float(shares.max()),
-            "train_rows": int(train.sum()), "test_rows": int(scored.sum())}
+    return model.predict(x[scored])
+
+
+def _probe(x: np.ndarray, y: np.ndarray, w: np.ndarray, fold: np.ndarray, seed: int) -> dict[str, Any] | None:
+    """Weighted probe accuracy of predicting ``y`` from ``x``, held out (or cross-fitted), with intervals."""
+    if x.shape[1] == 0:
+        return None
+    use = w > 0
+    held = use & (fold == 0)
+    if effective_rows(w[held]) >= MIN_HELD_OUT_ROWS:
+        scoring, folds = "held_out", [0]
+    else:
+        scoring, folds = "cross_fit", list(range(HELD_OUT_MOD))
+    predicted = np.full(len(y), -1)
+    for f in folds:
+        scored = use & (fold == f)
+        pred = _fit_predict(x, y, w, use & (fold != f), scored, seed)
+        if pred is None:
+            return None
+        predicted[scored] = pred
+    scored = predicted >= 0
+    if scored.sum() < 10:
+        return None
+    ys, ws = y[scored], w[scored]
+    correct = (predicted[scored] == ys).astype(np.float64)
+    accuracy, majority = _scores(correct, ys, ws, int(y.max()) + 1)
+    n_eff = effective_rows(ws)
+    out = {"accuracy": accuracy, "majority_rate": majority, "excess": accuracy - majority,
+           "scoring": scoring, "train_rows": int((use & (fold != 0)).sum()) if scoring == "held_out" else int(use.sum()),
+           "test_rows": int(scored.sum()), "effective_test_rows": n_eff, "readable": n_eff >= MIN_READABLE_ROWS}
+    intervals = bootstrap_intervals(correct, ys, ws, seed)
+    out.update({f"{name}_ci": ci for name, ci in intervals.items()})
+    out["confidence"] = CONFIDENCE
+    return out
 
 
 def leakage_report(
@@ -64,7 +133,7 @@ def leakage_report(
     """Probes per attribute, before and after; ``weights_after`` are the solution's weights of the sample rows."""
     sample = sample.slice(0, max_rows)  # the sample is sorted by priority: any prefix is uniform
     weights_after = np.asarray(weights_after[: sample.num_rows], np.float64)
-    test = (sample.column("priority").to_numpy() >> np.uint64(7)) % HELD_OUT_MOD == 0
+    fold = ((sample.column("priority").to_numpy() >> np.uint64(7)) % HELD_OUT_MOD).astype(np.int64)
     label_names = recipe.label_names()
     features = {"dataset": _one_hot(sample, label_names, vocab)}
     # per associated label set too, so the report can say which family still leaks
@@ -77,7 +146,8 @@ def leakage_report(
             matrix, valid = embedding_matrix(sample.column(side))
             unit, ok = unit_rows(matrix, valid)
             features[f"embedding_{side.split('_')[0]}"] = (unit, ok)
-    out: dict[str, Any] = {"sample_rows": sample.num_rows, "held_out_share": 1 / HELD_OUT_MOD}
+    out: dict[str, Any] = {"sample_rows": sample.num_rows, "held_out_share": 1 / HELD_OUT_MOD,
+                           "min_held_out_rows": MIN_HELD_OUT_ROWS, "min_readable_rows": MIN_READABLE_ROWS}
     for attr in recipe.attributes:
         s = sample.column(tag_column(attr.name))
         code = pc.fill_null(pc.index_in(s, value_set=pa.array(attr.values, pa.string())), -1).to_numpy()
@@ -88,7 +158,7 @@ def leakage_report(
             use = carrying & ok
             views = {}
             for view, w in (("before", np.ones(len(code))), ("after", weights_after)):
-                views[view] = _probe(x[use], code[use], w[use], test[use], seed)
+                views[view] = _probe(x[use], code[use], w[use], fold[use], seed)
             result[name] = views
         out[attr.name] = result
     return out

@@ -209,8 +209,8 @@ def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> N
             continue
         probe = leakage.get(fam["attribute"], {}).get(f"dataset_{fam['label']}") or leakage.get(fam["attribute"], {}).get("dataset")
         if probe and probe.get("before") and probe.get("after"):
-            fam["leakage"] = {view: {"accuracy": probe[view]["accuracy"], "majority_rate": probe[view]["majority_rate"]}
-                              for view in ("before", "after")}
+            keys = ("accuracy", "majority_rate", "accuracy_ci", "readable")
+            fam["leakage"] = {view: {k: probe[view][k] for k in keys if k in probe[view]} for view in ("before", "after")}
 
 
 def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]],

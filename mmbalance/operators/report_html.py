@@ -29,7 +29,7 @@ REJECT_EXAMPLES = 5
 # Known top-level keys of report.json; any other key gets a generic section so new stages show up.
 _KNOWN = {
     "after_expected", "after_realized", "before", "input", "method", "rows", "solution",
-    "stage_seconds", "vocabulary_sizes", "weights", "audit", "constraint_families", "coverage",
+    "stage_seconds", "vocabulary_sizes", "weights", "audit", "constraint_families", "coverage", "leakage",
 }
 _VIEWS = (("before", "count", "before"), ("after_expected", "w_sum", "after (E)"), ("after_realized", "rep_sum", "after (repeats)"))
 _COLORS = {"before": "#9aa5b1", "after (E)": "#1f6feb", "after (repeats)": "#7ee2b8", "target": "#d73a49"}
@@ -474,8 +474,8 @@ def _families_section(report: dict[str, Any]) -> str:
     for i, fam in enumerate(report.get("constraint_families", [])):
         p = ("constraint_families", i)
         leak = fam.get("leakage")
-        leak_cell = (f'{num(leak["before"]["accuracy"], pointer(*p, "leakage", "before", "accuracy"))} &rarr; '
-                     f'{num(leak["after"]["accuracy"], pointer(*p, "leakage", "after", "accuracy"))}'
+        leak_cell = (f'{_accuracy_cell(leak["before"], pointer(*p, "leakage", "before"))} &rarr; '
+                     f'{_accuracy_cell(leak["after"], pointer(*p, "leakage", "after"))}'
                      f'{_arrow(leak["before"]["accuracy"], leak["after"]["accuracy"])}') if leak else ""
         worst = fam["worst_moment"]
         rows.append([
@@ -491,6 +491,53 @@ def _families_section(report: dict[str, Any]) -> str:
             + '<p class="muted">moment = sum_w (s_k - pi_k) y_r / W over rows carrying the attribute; binding: at its '
               "tolerance under the final expected weights; leakage: a probe predicting the attribute from this label set, "
               "before and after.</p>")
+
+
+def _accuracy_cell(probe: dict[str, Any], ptr: str) -> str:
+    """A probe accuracy with its bootstrap interval (when the report has one)."""
+    cell = num(probe["accuracy"], pointer_join(ptr, "accuracy"))
+    ci = probe.get("accuracy_ci")
+    if ci:
+        cell += f' <span class="muted">[{num(ci[0], pointer_join(ptr, "accuracy_ci", 0))}, {num(ci[1], pointer_join(ptr, "accuracy_ci", 1))}]</span>'
+    return cell
+
+
+def _leakage_section(leakage: dict[str, Any]) -> str:
+    """One row per attribute and feature set: accuracy with its interval against the majority rate,
+    before and after, the excess, and how many rows scored it (flagged when too few to read)."""
+    rows = []
+    for attr, probes in leakage.items():
+        if not isinstance(probes, dict):
+            continue
+        for feature, views in probes.items():
+            p = ("leakage", attr, feature)
+            cells = [_e(attr), _e(feature.replace("_", " "))]
+            for view in ("before", "after"):
+                probe = views.get(view)
+                if not probe:
+                    cells += ['<span class="muted">too few rows to probe</span>', "", "", ""]
+                    continue
+                q = pointer(*p, view)
+                excess = num(probe["excess"], pointer_join(q, "excess"))
+                if probe.get("excess_ci"):
+                    excess += f' <span class="muted">[{num(probe["excess_ci"][0], pointer_join(q, "excess_ci", 0))}, {num(probe["excess_ci"][1], pointer_join(q, "excess_ci", 1))}]</span>'
+                scored = num(probe["test_rows"], pointer_join(q, "test_rows"))
+                if "effective_test_rows" in probe:
+                    scored += (f' ({probe.get("scoring", "held_out").replace("_", " ")}, effective '
+                               f'{num(probe["effective_test_rows"], pointer_join(q, "effective_test_rows"))})')
+                    if not probe.get("readable", True):
+                        scored += ' <span class="bad">too few to read</span>'
+                cells += [_accuracy_cell(probe, q), num(probe["majority_rate"], pointer_join(q, "majority_rate")), excess, scored]
+            rows.append(cells)
+    conf = next((v.get("confidence") for probes in leakage.values() if isinstance(probes, dict)
+                 for views in probes.values() for v in views.values() if v and v.get("confidence")), None)
+    note = (f"{int(round(100 * conf))}% bootstrap intervals over the scored rows. " if conf else "") + (
+        "A probe predicts the attribute from the labels (dataset) or an embedding, fit with the weights of each view; "
+        "excess = accuracy - weighted majority rate (0: nothing to learn). One uid-hash fifth is held out while it "
+        "holds enough rows, otherwise every fifth is scored out of fold (cross fit).")
+    return (_table(["attribute", "from", "before: accuracy", "majority", "excess", "scored rows",
+                    "after: accuracy", "majority", "excess", "scored rows"], rows)
+            + f'<p class="muted">{note}</p>')
 
 
 def _balance_section(report: dict[str, Any], plots: list[str]) -> str:
@@ -615,6 +662,10 @@ def render_html(store: RunStore) -> str:
         sections.append(("audit", "Tagging audit", render_any(report["audit"], "/audit")))
     if "coverage" in report:
         sections.append(("coverage", "Caption coverage", _coverage_section(report)))
+    if isinstance(report.get("leakage"), dict) and any(isinstance(v, dict) for v in report["leakage"].values()):
+        sections.append(("leakage", "Leakage probes", _leakage_section(report["leakage"])))
+    elif "leakage" in report:
+        sections.append(("leakage", "Leakage", render_any(report["leakage"], pointer("leakage"))))
     for key in sorted(k for k in report if k not in _KNOWN):
         sections.append((key, key.replace("_", " ").capitalize(), render_any(report[key], pointer(key))))
     sections += [

@@ -2,7 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmbalance.operators.leakage import leakage_report
+from mmbalance.console import leakage_lines
+from mmbalance.operators.leakage import MIN_READABLE_ROWS, bootstrap_intervals, effective_rows, leakage_report
 from mmbalance.schemas.recipe import parse_recipe
 
 
@@ -38,7 +39,60 @@ def test_reweighing_removes_dataset_leakage_but_not_embedding_leakage():
     assert ds["after"]["excess"] == pytest.approx(0.0, abs=0.03)  # independence: nothing to learn
     emb = out["gender"]["embedding_image"]
     assert emb["before"]["accuracy"] > 0.85 and emb["after"]["accuracy"] > 0.85  # balancing labels leaves this
-    assert out["sample_rows"] == n and ds["before"]["test_rows"] + ds["before"]["train_rows"] == n
+    assert out["sample_rows"] == n
+    # 6,000 rows: the held-out fifth is too small, so every row is scored out of fold
+    assert ds["before"]["scoring"] == "cross_fit" and ds["before"]["test_rows"] == n
+    for view in ("before", "after"):
+        for key in ("accuracy", "excess", "majority_rate"):
+            lo, hi = emb[view][f"{key}_ci"]
+            assert lo <= emb[view][key] <= hi
+
+
+def test_large_samples_hold_out_one_fifth():
+    sample, gender, occ = _sample(n=15_000, seed=3)
+    recipe = parse_recipe({"attributes": [{"name": "gender", "values": ["woman", "man"]}], "labels": [{"name": "occ"}]})
+    out = leakage_report(sample, recipe, {"gender": ["woman", "man"], "occ": ["chef", "nurse", "pilot"]}, np.ones(15_000), max_rows=15_000)
+    probe = out["gender"]["dataset"]["before"]
+    fold0 = ((sample.column("priority").to_numpy() >> np.uint64(7)) % 5 == 0).sum()
+    assert probe["scoring"] == "held_out" and probe["test_rows"] == fold0 and probe["test_rows"] + probe["train_rows"] == 15_000
+    assert probe["readable"] and probe["effective_test_rows"] == pytest.approx(fold0)
+
+
+def test_a_small_run_widens_to_every_row_and_says_when_too_few():
+    # the 400-row run: a fifth held out is 80 rows; cross-fitting scores all 400
+    sample, gender, occ = _sample(n=400, seed=5)
+    recipe = parse_recipe({"attributes": [{"name": "gender", "values": ["woman", "man"]}], "labels": [{"name": "occ"}]})
+    w = np.where(np.arange(400) % 2 == 0, 1.0, 0.0)  # the after view keeps half the rows
+    out = leakage_report(sample, recipe, {"gender": ["woman", "man"], "occ": ["chef", "nurse", "pilot"]}, w, max_rows=400)
+    before, after = out["gender"]["embedding_image"]["before"], out["gender"]["embedding_image"]["after"]
+    assert before["scoring"] == "cross_fit" and before["test_rows"] == 400
+    assert after["test_rows"] == 200 and not after["readable"] and after["effective_test_rows"] < MIN_READABLE_ROWS
+    # the interval of 200 rows is wide, and the terminal says the figure is too thin to read
+    assert after["accuracy_ci"][1] - after["accuracy_ci"][0] > 0.04
+    line = next(l for l in leakage_lines(out) if "embedding image" in l)
+    assert f"[{after['accuracy_ci'][0]:.3f}, {after['accuracy_ci'][1]:.3f}]" in line and "too few scored rows" in line
+
+
+def test_bootstrap_interval_covers_the_true_accuracy_at_its_level():
+    # independent check: rows right with a known probability; the 95% interval should cover it ~95%
+    rng = np.random.default_rng(11)
+    covered, widths = 0, []
+    reps, n, p = 120, 500, 0.7
+    for rep in range(reps):
+        correct = (rng.random(n) < p).astype(float)
+        y = rng.integers(0, 2, n)
+        ci = bootstrap_intervals(correct, y, np.ones(n), seed=rep, resamples=400)["accuracy"]
+        covered += ci[0] <= p <= ci[1]
+        widths.append(ci[1] - ci[0])
+    assert 0.88 <= covered / reps <= 0.995
+    # and its width is the normal approximation's, 2 * 1.96 * sqrt(p (1 - p) / n)
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.1)
+
+
+def test_effective_rows_is_kish():
+    w = np.array([1.0, 1.0, 2.0, 0.5])
+    assert effective_rows(w) == pytest.approx(w.sum() ** 2 / (w ** 2).sum())
+    assert effective_rows(np.ones(7)) == pytest.approx(7)
 
 
 def test_zero_weights_are_excluded_and_tiny_inputs_give_none():
