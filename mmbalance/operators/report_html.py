@@ -531,7 +531,7 @@ def _leakage_section(leakage: dict[str, Any]) -> str:
             rows.append(cells)
     conf = next((v.get("confidence") for probes in leakage.values() if isinstance(probes, dict)
                  for views in probes.values() for v in views.values() if v and v.get("confidence")), None)
-    note = (f"{int(round(100 * conf))}% bootstrap intervals over the scored rows. " if conf else "") + (
+    note = (f"{int(round(100 * conf))}% intervals over the scored rows (docs/algorithms.md). " if conf else "") + (
         "A probe predicts the attribute from the labels (dataset) or an embedding, fit with the weights of each view; "
         "excess = accuracy - weighted majority rate (0: nothing to learn). One uid-hash fifth is held out while it "
         "holds enough rows, otherwise every fifth is scored out of fold (cross fit).")

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from mmbalance.console import leakage_lines
-from mmbalance.operators.leakage import MIN_READABLE_ROWS, bootstrap_intervals, effective_rows, leakage_report
+from mmbalance.operators.leakage import MIN_READABLE_ROWS, effective_rows, probe_intervals, leakage_report
 from mmbalance.schemas.recipe import parse_recipe
 
 
@@ -73,20 +73,47 @@ def test_a_small_run_widens_to_every_row_and_says_when_too_few():
     assert f"[{after['accuracy_ci'][0]:.3f}, {after['accuracy_ci'][1]:.3f}]" in line and "too few scored rows" in line
 
 
-def test_bootstrap_interval_covers_the_true_accuracy_at_its_level():
-    # independent check: rows right with a known probability; the 95% interval should cover it ~95%
+def _percentile_bootstrap(correct, y, w, rng, resamples=2000):
+    """Independent reference: resample the scored rows with their weights, percentile interval."""
+    n = len(y)
+    acc, exc = [], []
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        wi, ci, yi = w[i], correct[i], y[i]
+        a = (wi * ci).sum() / wi.sum()
+        maj = max((wi * (yi == k)).sum() for k in (0, 1)) / wi.sum()
+        acc.append(a)
+        exc.append(a - maj)
+    return np.percentile(acc, [2.5, 97.5]), np.percentile(exc, [2.5, 97.5])
+
+
+@pytest.mark.parametrize("n, p, weighted", [(600, 0.7, False), (2000, 0.62, True), (500, 0.93, True)])
+def test_intervals_agree_with_a_percentile_bootstrap(n, p, weighted):
+    rng = np.random.default_rng(n)
+    y = (rng.random(n) < 0.55).astype(int)
+    correct = (rng.random(n) < p).astype(float)
+    w = rng.gamma(2.0, 0.5, n) if weighted else np.ones(n)
+    ours = probe_intervals(correct, y, w)
+    acc, exc = _percentile_bootstrap(correct, y, w, rng)
+    for got, ref in ((ours["accuracy"], acc), (ours["excess"], exc)):
+        width = ref[1] - ref[0]
+        assert got[0] == pytest.approx(ref[0], abs=0.12 * width) and got[1] == pytest.approx(ref[1], abs=0.12 * width)
+
+
+def test_intervals_cover_the_true_accuracy_at_their_level():
+    # rows right with a known probability, weights drawn independently: ~95% of intervals cover it
     rng = np.random.default_rng(11)
-    covered, widths = 0, []
-    reps, n, p = 120, 500, 0.7
-    for rep in range(reps):
-        correct = (rng.random(n) < p).astype(float)
-        y = rng.integers(0, 2, n)
-        ci = bootstrap_intervals(correct, y, np.ones(n), seed=rep, resamples=400)["accuracy"]
+    reps, n, p = 400, 300, 0.8
+    covered = 0
+    for _ in range(reps):
+        ci = probe_intervals((rng.random(n) < p).astype(float), rng.integers(0, 2, n), rng.gamma(2.0, 0.5, n))["accuracy"]
         covered += ci[0] <= p <= ci[1]
-        widths.append(ci[1] - ci[0])
-    assert 0.88 <= covered / reps <= 0.995
-    # and its width is the normal approximation's, 2 * 1.96 * sqrt(p (1 - p) / n)
-    assert np.mean(widths) == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.1)
+    assert 0.92 <= covered / reps <= 0.98
+
+
+def test_a_perfect_probe_gets_a_one_sided_interval():
+    ci = probe_intervals(np.ones(400), np.zeros(400, int), np.ones(400))["accuracy"]
+    assert ci[1] == 1.0 and 0.98 < ci[0] < 1.0  # Wilson: 1 / (1 + z^2 / n)
 
 
 def test_effective_rows_is_kish():
