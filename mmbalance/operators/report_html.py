@@ -494,7 +494,7 @@ def _families_section(report: dict[str, Any]) -> str:
 
 
 def _accuracy_cell(probe: dict[str, Any], ptr: str) -> str:
-    """A probe accuracy with its bootstrap interval (when the report has one)."""
+    """A probe accuracy with its interval (when the report has one)."""
     cell = num(probe["accuracy"], pointer_join(ptr, "accuracy"))
     ci = probe.get("accuracy_ci")
     if ci:
