@@ -115,7 +115,7 @@ def rebalance(
         result = run(source, out, spec, RunOptions(executor=executor, address=address, num_cpus=num_cpus,
                                                    overwrite=overwrite, show_progress=not quiet))
         if not quiet:
-            print_summary(result.report, out)
+            print_summary(result.report, out, recipe=spec)
 
     _guarded(go, debug)
 
@@ -169,17 +169,27 @@ def demo(
     """Generate a small corpus, rebalance it on an embedded local Ray, print before/after."""
 
     def go():
+        from mmbalance.console import describe_recipe, make_console, print_summary
         from mmbalance.pipeline.rebalance import RunOptions, rebalance as run
-        from mmbalance.console import print_summary
         from mmbalance.schemas.recipe import parse_recipe
-        from mmbalance.synth import DEMO_RECIPE, synth_corpus
+        from mmbalance.synth import DEMO_RECIPE, OCCUPATIONS, synth_corpus
 
-        corpus = out / "corpus"
+        console = make_console()
+        corpus, run_dir = out / "corpus", out / "run"
+        woman = sorted(OCCUPATIONS.items(), key=lambda kv: kv[1])
+        console.print(f"mmbalance demo: {rows:,} generated image-text rows in {shards} shards ({corpus}), with a planted skew: "
+                      f"the share of women runs from {woman[0][1]:.0%} ({woman[0][0]}) to {woman[-1][1]:.0%} ({woman[-1][0]}) "
+                      "across 20 long-tailed occupations, and the image embeddings carry it too.")
+        spec = parse_recipe(DEMO_RECIPE, "demo recipe")
+        console.print("What it balances (the recipe `mmbalance recipe --example` starts from is in the README):")
+        for line in describe_recipe(spec):
+            console.print(f"- {line}")
         if not corpus.exists():
             synth_corpus(corpus, rows, shards, seed=0)
-        spec = parse_recipe(DEMO_RECIPE, "demo recipe")
-        result = run(str(corpus), str(out / "run"), spec, RunOptions(executor=executor, overwrite=True))
-        print_summary(result.report, str(out / "run"))
+        result = run(str(corpus), str(run_dir), spec, RunOptions(executor=executor, overwrite=True))
+        print_summary(result.report, str(run_dir), console=console, recipe=spec)
+        console.print(f"Next: open {run_dir / 'report.html'}; `mmbalance inspect {run_dir}` for a terminal summary; "
+                      "`mmbalance recipe --example > recipe.yaml` to start your own (README: Quickstart).")
 
     _guarded(go, debug)
 
@@ -303,9 +313,11 @@ def export_cmd(
                 continue
             if "skipped" in summary and isinstance(summary["skipped"], str):
                 typer.echo(f"{name}: skipped: {summary['skipped']}")
-            elif name in ("webdataset", "wids"):
-                typer.echo(f"{name}: {summary['dir']}")
-                typer.echo(summary["open_clip_command"])
+            elif "open_clip_script" in summary:
+                typer.echo(f"{name}: {summary.get('dir') or summary.get('file')}")
+                typer.echo(f"  train: sh {summary['open_clip_script']} --model ViT-B-32 ...  "
+                           f"(python -m open_clip_train.main with this export's {len(summary['open_clip_args'])} data arguments; "
+                           "extra arguments are passed on)")
             else:
                 typer.echo(f"{name}: {summary.get('file') or summary.get('dir')}")
 

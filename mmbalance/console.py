@@ -1,70 +1,186 @@
-"""Terminal summaries (rich tables) of a run report and of a validation."""
+"""Terminal summaries (rich tables) of a run report and of a validation.
+
+On a terminal rich lays lines and tables out for its width. Anywhere else (a pipe, a log file, CI)
+a line is never wrapped and tables are laid out for ``COLUMNS`` (80 when unset); every table here
+stays legible at 80 columns: no vertical rules, figures never wrap, names wrap at word boundaries.
+"""
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def make_console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True)
+
+
+def make_table(title: str, columns: list[tuple[str, str]]) -> Table:
+    """A compact table; ``columns`` are (header, "left" | "right"); right-aligned ones are figures."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for header, justify in columns:
+        if justify == "right":
+            table.add_column(header, justify="right", no_wrap=True)
+        else:
+            table.add_column(header, overflow="fold")
+    return table
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """A path or URI under ``base`` with one separator (``run/`` + ``report.html`` is ``run/report.html``)."""
+    scheme, sep, rest = base.partition("://")
+    if not sep:
+        scheme, rest = "", base
+    rest = rest.rstrip("/") or ("/" if rest.startswith("/") else "")
+    joined = posixpath.join(rest, *parts)
+    return f"{scheme}://{joined}" if sep else joined
 
 
 def _f(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def print_summary(report: dict[str, Any], out: str, console: Console | None = None) -> None:
-    console = console or Console()
+def _count(x: float) -> str:
+    """A row count or a sum of weights: integral values without decimals."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+def describe_recipe(recipe) -> list[str]:
+    """The recipe in plain words: what is tagged, clustered and balanced, step by step."""
+    lines = []
+    for attr in recipe.attributes:
+        lines.append(f"attribute {attr.name} ({', '.join(attr.values)}) from {' + '.join(attr.sources)}")
+    for label in recipe.labels:
+        lines.append(f"label {label.name} from {' + '.join(label.sources)}")
+    for cluster in recipe.clusters:
+        lines.append(f"label {cluster.name}: {cluster.k} k-means clusters of the {cluster.embedding} embeddings")
+    for i, step in enumerate(recipe.balance_steps(), 1):
+        lines.append(f"step {i}: " + _describe_step(step))
+    return lines
+
+
+def _describe_step(step) -> str:
+    if step.method == "none":
+        return "none (every valid row kept once)"
+    if step.method == "cap":
+        return f"cap: each {step.by} value kept at about {step.cap:,} rows (MetaCLIP); does not hold attribute shares"
+    if step.method == "m4":
+        parts = []
+        for attr, shares in step.targets.items():
+            parts.append(f"{attr} shares " + "/".join(f"{v} {p:g}" for v, p in shares.items())
+                         + f" within {step.tolerance.representation:g}")
+        if step.associate:
+            pairs = ", ".join(f"{a} x {y}" for a, y in step.associate)
+            parts.append(f"no {pairs} association beyond {step.tolerance.association:g}")
+        return f"m4 moment matching: {'; '.join(parts)}; keeping about {step.retention:.0%} of rows"
+    if step.method == "waterfill":
+        size = f"{step.size:,} rows" if step.size is not None else f"{step.retention:.0%} of rows"
+        return f"waterfill: max-min fair quotas over {step.by} to {size}"
+    if step.method == "reweigh":
+        return f"reweigh: {step.attribute} and {step.label} made independent (Kamiran-Calders)"
+    if step.method == "rake":
+        return "rake: weights scaled until the target shares hold"
+    if step.method == "rnb":
+        return f"rnb: R&B domain mixture over {step.by}"
+    return step.method
+
+
+# figures that fall as a corpus gets more balanced, and what to do when a run raised one
+_HOLDS_SHARES = {"m4", "rake"}
+
+
+def regression_lines(report: dict[str, Any], recipe=None) -> list[str]:
+    """Plain warnings when the run made a bias figure worse than the input, with what to change."""
+    b, a = report["before"], report["after_expected"]
+    methods = [s.method for s in recipe.balance_steps()] if recipe is not None else report.get("method", "").split("+")
+    m4 = [s for s in recipe.balance_steps() if s.method == "m4"] if recipe is not None else []
+    lines = []
+    slack = 1e-4  # solver tolerances and rounding
+    if a["rb"] > b["rb"] + slack:
+        tol = max((s.tolerance.representation for s in m4 if s.targets), default=None)
+        if tol is None or a["rb"] > tol + slack:
+            others = "/".join(dict.fromkeys(m for m in methods if m not in _HOLDS_SHARES)) or "the balance"
+            why = ("tighten the m4 step's tolerance.representation" if tol is not None else
+                   f"{others} does not hold attribute shares; add an m4 step with targets after it "
+                   "(`mmbalance recipe --example` shows one)")
+            lines.append(f"RB rose {b['rb']:.4f} -> {a['rb']:.4f}: {why}")
+    if a["ab"] > b["ab"] + slack:
+        tol = max((s.tolerance.association for s in m4 if s.associate), default=None)
+        why = ("add an m4 step with associate: [[attribute, label]]" if tol is None
+               else "tighten the m4 step's tolerance.association or associate the label that rose")
+        lines.append(f"AB rose {b['ab']:.4f} -> {a['ab']:.4f}: {why}")
+    for attr, probes in (report.get("leakage") or {}).items():
+        if not isinstance(probes, dict):
+            continue
+        for feature, views in probes.items():
+            before, after = views.get("before"), views.get("after")
+            if before and after and after["excess"] > before["excess"] + 0.01 and after.get("readable", True):
+                lines.append(f"leakage of {attr} from {feature.replace('_', ' ')} rose: excess over the majority rate "
+                             f"{before['excess']:.3f} -> {after['excess']:.3f}")
+    return lines
+
+
+def print_summary(report: dict[str, Any], out: str, console: Console | None = None, recipe=None) -> None:
+    console = console or make_console()
     rows, weights = report["rows"], report["weights"]
+    drawn = weights["distinct_rows_kept"]
     console.print(
-        f"[bold]mmbalance[/bold] {report['method']}: {rows['input']:,} input rows, {rows['manifest']:,} in the manifest, "
-        f"{rows['rejected']:,} rejected -> {out}"
+        f"[bold]mmbalance[/bold] {escape(report['method'])}: {rows['input']:,} input rows -> {rows['manifest']:,} in the "
+        f"manifest ({drawn:,} drawn at least once, {rows['manifest'] - drawn:,} with repeats 0), {rows['rejected']:,} rejected"
     )
     for reason, n in rows["rejected_by_reason"].items():
-        console.print(f"  rejected: {n:,} x {reason}")
-    table = Table(title="before / after (expected weights / realised repeats)")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after (E)", justify="right")
-    table.add_column("after (repeats)", justify="right")
+        console.print(f"  rejected: {n:,} x {escape(reason)}")
+    table = make_table("before / after (expected weights / realised repeats)",
+                       [("metric", "left"), ("before", "right"), ("after (E)", "right"), ("after (repeats)", "right")])
     b, a, r = report["before"], report["after_expected"], report["after_realized"]
-    table.add_row("rows", f"{weights['rows']:,}", f"{weights['expected_rows']:,.1f}", f"{weights['realized_rows']:,}")
+    table.add_row("rows", f"{weights['rows']:,}", _count(weights["expected_rows"]), f"{weights['realized_rows']:,}")
     table.add_row("retention", "1.0000", _f(weights["retention"]), _f(weights["realized_retention"]))
-    table.add_row("ESS", f"{weights['rows']:,}", f"{weights['ess']:,.1f}", f"{weights['realized_ess']:,.1f}")
-    table.add_row("RB (max)", _f(b["rb"]), _f(a["rb"]), _f(r["rb"]))
-    table.add_row("AB (max)", _f(b["ab"]), _f(a["ab"]), _f(r["ab"]))
+    table.add_row("ESS, effective sample size", f"{weights['rows']:,}", _count(weights["ess"]), _count(weights["realized_ess"]))
+    table.add_row("RB, representation bias", _f(b["rb"]), _f(a["rb"]), _f(r["rb"]))
+    table.add_row("AB, association bias", _f(b["ab"]), _f(a["ab"]), _f(r["ab"]))
     for name in b["concept_balance"]:
         for key in ("gini", "normalized_entropy", "top1pct_share"):
             table.add_row(
-                f"{name} {key}",
+                escape(f"{name} {key}"),
                 _f(b["concept_balance"][name][key]),
                 _f(a["concept_balance"][name][key]),
                 _f(r["concept_balance"][name][key]),
             )
     console.print(table)
+    console.print("RB: largest gap between an attribute value's share and its target; AB: largest gap "
+                  "P(label | value) - P(label | other values); ESS: (sum w)^2 / sum w^2. Lower RB and AB are more balanced.")
+    if weights["ess"] > weights["realized_rows"] + 0.5:
+        console.print(f"ESS of the expected weights ({_count(weights['ess'])}) counts every row with a fractional weight, "
+                      f"so it can exceed the {weights['realized_rows']:,} rows a resample draws.")
     console.print(f"largest repeat count: {weights['max_repeats']}")
     families = report.get("constraint_families") or []
     if families:
-        ftable = Table(title="M4 constraint families (worst |moment| / carrying weight)")
-        ftable.add_column("family", min_width=14)  # wraps on narrow terminals; the figures never do
-        for col in ("n", "tol", "binding", "before", "after", "leakage"):
-            ftable.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+        ftable = make_table("M4 constraint families (worst |moment| / carrying weight)",
+                            [("family", "left"), ("n", "right"), ("tol", "right"), ("binding", "right"),
+                             ("before", "right"), ("after", "right")])
         for fam in families:
-            leak = fam.get("leakage")
             ftable.add_row(
-                fam["family"], f"{fam['constraints']:,}", _f(fam["tolerance"]), f"{fam['at_tolerance']:,}",
+                escape(fam["family"]), f"{fam['constraints']:,}", _f(fam["tolerance"]), f"{fam['at_tolerance']:,}",
                 _f(fam["worst_moment"]["before"]), _f(fam["worst_moment"]["after_expected"]),
-                f"{leak['before']['accuracy']:.3f} -> {leak['after']['accuracy']:.3f}" if leak else "",
             )
         console.print(ftable)
     for line in solver_lines(report.get("solution", {}), report.get("method", "")):
-        console.print(line)
+        console.print(escape(line))
     for line in leakage_lines(report.get("leakage", {})):
-        console.print(line)
-    console.print(f"report: {out}/report.html (and report.json); manifest: {out}/manifest/")
+        console.print(escape(line))
+    for line in regression_lines(report, recipe):
+        console.print(f"[yellow]warning: {escape(line)}[/yellow]")
+    console.print(f"report: {escape(join_uri(out, 'report.html'))} (and report.json); manifest: {escape(join_uri(out, 'manifest'))}/")
 
 
 def print_validation(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     console.print(
         f"{summary['shards']} shards, {summary['rows']:,} rows: {summary['valid']:,} valid, {summary['rejected']:,} would be rejected"
     )

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from mmbalance.console import _count, join_uri, make_console, make_table, solver_lines
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
 from mmbalance.operators.source import open_source, source_batches
@@ -38,7 +38,7 @@ TOP_PAIRS = 8
 def inspect_path(path: str, recipe: Recipe | None = None, console: Console | None = None,
                  sample_rows: int = SAMPLE_ROWS, sample_shards: int = SAMPLE_SHARDS) -> dict[str, Any]:
     """Print a summary of PATH (a run if it holds run.json, else a shard directory); returns it as a dict."""
-    console = console or Console()
+    console = console or make_console()
     store = RunStore(path)
     if store.exists("run.json"):
         return inspect_run(store, console)
@@ -157,9 +157,7 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
     }
     console.print(f"[bold]{escape(path)}[/bold]: {fmt(len(shards))} shards, {fmt(rows)} rows, {fmt(summary['row_groups'])} row groups, "
                   f"{summary['bytes'] / 2**20:,.1f} MiB (from the Parquet footers)")
-    table = Table(title="schema")
-    for h, j in (("column", "left"), ("type", "left"), ("in shards", "right"), ("nulls", "right")):
-        table.add_column(h, justify=j)
+    table = make_table("schema", [("column", "left"), ("type", "left"), ("in shards", "right"), ("nulls", "right")])
     for name, c in columns.items():
         table.add_row(escape(name), escape(c["type"]), f"{c['shards']}/{len(shards)}", "?" if c["nulls"] is None else fmt(c["nulls"]))
     console.print(table)
@@ -191,9 +189,8 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
     two = {a for a in attrs if frame[tag_column(a)].drop_nulls().n_unique() == 2}
     summary["associations"] = _one_per_mirror(pairs, two, TOP_PAIRS)
     if pairs:
-        t = Table(title="top associations (sample): gap = P(label | value) - P(label | other values)")
-        for h in ("attribute = value", "label", "gap"):
-            t.add_column(h, justify="right" if h == "gap" else "left")
+        t = make_table("top associations (sample): gap = P(label | value) - P(label | other values)",
+                       [("attribute = value", "left"), ("label", "left"), ("gap", "right")])
         for p in summary["associations"]:
             t.add_row(escape(f"{p['attribute']} = {p['value']}"), escape(f"{p['label']} = {p['label_value']}"), fmt(p["gap"]))
         console.print(t)
@@ -220,26 +217,24 @@ def _one_per_mirror(pairs: list[dict[str, Any]], two_valued: set[str], top: int)
 def _print_prevalence(console: Console, prevalence: dict[str, dict[str, Any]], title: str) -> None:
     if not prevalence:
         return
-    t = Table(title=title)
-    for h, j in (("tag", "left"), ("with a value", "right"), ("distinct", "right"), ("top values (share of rows with a value)", "left")):
-        t.add_column(h, justify=j)
+    t = make_table(title, [("tag", "left"), ("with a value", "right"), ("distinct", "right"), ("top values (share of rows with a value)", "left")])
     for col, p in prevalence.items():
-        top = escape(", ".join(f"{v} {fmt(s)}" for v, _, s in p["top"]))
-        t.add_row(escape(col), f"{fmt(p['carrying'])}/{fmt(p['rows'])}", fmt(p["distinct"]), top)
+        top = escape(", ".join(f"{v}\u00a0{fmt(s)}" for v, _, s in p["top"]))  # a value and its share never part
+        t.add_row(escape(col), f"{_count(p['carrying'])}/{_count(p['rows'])}", fmt(p["distinct"]), top)
     console.print(t)
 
 
 def _print_sizes(console: Console, sizes: dict[str, dict[str, dict[str, Any]]], title: str) -> None:
     if not sizes:
         return
-    t = Table(title=title)
-    for h in ("label", "view", "values", "largest", "smallest", "gini", "norm. entropy", "top-1% share"):
-        t.add_column(h, justify="left" if h in ("label", "view") else "right")
+    t = make_table(title, [("label", "left"), ("view", "left"), ("values", "right"), ("largest", "right"), ("smallest", "right"),
+                           ("gini", "right"), ("entropy", "right"), ("top 1%", "right")])
     for lab, views in sizes.items():
         for view, s in views.items():
-            t.add_row(escape(lab), view, fmt(s["values"]), fmt(s["largest"]), fmt(s["smallest"]), fmt(s["gini"]),
-                      fmt(s["normalized_entropy"]), fmt(s["top1pct_share"]))
+            t.add_row(escape(lab), view, fmt(s["values"]), _count(s["largest"]), _count(s["smallest"]), f"{s['gini']:.4f}",
+                      f"{s['normalized_entropy']:.4f}", f"{s['top1pct_share']:.4f}")
     console.print(t)
+    console.print("gini: 0 = equal sizes; entropy: normalised, 1 = equal sizes; top 1%: share of rows in the largest 1% of values")
 
 
 def _signature_prevalence(table: pa.Table, weight: str) -> dict[str, dict[str, Any]]:
@@ -315,18 +310,16 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     rows, w = report["rows"], report["weights"]
     summary["rows"] = rows
     summary["weights"] = w
-    t = Table(title="rows")
-    t.add_column("")
-    t.add_column("rows", justify="right")
+    t = make_table("rows", [("", "left"), ("rows", "right")])
     t.add_row("input", fmt(rows["input"]))
     t.add_row("manifest", fmt(rows["manifest"]))
     t.add_row("rejected", fmt(rows["rejected"]))
     for reason, n in rows["rejected_by_reason"].items():
         t.add_row(f"  {reason}", fmt(n))
-    t.add_row("kept, expected (sum of weights)", fmt(w["expected_rows"]))
+    t.add_row("kept, expected (sum of weights)", _count(w["expected_rows"]))
     t.add_row("kept, realised (sum of repeats)", fmt(w["realized_rows"]))
     t.add_row("retention (expected)", fmt(w["retention"]))
-    t.add_row("ESS (expected)", fmt(w["ess"]))
+    t.add_row("ESS (expected), (sum w)^2 / sum w^2", _count(w["ess"]))
     t.add_row("largest repeat count", fmt(w["max_repeats"]))
     console.print(t)
 
@@ -349,19 +342,18 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     two = {a["attribute"] for a in report["before"]["association"] if len(a["gaps"]) == 2}
     summary["associations"] = _one_per_mirror(pairs, two, TOP_PAIRS)
     if pairs:
-        t = Table(title="top associations: gap = P(label | value) - P(label | other values), weighted")
-        for h in ("attribute = value", "label", "before", "after (E)"):
-            t.add_column(h, justify="right" if h in ("before", "after (E)") else "left")
+        t = make_table("top associations: gap = P(label | value) - P(label | other values), weighted",
+                       [("attribute = value", "left"), ("label", "left"), ("before", "right"), ("after (E)", "right")])
         for p in summary["associations"]:
             t.add_row(escape(f"{p['attribute']} = {p['value']}"), escape(f"{p['label']} = {p['label_value']}"), fmt(p["before"]), fmt(p["after"]))
         console.print(t)
-    views = (("before", "before"), ("after_expected", "after (E)"), ("after_realized", "after (repeats)"))
+    views = (("before", "before"), ("after_expected", "after E"), ("after_realized", "after rep."))
     sizes = {lab: {name: report[key]["concept_balance"][lab] for key, name in views} for lab in report["before"]["concept_balance"]}
     summary["sizes"] = sizes
     _print_sizes(console, sizes, "label / cluster sizes")
     if report.get("solution"):
-        scalars = {k: v for k, v in report["solution"].items() if not isinstance(v, (dict, list))}
-        console.print("solver: " + ", ".join(f"{k}={fmt(v)}" for k, v in scalars.items()))
+        for line in solver_lines(report["solution"], report.get("method", "")):
+            console.print(escape(line))
     if store.exists("report.html"):
-        console.print(f"report: {store.path('report.html')}")
+        console.print(f"report: {escape(join_uri(store.uri, 'report.html'))}")
     return summary

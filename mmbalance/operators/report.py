@@ -89,7 +89,8 @@ def balance_of_sizes(sizes: np.ndarray) -> dict[str, Any]:
     entropy = float(-(p * np.log(p)).sum())
     asc = np.sort(sizes)
     n = len(asc)
-    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(asc) / (n * asc.sum())) if n > 1 else 0.0
+    # rounded: equal sizes give 0 exactly, not 1e-17 of summation order
+    gini = max(0.0, round(float((2 * np.arange(1, n + 1) - n - 1).dot(asc) / (n * asc.sum())), 12)) if n > 1 else 0.0
     top = max(1, math.ceil(0.01 * n))
     return {
         "values": int(n),

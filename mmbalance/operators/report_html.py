@@ -379,8 +379,6 @@ table{border-collapse:collapse;font-size:12px;margin:4px 0 8px}th,td{border-bott
 th{background:#f6f8fa}td .n,td.n{font-variant-numeric:tabular-nums}img.plot{max-width:100%;display:block}
 pre{background:#f6f8fa;padding:8px;font-size:11px;overflow:auto;max-height:420px}.ok{color:#1a7f37;font-weight:600}
 .nested{margin-left:10px}
-.glance{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px;align-items:start}
-.glance img.plot{width:100%;height:auto}
 """
 
 
@@ -428,10 +426,10 @@ def _balance_plots(report: dict[str, Any], before: pa.Table | None, after: pa.Ta
     return [plot_rank(label_sizes(before, after, label), label) for label in report["before"]["concept_balance"]]
 
 
-def _prevalence_section(report: dict[str, Any]) -> tuple[str, list[str]]:
-    plots, body = [], ""
+def _prevalence_section(report: dict[str, Any]) -> str:
+    body = ""
     for attr in report["before"]["representation"]:
-        plots.append(plot_prevalence(report, attr))
+        plot = plot_prevalence(report, attr)
         values = list(report["before"]["representation"][attr]["share"])
         rows = []
         for v in values:
@@ -441,18 +439,17 @@ def _prevalence_section(report: dict[str, Any]) -> tuple[str, list[str]]:
             rows.append(cells)
         rb = [num(report[key]["representation"][attr]["rb"], pointer(key, "representation", attr, "rb")) for key, _, _ in _VIEWS]
         rows.append(["<b>RB</b>", ""] + rb)
-        body += f"<h3>{_e(attr)}</h3>" + _table(["value", "target", "before", "after (E)", "after (repeats)"], rows)
-    return body, plots
+        body += (f"<h3>{_e(attr)}</h3>" + f'<div class="row"><div>{plot}</div><div>'
+                 + _table(["value", "target", "before", "after (E)", "after (repeats)"], rows) + "</div></div>")
+    return body
 
 
-def _association_section(report: dict[str, Any]) -> tuple[str, list[str]]:
-    body, firsts = "", []
+def _association_section(report: dict[str, Any]) -> str:
+    body = ""
     for i, assoc in enumerate(report["before"]["association"]):
         name = f'{assoc["attribute"]} x {assoc["label"]}'
         heat, hidden = plot_heatmaps(report, i)
         worst = plot_worst_pairs(report, i)
-        if i == 0:
-            firsts.append(worst)
         ab = " &rarr; ".join(num(report[k]["association"][i]["ab"], pointer(k, "association", i, "ab")) for k, _, _ in _VIEWS)
         tables = ""
         for key, _, title in _VIEWS[:2]:
@@ -464,7 +461,7 @@ def _association_section(report: dict[str, Any]) -> tuple[str, list[str]]:
         note = f'<p class="muted">{hidden} labels with smaller gaps not drawn.</p>' if hidden else ""
         body += (f"<h3>{_e(name)}</h3><p>AB before &rarr; after (E) &rarr; after (repeats): {ab}</p>"
                  f'<div class="row"><div>{heat}{note}</div>{worst}</div><div class="row">{tables}</div>')
-    return body, firsts
+    return body
 
 
 def _families_section(report: dict[str, Any]) -> str:
@@ -647,8 +644,8 @@ def render_html(store: RunStore) -> str:
     after = _read_optional_table(store, "after", "merged.parquet")
     hist = manifest_histograms(store)
 
-    prevalence, prev_plots = _prevalence_section(report)
-    association, assoc_plots = _association_section(report)
+    prevalence = _prevalence_section(report)
+    association = _association_section(report)
     rank_plots = _balance_plots(report, before, after)
     sections = [
         ("prevalence", "Attribute prevalence vs targets", prevalence),
@@ -672,7 +669,6 @@ def render_html(store: RunStore) -> str:
         ("rejects", "Rejects by reason", _rejects_section(report, store)),
         ("facts", "Run facts", _facts_section(report, run, stages)),
     ]
-    glance = '<div class="glance">' + "".join(prev_plots[:1] + assoc_plots[:1] + rank_plots[:1]) + "</div>"
     nav = "<nav>" + "".join(f'<a href="#{k}">{t}</a>' for k, t, _ in sections) + "</nav>"
     rows = report["rows"]
     sub = (f'{_e(report["method"])} &middot; input {_e(report["input"]["uri"])} ({num(report["input"]["shards"], "/input/shards")} shards, '
@@ -685,7 +681,7 @@ def render_html(store: RunStore) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>mmbalance report: {_e(report['method'])}, {fmt(rows['input'])} rows</title><style>{_CSS}</style></head><body>"
         f'<header><h1>mmbalance rebalance report</h1><div class="sub">{sub}</div></header><main>'
-        f'{_summary(report)}{legend}<section id="glance"><h2>At a glance</h2>{glance}</section>{nav}{body}'
+        f'{_summary(report)}{legend}{nav}{body}'
         "</main></body></html>\n"
     )
 

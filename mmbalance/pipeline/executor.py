@@ -312,6 +312,25 @@ def _without_head_monitors():
         parameter.RayParams.__init__ = original
 
 
+class _DropDefaultAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _quiet_default_auth_notice():
+    """The embedded Ray keeps Ray's default for a new local cluster (token authentication); the
+    notice Ray logs about that default on every start is not the user's business, so it is
+    dropped while this run starts its own cluster. Nothing else Ray logs is touched."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _DropDefaultAuthNotice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None):
     """Connect to a cluster (``address`` or RAY_ADDRESS), or start a local Ray for this run and stop it
@@ -330,7 +349,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
     else:
         watchdog = _start_ray_watchdog()
         try:
-            with _without_head_monitors():
+            with _without_head_monitors(), _quiet_default_auth_notice():
                 ray.init(
                     address="local",
                     logging_level=logging.WARNING,

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 import mmbalance
 from mmbalance.operators import stats as stats_op
@@ -39,7 +40,7 @@ from mmbalance.pipeline import fit, plan, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import changed_shards, shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
-from mmbalance.pipeline.shards import check_output_location, discover_shards, expected_embedding_dim, inspect_shards
+from mmbalance.pipeline.shards import check_local_out, check_output_location, discover_shards, expected_embedding_dim, inspect_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
@@ -280,6 +281,8 @@ class Rebalancer:
 
     def run(self) -> RunResult:
         run, shards, layout_columns, dims = self._prepare()
+        if isinstance(self.store.fs, pafs.LocalFileSystem):
+            check_local_out(self.store.uri, self.store.root, create=True)
         with self.store.lock():
             return self._locked_run(run, shards, layout_columns, dims)
 

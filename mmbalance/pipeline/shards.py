@@ -242,12 +242,36 @@ def _is_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def check_local_out(out_uri: str, path: str, create: bool = False) -> None:
+    """A local OUT must be a directory, or creatable as one: what is wrong with the path, in one line
+    (exit 2), instead of an errno from deep inside the run. ``create`` makes it (the run does, just
+    before taking the lock; ``--plan`` only checks)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{out_uri}: exists and is a file, not a directory; choose another --out")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{out_uri}: cannot create the run directory there: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{out_uri}: cannot create the run directory there: {existing} is not writable")
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"{out_uri}: cannot create the run directory there ({err.strerror or err}); "
+                             "choose an --out on a writable filesystem") from None
+
+
 def check_output_location(input_uri: str, out_uri: str) -> None:
     """Refuse an OUT inside the input directory (the next run would read OUT's Parquet files as
     input shards) unless discovery skips it (a path part starting with '.' or '_', e.g.
     corpus/_runs/r1), and an input inside OUT (``--overwrite`` would delete it)."""
     in_fs, in_path = resolve_filesystem(input_uri)
     out_fs, out_path = resolve_filesystem(out_uri)
+    if isinstance(out_fs, pafs.LocalFileSystem):
+        check_local_out(out_uri, out_path)
     if in_fs.type_name != out_fs.type_name:
         return
     if isinstance(in_fs, pafs.LocalFileSystem):

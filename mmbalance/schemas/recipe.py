@@ -553,17 +553,18 @@ labels:                         # concept labels y: one-hot over `values`, or ov
 # subclasses:                   # SBCL: split each class into subclasses of about the tail's size
 #   - {name: occupation_sub, of: occupation, m0: 10}
 # sample: {size: 100000, seed: 0}   # what clusters, R&B and the leakage probes fit on
-balance:
-  method: cap                   # none | cap (MetaCLIP per-value cap)
-  by: occupation                # a label name
-  cap: 1000                     # t: a value with count c is kept with probability t / max(c, t)
-  unlabeled: keep               # rows without a value: keep (weight 1) or drop (MetaCLIP)
-  # targets: {gender: {woman: 0.5, man: 0.5}}   # shares the report measures RB against (default uniform)
-# or several steps, each on the distribution the previous ones produced:
-# balance:
-#   - {method: waterfill, by: concept, retention: 0.8}
-#   - {method: m4, targets: {gender: {woman: 0.5, man: 0.5}}, associate: [[gender, occupation]],
-#      tolerance: {representation: 0.01, association: 0.01}, retention: 0.9, max_weight: 1.0}
+balance:                        # steps, each on the distribution the previous ones produced (weights multiply)
+  - method: cap                 # MetaCLIP per-value cap: thins head occupations, does NOT hold attribute shares
+    by: occupation              # a label, cluster or metadata label
+    cap: 10000                  # t: a value with count c is kept with probability t / max(c, t)
+  - method: m4                  # M4 moment matching on what the cap produced:
+    targets: {gender: {woman: 0.5, man: 0.5}}          # representation: gender shares (RB)
+    associate: [[gender, occupation]]                  # association: gender independent of occupation (AB)
+    tolerance: {representation: 0.002, association: 0.005}
+    retention: 0.6              # keep about this share of rows (max_weight 1, the default: subsample only)
+    on_infeasible: max_retention   # or error: when the bounds can't all hold at this retention
+  # other methods: none | waterfill | reweigh | rake | rnb (README: the recipe); e.g.
+  # - {method: waterfill, by: concept, retention: 0.8}
 # report: {html: true, leakage: true}
 export:
   seed: 0                       # seeds the stochastic rounding of weights into repeat counts

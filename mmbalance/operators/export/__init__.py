@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -547,6 +548,8 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
                     w.write(rows)
         for name, w, staging in writers:
             summary = w.close()
+            if "open_clip_args" in summary:
+                summary["open_clip_script"] = _write_train_script(w, summary["open_clip_args"])
             if local:
                 final = dest.path(w.dir)
                 if dest.exists(w.dir):
@@ -568,6 +571,24 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
         results["mixture"]["open_clip"] = commands
     dest.write_json("mixture.json", obj=results["mixture"])
     return results
+
+
+def _write_train_script(writer, args: list[str]) -> str:
+    """``train_open_clip.sh`` beside a format's files: open_clip_train with this export's data
+    arguments, one per line, and the caller's own (model, epochs, ...) passed on; the command is
+    too long to print usefully (thousands of characters with many domains)."""
+    lines = ["#!/bin/sh", "# Written by `mmbalance export`: trains open_clip on this export.",
+             "# Usage: sh train_open_clip.sh --model ViT-B-32 --epochs 1 [any open_clip_train argument]",
+             'exec "${PYTHON:-python}" -m open_clip_train.main \\']
+    i = 0
+    while i < len(args):  # an option with its value on one line
+        pair = args[i:i + 2] if i + 1 < len(args) and not args[i + 1].startswith("--") else args[i:i + 1]
+        lines.append("  " + " ".join(shlex.quote(a) for a in pair) + " \\")
+        i += len(pair)
+    lines.append('  "$@"')
+    with writer.store.atomic_output("train_open_clip.sh") as stream:
+        stream.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return writer.ctx.dest_path(writer.dir, "train_open_clip.sh")
 
 
 # formats register themselves on import
