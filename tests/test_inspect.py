@@ -51,7 +51,7 @@ def test_shard_directory_footers_and_bounded_sample(held_out_corpus, monkeypatch
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     console = _console()
     summary = inspect_path(str(held_out_corpus), console=console, sample_rows=600, sample_shards=2)
-    text = console.export_text()
+    text = console.export_text().replace("\u00a0", " ")
 
     assert summary["shards"] == len(files) == 4 and summary["rows"] == rows
     assert summary["columns"]["gender"]["nulls"] == gender_nulls
@@ -91,7 +91,7 @@ def test_shard_directory_with_recipe_and_cluster_like_column(demo_run):
     assert summary["attributes"] == ["gender"] and summary["labels"] == ["occupation", "subclass"]
     sizes = summary["sizes"]["subclass"]
     assert 1 < sizes["values"] <= 60 and sizes["largest"] <= 300
-    assert "subclass" in console.export_text()
+    assert "subclass" in console.export_text().replace("\u00a0", " ")
 
 
 def test_shard_directory_sample_verifies_page_checksums_on_request(tmp_path):
@@ -125,7 +125,7 @@ def test_run_directory_numbers_match_report(demo_run):
     report = json.loads((run / "report.json").read_text())
     console = _console()
     summary = inspect_path(str(run), console=console)
-    text = console.export_text()
+    text = console.export_text().replace("\u00a0", " ")
 
     assert summary["kind"] == "run" and summary["report"]
     manifest_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (run / "manifest").glob("*.parquet"))
@@ -155,7 +155,7 @@ def test_unfinished_run(demo_run, tmp_path):
     console = _console()
     summary = inspect_path(str(copy), console=console)
     assert summary["report"] is False
-    assert "has not finished" in console.export_text()
+    assert "has not finished" in console.export_text().replace("\u00a0", " ")
 
 
 def test_cli_inspect_and_report(demo_run):
