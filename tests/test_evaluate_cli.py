@@ -139,3 +139,32 @@ def test_compare_pairs_checkpoints(tmp_path, tiny):
     code, output = run(path, "--recipe", recipe, "--out", tmp_path / "x", "--compare")
     assert code == 2 and "--compare needs EVAL_PATH and at least one checkpoint" in output
     assert np.isfinite(diff["value"])
+
+
+def test_a_rerun_with_another_checkpoint_redoes_the_embeddings(tmp_path, tiny):
+    torch = pytest.importorskip("torch")
+    import open_clip
+
+    path, recipe = write_eval_set(tmp_path / "set", rows=16, model_dir=tiny, samples=5)
+    docs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpt = tmp_path / f"s{seed}.pt"
+        torch.save(open_clip.create_model(f"local-dir:{tiny}", pretrained=None).state_dict(), ckpt)
+        recipe.write_text(recipe.read_text().replace("pretrained: random", f"checkpoint: {tmp_path / 's0.pt'}")
+                          .replace(str(tmp_path / "s0.pt"), str(ckpt)))
+        code, output = run(path, "--recipe", recipe, "--out", tmp_path / "o", "-q")
+        assert code == 0, output
+        docs.append(json.loads((tmp_path / "o" / "evaluate.json").read_text()))
+        emb = pq.read_table(next((tmp_path / "o" / "embeddings").glob("*.parquet")))
+        import hashlib
+
+        assert docs[-1]["model"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        docs[-1]["_emb"] = emb.column("image_emb").to_pylist()
+    assert docs[0]["_emb"] != docs[1]["_emb"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    line = one_line_error(*run(path, "--recipe", recipe, "--out", tmp_path / "other"))
+    assert "output directory is not empty and holds no evaluation" in line
+    line = one_line_error(*run(path, "--recipe", recipe, "--out", tmp_path / "set"))
+    assert "the input is inside the output directory" in line
