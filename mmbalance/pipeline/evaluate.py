@@ -374,8 +374,10 @@ def _locked(eval_path: str, store: RunStore, recipe: EvalRecipe, options: Evalua
         for name, checkpoint in runs:
             sub = RunStore(store.path(name)) if compare else store
             spec = recipe.model.embed_spec(checkpoint)
+            t1 = time.perf_counter()
             bundle = load_bundle(spec)
             info = _record_info(bundle)
+            seconds[f"load:{name}"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             embed_set(sub, eval_path, recipe, scanned, spec, info, executor, options.show_progress)
             seconds[f"embed:{name}"] = time.perf_counter() - t1
@@ -402,7 +404,9 @@ def _locked(eval_path: str, store: RunStore, recipe: EvalRecipe, options: Evalua
         if options.html:
             from mmbalance.operators.evaluate.render import write_html
 
+            t1 = time.perf_counter()
             write_html(sub, doc)
+            seconds[f"html:{name}"] = time.perf_counter() - t1
         docs.append((name, checkpoint, doc, reps))
     store.write_json("stats.json", obj={"seconds": {k: round(v, 3) for k, v in seconds.items()}, "executor": kind})
     if not compare:

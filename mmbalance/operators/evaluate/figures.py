@@ -81,7 +81,7 @@ class Evaluation:
         self.ranks = None
         if d.text is not None and d.has_text is not None and d.has_text.any():
             rows = np.flatnonzero(d.has_text)
-            self.ranks = (rows, metrics.match_ranks(d.image[rows], d.text[rows]), metrics.match_ranks(d.text[rows], d.image[rows]))
+            self.ranks = (rows, *metrics.match_ranks(d.image[rows], d.text[rows]))
 
     def skipped_ks(self, attribute: str) -> list[int]:
         return [k for k in self.ks if k > len(self.pools[attribute])]

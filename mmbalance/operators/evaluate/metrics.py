@@ -158,46 +158,51 @@ def ranking_skew(order: np.ndarray, codes: np.ndarray, classes: int, weights: np
             continue
         pool = np.bincount(codes, weights=weights[r], minlength=classes) / n
         present = pool > 0
-        log_pool = np.log(np.where(present, pool, 1.0))
+        log_pool = np.log(np.where(present, pool, 1.0))  # absent values never occur: their terms are 0
         place = np.arange(1, n + 1, dtype=np.float64)
         discount = 1.0 / np.log2(place + 1.0)
-        step = max(1, 4_000_000 // max(n * classes, 1))  # queries per block: bounds the (Q, n, V) cumsum
+        # KL(top-i || pool) = (1/i) sum_v c_v ln c_v - ln i - (1/i) sum_v c_v ln p_v, c_v the counts in the top i
+        xlogx = np.zeros(n + 1)
+        xlogx[1:] = place * np.log(place)
+        step = max(1, 4_000_000 // max(n * classes, 1))  # queries per block: bounds the (Q, n, V) counts
         for lo in range(0, q, step):
             hi = min(q, lo + step)
             seq = np.repeat(sorted_codes[lo:hi].ravel(), counts[lo:hi].ravel()).reshape(hi - lo, n)
-            top = np.cumsum(seq[:, :, None] == np.arange(classes)[None, None, :], axis=1) / place[None, :, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                log_top = np.log(top)
-                terms = np.where(top > 0, top * (log_top - log_pool[None, None, :]), 0.0)
-            kl = terms.sum(axis=2)  # values absent from the pool are absent from every prefix
+            top = np.cumsum(seq[:, :, None] == np.arange(classes)[None, None, :], axis=1, dtype=np.int64)
+            kl = (xlogx[top].sum(axis=2) - top @ log_pool) / place[None, :] - np.log(place)[None, :]
             ndkl[r, lo:hi] = (kl * discount[None, :]).sum(axis=1) / discount.sum()
             for j, k in enumerate(ks):
                 if k <= n:
-                    s = np.where(present[None, :], log_top[:, k - 1, :] - log_pool[None, :], -np.inf)
-                    skew[r, lo:hi, j] = s.max(axis=1)
+                    with np.errstate(divide="ignore"):
+                        log_top = np.log(top[:, k - 1, :] / k)
+                    skew[r, lo:hi, j] = np.where(present[None, :], log_top - log_pool[None, :], -np.inf).max(axis=1)
     return skew, ndkl
 
 
 # -- image <-> text recall ---------------------------------------------------------------------------
 
 
-def match_ranks(queries: np.ndarray, gallery: np.ndarray, block: int = 1024) -> np.ndarray:
-    """Rank (0 = first) of gallery item i for query i by cosine similarity, ties broken by gallery
-    order; blocks of queries bound the memory of the similarity matrix."""
-    q = np.asarray(queries, np.float64)
-    g = np.asarray(gallery, np.float64)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    g = g / np.linalg.norm(g, axis=1, keepdims=True)
-    n = len(q)
-    ranks = np.zeros(n, np.int64)
-    cols = np.arange(len(g))
+def match_ranks(images: np.ndarray, texts: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(image->text, text->image): rank (0 = first) of pair i's partner for query i by cosine
+    similarity, ties broken by gallery order. One pass over blocks of the similarity matrix serves
+    both directions: its rows rank the texts for an image, its columns the images for a text."""
+    a = np.asarray(images, np.float64)
+    b = np.asarray(texts, np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    n = len(a)
+    own = np.einsum("ij,ij->i", a, b)  # the pairs' own similarities (the matrix's diagonal)
+    cols = np.arange(n)
+    i2t, t2i = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        sim = q[lo:hi] @ g.T
+        sim = a[lo:hi] @ b.T
         rows = np.arange(lo, hi)
-        own = sim[rows - lo, rows][:, None]
-        ranks[lo:hi] = (sim > own).sum(axis=1) + ((sim == own) & (cols[None, :] < rows[:, None])).sum(axis=1)
-    return ranks
+        other = rows[:, None] != cols[None, :]  # a pair never outranks itself
+        diag = sim[rows - lo, rows][:, None]
+        i2t[lo:hi] = ((sim > diag) & other).sum(axis=1) + ((sim == diag) & (cols[None, :] < rows[:, None])).sum(axis=1)
+        t2i += ((sim > own[None, :]) & other).sum(axis=0) + ((sim == own[None, :]) & (rows[:, None] < cols[None, :])).sum(axis=0)
+    return i2t, t2i
 
 
 def recall_at_k(ranks: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:

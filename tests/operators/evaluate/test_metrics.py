@@ -93,10 +93,18 @@ def test_rb_ab_and_accuracy_by_hand():
 def test_match_ranks_and_recall():
     q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     g = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, 1.0]])
-    # query 0 matches g0 best (rank 0); query 1's own g1 is beaten by g2 (rank 1); query 2: g2 (rank 0)
-    assert metrics.match_ranks(q, g).tolist() == [0, 1, 0]
+    # image 0 matches text 0 best (rank 0); image 1's own text 1 is beaten by text 2 (rank 1); image 2: text 2
+    # text 0: image 0 (1.0) and image 2 (0.707): rank 0; text 1 (1, 0.1): image 0 (0.995) beats image 1
+    # (0.0995), image 2 (0.77) too: rank 2; text 2: image 2 (1.0) first: rank 0
+    i2t, t2i = metrics.match_ranks(q, g)
+    assert i2t.tolist() == [0, 1, 0] and t2i.tolist() == [0, 2, 0]
     # an exact tie goes to the earlier gallery item
-    assert metrics.match_ranks(np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 0.0]])).tolist() == [0, 1]
+    same = np.array([[1.0, 0.0], [1.0, 0.0]])
+    assert [r.tolist() for r in metrics.match_ranks(same, same)] == [[0, 1], [0, 1]]
+    # blocks of rows give the same ranks as one block
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    assert all((x == y).all() for x, y in zip(metrics.match_ranks(a, b, block=7), metrics.match_ranks(a, b)))
     ranks = np.array([0, 1, 0, 5])
     assert metrics.recall_at_k(ranks, 1, np.ones((1, 4)))[0] == pytest.approx(0.5)
     assert metrics.recall_at_k(ranks, 5, np.array([[0, 1, 1, 2]]))[0] == pytest.approx(0.5)
