@@ -22,10 +22,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mmbalance.schemas.balance import StrictModel, _check_shares
 from mmbalance.schemas.embed import EmbedSpec
-from mmbalance.schemas.recipe import AttributeSpec, ColumnMap, InputSpec, LabelSpec, Recipe, RecipeError, _format_error
-from mmbalance.schemas.yaml_loader import load_strict
+from mmbalance.schemas.recipe import (
+    AttributeSpec,
+    ColumnMap,
+    InputSpec,
+    LabelSpec,
+    Recipe,
+    RecipeError,
+    _format_error,
+    read_recipe_text,
+    recipe_mapping,
+)
 
-OWN_PLACEHOLDERS = ("value",)
 
 
 class EvalModelSpec(StrictModel):
@@ -372,12 +380,5 @@ def parse_eval_recipe(data: dict[str, Any] | None, source: str = "evaluation rec
 
 
 def load_eval_recipe(path: str | Path) -> EvalRecipe:
-    path = str(path)
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
-    data = load_strict(text, path, RecipeError)
-    if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return parse_eval_recipe(data, path)
+    """An evaluation recipe from a local path or a pyarrow filesystem URI, read as the main recipe is."""
+    return parse_eval_recipe(recipe_mapping(read_recipe_text(path), str(path)), str(path))
