@@ -212,6 +212,11 @@ def evaluation_html(doc: dict) -> str:
         cards.append(_card(f"{n} RB", _fig_html(doc, ("attributes", n, "rb")), "max |share - target|, neutral images"))
         for label in attr.get("ab") or {}:
             cards.append(_card(f"{n} AB x {label}", _fig_html(doc, ("attributes", n, "ab", label)), "max |share(label) - share|"))
+        for label, ret in (attr.get("retrieval") or {}).items():
+            key = ("attributes", n, "retrieval", label)
+            cards += [_card(f"{n} MaxSkew@{k} x {label}", _fig_html(doc, key + ("max_skew", str(k))), "mean over queries")
+                      for k in ret.get("k", [])[:1]]
+            cards.append(_card(f"{n} NDKL x {label}", _fig_html(doc, key + ("ndkl",)), "mean over queries"))
     sections = [(f"attr-{n}", f"Attribute {_e(n)}", _attribute_section(doc, n)) for n in doc["attributes"]]
     sections += [(f"label-{n}", f"Label {_e(n)}", _label_section(doc, n)) for n in doc["labels"]]
     if doc.get("retrieval"):
