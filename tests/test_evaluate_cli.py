@@ -168,3 +168,21 @@ def test_a_rerun_with_another_checkpoint_redoes_the_embeddings(tmp_path, tiny):
     assert "output directory is not empty and holds no evaluation" in line
     line = one_line_error(*run(path, "--recipe", recipe, "--out", tmp_path / "set"))
     assert "the input is inside the output directory" in line
+
+
+def test_without_captions_or_intervals(tmp_path, tiny):
+    path, recipe = write_eval_set(tmp_path / "set", rows=16, model_dir=tiny, samples=0, captions=False)
+    code, output = run(path, "--recipe", recipe, "--out", tmp_path / "o", "--no-html")
+    assert code == 0, output
+    doc = json.loads((tmp_path / "o" / "evaluate.json").read_text())
+    assert doc["retrieval"] is None and doc["eval"]["captions"] == 0 and not (tmp_path / "o" / "evaluate.html").exists()
+    assert doc["attributes"]["gender"]["rb"]["ci"] is None and doc["attributes"]["gender"]["rb"]["value"] is not None
+    assert "recall" not in output
+
+
+def test_checkpoint_names():
+    from mmbalance.pipeline.evaluate import model_names
+
+    assert model_names(["logs/a/checkpoints/epoch_4.pt", "logs/b/checkpoints/epoch_4.pt", "x=/p/q.pt", "e.pt", "e.pt"]) == [
+        ("a-epoch_4", "logs/a/checkpoints/epoch_4.pt"), ("b-epoch_4", "logs/b/checkpoints/epoch_4.pt"), ("x", "/p/q.pt"),
+        ("e", "e.pt"), ("e-2", "e.pt")]

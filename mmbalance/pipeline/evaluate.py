@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -322,14 +323,16 @@ def _executor(recipe: EvalRecipe, options: EvaluateOptions, images: int) -> str:
 
 
 def model_names(checkpoints: list[str]) -> list[tuple[str, str]]:
-    """(name, checkpoint) per ``NAME=PATH`` or ``PATH`` (named by its last two path parts), unique."""
+    """(name, checkpoint) per ``NAME=PATH`` or ``PATH``; a bare path is named by its run and file
+    (open_clip_train's logs/<run>/checkpoints/epoch_4.pt -> <run>-epoch_4); names are made unique."""
     out: list[tuple[str, str]] = []
     for item in checkpoints:
         name, sep, path = item.partition("=")
-        if not sep or "/" in name or not name:
+        if not sep or "/" in name or not name or os.path.exists(item):
             path = item
-            stem = "/".join(p for p in re.split(r"[\\/]", path.rstrip("/"))[-2:] if p)
-            name = re.sub(r"\.(pt|pth|bin|safetensors)$", "", stem).replace("/", "-") or "model"
+            parts = [p for p in re.split(r"[\\/]", path) if p and p != "checkpoints"]
+            name = "-".join(parts[-2:])
+            name = re.sub(r"\.(pt|pth|bin|safetensors|npz)$", "", name) or "model"
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         base, i = name, 2
         while name in {n for n, _ in out}:
