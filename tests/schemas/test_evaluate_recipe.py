@@ -109,3 +109,24 @@ def test_yaml_rules_of_the_main_recipe(tmp_path):
     assert load_eval_recipe(path).attributes[0].values == ["yes", "no"]
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_eval_recipe(tmp_path / "missing.yaml")
+
+
+def test_the_readme_example_parses_and_every_key_is_documented():
+    import re
+    from pathlib import Path
+
+    from mmbalance.schemas.evaluate import EvalRecipe
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Evaluating a trained checkpoint: `mmbalance evaluate`", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    from mmbalance.schemas.recipe import recipe_mapping
+
+    recipe = parse_eval_recipe(recipe_mapping(example, "README"), "README")
+    assert recipe.condition_of(recipe.attributes[0]) == "occupation" and recipe.attributes[1].values[0] == "child"
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)*)(?:\[\])?`", section))
+    fields = {f"{top}.{sub}" for top, field in EvalRecipe.model_fields.items()
+              for sub in getattr(field.annotation, "model_fields", {})}
+    words = {w for d in documented for w in d.split(".")}
+    missing = sorted(f for f in fields if f not in documented and f.split(".")[1] not in words)
+    assert not missing, missing
