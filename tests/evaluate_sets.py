@@ -32,16 +32,19 @@ def render(occupation: str, gender: str | None, rng: np.random.Generator, size: 
     return buf.getvalue()
 
 
-def eval_table(rows: int, seed: int = 0, neutral: float = 0.5, captions: bool = True) -> pa.Table:
-    """uid, image (PNG bytes), gender (null on neutral images), occupation, caption."""
+def eval_table(rows: int, seed: int = 0, neutral: float = 0.5, captions: bool = True, unlabelled: float = 0.0) -> pa.Table:
+    """uid, image (PNG bytes), gender (null on neutral images), occupation (null on about
+    ``unlabelled`` of the rows, whose pixels still have a colour), caption."""
     rng = np.random.default_rng(seed)
     names = list(OCCUPATIONS)
     occ = [names[i] for i in rng.integers(0, len(names), rows)]
     gender = [None if rng.random() < neutral else GENDERS[int(rng.integers(0, 2))] for _ in range(rows)]
     data = {"uid": [f"e{seed}-{i}" for i in range(rows)], "image": [render(o, g, rng) for o, g in zip(occ, gender)],
-            "gender": pa.array(gender, pa.string()), "occupation": occ}
+            "gender": pa.array(gender, pa.string())}
+    occ = [None if rng.random() < unlabelled else o for o in occ]
+    data["occupation"] = pa.array(occ, pa.string())
     if captions:
-        data["caption"] = [f"a {g or 'person'} working as a {o}, photo {i}" for i, (o, g) in enumerate(zip(occ, gender))]
+        data["caption"] = [f"a {g or 'person'} working as a {o or 'worker'}, photo {i}" for i, (o, g) in enumerate(zip(occ, gender))]
     return pa.table(data)
 
 

@@ -30,6 +30,7 @@ from mmbalance.pipeline.evaluate import EvaluateOptions, evaluate  # noqa: E402
 from mmbalance.schemas.evaluate import load_eval_recipe  # noqa: E402
 
 ROWS, SEED, SAMPLES, KS, RECALL_KS, CONFIDENCE = 72, 3, 40, [5, 10, 1000], [1, 5], 0.95
+UNLABELLED = 0.15  # images without an occupation: no gender prediction (its prompts name the occupation)
 
 
 def _images(model, table):
@@ -64,8 +65,9 @@ def evaluated(request, tmp_path_factory):
     siglip = request.param == "siglip"
     model = model_dir(base / "model", TINY_SIGLIP if siglip else TINY_OPEN_CLIP)
     ckpt = base / "epoch_1.pt"
-    train_checkpoint(model, eval_table(ROWS, SEED), ckpt, siglip)
-    path, recipe = write_eval_set(base / "set", ROWS, SEED, model, weights=f"checkpoint: {ckpt}", samples=SAMPLES)
+    train_checkpoint(model, eval_table(ROWS, SEED, unlabelled=UNLABELLED), ckpt, siglip)
+    path, recipe = write_eval_set(base / "set", ROWS, SEED, model, weights=f"checkpoint: {ckpt}", samples=SAMPLES,
+                                  unlabelled=UNLABELLED)
     text = recipe.read_text().replace("retrieval: {k: [5, 10, 1000]}", f"retrieval: {{k: {KS}}}")
     recipe.write_text(text)
     doc = evaluate(str(path), str(base / "out"), load_eval_recipe(recipe), EvaluateOptions())
@@ -161,12 +163,12 @@ def independent_figures(source, image, text, prompts, seed: int):
     occ = source.column("occupation").to_pylist()
     gender = source.column("gender").to_pylist()
     uids = source.column("uid").to_pylist()
-    occ_values, g_values = sorted(set(occ)), ["woman", "man"]
+    occ_values, g_values = sorted(set(occ) - {None}), ["woman", "man"]
     img, txt = _unit(image), _unit(text)
     labels = _class(prompts, "label", None, occ_values)
     pred_occ = [int(np.argmax(labels @ img[i])) for i in range(len(occ))]
     by_occ = {o: _class(prompts, "attribute", o, g_values) for o in occ_values}
-    pred_g = [int(np.argmax(by_occ[occ[i]] @ img[i])) for i in range(len(occ))]
+    pred_g = [int(np.argmax(by_occ[occ[i]] @ img[i])) if occ[i] is not None else None for i in range(len(occ))]
     cued = [i for i in range(len(occ)) if gender[i] is not None]
     key = {i: hashlib.blake2b(f"{seed}:{uids[i]}".encode(), digest_size=8).digest() for i in cued}
     per_value = [sorted((i for i in cued if gender[i] == g), key=lambda i: (key[i], i)) for g in g_values]
@@ -181,17 +183,19 @@ def independent_figures(source, image, text, prompts, seed: int):
         return sum(1 for i in items if test(i)) / len(items) if items else math.nan
 
     def figures(idx: list[int]) -> dict[tuple, float]:
-        out = {("labels", "occupation", "accuracy"): share(idx, lambda i: occ_values[pred_occ[i]] == occ[i])}
+        out = {("labels", "occupation", "accuracy"): share([i for i in idx if occ[i] is not None],
+                                                           lambda i: occ_values[pred_occ[i]] == occ[i])}
         for o in occ_values:
             out[("labels", "occupation", "by_value", o, "accuracy")] = share([i for i in idx if occ[i] == o], lambda i: pred_occ[i] == occ_values.index(o))
         a = ("attributes", "gender")
-        neutral = [i for i in idx if gender[i] is None]
+        neutral = [i for i in idx if gender[i] is None and pred_g[i] is not None]  # scored neutral images
         overall = {g: share(neutral, lambda i, g=g: g_values[pred_g[i]] == g) for g in g_values}
         for g in g_values:
             out[a + ("share", g)] = overall[g]
             out[a + ("ab", "occupation", "overall_share", g)] = overall[g]
         out[a + ("rb",)] = max(abs(overall[g] - 0.5) for g in g_values)
-        out[a + ("accuracy",)] = share([i for i in idx if gender[i] is not None], lambda i: g_values[pred_g[i]] == gender[i])
+        out[a + ("accuracy",)] = share([i for i in idx if gender[i] is not None and pred_g[i] is not None],
+                                       lambda i: g_values[pred_g[i]] == gender[i])
         gaps = []
         for o in occ_values:
             mine = [i for i in neutral if occ[i] == o]
@@ -259,7 +263,13 @@ def test_every_figure_and_interval_matches_an_independent_numpy(evaluated):
         reps = reps[~np.isnan(reps)]
         lo, hi = np.quantile(reps, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
         assert fig["ci"] == pytest.approx([lo, hi], abs=1e-9), path
-    # the check has teeth: the trained model's predictions vary and the skew figures are not trivial
-    assert len(set(seen["pred_occ"])) >= 2 and len(set(seen["pred_g"])) >= 2
+    # the check has teeth: the trained CLIP's predictions vary (the tiny SigLIP learns nothing in a few
+    # dozen steps, its predictions are constant: that variant checks the sigmoid path and the plumbing)
+    if not evaluated["siglip"]:
+        assert len(set(seen["pred_occ"])) >= 2 and len({g for g in seen["pred_g"] if g is not None}) >= 2
     assert doc["attributes"]["gender"]["retrieval"]["occupation"]["k_skipped"] == [1000]
     assert len(seen["pool"]) == doc["attributes"]["gender"]["retrieval"]["occupation"]["pool"]["images"]
+    occ, gender = source.column("occupation").to_pylist(), source.column("gender").to_pylist()
+    unscored = sum(1 for o, g in zip(occ, gender) if o is None and g is None)
+    assert unscored > 0 and doc["attributes"]["gender"]["images"]["unscored"] == unscored
+    assert doc["labels"]["occupation"]["images"] == sum(o is not None for o in occ) < n

@@ -89,19 +89,19 @@ def association(predicted: np.ndarray, label: np.ndarray, values: int, labels: i
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Share of the images with a true class whose predicted class is it."""
+    """Share of the images with a true and a predicted class whose predicted class is the true one."""
     predicted, truth = np.asarray(predicted, np.int64), np.asarray(truth, np.int64)
     w = np.asarray(weights, np.float64)
-    counted = truth >= 0
+    counted = (truth >= 0) & (predicted >= 0)
     right = (counted & (predicted == truth)).astype(np.float64)
     return _divide(w @ right, w @ counted.astype(np.float64))
 
 
 def accuracy_by_class(predicted: np.ndarray, truth: np.ndarray, classes: int, weights: np.ndarray) -> np.ndarray:
-    """(b, classes): accuracy among the images of each true class."""
+    """(b, classes): accuracy among the images of each true class (with a prediction)."""
     predicted, truth = np.asarray(predicted, np.int64), np.asarray(truth, np.int64)
     hits = _weighted_counts(weights, np.where(predicted == truth, truth, -1), classes)
-    return _divide(hits, _weighted_counts(weights, truth, classes))
+    return _divide(hits, _weighted_counts(weights, np.where(predicted >= 0, truth, -1), classes))
 
 
 # -- retrieval skew (Geyik et al. 2019) -------------------------------------------------------------

@@ -88,6 +88,9 @@ def test_rb_ab_and_accuracy_by_hand():
     assert metrics.accuracy(np.array([0, 0, 1, 1]), truth, np.array([[1, 2, 0, 1]]))[0] == pytest.approx(2 / 4)
     by = metrics.accuracy_by_class(np.array([0, 0, 1, 1]), truth, 3, np.ones((1, 4)))[0]
     assert by[:2] == pytest.approx([1.0, 0.5]) and np.isnan(by[2])
+    # an image without a prediction (an attribute prompted with a label it lacks) is not counted
+    assert metrics.accuracy(np.array([0, -1, 1, 1]), truth, np.ones((1, 4)))[0] == pytest.approx(1.0)
+    assert metrics.accuracy_by_class(np.array([0, -1, 1, 1]), truth, 3, np.ones((1, 4)))[0, 1] == pytest.approx(1.0)
 
 
 def test_match_ranks_and_recall():
