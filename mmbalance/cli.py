@@ -317,7 +317,7 @@ def export_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    paths: list[str] = typer.Argument(None, help="EVAL_PATH (Parquet file or directory; default: the recipe's eval.path), then with --compare the checkpoints (PATH or NAME=PATH)."),
+    paths: list[str] = typer.Argument(None, metavar="EVAL_PATH|CHECKPOINT", help="EVAL_PATH (Parquet file or directory; default: the recipe's eval.path), then with --compare the checkpoints (PATH or NAME=PATH)."),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Evaluation recipe (YAML): model, eval columns, attributes, labels, prompts."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory: evaluate.json, evaluate.html, embeddings/, prompts.parquet, rejects/."),
     compare: bool = typer.Option(False, "--compare", help="Evaluate each checkpoint after EVAL_PATH with the recipe's model and put them side by side (differences against the first, paired intervals)."),

@@ -9,7 +9,7 @@ resamples), so a difference's interval is that of the paired difference.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,7 +63,6 @@ class Evaluation:
     seed: int
     ks: list[int]
     recall_ks: list[int]
-    _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         d, labels = self.data, {lab.name: lab for lab in self.labels}
