@@ -186,3 +186,15 @@ def test_checkpoint_names():
     assert model_names(["logs/a/checkpoints/epoch_4.pt", "logs/b/checkpoints/epoch_4.pt", "x=/p/q.pt", "e.pt", "e.pt"]) == [
         ("a-epoch_4", "logs/a/checkpoints/epoch_4.pt"), ("b-epoch_4", "logs/b/checkpoints/epoch_4.pt"), ("x", "/p/q.pt"),
         ("e", "e.pt"), ("e-2", "e.pt")]
+
+
+def test_a_rerun_reuses_the_embeddings_and_writes_the_same_bytes(tmp_path, tiny):
+    path, recipe = write_eval_set(tmp_path / "set", rows=16, model_dir=tiny, samples=10)
+    out = tmp_path / "o"
+    assert run(path, "--recipe", recipe, "--out", out, "-q")[0] == 0
+    first = (out / "evaluate.json").read_bytes()
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / "_done" / "embed").glob("*.json")}
+    assert markers
+    assert run(path, "--recipe", recipe, "--out", out, "-q")[0] == 0
+    assert (out / "evaluate.json").read_bytes() == first
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "_done" / "embed").glob("*.json")} == markers  # not redone
