@@ -486,8 +486,9 @@ def fit_kmeans(
     ``nredo`` restarts (None: ``default_restarts``, i.e. several while cheap) each run
     ``RESTART_ITERS`` iterations from their own seeding; from the best mean cosine, up to ``swaps``
     split-and-merge trials (kmeans_swap.py; None: ``default_swaps``, 0: off) move centroids out of
-    the local optima restarts leave, then Lloyd continues to convergence. ``method``: "flat" (one k-means over all points), "two_level" (``coarse_k`` ~
-    sqrt(k) cells, each split into clusters in proportion to its size), or "auto" (two-level from
+    the local optima restarts leave, then Lloyd continues to convergence. ``method``: "flat" (one
+    k-means over all points), "two_level" (``coarse_k`` ~ sqrt(k) cells, each split into clusters
+    in proportion to its size; trials only when ``swaps`` is given), or "auto" (two-level from
     ``TWO_LEVEL_MIN_K``). ``max_points_per_centroid`` (None: every row) caps the rows Lloyd trains
     on at k times it (faiss's own default, 256, silently dropped rows and cost up to 0.012 mean
     cosine on held-out corpora); the number of points used is recorded. ``gpu=None`` uses a GPU
@@ -517,7 +518,8 @@ def fit_kmeans(
     ours = init_centroids is None and init == "greedy-kmeans++"
     restarts = 1 if init_centroids is not None else int(nredo or default_restarts(n, k, d))
     short = min(RESTART_ITERS, niter) if restarts > 1 else niter
-    lloyd_kw = {"tol": tol, "max_points_per_centroid": max_points_per_centroid, "faiss_init": faiss_init, "gpu": gpu_used}
+    lloyd_kw = {"tol": tol, "max_points_per_centroid": max_points_per_centroid, "faiss_init": faiss_init,
+                "gpu": gpu_used}
     lloyd = functools.partial(_lloyd, x, k, **lloyd_kw)
     best: tuple[float, int, np.ndarray, np.ndarray, int, bool] | None = None
     scores = []
@@ -611,6 +613,7 @@ def _fit_two_level(x: np.ndarray, k: int, *, seed: int, niter: int, tol: float, 
         "cell_k": counts.tolist(), "coarse_mean_cosine": coarse.meta["mean_cosine"], "coarse_nredo": coarse.meta["nredo"],
         "cell_iterations_max": max(iters, default=0), "cells_unconverged": unconverged,
         "init": init, "max_points_per_centroid": max_points_per_centroid, "n_sample": n, "gpu": gpu,
+        "swaps": swaps,
         "mean_cosine_within_cell": within / n,  # each point scored against its own cell's centroids only
         "refine_iters": refine_iters, "refine_nprobe": REFINE_NPROBE, "refine_mean_cosine": refine_gain,
         "quality_rows": len(rows), "mean_cosine": float(sim.mean()),
