@@ -1,6 +1,10 @@
 """Clustering benchmark (issue 6): faiss spherical k-means vs sklearn MiniBatchKMeans on the same
 data (time, inertia), assignment rows/s vs a bare scan of the embedding column from Parquet,
-bottom-k sampling rows/s, and our cosine silhouette vs sklearn's (plus sklearn's import cost).
+sample rows/s, and our cosine silhouette vs sklearn's (plus sklearn's import cost). Assignment and
+sampling time what a pipeline run calls (issue 22): the assign stage's ``fit.assign_table`` with
+models from ``fit.load_models``, and the scan's sample candidates (``stages._sample_candidates``)
+cut to the sample by ``fit.merge_sample``. k-means quality against sklearn and faiss on held-out
+corpora: benchmarks/bench_kmeans_quality.py.
 
     .venv/bin/python benchmarks/bench_cluster.py              # 200k x 512, k=256 (a few minutes)
     .venv/bin/python benchmarks/bench_cluster.py --full       # 1M x 512, k=1000
@@ -33,9 +37,6 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmbalance.operators.cluster import (
-    BottomKSampler,
-    ClusterAssigner,
-    EmbeddingSpec,
     assign,
     default_init_size,
     embedding_matrix,
@@ -47,8 +48,59 @@ from mmbalance.operators.cluster import (
     silhouette_cosine,
     unit_rows,
 )
+from mmbalance.pipeline import fit as pipeline_fit
+from mmbalance.pipeline.stages import RunContext, _sample_candidates
+from mmbalance.pipeline.store import RunStore
+from mmbalance.schemas.recipe import Recipe
 
-SPEC = EmbeddingSpec("image", image_column="img")
+CLUSTER_NAME = "concepts"
+
+
+def pipeline_context(path: Path, out: Path, rows: int, dim: int, k: int, sample_size: int, seed: int) -> RunContext:
+    """The run context a scan and assign task get for a recipe clustering column ``img`` into k."""
+    recipe = Recipe.model_validate({"input": {"path": str(path.parent), "columns": {"uid": "uid", "image_embedding": "img"}},
+                                    "clusters": [{"name": CLUSTER_NAME, "k": k, "seed": seed}],
+                                    "sample": {"size": sample_size, "seed": seed}})
+    return RunContext(input_uri=str(path.parent), out=str(out), recipe=recipe, source_columns=("uid", "img"),
+                      embedding_dims=(("img", dim),), sample_threshold=pipeline_fit.sample_threshold(recipe, rows))
+
+
+def _tags(table: pa.Table, first_row: int) -> pa.Table:
+    # what the scan's tagger hands on for valid rows: their source row and uid
+    return pa.table({"row": pa.array(np.arange(first_row, first_row + table.num_rows), pa.int64()),
+                     "uid": table.column("uid")})
+
+
+class PipelineAssign:
+    """The assign stage's per-batch call: ``fit.assign_table`` with the models ``fit.load_models`` reads."""
+
+    def __init__(self, ctx: RunContext, centroids: np.ndarray):
+        store = RunStore(ctx.out)
+        pipeline_fit._save_array(store, CLUSTER_NAME, centroids, {"kind": "cluster", "name": CLUSTER_NAME})
+        self.ctx, self.models, self.rows = ctx, pipeline_fit.load_models(store), 0
+
+    def __call__(self, table: pa.Table) -> None:
+        pipeline_fit.assign_table(self.ctx, self.models, table, _tags(table, self.rows))
+        self.rows += table.num_rows
+
+
+class PipelineSample:
+    """The scan's sample candidates per batch, then the fit's exact cut to the sample size."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx, self.parts, self.rows = ctx, [], 0
+
+    def __call__(self, table: pa.Table) -> None:
+        cand = _sample_candidates(self.ctx, table, _tags(table, self.rows), np.arange(table.num_rows))
+        if cand is not None:
+            self.parts.append(cand)
+        self.rows += table.num_rows
+
+    def finish(self) -> pa.Table:
+        store = RunStore(self.ctx.out)
+        store.write_table("sample", "s0.parquet", table=pa.concat_tables(self.parts))
+        shard = type("Shard", (), {"shard_id": "s0", "index": 0})()
+        return pipeline_fit.merge_sample(store, [shard], {}, self.ctx.recipe.sample_size())
 
 
 def make_data(rows: int, dim: int, centres: int, seed: int, path: Path, chunk: int = 100_000) -> np.ndarray:
@@ -169,25 +221,28 @@ def main() -> None:
                            "means sit inside the sphere), which lowers its L2 inertia. mean_cosine (to unit-normalised "
                            "centroids) is the spherical objective all methods are compared on.")
 
-        # assignment: compute only, then Parquet -> ClusterAssigner vs a bare scan of the column
+        # assignment: compute only, then Parquet -> the assign stage's call vs a bare scan of the column
         (_, _), t = timed(lambda: assign(x, best, batch_rows=args.batch_rows))
         rows_bare, t_bare, rss_bare = scan(path, args.batch_rows)
-        op = ClusterAssigner(best, SPEC, keep_columns=["uid"])
-        rows_op, t_op, rss_op = scan(path, args.batch_rows, op)
+        ctx = pipeline_context(path, Path(tmp) / "run", n, d, k, min(256 * k, n), args.seed)
+        rows_op, t_op, rss_op = scan(path, args.batch_rows, PipelineAssign(ctx, best.centroids))
         sample_priority(pa.array(["warm-up"]), 0)  # load the cached numba hash once, outside the timing
-        sampler = BottomKSampler(SPEC, k=256 * k, seed=args.seed)
-        _, t_sample, rss_sample = scan(path, args.batch_rows, sampler.update)
+        sampler = PipelineSample(ctx)
+        _, t_scan_sample, rss_sample = scan(path, args.batch_rows, sampler)
+        sample, t_merge = timed(sampler.finish)
         res["assign"] = {
-            "k": k, "batch_rows": args.batch_rows,
+            "k": k, "batch_rows": args.batch_rows, "calls": "pipeline.fit.assign_table (models from fit.load_models)",
             "matrix_rows_per_s": n / t,
             "parquet_bare_scan_rows_per_s": rows_bare / t_bare,
             "parquet_assign_rows_per_s": rows_op / t_op,
             "assign_over_scan_time": t_op / t_bare,
-            "bottom_k_sample_rows_per_s": n / t_sample, "bottom_k_size": 256 * k,
-            # RSS growth over each scan: assignment should match the bare scan (one batch), the
-            # sampler should stay near 2x its sample (256 k rows x d float32)
-            "rss_growth_mib": {"bare_scan": rss_bare, "assign": rss_op, "bottom_k_sample": rss_sample,
-                               "bottom_k_sample_floats_mib": 256 * k * d * 4 / 2**20},
+            "sample_calls": "pipeline.stages._sample_candidates per batch, then pipeline.fit.merge_sample",
+            "sample_rows_per_s": n / (t_scan_sample + t_merge), "sample_merge_s": t_merge,
+            "sample_size": ctx.recipe.sample_size(), "sample_rows": sample.num_rows,
+            # RSS growth over each scan: assignment should match the bare scan (one batch); the
+            # scan's candidates (~1.5x the sample, fp16) are held until the merge
+            "rss_growth_mib": {"bare_scan": rss_bare, "assign": rss_op, "sample_candidates": rss_sample,
+                               "sample_fp16_mib": ctx.recipe.sample_size() * d * 2 / 2**20},
         }
         print("assign", res["assign"], flush=True)
 

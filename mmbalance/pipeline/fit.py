@@ -235,8 +235,9 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
             raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many sampled rows, got {int(ok.sum())}; "
                              "raise sample.size")
         # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)
-        kwargs = {"seed": spec.seed, "niter": spec.niter, "tol": spec.tol, "nredo": spec.nredo, "method": spec.method,
-                  "coarse_k": spec.coarse_k, "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
+        kwargs = {"seed": spec.seed, "niter": spec.niter, "tol": spec.tol, "nredo": spec.nredo, "swaps": spec.swaps,
+                  "method": spec.method, "coarse_k": spec.coarse_k,
+                  "max_points_per_centroid": int(ok.sum()) // min(ks) + 1}
         parents: list[np.ndarray] = []
         if spec.levels:
             from mmbalance.operators.hierarchy import fit_hierarchical_kmeans

@@ -206,6 +206,9 @@ class ClusterSpec(StrictModel):
     niter: int = Field(default=100, gt=0)  # most Lloyd iterations; a fit stops earlier once converged
     tol: float = Field(default=1e-5, ge=0)  # converged: an iteration gains less than this (relative)
     nredo: int | None = Field(default=None, gt=0)  # restarts, the best mean cosine kept; None: several while cheap
+    # split-and-merge trials after the restarts (a centroid moved to split another's cluster, kept if
+    # the mean cosine rises); None: max(8, k/8) while cheap, below two-level k; 0: off
+    swaps: int | None = Field(default=None, ge=0)
     # flat: one k-means over all points; two_level: ~sqrt(k) coarse cells, each split in proportion
     # to its size (minutes instead of hours at k = 10^4); auto: two_level from k = 1000
     method: Literal["auto", "flat", "two_level"] = "auto"
