@@ -120,3 +120,20 @@ def tiny_open_clip_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
     return directory
+
+
+def record_edit(run: Path, relative: str) -> None:
+    """A test's deliberate edit of a run output (e.g. a manifest with planted repeats): its done
+    marker's record follows the new bytes, as if the run had written them (every reader checks a
+    recorded file against its marker, and would call the edit damage)."""
+    import json
+
+    from mmbalance.pipeline.plan import owner
+    from mmbalance.pipeline.store import OUTPUTS_KEY, RunStore, file_record
+
+    stage, key = owner(relative)
+    marker_path = run / "_done" / stage / f"{key}.json"
+    marker = json.loads(marker_path.read_text())
+    store = RunStore(str(run))
+    marker[OUTPUTS_KEY][relative] = file_record(store.fs, store.path(relative))
+    marker_path.write_text(json.dumps(marker))
