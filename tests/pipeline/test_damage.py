@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpora import held_out_table
+from corpora import held_out_table, run_outputs
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -97,28 +97,6 @@ def run_copy(baseline, tmp_path: Path) -> Path:
     return out
 
 
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "stages"}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def outputs(run: Path) -> dict[str, bytes]:
-    """Every file of a run that does not record a timing, by path; report.json without its timings."""
-    found = {}
-    for path in sorted(run.rglob("*")):
-        rel = path.relative_to(run).as_posix()
-        if not path.is_file() or rel.startswith("_done/") or rel in (".lock", "stats/stages.json"):
-            continue
-        data = path.read_bytes()
-        if rel == "report.json":
-            data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
-        found[rel] = data
-    return found
-
-
 def per_shard_file(run: Path, kind: str, shard: int) -> str:
     names = sorted(p.name for p in (run / PER_SHARD[kind]).glob("shard-*.parquet"))
     return f"{PER_SHARD[kind]}/{names[shard]}"
@@ -177,7 +155,7 @@ def rerun_and_compare(baseline, out: Path, damaged: dict[str, str], kinds: list[
     redone: list[str] = []
     options = RunOptions(executor=executor, show_progress=False, html_report=False, on_progress=lambda n, s: redone.append(n))
     rebalance(str(baseline["corpus"]), str(out), baseline["recipe"], options)
-    assert outputs(out) == outputs(baseline["clean"])
+    assert run_outputs(out, markers=True) == run_outputs(baseline["clean"], markers=True)
     per_unit = {k: v for k, v in to_do(planned).items() if plan.stage(k).unit != "global"}
     assert {s: redone.count(s) for s in set(redone)} == per_unit
     after = Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()
