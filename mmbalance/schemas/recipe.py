@@ -595,4 +595,5 @@ execution:                      # how to run; never changes the results
   executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
   # address: ray://head:10001
   batch_rows: 4096              # rows per Arrow batch inside a shard (bounds worker memory)
+  # verify_checksums: true      # check input Parquet page CRCs (shards written without them read as before)
 """

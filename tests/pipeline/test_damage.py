@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpora import held_out_table, run_outputs
+from corpora import RECIPE_FROM_ISSUE, held_out_table, run_outputs
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -35,21 +35,14 @@ from mmbalance.schemas.recipe import load_recipe
 
 SHARDS, ROWS = 4, 40_000
 OFFSETS = (0.1, 0.3, 0.5, 0.9)
-RECIPE = """\
-input:
-  columns: {uid: uid, caption: caption, image_embedding: image_emb, text_embedding: text_emb}
-attributes:
-  - {name: gender, source: column, column: gender, values: [woman, man]}
-labels:
+RECIPE = RECIPE_FROM_ISSUE.replace("  - {name: occupation, source: column, column: occupation}\n", """\
   - {name: occupation, source: column, column: occupation}
   - {name: camera, source: column, column: camera}
 clusters:
   - {name: concept, embedding: image, k: 1024, levels: [128, 16], niter: 4, nredo: 1}
 sample: {size: 10000}
-balance: {method: cap, by: camera, cap: 30}
 report: {html: false, leakage: false}
-export: {seed: 0, formats: [parquet]}
-"""
+""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 30")
 PER_SHARD = {"manifest": "manifest", "tags": "tags", "assign": "assign", "signatures": "signatures"}
 SINGLE = {"sample": "fit/sample.parquet", "solution": "solve/solution.json", "models": "models/concept.npy"}
 OWNER = {"manifest": "weigh", "tags": "scan", "assign": "assign", "signatures": "signatures",
