@@ -5,7 +5,9 @@ the input (``execution.verify_checksums``, on by default), against the run they 
    use), xxh3-128, CRC32C (google-crc32c, when installed) and zlib's CRC-32.
 2. On a synth corpus (512-d fp16 embeddings, no images, 25k rows a shard; the corpus of
    bench_rebalance.py, with page CRCs as synth writes them), ``mmbalance rebalance`` (cap) with
-   ``verify_checksums`` on and off, in a subprocess, from the page cache (read once untimed first).
+   ``verify_checksums`` on and off, in a subprocess, from the page cache (read once untimed first);
+   and the CPU seconds of decoding the columns a run reads with and without page-CRC checks (the
+   work the check adds, measured in one thread from memory: two whole runs differ by more noise).
 3. On the finished run: the bytes its done markers record; hashing them from memory (what the
    writers add: outputs are checksummed as they are written, never read back); checking every
    unit's outputs in full as a rerun does (read from the page cache and hashed); and, the
@@ -35,15 +37,14 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rebalance import RECIPE, bare_scan, bench_corpus, corpus_options, load  # noqa: E402
+from bench_rebalance import COLUMNS, RECIPE, bare_scan, bench_corpus, corpus_options, load  # noqa: E402
 
 
 def throughput(megabytes: int = 256, repeats: int = 3) -> dict[str, float]:
     """GB/s of each checksum over ``megabytes`` of random bytes, fed in 1 MiB pieces (best of repeats)."""
     import xxhash
 
-    data = memoryview(os.urandom(megabytes << 20))
-    piece = 1 << 20
+    pieces = [os.urandom(1 << 20) for _ in range(megabytes)]  # the same 1 MiB bytes objects fed to each
     candidates = {"xxh3_64": lambda: xxhash.xxh3_64(), "xxh3_128": lambda: xxhash.xxh3_128()}
     try:
         import google_crc32c
@@ -65,11 +66,34 @@ def throughput(megabytes: int = 256, repeats: int = 3) -> dict[str, float]:
         for _ in range(repeats):
             h = make()
             t = time.perf_counter()
-            for i in range(0, len(data), piece):
-                h.update(data[i:i + piece])
+            for piece in pieces:
+                h.update(piece)
             best = min(best, time.perf_counter() - t)
-        out[name] = round(len(data) / best / 1e9, 2)
+        out[name] = round((megabytes << 20) / best / 1e9, 2)
     return out
+
+
+def decode_cpu(corpus: Path, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds to decode the mapped columns of every shard from memory, one thread, with and
+    without page-CRC checks (best of ``repeats`` per shard, alternating): the work verify_checksums
+    adds to the scan, measured where the machine's load barely moves it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    totals = {True: 0.0, False: 0.0}
+    for path in sorted(corpus.glob("*.parquet")):
+        data = path.read_bytes()
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(repeats):
+            for verify in (False, True):
+                t = time.process_time()
+                pfile = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=verify)
+                for _ in pfile.iter_batches(batch_size=16384, columns=COLUMNS, use_threads=False):
+                    pass
+                best[verify] = min(best[verify], time.process_time() - t)
+        for verify in (True, False):
+            totals[verify] += best[verify]
+    return {"checked_cpu_seconds": round(totals[True], 3), "unchecked_cpu_seconds": round(totals[False], 3)}
 
 
 def run(corpus: Path, out: Path, recipe: Path, executor: str, fresh: bool = True) -> dict:
@@ -148,6 +172,7 @@ def main() -> None:
         recipes[verify].write_text(RECIPE + f"execution: {{verify_checksums: {str(verify).lower()}}}\n")
     speeds = throughput()
     bare_scan(corpus, 16384)  # untimed: every figure after reads from the page cache
+    decode = decode_cpu(corpus)
     out = args.work / f"out-checksums-{args.rows}"
     verified = run(corpus, out, recipes[True], args.executor)
     unverified = run(corpus, args.work / f"out-checksums-{args.rows}-unverified", recipes[False], args.executor)
@@ -162,7 +187,8 @@ def main() -> None:
             "throughput_gb_per_s": "each checksum over 256 MiB from memory in 1 MiB pieces, best of 3",
             "cost.write_time_hashing": "hashing every recorded output from memory / the verified run's seconds (the writers' added work)",
             "cost.check_every_unit": "reading and hashing every recorded output as a rerun or --plan does / the verified run's seconds",
-            "cost.verify_checksums_on_input": "(scan seconds with verify_checksums on - off) / the verified run's seconds",
+            "cost.verify_checksums_on_input": "(scan stage seconds with verify_checksums on - off) / the verified run's seconds (two runs: noisy)",
+            "cost.verify_checksums_decode_cpu": "(CPU seconds decoding every shard's mapped columns from memory with page-CRC checks - without; best of 3 per shard, one thread) / the verified run's seconds: what the check adds, robust to load",
             "cost.page_crc_alternative": "reading every Parquet output with page-CRC verification / the verified run's seconds",
             "rerun_of_finished_run": "a second rebalance of the finished run: every unit verified, report and html rewritten",
         },
@@ -175,11 +201,13 @@ def main() -> None:
         "run_verified": verified,
         "run_unverified_input": unverified,
         "outputs": outputs,
+        "decode_mapped_columns": decode,
         "rerun_of_finished_run": rerun,
         "cost": {
             "write_time_hashing": round(outputs["hash_from_memory_seconds"] / seconds, 5),
             "check_every_unit": round(outputs["check_every_unit_seconds"] / seconds, 5),
             "verify_checksums_on_input": round((scan_on - scan_off) / seconds, 5),
+            "verify_checksums_decode_cpu": round((decode["checked_cpu_seconds"] - decode["unchecked_cpu_seconds"]) / seconds, 5),
             "page_crc_alternative": round(outputs["read_parquet_with_page_crc_verification_seconds"] / seconds, 5),
         },
     }

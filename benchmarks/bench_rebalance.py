@@ -46,12 +46,13 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def bare_scan(corpus: Path, batch_rows: int) -> dict:
+def bare_scan(corpus: Path, batch_rows: int, verify_checksums: bool = False) -> dict:
     load_before = load()
     start = time.perf_counter()
     rows = 0
     for path in sorted(corpus.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=COLUMNS):
+        pfile = pq.ParquetFile(path, page_checksum_verification=verify_checksums)
+        for batch in pfile.iter_batches(batch_size=batch_rows, columns=COLUMNS):
             rows += batch.num_rows
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
