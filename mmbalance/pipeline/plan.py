@@ -15,6 +15,7 @@ the slowest units).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ def _patterns(text: str) -> list[str]:
     return [p for p in text.split(" or ") if "/" in p or p.endswith((".json", ".html"))]
 
 
+@functools.lru_cache(maxsize=None)
 def _regex(pattern: str) -> re.Pattern:
     out = ""
     for part in re.split(r"(\{shard\}|\{bucket\}|\{label\}|\*)", pattern):
@@ -149,11 +151,16 @@ def _unit_of(declared: Stage, match: re.Match) -> str | None:
     return match.groupdict().get("key")
 
 
+@functools.lru_cache(maxsize=1)
+def _written() -> list[tuple[Stage, str]]:
+    """Every declared write, literal paths first."""
+    return sorted(((s, p) for s in STAGES for p in s.writes), key=lambda sp: bool(_PLACEHOLDER.search(sp[1])))
+
+
 def owner(relative: str) -> tuple[str, str] | None:
     """(stage, unit key) of the done marker that records ``relative`` (a path under OUT), or None.
     A literal path (signatures/merged.parquet) wins over a pattern it also matches (signatures/{shard})."""
-    entries = sorted(((s, p) for s in STAGES for p in s.writes), key=lambda sp: bool(_PLACEHOLDER.search(sp[1])))
-    for declared, pattern in entries:
+    for declared, pattern in _written():
         found = _regex(pattern).match(relative)
         if found:
             unit = _unit_of(declared, found)
