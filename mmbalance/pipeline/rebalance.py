@@ -414,7 +414,9 @@ class Rebalancer:
                 same = all(recorded.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
                 status = "resume" if same else "start over (--overwrite)"
                 if not same and not self.options.overwrite:
-                    previous = _check_previous_run(store, run, False, self.shard_fingerprints,
+                    # the plan loads no model: it takes the embedding identity to be the recorded one
+                    as_run = {**run, "embed_identity": recorded.get("embed_identity")}
+                    previous = _check_previous_run(store, as_run, False, self.shard_fingerprints,
                                                    {s.relpath: s.shard_id for s in shards}, self.options.update)
                     status = (f"update ({previous.changes.summary()} shards: rescanned, with what depends on them)"
                               if previous.changes else "resume (changed shards that no finished unit depends on are replaced)")

@@ -142,6 +142,19 @@ def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, tmp_path,
     assert to_do(planned) == expected_to_do([kind], units)
 
 
+def test_cli_plan_prints_the_damaged_unit_first(baseline, tmp_path):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "tags", 2)
+    flip(out, relative, 0.5)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    result = CliRunner().invoke(app, ["rebalance", str(baseline["corpus"]), "--out", str(out), "--recipe",
+                                      str(tmp_path / "r.yaml"), "--plan"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 0, result.output
+    assert lines[0].startswith(f"to do: scan {Path(relative).stem}: {out}/{relative} is damaged (checksum differs"), lines[0]
+    assert lines[1].startswith(f"{out}: resume; {SHARDS} shards")
+
+
 def rerun_and_compare(baseline, out: Path, damaged: dict[str, str], kinds: list[str], executor: str = "local") -> None:
     planned = check_plan(baseline, out, damaged)
     assert to_do(planned) == expected_to_do(kinds, {row["stage"]: row["units"] for row in planned["stages"]})
