@@ -40,7 +40,8 @@ def summarise(
         frame = frame.with_columns(pl.Series("rep", repeats, dtype=pl.Int64))
         summed |= {"rep_sum": pl.col("rep"), "rep2_sum": pl.col("rep") ** 2, "kept": (pl.col("rep") > 0).cast(pl.Int64)}
         maxed = {"rep_max": pl.col("rep")}
-    values = frame.select(*tag_columns, *(e.alias(n) for n, e in (summed | maxed).items()))
+    # __row: a column even with no tags and no weights, so the rows are still counted
+    values = frame.select(*tag_columns, *(e.alias(n) for n, e in (summed | maxed).items()), pl.repeat(0, pl.len(), dtype=pl.Int8).alias("__row"))
     out = group_totals(values, tag_columns, list(summed), list(maxed), count="count")
     order = [*tag_columns, "count", *(c for c in ("utility_sum", "w_sum", "w2_sum", "rep_sum", "rep2_sum", "rep_max", "kept") if c in out.columns)]
     return _sorted(out.select(order), tag_columns).to_arrow()
