@@ -248,7 +248,6 @@ class Rebalancer:
         self.store = RunStore(out)
         self.stage_seconds: dict[str, float] = {}
         self.shard_fingerprints: dict[str, str] = {}
-        self.repaired: list[str] = []  # damaged outputs found (and redone) by this run
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -297,7 +296,6 @@ class Rebalancer:
         if not damaged:
             return
         closure = resume.invalidate(self.store, self.recipe, damaged)
-        self.repaired += [d.line(self.store) for d in damaged]
         if self.options.show_progress:
             from rich.console import Console
 
