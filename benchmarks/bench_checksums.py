@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,10 +33,9 @@ import time
 import zlib
 from pathlib import Path
 
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rebalance import COLUMNS, RECIPE, bare_scan, bench_corpus, corpus_options, load  # noqa: E402
+from bench_rebalance import COLUMNS, RECIPE, bare_scan, bench_corpus, corpus_options, load, provenance  # noqa: E402
 
 
 def throughput(megabytes: int = 256, repeats: int = 3) -> dict[str, float]:
@@ -192,10 +190,7 @@ def main() -> None:
             "cost.page_crc_alternative": "reading every Parquet output with page-CRC verification / the verified run's seconds",
             "rerun_of_finished_run": "a second rebalance of the finished run: every unit verified, report and html rewritten",
         },
-        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "python": platform.python_version(), "loadavg_1_5_15_at_end": load()},
-        "command": " ".join(["python", *sys.argv]),
-        "note": args.note,
+        **provenance(args.note),
         "rows": args.rows, "shards": len(list(corpus.glob("*.parquet"))), "dim": args.dim, "executor": args.executor,
         "throughput_gb_per_s": speeds,
         "run_verified": verified,

@@ -134,6 +134,13 @@ def corpus_options(parser: argparse.ArgumentParser, result: str) -> None:
     parser.add_argument("--note", default="", help="how the machine was when measured (shared? other jobs?)")
 
 
+def provenance(note: str) -> dict:
+    """The machine, the command and the note every result file records."""
+    return {"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                        "python": platform.python_version(), "loadavg_1_5_15_at_end": load()},
+            "command": " ".join(["python", *sys.argv]), "note": note}
+
+
 def bench_corpus(work: Path, rows: int, dim: int, rows_per_shard: int) -> Path:
     """The synth corpus (no images) of this size, made once under ``work`` and reused."""
     from mmbalance.synth import synth_corpus
@@ -189,10 +196,7 @@ def main() -> None:
             "loadavg_1_5_15": "os.getloadavg() before and after each measurement; compare figures only at similar load",
             "stages": "per-unit distributions from stats/stages.json: seconds per unit p50/p95/max, slowest units",
         },
-        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "python": platform.python_version(), "loadavg_1_5_15_at_end": load()},
-        "command": " ".join(["python", *sys.argv]),
-        "note": args.note,
+        **provenance(args.note),
         "results": results,
         "peak_rss_ratio_largest_vs_smallest": by_exec,
     }
