@@ -46,12 +46,13 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def bare_scan(corpus: Path, batch_rows: int) -> dict:
+def bare_scan(corpus: Path, batch_rows: int, verify_checksums: bool = False) -> dict:
     load_before = load()
     start = time.perf_counter()
     rows = 0
     for path in sorted(corpus.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=COLUMNS):
+        pfile = pq.ParquetFile(path, page_checksum_verification=verify_checksums)
+        for batch in pfile.iter_batches(batch_size=batch_rows, columns=COLUMNS):
             rows += batch.num_rows
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
@@ -124,29 +125,47 @@ def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
     }
 
 
+def corpus_options(parser: argparse.ArgumentParser, result: str) -> None:
+    """The corpus and output options this benchmark shares with bench_checksums.py."""
+    parser.add_argument("--rows-per-shard", type=int, default=25_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmbalance-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / result)
+    parser.add_argument("--note", default="", help="how the machine was when measured (shared? other jobs?)")
+
+
+def provenance(note: str) -> dict:
+    """The machine, the command and the note every result file records."""
+    return {"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                        "python": platform.python_version(), "loadavg_1_5_15_at_end": load()},
+            "command": " ".join(["python", *sys.argv]), "note": note}
+
+
+def bench_corpus(work: Path, rows: int, dim: int, rows_per_shard: int) -> Path:
+    """The synth corpus (no images) of this size, made once under ``work`` and reused."""
+    from mmbalance.synth import synth_corpus
+
+    corpus = work / f"corpus-{rows}-{dim}-{rows_per_shard}"
+    if not (corpus / "_synth.json").exists():
+        t = time.perf_counter()
+        synth_corpus(corpus, rows, max(1, rows // rows_per_shard), seed=0, dim=dim, images=False)
+        print(f"synth {rows} rows: {time.perf_counter() - t:.1f} s", flush=True)
+    return corpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
-    parser.add_argument("--rows-per-shard", type=int, default=25_000)
-    parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--executors", nargs="+", default=["local", "ray"])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mmbalance-bench"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rebalance.json")
-    parser.add_argument("--note", default="", help="how the machine was when measured (shared? other jobs?)")
+    corpus_options(parser, "rebalance.json")
     args = parser.parse_args()
-
-    from mmbalance.synth import synth_corpus
 
     args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.work / "recipe.yaml"
     recipe.write_text(RECIPE)
     results = []
     for rows in args.rows:
-        corpus = args.work / f"corpus-{rows}-{args.dim}-{args.rows_per_shard}"
-        if not (corpus / "_synth.json").exists():
-            t = time.perf_counter()
-            synth_corpus(corpus, rows, max(1, rows // args.rows_per_shard), seed=0, dim=args.dim, images=False)
-            print(f"synth {rows} rows: {time.perf_counter() - t:.1f} s", flush=True)
+        corpus = bench_corpus(args.work, rows, args.dim, args.rows_per_shard)
         entry = {"rows": rows, "shards": len(list(corpus.glob("*.parquet"))), "dim": args.dim,
                  "bytes_on_disk": sum(p.stat().st_size for p in corpus.glob("*.parquet"))}
         bare_scan(corpus, 16384)  # untimed: the page cache holds the corpus for every measurement after
@@ -177,10 +196,7 @@ def main() -> None:
             "loadavg_1_5_15": "os.getloadavg() before and after each measurement; compare figures only at similar load",
             "stages": "per-unit distributions from stats/stages.json: seconds per unit p50/p95/max, slowest units",
         },
-        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "python": platform.python_version(), "loadavg_1_5_15_at_end": load()},
-        "command": " ".join(["python", *sys.argv]),
-        "note": args.note,
+        **provenance(args.note),
         "results": results,
         "peak_rss_ratio_largest_vs_smallest": by_exec,
     }

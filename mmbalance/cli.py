@@ -88,6 +88,7 @@ def rebalance(
     executor: Optional[str] = typer.Option(None, "--executor", help="ray | local (overrides the recipe)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT made from another recipe or input."),
+    update: bool = typer.Option(False, "--update", help="The input changed since OUT's run (shards added, rewritten or removed; same recipe): rescan only those, redo what depends on them; ends as a fresh run over the new input would."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
     plan: bool = typer.Option(False, "--plan", help="Print the stages, units done / to do, resources and expected output size; run nothing."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -104,16 +105,19 @@ def rebalance(
             _fail("no shard directory: give SHARD_DIR or input.path in the recipe")
         if executor not in (None, "ray", "local"):
             _fail(f"--executor must be ray or local, got {executor!r}")
+        if update and overwrite:
+            _fail("--update and --overwrite exclude each other: --update redoes what the input changes affect, --overwrite everything")
         if plan:
             from rich.console import Console
 
             from mmbalance.pipeline.plan import render_plan
             from mmbalance.pipeline.rebalance import Rebalancer
 
-            render_plan(Rebalancer(source, out, spec, RunOptions(overwrite=overwrite)).plan(), Console(width=max(Console().width, 150)))
+            render_plan(Rebalancer(source, out, spec, RunOptions(overwrite=overwrite, update=update)).plan(),
+                        Console(width=max(Console().width, 150)))
             return
         result = run(source, out, spec, RunOptions(executor=executor, address=address, num_cpus=num_cpus,
-                                                   overwrite=overwrite, show_progress=not quiet))
+                                                   overwrite=overwrite, update=update, show_progress=not quiet))
         if not quiet:
             print_summary(result.report, out, recipe=spec)
 
@@ -203,10 +207,13 @@ def recipe_cmd(
     from mmbalance.schemas.recipe import EXAMPLE_RECIPE, RecipeError, load_recipe
 
     if check:
+        from mmbalance.operators.tag import check_vocabularies
+
         try:
             spec = load_recipe(check)
+            check_vocabularies(spec)  # as validate and rebalance do before any work
         except RecipeError as err:
-            _fail(str(err))
+            _fail(f"{check}: {err}" if str(check) not in str(err) else str(err))
         import yaml
 
         typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))

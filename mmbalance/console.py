@@ -188,6 +188,11 @@ def print_validation(summary: dict[str, Any], console: Console | None = None) ->
         console.print(f"  {n:,} x {reason}")
     for ex in summary["examples"]:
         console.print(f"  e.g. {ex['shard']} row {ex['row']} uid={ex['uid']!r}: {ex['reason']}")
+    unchecked = summary.get("shards_without_page_checksums") or []
+    if unchecked:
+        from mmbalance.inspect import checksum_warning
+
+        console.print(f"[yellow]{checksum_warning(unchecked, summary['shards'])}[/yellow]", soft_wrap=True)
 
 
 def solver_lines(solution: dict[str, Any], method: str = "") -> list[str]:

@@ -120,3 +120,51 @@ def tiny_open_clip_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
     return directory
+
+
+def record_edit(run: Path, relative: str) -> None:
+    """A test's deliberate edit of a run output (e.g. a manifest with planted repeats): its done
+    marker's record follows the new bytes, as if the run had written them (every reader checks a
+    recorded file against its marker, and would call the edit damage)."""
+    import json
+
+    from mmbalance.pipeline.plan import owner
+    from mmbalance.pipeline.store import OUTPUTS_KEY, RunStore, file_record
+
+    stage, key = owner(relative)
+    marker_path = run / "_done" / stage / f"{key}.json"
+    marker = json.loads(marker_path.read_text())
+    store = RunStore(str(run))
+    marker[OUTPUTS_KEY][relative] = file_record(store.fs, store.path(relative))
+    marker_path.write_text(json.dumps(marker))
+
+
+def without_timings(value):
+    """A JSON value without the keys that record how long something took."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "stages"}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def run_outputs(run: Path, markers: bool = False) -> dict[str, bytes]:
+    """Every file of a run by path, for byte comparisons: report.json without its timings; the
+    stage statistics (timings only) and report.html left out; the done markers only with
+    ``markers``, without their timings (the report's, which records report.json, left out)."""
+    import json
+
+    found = {}
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if not path.is_file() or rel in (".lock", "stats/stages.json", "report.html") or rel.startswith("_done/report/"):
+            continue
+        data = path.read_bytes()
+        if rel.startswith("_done/"):
+            if not markers:
+                continue
+            data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
+        elif rel == "report.json":
+            data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
+        found[rel] = data
+    return found

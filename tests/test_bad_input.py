@@ -298,7 +298,8 @@ def _flipped_byte(verify: bool):
         data[last] ^= 0x01
         path.write_bytes(bytes(data))
         assert pq.read_table(path).column("caption")[-1].as_py() != before  # read back wrong, without an error
-        verify_line = "\nexecution: {verify_checksums: true}\n" if verify else "\n"
+        verify_line = {True: "\nexecution: {verify_checksums: true}\n", False: "\nexecution: {verify_checksums: false}\n",
+                       None: "\n"}[verify]  # None: the default, on
         return c, RECIPE_FROM_ISSUE + verify_line
 
     return build
@@ -334,12 +335,20 @@ CASES = [
     # the recipe
     Case("recipe_typo", corpus({"a.parquet": t()}, recipe_with("cap: 1000", "cpa: 1000")),
          Error(("r.yaml", "unknown key 'balance.cpa'", "did you mean 'cap'"))),
+    # one close-match mechanism for every key, required or optional, in any section
+    Case("recipe_typo_optional_key", corpus({"a.parquet": t()}, recipe_with("tolerance:", "tolerence:", INFEASIBLE)),
+         Error(("r.yaml", "unknown key 'balance.tolerence'", "did you mean 'tolerance'"))),
+    Case("recipe_typo_section", corpus({"a.parquet": t()}, recipe_with("balance:", "clustres: [{name: c, k: 3}]\nbalance:")),
+         Error(("r.yaml", "unknown key 'clustres'", "did you mean 'clusters'"))),
     Case("recipe_invalid_yaml", corpus({"a.parquet": t()}, recipe_with("cap: 1000", "cap: [1000")), Error(("r.yaml", "invalid YAML"))),
     Case("recipe_negative_cap", corpus({"a.parquet": t()}, recipe_with("cap: 1000", "cap: -5")), Error(("r.yaml", "balance", "cap"))),
     Case("recipe_names_missing_column", corpus({"a.parquet": t()}, recipe_with("caption: caption", "caption: text")),
          Error(("a.parquet", "missing column 'text'"))),
     Case("recipe_balances_unknown_label", corpus({"a.parquet": t()}, recipe_with("by: occupation", "by: ocupation")),
          Error(("r.yaml", "ocupation"))),
+    # more clusters than the corpus has rows, sample.size already above it: say so, not "raise sample.size"
+    Case("k_above_the_corpus", corpus({"a.parquet": t()}, recipe_with("balance:", "clusters: [{name: c, k: 500}]\nbalance:")),
+         Error(("clusters c: k=500", "the corpus has only 100 usable rows", "lower k"))),
     Case("infeasible_targets", corpus({"a.parquet": t(2000)}, INFEASIBLE), Error(("balance.retention", "infeasible", "largest feasible"))),
     # rows rejected with a reason; everything else goes on
     Case("null_uid", corpus({"a.parquet": with_values(t(), "uid", {0: None, 99: None})}), Rejects(100, {"null uid": 2})),
@@ -376,8 +385,9 @@ CASES = [
          Error(("r.yaml", "line 12 duplicate key 'cap' (first given on line 11)",))),
     Case("recipe_boolean_words_as_value_names", _boolean_words_as_values, Rejects(100)),
     Case("export_csv_without_images", corpus({"a.parquet": t()}, EXPORT_CSV), Error(("export.formats", "csv", "image"))),
-    # page checksums: verified on request (execution.verify_checksums), otherwise the flip goes unseen
+    # page checksums: verified by default (execution.verify_checksums); turned off, the flip goes unseen
     Case("flipped_byte_checksum_verified", _flipped_byte(True), Error(("b.parquet", "unreadable data", "CRC"))),
+    Case("flipped_byte_checksum_verified_by_default", _flipped_byte(None), Error(("b.parquet", "unreadable data", "CRC"))),
     Case("flipped_byte_not_verified", _flipped_byte(False), Rejects(200)),
 ]
 

@@ -39,6 +39,11 @@ def test_synth_is_deterministic(tmp_path):
     assert t.num_rows == 1000 and t.schema.field("image_emb").type == pa.list_(pa.float16(), 64)
     assert t.column("image")[0].as_py().startswith(b"\x89PNG")
     assert set(t.column("gender").drop_null().to_pylist()) == {"woman", "man"} and t.column("gender").null_count > 0
+    from mmbalance.operators.source import has_page_checksums
+
+    for path in (tmp_path / "a").glob("*.parquet"):  # synth writes page CRCs, as every file the project writes
+        with pa.OSFile(str(path)) as handle:
+            assert has_page_checksums(handle) is True
 
 
 def test_rebalance_with_the_issue_recipe(tmp_path):
@@ -135,3 +140,19 @@ def test_m4_summary_names_solver_status_and_leakage(tmp_path):
     assert "solver m4: solved_at_largest_feasible_retention" in text
     before = report["leakage"]["gender"]["dataset"]["before"]["accuracy"]
     assert f"leakage gender from dataset: accuracy {before:.3f}" in text
+
+
+def test_recipe_check_refuses_an_unknown_vocabulary_as_validate_does(tmp_path):
+    """`recipe --check` runs the checks a run makes before any work: a vocabulary that does not
+    exist is exit 2 naming the key, as `validate` (and `rebalance`) say."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE_FROM_ISSUE.replace("{name: occupation, source: column, column: occupation}",
+                                                "{name: occupation, source: caption, caption: {vocabulary: occupations}}"))
+    corpus = write_shards(tmp_path / "corpus", {"a.parquet": held_out_table(50, seed=3)})
+    checked = mmb("recipe", "--check", str(recipe))
+    validated = mmb("validate", str(corpus), "--recipe", str(recipe))
+    for res in (checked, validated):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "occupation.caption.vocabulary: occupations: no such vocabulary" in lines[0]
+    assert str(recipe) in checked.stderr

@@ -94,9 +94,9 @@ def test_shard_directory_with_recipe_and_cluster_like_column(demo_run):
     assert "subclass" in console.export_text().replace("\u00a0", " ")
 
 
-def test_shard_directory_sample_verifies_page_checksums_on_request(tmp_path):
-    """execution.verify_checksums: a flipped byte in a data page of a sampled column is a one-line
-    input error naming the shard; unverified (no recipe, or the flag off) the sample holds it as read."""
+def test_shard_directory_sample_verifies_page_checksums_by_default(tmp_path):
+    """execution.verify_checksums (on by default): a flipped byte in a data page of a sampled column
+    is a one-line input error naming the shard; with the flag off the sample holds it as read."""
     corpus = write_shards(tmp_path / "corpus", {"a.parquet": held_out_table(200, seed=1)})
     table = held_out_table(200, seed=2)
     write_with_flipped_byte(corpus / "b.parquet", table, "occupation")
@@ -113,11 +113,15 @@ def test_shard_directory_sample_verifies_page_checksums_on_request(tmp_path):
 
     as_read = distinct(pq.read_table(corpus / "a.parquet"), pq.read_table(corpus / "b.parquet"))
     assert as_read != distinct(pq.read_table(corpus / "a.parquet"), table)  # the flipped value is a new one
+    default = tmp_path / "default.yaml"
+    default.write_text(RECIPE_FROM_ISSUE)
+    for recipe in (load_recipe(default), None):  # no recipe: the default too
+        with pytest.raises(InputError, match=r"^b\.parquet: unreadable data \(.*CRC"):
+            inspect_path(str(corpus), recipe=recipe, console=_console(), sample_rows=400)
     off = tmp_path / "off.yaml"
-    off.write_text(RECIPE_FROM_ISSUE)
-    for recipe in (load_recipe(off), None):
-        summary = inspect_path(str(corpus), recipe=recipe, console=_console(), sample_rows=400)
-        assert summary["sample_rows"] == 400 and summary["prevalence"]["occupation"]["distinct"] == as_read
+    off.write_text(RECIPE_FROM_ISSUE + "execution: {verify_checksums: false}\n")
+    summary = inspect_path(str(corpus), recipe=load_recipe(off), console=_console(), sample_rows=400)
+    assert summary["sample_rows"] == 400 and summary["prevalence"]["occupation"]["distinct"] == as_read
 
 
 def test_run_directory_numbers_match_report(demo_run):
@@ -169,3 +173,24 @@ def test_cli_inspect_and_report(demo_run):
     assert path == demo_run / "run" / "report.html" and path.stat().st_size > 10_000
     result = runner.invoke(app, ["inspect", str(demo_run / "nowhere")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_shard_directory_and_validate_name_shards_without_page_checksums(tmp_path):
+    """A flipped bit in a shard written without page CRCs cannot be caught: inspect and validate say
+    which shards those are (here two of three; pyarrow writes none unless asked)."""
+    corpus = write_shards(tmp_path / "corpus", {"a.parquet": held_out_table(100, seed=1), "b.parquet": held_out_table(100, seed=2)})
+    pq.write_table(held_out_table(100, seed=3), corpus / "c.parquet", write_page_checksum=True)
+    console = _console()
+    summary = inspect_path(str(corpus), console=console, sample_rows=50)
+    assert summary["shards_without_page_checksums"] == 2
+    warning = "page checksums: none in 2 of 3 shards (a.parquet, ...): a flipped bit there reads back as a wrong value"
+    assert warning in console.export_text().replace("\n", " ")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE_FROM_ISSUE)
+    result = CliRunner().invoke(app, ["validate", str(corpus), "--recipe", str(recipe)])
+    assert result.exit_code == 0 and warning in " ".join(result.output.split()), result.output
+    (corpus / "a.parquet").unlink()
+    (corpus / "b.parquet").unlink()
+    console = _console()
+    assert inspect_path(str(corpus), console=console, sample_rows=50)["shards_without_page_checksums"] == 0
+    assert "page checksums" not in console.export_text()

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory or URI")
     parser.add_argument("--input", default=None, help="shard directory or URI (default: recipe input.path)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run in --out made from another recipe or input")
+    parser.add_argument("--update", action="store_true",
+                        help="the input changed since --out's run (same recipe): redo only what the added, changed or removed shards affect")
     parser.add_argument("--executor", choices=["ray", "local"], default="ray")
     parser.add_argument("--address", default=None, help="Ray address (default: the job's cluster, RAY_ADDRESS)")
     parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines per stage")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             executor=args.executor,
             address=args.address,
             overwrite=args.overwrite,
+            update=args.update,
             show_progress=False,
             html_report=not args.no_html,
             on_progress=StageLog(args.log_every),

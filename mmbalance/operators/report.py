@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from mmbalance.operators.stats import group_totals
 from mmbalance.schemas.contract import tag_column
 from mmbalance.schemas.recipe import Recipe
 
@@ -43,7 +44,7 @@ def association_gaps(
     """AB table: E_w[y_r | s_k = 1] - E_w[y_r | s_k = 0] over rows carrying the attribute."""
     s_col, y_col = tag_column(attr), tag_column(label)
     carrying = frame.filter(pl.col(s_col).is_not_null())
-    joint = carrying.group_by([s_col, y_col]).agg(pl.col(weight).sum().alias("w"))
+    joint = group_totals(carrying.select(s_col, y_col, pl.col(weight).alias("w")), [s_col, y_col], ["w"])
     w_s = {v: float(joint.filter(pl.col(s_col) == v)["w"].sum()) for v in values}
     total = sum(w_s.values())
     table: dict[str, dict[str, float]] = {}
@@ -74,7 +75,7 @@ def concept_balance(frame: pl.DataFrame, weight: str, label: str) -> dict[str, A
     """Distribution of weight over a label's values: entropy, Gini, share of the largest 1%."""
     col = tag_column(label)
     sizes = (
-        frame.filter(pl.col(col).is_not_null()).group_by(col).agg(pl.col(weight).sum().alias("w"))["w"].to_numpy()
+        group_totals(frame.filter(pl.col(col).is_not_null()).select(col, pl.col(weight).alias("w")), [col], ["w"])["w"].to_numpy()
     )
     return balance_of_sizes(sizes)
 
@@ -151,14 +152,14 @@ def _moment_matrix(frame: pl.DataFrame, weight: str, attr: str, values: list[str
         return np.zeros((m, len(label_values) if label else 1))
     s_index = pl.DataFrame({s_col: values, "__k": np.arange(m)}, schema={s_col: pl.String, "__k": pl.Int64})
     if label is None:
-        by = carrying.group_by(s_col).agg(pl.col(weight).sum().alias("w")).join(s_index, on=s_col)
+        by = group_totals(carrying.select(s_col, pl.col(weight).alias("w")), [s_col], ["w"]).join(s_index, on=s_col)
         mass = np.zeros(m)
         mass[by["__k"].to_numpy()] = by["w"].to_numpy()
         return ((mass - pi * total) / total)[:, None]
     y_col = tag_column(label)
     R = len(label_values)
     y_index = pl.DataFrame({y_col: label_values, "__r": np.arange(R)}, schema={y_col: pl.String, "__r": pl.Int64})
-    joint = (carrying.filter(pl.col(y_col).is_not_null()).group_by([s_col, y_col]).agg(pl.col(weight).sum().alias("w"))
+    joint = (group_totals(carrying.filter(pl.col(y_col).is_not_null()).select(s_col, y_col, pl.col(weight).alias("w")), [s_col, y_col], ["w"])
              .join(s_index, on=s_col).join(y_index, on=y_col))
     mass = np.zeros((m, R))
     mass[joint["__k"].to_numpy(), joint["__r"].to_numpy()] = joint["w"].to_numpy()

@@ -296,6 +296,8 @@ def plot_rejects(reasons: dict[str, int]) -> str:
 def manifest_histograms(store: RunStore, bins: int = HIST_BINS, batch_rows: int = 65536) -> dict[str, Any]:
     """Histogram of weights and of repeats, accumulated batch by batch (memory: one batch)."""
     files = store.list_files("manifest", suffix=".parquet")
+    for name in files:  # read below by batches: each file checked against its done marker first
+        store.verify("manifest", name)
     hi = 0.0
     for name in files:  # the range from footer statistics; a full pass only if a footer lacks them
         meta = pq.ParquetFile(store.path("manifest", name), filesystem=store.fs).metadata

@@ -73,6 +73,23 @@ def _metadata_matcher(spec: LabelSpec) -> MetadataMatcher:
         raise RecipeError(f"{spec.name}.metadata.entries: cannot read {spec.metadata.entries} ({err.strerror or err})") from None
 
 
+def check_vocabularies(recipe: Recipe, captions: bool = True) -> None:
+    """Every vocabulary the recipe names loads and covers its values (a RecipeError naming the key):
+    what a run checks before any work, for ``recipe --check`` and the run itself (zero-shot
+    vocabularies are otherwise read only at the fit). ``captions=False``: a compiled RowTagger
+    already checked the caption lexicons and metadata entry lists."""
+    if captions:
+        RowTagger(recipe)
+    for spec in recipe.deferred_tags():
+        try:
+            vocab = load_vocabulary(spec.zero_shot.vocabulary)
+        except (ValueError, OSError) as err:
+            raise RecipeError(f"{spec.name}.zero_shot.vocabulary: {err}") from None
+        missing = [v for v in (spec.values or []) if v not in vocab.values]
+        if missing:
+            raise RecipeError(f"{spec.name}.zero_shot.vocabulary '{spec.zero_shot.vocabulary}' has no prompts for values {missing}")
+
+
 class RowTagger:
     """Plain-function form: ``tagger(table, rows)`` -> (tags table, audit counts). Build once per
     process: caption lexicons compile here, so recipe mistakes surface before any shard is read."""

@@ -50,10 +50,3 @@ def shard_fingerprints(fs: pafs.FileSystem, shards, threads: int = 16) -> dict[s
     with ThreadPoolExecutor(max_workers=threads) as pool:
         prints = list(pool.map(lambda s: shard_fingerprint(fs, s.path, s.relpath), shards))
     return {s.relpath: p for s, p in zip(shards, prints)}
-
-
-def changed_shards(previous: list[dict], current: dict[str, str]) -> list[str]:
-    """Relative paths whose fingerprint differs from the one a run recorded (added and removed ones too)."""
-    before = {s["relpath"]: s.get("fingerprint") for s in previous}
-    names = sorted(set(before) | set(current))
-    return [n for n in names if before.get(n) != current.get(n)]

@@ -10,6 +10,7 @@ a streaming per-shard stage, so memory is bounded by the sample, not the corpus.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,11 +29,20 @@ if TYPE_CHECKING:
 SAMPLE_OVERSAMPLING = 1.5
 
 
+THRESHOLD_STEPS_PER_DOUBLING = 4
+
+
 def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
-    """Priority cut-off (uint64) keeping ~1.5x the sample size in expectation; None: no sample needed."""
+    """Priority cut-off (uint64) keeping 1.5x to 1.8x the sample size in expectation; None: no
+    sample needed. The share is rounded up to a power of 2^(1/4): it changes only when the corpus
+    grows or shrinks by ~19%, and a grown corpus's lower cut-off is reached by narrowing the
+    candidates already kept (``rebalance --update`` rescans no unchanged shard for it)."""
     if not recipe.needs_sample():
         return None
-    share = min(1.0, SAMPLE_OVERSAMPLING * recipe.sample_size() / max(total_rows, 1) + 64 / max(total_rows, 1))
+    share = SAMPLE_OVERSAMPLING * recipe.sample_size() / max(total_rows, 1) + 64 / max(total_rows, 1)
+    if share >= 1.0:
+        return 2**64 - 1
+    share = 2.0 ** (math.ceil(THRESHOLD_STEPS_PER_DOUBLING * math.log2(share)) / THRESHOLD_STEPS_PER_DOUBLING)
     return 2**64 - 1 if share >= 1.0 else int(share * 2**64)
 
 
@@ -232,6 +242,9 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         x, ok = sample_embedding(spec).extract(sample)
         ks = [spec.k] if isinstance(spec.k, int) else list(spec.k)
         if ok.sum() < max(ks):
+            if valid_rows <= recipe.sample_size():  # the sample already holds every usable row
+                raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many rows, but the corpus has only "
+                                 f"{int(ok.sum())} usable rows (valid, first occurrence, with an embedding); lower k")
             raise InputError(f"clusters {spec.name}: k={max(ks)} needs at least that many sampled rows, got {int(ok.sum())}; "
                              "raise sample.size")
         # train on the whole sample: its size is the user's choice (faiss would subsample to 256*k)

@@ -15,6 +15,8 @@ the slowest units).
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,6 +55,7 @@ class Stage:
     resources_text: str = "1 CPU per task"
     identity: tuple[str, ...] = ()  # task fields a done marker records; a change redoes the unit
     key: str = "shard_id"  # the summary field that names the unit
+    done_key: str | None = None  # a global stage's done marker: _done/<name>/<done_key>.json
 
     def describe(self, recipe: Recipe | None = None) -> dict[str, Any]:
         """The declaration as data (for --plan, inspect and the docs)."""
@@ -70,7 +73,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("scan", "shard", "validate rows, tag (columns, caption lexicons), hash uids, keep sample candidates",
           reads=("input shard",),
           writes=("tags/{shard}.parquet", "uids/{shard}.parquet", "rejects/validate/{shard}.parquet", "sample/{shard}.parquet"),
-          function="scan_shard"),
+          function="scan_shard", identity=("sample_threshold",)),
     Stage("embed", "shard", "open_clip on an actor pool (model loaded once per actor; on CUDA nvJPEG decode and resize on the GPU) or DataComp .npz",
           reads=("input shard", "tags/{shard}.parquet"),
           writes=("embeddings/{shard}.parquet", "rejects/embed/{shard}.parquet"),
@@ -81,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
           function="dedup_bucket", key="bucket"),
     Stage("fit", "global", "the uniform fit sample; prompt embeddings, faiss k-means, SBCL subclasses",
           reads=("sample/*.parquet", "embeddings/*.parquet", "dedup/*.parquet"), writes=("fit/sample.parquet", "models/*"),
-          when=lambda r: r.needs_sample(), resources_text="the driver"),
+          when=lambda r: r.needs_sample(), resources_text="the driver", done_key="models"),
     Stage("assign", "shard", "zero-shot, cluster and subclass tags of every valid row",
           reads=("input shard or embeddings/{shard}.parquet", "tags/{shard}.parquet", "models/*"),
           writes=("assign/{shard}.parquet",), function="assign_shard", when=lambda r: r.needs_derive(),
@@ -92,14 +95,14 @@ STAGES: tuple[Stage, ...] = (
           function="signatures_shard"),
     Stage("solve", "global", "merged signatures -> solution (cap | waterfill | reweigh | rake | m4 | rnb, composable)",
           reads=("signatures/*.parquet", "fit/sample.parquet"), writes=("signatures/merged.parquet", "solve/solution.json"),
-          resources_text="the driver (m4 utility: a task per shard per evaluation)"),
+          resources_text="the driver (m4 utility: a task per shard per evaluation)", done_key="solution"),
     Stage("weigh", "shard", "weights from the solution, seeded stochastic rounding",
           reads=("tags/{shard}.parquet", "assign/{shard}.parquet", "solve/solution.json"),
           writes=("manifest/{shard}.parquet", "after/{shard}.parquet", "after_entries/{label}/{shard}.parquet"),
           function="weigh_shard", identity=("solution_digest",)),
     Stage("report", "global", "metrics before/after, M4 constraint families, leakage probes, tagging audit and caption coverage, stage statistics",
           reads=("after/*.parquet", "signatures/merged.parquet", "fit/sample.parquet", "_done/*"),
-          writes=("after/merged.parquet", "report.json", "stats/stages.json"), resources_text="the driver"),
+          writes=("after/merged.parquet", "report.json", "stats/stages.json"), resources_text="the driver", done_key="report"),
     Stage("export", "global", "trainer formats from the manifest", reads=("manifest/*.parquet",), writes=("export/*",),
           when=lambda r: any(f != "parquet" for f in r.export.formats), resources_text="the driver"),
     Stage("html", "global", "report.html (matplotlib, self-contained)",
@@ -116,6 +119,105 @@ def stage(name: str) -> Stage:
 
 def active_stages(recipe: Recipe) -> list[Stage]:
     return [s for s in STAGES if s.when(recipe)]
+
+
+# -- what reads what: a file's owner, and the units downstream of it ---------------------------------
+
+ALL = "*"  # every unit of a stage
+_PLACEHOLDER = re.compile(r"\{(shard|bucket|label)\}")
+
+
+def _patterns(text: str) -> list[str]:
+    """The run paths a reads/writes entry names ('input shard or embeddings/{shard}.parquet': one)."""
+    return [p for p in text.split(" or ") if "/" in p or p.endswith((".json", ".html"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _regex(pattern: str) -> re.Pattern:
+    out = ""
+    for part in re.split(r"(\{shard\}|\{bucket\}|\{label\}|\*)", pattern):
+        if part in ("{shard}", "{bucket}"):
+            out += "(?P<key>[^/]+)"
+        elif part in ("{label}", "*"):
+            out += "[^/]+"
+        else:
+            out += re.escape(part)
+    return re.compile(out + "$")
+
+
+def _unit_of(declared: Stage, match: re.Match) -> str | None:
+    if declared.unit == "global":
+        return declared.done_key
+    return match.groupdict().get("key")
+
+
+@functools.lru_cache(maxsize=1)
+def _written() -> list[tuple[Stage, str]]:
+    """Every declared write, literal paths first."""
+    return sorted(((s, p) for s in STAGES for p in s.writes), key=lambda sp: bool(_PLACEHOLDER.search(sp[1])))
+
+
+def owner(relative: str) -> tuple[str, str] | None:
+    """(stage, unit key) of the done marker that records ``relative`` (a path under OUT), or None.
+    A literal path (signatures/merged.parquet) wins over a pattern it also matches (signatures/{shard})."""
+    for declared, pattern in _written():
+        found = _regex(pattern).match(relative)
+        if found:
+            unit = _unit_of(declared, found)
+            return (declared.name, unit) if unit else None
+    return None
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Can one path match both patterns? (each pattern's instance, placeholders filled, tried on the other)"""
+    fill = lambda p: _PLACEHOLDER.sub("x", p).replace("*", "x")  # noqa: E731
+    return bool(_regex(a).match(fill(b)) or _regex(b).match(fill(a)))
+
+
+def readers_of(stage_name: str) -> list[tuple[Stage, bool]]:
+    """The stages that read what ``stage_name`` writes, each with True when a unit reads only the
+    same shard's files ({shard} on both sides), False when it reads every unit's (a '*' read, a
+    bucket or a global stage)."""
+    writer = BY_NAME[stage_name]
+    out: list[tuple[Stage, bool]] = []
+    for reader in STAGES:
+        if reader.name == stage_name:
+            continue
+        same = None
+        for read in (p for entry in reader.reads for p in _patterns(entry)):
+            for written in writer.writes:
+                if _overlap(read, written):
+                    one = "{shard}" in read and "{shard}" in written and reader.unit == writer.unit == "shard"
+                    same = one if same is None else (same and one)
+        if same is not None:
+            out.append((reader, same))
+    return out
+
+
+def downstream(units: list[tuple[str, str]], recipe: Recipe) -> dict[str, set[str]]:
+    """Every unit that read, directly or through others, what the ``units`` ((stage, key)) wrote,
+    derived from the reads and writes above: {stage: {keys} or {ALL}}. A redone unit rewrites all
+    its outputs, so all of them count. The given units themselves are not included."""
+    active = {s.name for s in active_stages(recipe)}
+    found: dict[str, set[str]] = {}
+    todo = list(units)
+    while todo:
+        stage_name, key = todo.pop()
+        for reader, same in readers_of(stage_name):
+            if reader.name not in active:
+                continue
+            if reader.unit == "global":
+                target = reader.done_key
+                if target is None:
+                    continue  # rewritten by every run (export, html)
+            else:
+                target = key if same else ALL
+            have = found.setdefault(reader.name, set())
+            if ALL in have or target in have:
+                continue
+            have.add(target)
+            todo.append((reader.name, target))
+    return found
 
 
 def check_accounting(stage_name: str, summary: dict[str, Any]) -> None:
@@ -180,9 +282,14 @@ def _size(n: int | None) -> str:
 
 
 def render_plan(planned: dict[str, Any], console) -> None:
-    """``mmbalance rebalance --plan``: one line per declared stage."""
+    """``mmbalance rebalance --plan``: the damaged outputs first (to do, with what read them), then
+    one line per declared stage."""
+    from rich.markup import escape
     from rich.table import Table
 
+    for d in planned.get("damaged", []):
+        console.print(f"[yellow]to do: {d['stage']} {escape(d['unit'])}[/yellow]: {escape(d['file'])} is damaged "
+                      f"({escape(d['reason'])}); redone with what read it", soft_wrap=True, highlight=False)
     console.print(f"[bold]{planned['out']}[/bold]: {planned['status']}; {planned['shards']:,} shards, "
                   f"{planned['input_rows']:,} rows from {planned['input']}", soft_wrap=True, highlight=False)
     table = Table(box=None, pad_edge=False)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+from rich.markup import escape
 
 import mmbalance
 from mmbalance.operators import stats as stats_op
@@ -36,16 +37,16 @@ from mmbalance.operators.report import balance_of_sizes, build_report, family_le
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators import tag as tag_op
 from mmbalance.operators.zero_shot import summarise_audit
-from mmbalance.pipeline import fit, plan, stages
+from mmbalance.pipeline import fit, plan, resume, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
-from mmbalance.pipeline.fingerprint import changed_shards, shard_fingerprints
+from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import check_local_out, check_output_location, discover_shards, expected_embedding_dim, inspect_shards
-from mmbalance.pipeline.store import RunStore
+from mmbalance.pipeline.store import RunStore, UnitCheck
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
 
-RUN_FORMAT = 2  # 2: content fingerprints per shard, done markers record their outputs
+RUN_FORMAT = 3  # 2: content fingerprints per shard, done markers record their outputs; 3: whole-file checksums
 SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample
 
 
@@ -55,6 +56,7 @@ class RunOptions:
     address: str | None = None
     num_cpus: int | None = None
     overwrite: bool = False
+    update: bool = False  # the input grew or changed: redo only the units the added, changed or removed shards affect
     show_progress: bool = True
     html_report: bool = True  # OUT/report.html at the end of every run (matplotlib, ~2 s)
     stop_after: str | None = None  # "dedup": validation only, no solve or manifest
@@ -110,46 +112,66 @@ def _untouched(store: RunStore, previous_shards: list[dict], relpaths: list[str]
     return True
 
 
+@dataclass
+class PreviousRun:
+    """What a run directory holds, against this run: ``rewrite`` the run record (only shards no
+    finished unit depends on changed, or an update), ``changes`` for ``--update``."""
+
+    rewrite: bool = False
+    changes: resume.InputChanges | None = None
+    previous_shards: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _changed_input_error(store: RunStore, changes: resume.InputChanges) -> InputError:
+    rel, kind = changes.first()
+    more = f" (and {changes.count() - 1} more: {changes.summary()})" if changes.count() > 1 else ""
+    what = {"added": "input shard added", "removed": "input shard removed",
+            "changed": "input shard changed"}[kind] + f" since the run in {store.uri} started"
+    if kind == "changed":
+        what += " (size, modification time or footer differ)"
+    return InputError(f"{rel}{more}: {what}; pass --update to redo only what the changed shards affect, "
+                      "--overwrite to redo the run, or choose another --out")
+
+
 def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, contents: dict[str, str],
-                        current_ids: dict[str, str] | None = None) -> bool:
-    """Refuse an OUT made from another recipe or input (unless ``overwrite``: then clear it). True
-    when the run record must be rewritten: only shards that no finished unit depends on changed."""
+                        current_ids: dict[str, str] | None = None, update: bool = False) -> PreviousRun:
+    """Refuse an OUT made from another recipe or input (unless ``overwrite``: then clear it; or
+    ``update`` for another input under the same recipe)."""
     if not store.exists("run.json"):
         if store.exists() and store.list_files() and not overwrite:
             names = store.list_files()
             raise InputError(f"{store.uri}: output directory is not empty and holds no mmbalance run ({names[0]}, ...); "
                              "choose another --out or pass --overwrite")
-        return False
+        return PreviousRun()
     try:
         previous = store.read_json("run.json")
     except InputError:  # a torn run record: --overwrite starts over, otherwise the error names it
         if not overwrite:
             raise
         store.clear()
-        return False
+        return PreviousRun()
     keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
     same = all(previous.get(k) == run.get(k) for k in keys)
     if same:
-        return False
+        return PreviousRun()
     if not overwrite:
         changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
-        if changed == ["input_fingerprint"] and store.exists("shards.json"):
+        if changed == ["input_fingerprint"] and previous.get("format") == run.get("format") and store.exists("shards.json"):
             previous_shards = store.read_json("shards.json")
-            moved = changed_shards(previous_shards, contents)
+            changes = resume.input_changes(previous_shards, contents)
+            if update:
+                return PreviousRun(True, changes, previous_shards)
+            moved = changes.added + changes.changed + changes.removed
             if moved and _untouched(store, previous_shards, moved, current_ids or {}):
-                return True
+                return PreviousRun(True)
             if moved:
-                more = f" (and {len(moved) - 1} more)" if len(moved) > 1 else ""
-                raise InputError(
-                    f"{moved[0]}{more}: input shard changed since the run in {store.uri} started (size, modification "
-                    "time or footer differ); pass --overwrite to redo the run or choose another --out"
-                )
-        raise InputError(
-            f"{store.uri}: holds a run with a different {' and '.join(c.split('_')[0] for c in changed) or 'format'}; "
-            "pass --overwrite to replace it or choose another --out"
-        )
+                raise _changed_input_error(store, changes)
+        what = " and ".join(c.split("_")[0] for c in changed) or "format"
+        hint = " (--update keeps the recipe and changes only the input)" if update and changed != ["input_fingerprint"] else ""
+        raise InputError(f"{store.uri}: holds a run with a different {what}{hint}; "
+                         "pass --overwrite to replace it or choose another --out")
     store.clear()
-    return False
+    return PreviousRun()
 
 
 class KeptRows:
@@ -245,7 +267,9 @@ class Rebalancer:
         if identity:
             tasks = [{**t, stages.IDENTITY: list(identity)} for t in tasks]
         expect = [{k: t[k] for k in identity} for t in tasks]
-        done = self.store.verified_keys(name, keys, expect)
+        checks = self.store.check_units(name, keys, expect)
+        self._repair(resume.damages(name, checks))
+        done = {k for k, c in checks.items() if c.status == "done"}
         todo = [{**t, stages.UNIT: k} for t, k in zip(tasks, keys) if k not in done]
         skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
         row_of = dict(zip(keys, rows))
@@ -267,6 +291,25 @@ class Rebalancer:
             more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             raise InputError(f"{failed[0]['reason']}{more}: {len(failed)} of {len(tasks)} {name} units failed, the others "
                              f"finished; recorded in {self.store.path('_failed', name)}; rerun to retry only those")
+
+    def _repair(self, damaged: list[resume.Damage]) -> None:
+        """Damaged outputs: their units and every unit downstream of them are redone (markers deleted)."""
+        if not damaged:
+            return
+        closure = resume.invalidate(self.store, self.recipe, damaged)
+        if self.options.show_progress:
+            from rich.console import Console
+
+            follow = ", ".join(f"{st} {'all' if plan.ALL in ks else len(ks)}" for st, ks in closure.items())
+            for d in damaged:
+                Console(stderr=True, soft_wrap=True, highlight=False).print(
+                    f"[yellow]{escape(d.line(self.store))}[/yellow]: redone" + (f" with what read it ({follow})" if follow else ""))
+
+    def _global_check(self, name: str) -> bool:
+        """Is the global stage's unit done (its damaged outputs are repaired like a unit's)?"""
+        check = self.store.check_unit(name, plan.stage(name).done_key)
+        self._repair(resume.damages(name, {plan.stage(name).done_key: check}))
+        return check.status == "done"
 
     def _summaries(self, stage: str, keys: list[str]) -> list[dict[str, Any]]:
         out = []
@@ -300,6 +343,7 @@ class Rebalancer:
                 if c not in layout_columns:
                     layout_columns.append(c)
         stages.row_tagger(recipe)  # compile caption lexicons now: a bad vocabulary fails before any work
+        tag_op.check_vocabularies(recipe, captions=False)  # and the zero-shot ones, read otherwise only at the fit
         dims = {}
         for role in ("image_embedding", "text_embedding"):
             column = getattr(recipe.input.columns, role)
@@ -323,60 +367,98 @@ class Rebalancer:
         return run, shards, layout_columns, dims
 
     def plan(self) -> dict[str, Any]:
-        """What a run would do, from the declaration and what is verifiably done in OUT: per stage the
-        units done and to do, the resources, and the expected output size (from the outputs of the
-        units already done). Writes nothing."""
+        """What a run would do, from the declaration and what is verifiably done in OUT: damaged
+        outputs (listed first: their units and what read them are redone), then per stage the units
+        done and to do, the resources, and the expected output size (from the outputs of the units
+        already done). Writes nothing."""
         recipe, store = self.recipe, self.store
         run, shards, _, _ = self._prepare()
-        status = "new run"
-        if store.exists("run.json"):
-            try:
-                previous = store.read_json("run.json")
-                same = all(previous.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
-                status = "resume" if same else None
-                if not same and not self.options.overwrite:
-                    _check_previous_run(store, run, False, self.shard_fingerprints, {s.relpath: s.shard_id for s in shards})
-                    status = "resume (changed shards that no finished unit depends on are replaced)"
-            except InputError as err:
-                if not self.options.overwrite:
-                    raise
-                status = f"start over (--overwrite): {err}"
-            if status is None:
-                status = "start over (--overwrite)"
-        fresh = not status.startswith("resume")
+        status, previous = self._plan_status(run, shards)
+        fresh = not status.startswith(("resume", "update"))
         ids, rows = [s.shard_id for s in shards], [s.num_rows for s in shards]
-        summaries = {} if fresh else {k: store.done_summary("scan", k) for k in store.verified_keys("scan", ids)}
+        threshold = fit.sample_threshold(recipe, run["input_rows"])
+        checks = {} if fresh else self._plan_checks(ids, threshold)
+        damaged = [d for name, found in checks.items() for d in resume.damages(name, found)]
+        units = sorted({(d.stage, d.key) for d in damaged})
+        if previous.changes:
+            units += resume.update_units(previous.previous_shards, shards, previous.changes)[1]
+        closure = resume.affected(units, recipe)
+        done_by_stage = {name: {k for k, c in found.items() if c.status == "done" and k not in closure.get(name, set())}
+                         if plan.ALL not in closure.get(name, set()) else set() for name, found in checks.items()}
+        summaries = {k: store.done_summary("scan", k) for k in done_by_stage.get("scan", set())}
         valid = sum(v["rows_out"] for v in summaries.values()) if len(summaries) == len(ids) else None
         buckets = max(1, math.ceil((valid if valid is not None else run["input_rows"]) / recipe.execution.dedup_bucket_rows))
-        solution = None if fresh else store.verified_summary("solve", "solution")
-        digests = {}
-        if solution is not None:
-            digests["solution_digest"] = hashlib.sha256(
-                json.dumps(store.read_json("solve", "solution.json"), sort_keys=True).encode()).hexdigest()[:16]
-        fitted = None if fresh else store.verified_summary("fit", "models")
-        if fitted is not None:
-            digests["models_digest"] = fit.models_digest(store)
         out_rows = []
         for declared in plan.active_stages(recipe):
             entry: dict[str, Any] = {"stage": declared.name, "unit": declared.unit, "resources": declared.resources_text}
             if declared.unit == "global":
-                done = {"fit": fitted is not None, "solve": solution is not None}.get(declared.name, False)
+                done = declared.done_key in done_by_stage.get(declared.name, set()) if declared.name in ("fit", "solve") else False
                 entry.update(units=1, done=int(done), to_do=int(not done), rows_to_do=None,
                              note="" if declared.name in ("fit", "solve") else "rewritten by every run")
             else:
                 keys = ids if declared.unit == "shard" else [f"{b:05d}-of-{buckets:05d}" for b in range(buckets)]
                 unit_rows = rows if declared.unit == "shard" else [run["input_rows"] // buckets] * buckets
-                if any(k not in digests for k in declared.identity):
-                    done = set()  # what these units depend on is not there yet
-                else:
-                    expect = [{k: digests[k] for k in declared.identity}] * len(keys)
-                    done = set() if fresh else store.verified_keys(declared.name, keys, expect)
+                done = done_by_stage.get(declared.name, set()) & set(keys)
                 entry.update(units=len(keys), done=len(done), to_do=len(keys) - len(done),
                              rows_to_do=sum(r for k, r in zip(keys, unit_rows) if k not in done), note="")
                 entry["expected_output_bytes"] = self._expected_bytes(declared.name, keys, unit_rows, done)
             out_rows.append(entry)
         return {"out": store.uri, "input": self.input_uri, "status": status, "shards": len(shards),
-                "input_rows": run["input_rows"], "stages": out_rows}
+                "input_rows": run["input_rows"], "stages": out_rows,
+                "damaged": [{"stage": d.stage, "unit": d.key, "file": store.path(d.file), "reason": d.reason} for d in damaged]}
+
+    def _plan_status(self, run: dict[str, Any], shards) -> tuple[str, PreviousRun]:
+        store, status, previous = self.store, "new run", PreviousRun()
+        if store.exists("run.json"):
+            try:
+                recorded = store.read_json("run.json")
+                same = all(recorded.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+                status = "resume" if same else "start over (--overwrite)"
+                if not same and not self.options.overwrite:
+                    # the plan loads no model: it takes the embedding identity to be the recorded one
+                    as_run = {**run, "embed_identity": recorded.get("embed_identity")}
+                    previous = _check_previous_run(store, as_run, False, self.shard_fingerprints,
+                                                   {s.relpath: s.shard_id for s in shards}, self.options.update)
+                    status = (f"update ({previous.changes.summary()} shards: rescanned, with what depends on them)"
+                              if previous.changes else "resume (changed shards that no finished unit depends on are replaced)")
+            except InputError as err:
+                if not self.options.overwrite:
+                    raise
+                status = f"start over (--overwrite): {err}"
+        if store.locked_by_another():
+            status = (f"another mmbalance run holds the lock on {store.uri} and is writing to it now; what follows is "
+                      f"its progress so far (it would {status.split(' (')[0]})")
+        return status, previous
+
+    def _plan_checks(self, ids: list[str], threshold: int | None) -> dict[str, dict[str, UnitCheck]]:
+        """Every unit of every active stage checked as a run would (outputs read in full)."""
+        recipe, store = self.recipe, self.store
+        checks: dict[str, dict[str, UnitCheck]] = {}
+        digests: dict[str, Any] = {}
+        for name in ("fit", "solve"):
+            if name in {s.name for s in plan.active_stages(recipe)}:
+                checks[name] = {plan.stage(name).done_key: store.check_unit(name, plan.stage(name).done_key)}
+        if checks.get("solve", {}).get("solution", UnitCheck("missing")).status == "done":
+            digests["solution_digest"] = hashlib.sha256(
+                json.dumps(store.read_json("solve", "solution.json"), sort_keys=True).encode()).hexdigest()[:16]
+        if checks.get("fit", {}).get("models", UnitCheck("missing")).status == "done":
+            digests["models_digest"] = fit.models_digest(store)
+        for declared in plan.active_stages(recipe):
+            if declared.unit == "global":
+                continue
+            keys = ids if declared.unit == "shard" else sorted(store.done_keys(declared.name))
+            wanted = [k for k in declared.identity if k != "sample_threshold"]
+            if any(k not in digests for k in wanted):
+                checks[declared.name] = {k: UnitCheck("changed") for k in keys}  # what they depend on is not there yet
+                continue
+            found = store.check_units(declared.name, keys, [{k: digests[k] for k in wanted}] * len(keys))
+            if "sample_threshold" in declared.identity:  # a higher recorded threshold is narrowed, not rescanned
+                for key, check in found.items():
+                    recorded = (store.read_marker(declared.name, key) or {}).get("sample_threshold") if check.status == "done" else None
+                    if check.status == "done" and threshold is not None and not (isinstance(recorded, int) and recorded >= threshold):
+                        found[key] = UnitCheck("changed")
+            checks[declared.name] = found
+        return checks
 
     def _expected_bytes(self, stage: str, keys: list[str], unit_rows: list[int], done: set[str]) -> int | None:
         """The stage's output size: the recorded outputs of the units done, scaled by rows to the rest."""
@@ -399,10 +481,14 @@ class Rebalancer:
             # loads the model once here: a bad tag, path or a missing torch fails before any work
             run["embed"] = stages.embed_record(recipe)
             run["embed_identity"] = embedding_identity(run["embed"])
-        replaced = _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints,
-                                       {s.relpath: s.shard_id for s in shards})
+        previous = _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints,
+                                       {s.relpath: s.shard_id for s in shards}, self.options.update)
         store.sweep_temporaries()
-        if replaced or not store.exists("run.json"):
+        if previous.changes:  # before the new run record: a run killed here redoes the same update
+            resume.apply_update(store, recipe, previous.previous_shards, shards, previous.changes)
+        if previous.rewrite:  # another corpus size: the finished scans' fit-sample candidates follow it
+            resume.narrow_samples(store, [s.shard_id for s in shards], fit.sample_threshold(recipe, run["input_rows"]))
+        if previous.rewrite or not store.exists("run.json"):
             store.write_json("run.json", obj=run)
             store.write_json("shards.json", obj=[{**s.to_dict(), "fingerprint": self.shard_fingerprints[s.relpath]}
                                                  for s in shards])
@@ -431,14 +517,15 @@ class Rebalancer:
         rows = [s.num_rows for s in shards]
 
         # scan
-        scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows} for s in shards]
+        scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows,
+                       "sample_threshold": ctx.sample_threshold} for s in shards]
         self._run_stage("scan", executor, ctx, scan_tasks, ids, rows)
         scans = self._summaries("scan", ids)
         valid_rows = sum(s["rows_out"] for s in scans)
 
         # embed: open_clip on an actor pool (the model loads once per actor), or DataComp .npz
         if recipe.embed is not None:
-            embed_tasks = [{**t, "embed_info": run["embed"]} for t in scan_tasks]
+            embed_tasks = [{**{k: v for k, v in t.items() if k != "sample_threshold"}, "embed_info": run["embed"]} for t in scan_tasks]
             self._run_stage("embed", executor, ctx, embed_tasks, ids, [s["rows_out"] for s in scans])
 
         # dedup: buckets sized so one bucket's hashes fit comfortably in a worker
@@ -470,7 +557,6 @@ class Rebalancer:
         t = time.perf_counter()
         executor.settle()  # timed: waiting for workers to exit is the stage's cost
         before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
-        store.write_table("signatures", "merged.parquet", table=before)
         vocab = self._vocabulary(before)
         entry_counts = {spec.name: self._merged_entries("entries", spec.name, ids) for spec in recipe.metadata_labels()}
         wants_sample = any(st.method in SAMPLE_METHODS for st in recipe.balance_steps())
@@ -484,12 +570,13 @@ class Rebalancer:
                              rows=KeptRows(ctx, store, shards, dups, executor) if recipe.input.columns.utility else None)
         # a solution whose marker is missing or whose file changed is solved again (deterministic):
         # never a hand-edited or damaged solution applied to the unfinished shards only
-        if store.verified_summary("solve", "solution") is None:
+        if not self._global_check("solve"):
             try:
                 solution = solve(corpus)
             except ValueError as err:  # solvers raise ValueError for what the recipe asks and the data can't give
                 raise InputError(f"solve: {err}") from None
-            store.take_written()
+            store.take_written()  # not the M4 streaming blocks: they are deleted
+            store.write_table("signatures", "merged.parquet", table=before)
             store.write_json("solve", "solution.json", obj=solution.to_dict())
             store.mark_done("solve", "solution", {"rows_in": corpus.total_rows})
         solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
@@ -503,8 +590,11 @@ class Rebalancer:
         # report
         t = time.perf_counter()
         executor.settle()  # timed: waiting for workers to exit is the stage's cost
+        store.forget("report", "report")  # rewritten by every run: its marker goes last, after report.json
         after = stats_op.merge((store.read_table("after", f"{i}.parquet") for i in ids), ctx.tag_columns)
+        store.take_written()
         store.write_table("after", "merged.parquet", table=after)
+        report_outputs = store.take_written()
         report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
         if fit_info:
             report["fit"] = fit_info
@@ -546,6 +636,7 @@ class Rebalancer:
         report["stages"] = self._stage_stats(ids, bucket_keys)
         store.write_json("stats", "stages.json", obj=report["stages"])
         store.write_json("report.json", obj=report)
+        store.mark_done("report", "report", {"rows_in": report["rows"]["input"]}, {**report_outputs, **store.take_written()})
         if self.options.html_report and recipe.report.html:
             from mmbalance.operators.report_html import write_html_report
 
@@ -556,7 +647,7 @@ class Rebalancer:
         recipe, store = self.recipe, self.store
         t = time.perf_counter()
         executor.settle()  # timed: waiting for workers to exit is the stage's cost
-        info = store.verified_summary("fit", "models")
+        info = store.done_summary("fit", "models") if self._global_check("fit") else None
         if info is None:
             store.take_written()
             n_dups = sum(len(d["rows"]) for d in dups.values())

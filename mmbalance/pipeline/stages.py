@@ -162,17 +162,25 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         row_group_size=65536,
     )
     sampled = 0
-    if ctx.sample_threshold is not None:
-        sample = pa.concat_tables(samples) if samples else None
-        if sample is not None:
-            sampled = sample.num_rows
-            store.write_table("sample", f"{shard_id}.parquet", table=sample)
+    if ctx.sample_threshold is not None and samples:
+        sampled = write_sample(store, shard_id, pa.concat_tables(samples))
     if rows_in != task["num_rows"]:
         raise InputError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
     summary = {"shard_id": shard_id, "rows_in": rows_in, "rows_out": valid, "rejected": rows_in - valid,
                "reasons": reasons, "sampled": sampled, "audit": tag.merge_audits(audits)}
     _mark_done(store, "scan", shard_id, summary, task)
     return summary
+
+
+def write_sample(store: RunStore, shard_id: str, candidates: pa.Table) -> int:
+    """A shard's fit-sample candidates, laid out one way whatever their batches (so a grown corpus's
+    candidates cut from an earlier scan, resume.narrow_samples, are the bytes a fresh scan writes)."""
+    if candidates.num_rows:
+        # one list child name too: Parquet reads a list's child back as "element", Arrow makes "item"
+        fields = [pa.field(f.name, pa.list_(f.type.value_type, f.type.list_size) if pa.types.is_fixed_size_list(f.type) else f.type,
+                           f.nullable) for f in candidates.schema]
+        store.write_table("sample", f"{shard_id}.parquet", table=candidates.cast(pa.schema(fields)).combine_chunks())
+    return candidates.num_rows
 
 
 # -- dedup: one bucket of the uid-hash space -----------------------------------------------------

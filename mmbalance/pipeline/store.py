@@ -12,9 +12,10 @@ Layout of OUT (a local path or any pyarrow filesystem URI):
     manifest/<shard_id>.parquet
     after/<shard_id>.parquet   weighted signature sums under the manifest weights
     report.json
-    _done/<stage>/<key>.json   written last: the unit's summary and a record (size, checksum) of
-                               every file it wrote; a unit counts as done only while its marker
-                               reads and every recorded output still matches its record
+    _done/<stage>/<key>.json   written last: the unit's summary and a record (size, whole-file
+                               xxh3-64 checksum) of every file it wrote; a unit counts as done only
+                               while its marker reads and every recorded output still matches its
+                               record, and every read of a recorded file checks it first
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import io
 import json
 import os
 import uuid
-import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import xxhash
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -46,23 +48,79 @@ class RunLockedError(RuntimeError):
 
 
 OUTPUTS_KEY = "_outputs"  # in a done marker: {relative path: file record} of what the unit wrote
-_EDGE_BYTES = 1 << 16  # a file record hashes the first and last 64 KiB: a Parquet footer and its page index
+CHECKSUM = "xxh3_64"  # whole-file, streamed (benchmarks/bench_checksums.py: as fast as CRC32C or faster, zlib CRC-32 3-6x slower)
+_READ_CHUNK = 1 << 20
+
+
+def _digest(hasher) -> str:
+    return f"{hasher.intdigest():016x}"
+
+
+def bytes_record(data: bytes | memoryview) -> dict[str, Any]:
+    """The record of a file holding ``data``: its size and whole-file checksum."""
+    return {"size": len(data), CHECKSUM: _digest(xxhash.xxh3_64(data))}
 
 
 def file_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """Size and CRC-32 of the head and tail of a file (None when it is missing): cheap to check for
-    every unit on a resume, and it catches deleted, truncated and rewritten outputs (a Parquet file's
-    tail is its footer, whose offsets and statistics change with any change of content)."""
+    """Size and whole-file checksum of a file, streamed (None when it is missing): a flipped byte
+    anywhere in it, a truncation or a rewrite changes the record."""
+    hasher, size = xxhash.xxh3_64(), 0
     try:
-        with fs.open_input_file(path) as handle:
-            size = handle.size()
-            head = handle.read(min(size, _EDGE_BYTES))
-            tail_start = max(size - _EDGE_BYTES, len(head))
-            handle.seek(tail_start)
-            tail = handle.read(size - tail_start)
+        with fs.open_input_stream(path) as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
     except FileNotFoundError:
         return None
-    return {"size": size, "crc32": f"{zlib.crc32(tail, zlib.crc32(head)):08x}"}
+    return {"size": size, CHECKSUM: _digest(hasher)}
+
+
+def record_mismatch(record: dict[str, Any], found: dict[str, Any] | None) -> str | None:
+    """Why a file does not match its record (None: it matches)."""
+    if found is None:
+        return "missing"
+    if found["size"] != record.get("size"):
+        return f"{found['size']:,} bytes, the done marker recorded {record.get('size', 0):,}"
+    if found[CHECKSUM] != record.get(CHECKSUM):
+        return "checksum differs from its done marker"
+    return None
+
+
+class _HashingSink:
+    """A writable file object that checksums what passes through it (a Parquet writer writes here)."""
+
+    def __init__(self, inner: pa.NativeFile):
+        self.inner, self.hasher, self.size, self.closed = inner, xxhash.xxh3_64(), 0, False
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.size += len(memoryview(data))
+        self.inner.write(data)
+        return len(memoryview(data))
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def record(self) -> dict[str, Any]:
+        return {"size": self.size, CHECKSUM: _digest(self.hasher)}
+
+
+@dataclass(frozen=True)
+class UnitCheck:
+    """What a resume found for one unit: done, missing (no readable marker), changed (an identity
+    value differs, e.g. the solution digest) or damaged (an output does not match its record)."""
+
+    status: str
+    damaged: tuple[tuple[str, str], ...] = ()  # (output relative to OUT, why) of each damaged output
 
 
 _OUTPUT_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # only a write raises these
@@ -106,19 +164,26 @@ class RunStore:
 
     @contextlib.contextmanager
     def atomic_output(self, *parts: str) -> Iterator[pa.NativeFile]:
-        """A stream that becomes ``parts`` only when the block exits without an error."""
+        """A stream that becomes ``parts`` only when the block exits without an error (not recorded
+        for a done marker: run outputs are written by write_bytes, write_json, write_table, table_writer)."""
+        with self._atomic(parts, hashed=False) as stream:
+            yield stream
+
+    @contextlib.contextmanager
+    def _atomic(self, parts: tuple[str, ...], hashed: bool = True):
         final = self.path(*parts)
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
         try:
             with self.fs.open_output_stream(tmp) as stream:
-                yield stream
+                sink = _HashingSink(stream) if hashed else stream
+                yield sink
             # rename is atomic on POSIX; object stores make each PUT atomic, markers cover the rest
             self.fs.move(tmp, final)
             relative = "/".join(parts)
-            if not relative.startswith("_done/"):
-                self.written[relative] = file_record(self.fs, final)
+            if hashed and not relative.startswith("_done/"):
+                self.written[relative] = sink.record()  # checksummed as written: no second read
         except BaseException as err:
             try:
                 self.fs.delete_file(tmp)
@@ -130,23 +195,53 @@ class RunStore:
             raise
 
     def _write_bytes(self, parts: tuple[str, ...], data: bytes) -> None:
-        with self.atomic_output(*parts) as stream:
+        with self._atomic(parts) as stream:
             stream.write(data)
 
     def write_bytes(self, *parts: str, data: bytes) -> None:
         self._write_bytes(parts, data)
 
     def read_bytes(self, *parts: str) -> bytes:
+        """A file of the run, checked against the record of the done marker that lists it (if any):
+        a damaged file is an error naming it, never data read as if it were sound."""
         with self.fs.open_input_stream(self.path(*parts)) as stream:
-            return stream.read()
+            data = stream.read()
+        record = self.recorded("/".join(parts))
+        if record is not None:
+            self._check(parts, record, bytes_record(data))
+        return data
+
+    def recorded(self, relative: str) -> dict[str, Any] | None:
+        """The record of ``relative`` in the done marker of the unit that wrote it (see plan.owner)."""
+        from mmbalance.pipeline.plan import owner
+
+        unit = owner(relative)
+        if unit is None:
+            return None
+        marker = self.read_marker(*unit)
+        record = (marker or {}).get(OUTPUTS_KEY, {}).get(relative) if isinstance(marker, dict) else None
+        return record if isinstance(record, dict) and CHECKSUM in record else None
+
+    def verify(self, *parts: str) -> None:
+        """Check one recorded file in full (streamed) before reading it some other way."""
+        record = self.recorded("/".join(parts))
+        if record is not None:
+            self._check(parts, record, file_record(self.fs, self.path(*parts)))
+
+    def _check(self, parts: tuple[str, ...], record: dict[str, Any], found: dict[str, Any] | None) -> None:
+        why = record_mismatch(record, found)
+        if why is not None:
+            from mmbalance.schemas.contract import InputError
+
+            raise InputError(f"{self.path(*parts)}: damaged run file ({why}); rerun `mmbalance rebalance` with the "
+                             "same arguments to redo it and what depends on it")
 
     def write_json(self, *parts: str, obj: Any) -> None:
         self._write_bytes(parts, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def read_json(self, *parts: str) -> Any:
         """A JSON file of the run; a damaged one is an error naming it (FileNotFoundError passes through)."""
-        with self.fs.open_input_stream(self.path(*parts)) as stream:
-            data = stream.read()
+        data = self.read_bytes(*parts)
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as err:
@@ -166,24 +261,25 @@ class RunStore:
     @contextlib.contextmanager
     def table_writer(self, *parts: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
         """Stream batches into one Parquet file that appears atomically when the block exits."""
-        with self.atomic_output(*parts) as stream:
+        with self._atomic(parts) as stream:
             with pq.ParquetWriter(stream, schema, **parquet_options(schema)) as writer:
                 yield writer
 
     def read_table(self, *parts: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-        """A Parquet file of the run; a damaged one is an error naming it."""
+        """A Parquet file of the run, checked in full against its record first; a damaged one is an
+        error naming it."""
+        data = pa.py_buffer(self.read_bytes(*parts))
         try:
             if filters is not None:
-                return pq.read_table(self.path(*parts), filesystem=self.fs, columns=columns, filters=filters)
+                return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters)
             # in batches: decoding a whole file at once peaks far above the table's size (a 20k-row
             # sample with two 512-d float16 columns, 40 MB: +321 MB of RSS whole, +145 MB in batches,
             # and 4x faster)
-            with self.fs.open_input_file(self.path(*parts)) as handle:
-                pfile = pq.ParquetFile(handle)
-                batches = list(pfile.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False))
-                schema = batches[0].schema if batches else _selected_schema(pfile.schema_arrow, columns)
-                return pa.Table.from_batches(batches, schema=schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            pfile = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+            batches = list(pfile.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False))
+            schema = batches[0].schema if batches else _selected_schema(pfile.schema_arrow, columns)
+            return pa.Table.from_batches(batches, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
             raise self._damaged(parts, err) from None
 
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
@@ -221,31 +317,53 @@ class RunStore:
             return None
         return marker if isinstance(marker, dict) else None
 
-    def verified_summary(self, stage: str, key: str, expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """The summary of a unit that is really done: its marker reads, records its outputs, every
-        output still matches its record (size, checksum), and the marker's values for ``expect``'s
-        keys (e.g. the solution digest the unit used) equal the current ones. Otherwise None: redo it."""
+    def check_unit(self, stage: str, key: str, expect: dict[str, Any] | None = None) -> UnitCheck:
+        """Is the unit really done? Its marker reads and records its outputs, the marker's values for
+        ``expect``'s keys (e.g. the solution digest the unit used) equal the current ones, and every
+        recorded output still matches its record: size and whole-file checksum, read in full."""
         marker = self.read_marker(stage, key)
         if marker is None or not isinstance(marker.get(OUTPUTS_KEY), dict):
-            return None
+            return UnitCheck("missing")
         if any(marker.get(k) != v for k, v in (expect or {}).items()):
+            return UnitCheck("changed")
+        damaged = []
+        for relative, record in sorted(marker[OUTPUTS_KEY].items()):
+            if not isinstance(record, dict) or CHECKSUM not in record:
+                return UnitCheck("missing")  # a record from an older format: redo, nothing to trust
+            why = record_mismatch(record, file_record(self.fs, self.path(relative)))
+            if why is not None:
+                damaged.append((relative, why))
+        return UnitCheck("damaged", tuple(damaged)) if damaged else UnitCheck("done")
+
+    def verified_summary(self, stage: str, key: str, expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The summary of a unit that is really done (see check_unit); otherwise None: redo it."""
+        if self.check_unit(stage, key, expect).status != "done":
             return None
-        for relative, record in marker.pop(OUTPUTS_KEY).items():
-            if file_record(self.fs, self.path(relative)) != record:
-                return None
-        return marker
+        return self.done_summary(stage, key)
+
+    def check_units(self, stage: str, keys: list[str], expect: list[dict[str, Any]] | None = None,
+                    threads: int = 16) -> dict[str, UnitCheck]:
+        """check_unit for many units, in parallel (outputs are read in full)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        present = self.done_keys(stage)
+        expect = expect or [{}] * len(keys)
+        checks = {k: UnitCheck("missing") for k in keys}
+        candidates = [(k, e) for k, e in zip(keys, expect) if k in present]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            found = list(pool.map(lambda ke: self.check_unit(stage, ke[0], ke[1]), candidates))
+        checks.update({k: c for (k, _), c in zip(candidates, found)})
+        return checks
 
     def verified_keys(self, stage: str, keys: list[str], expect: list[dict[str, Any]] | None = None,
                       threads: int = 16) -> set[str]:
-        """The keys among ``keys`` whose units are really done (see verified_summary)."""
-        from concurrent.futures import ThreadPoolExecutor
+        """The keys among ``keys`` whose units are really done (see check_unit)."""
+        return {k for k, c in self.check_units(stage, keys, expect, threads).items() if c.status == "done"}
 
-        present = {n[: -len(".json")] for n in self.list_files("_done", stage, suffix=".json")}
-        expect = expect or [{}] * len(keys)
-        candidates = [(k, e) for k, e in zip(keys, expect) if k in present]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            ok = list(pool.map(lambda ke: self.verified_summary(stage, ke[0], ke[1]) is not None, candidates))
-        return {k for (k, _), good in zip(candidates, ok) if good}
+    def forget(self, stage: str, key: str) -> None:
+        """Delete a unit's done marker: the next run redoes it."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path("_done", stage, f"{key}.json"))
 
     def done_keys(self, stage: str) -> set[str]:
         return {n[: -len(".json")] for n in self.list_files("_done", stage, suffix=".json")}
@@ -279,6 +397,22 @@ class RunStore:
             yield
         finally:
             os.close(fd)
+
+    def locked_by_another(self) -> bool:
+        """Is a run writing here now (its lock held)? Creates nothing; False where there is no lock file."""
+        lock_path = os.path.join(self.root, ".lock")
+        if not isinstance(self.fs, pafs.LocalFileSystem) or not os.path.exists(lock_path):
+            return False
+        import fcntl
+
+        fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases the probe's shared lock
+        return False
 
     def clear(self) -> None:
         """Delete the run's files, keeping the lock held by this process."""

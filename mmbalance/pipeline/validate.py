@@ -34,6 +34,7 @@ def validate_corpus(shard_dir: str, recipe: Recipe, examples: int = 5, show_prog
         rows = sum(s["rows_in"] for s in scans)
         rejected = sum(reasons.values())
         return {
+            "shards_without_page_checksums": shards_without_page_checksums(shard_dir, recipe),
             "shards": len(scans),
             "rows": rows,
             "rejected": rejected,
@@ -41,3 +42,21 @@ def validate_corpus(shard_dir: str, recipe: Recipe, examples: int = 5, show_prog
             "rejected_by_reason": dict(sorted(reasons.items())),
             "examples": samples,
         }
+
+
+def shards_without_page_checksums(shard_dir: str, recipe: Recipe) -> list[str]:
+    """Relative paths of the shards whose pages carry no CRC (one page header read per shard)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmbalance.operators.source import has_page_checksums
+    from mmbalance.pipeline.shards import discover_shards
+
+    fs, shards = discover_shards(shard_dir, recipe.input.extensions)
+
+    def check(shard) -> bool | None:
+        with fs.open_input_file(shard.path) as handle:
+            return has_page_checksums(handle)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(check, shards))
+    return [s.relpath for s, ok in zip(shards, found) if ok is False]

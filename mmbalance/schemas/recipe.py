@@ -8,10 +8,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 
 from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
@@ -292,8 +293,9 @@ class ExecutionSpec(StrictModel):
     # Rows per dedup bucket: bounds the memory of the global duplicate-uid check.
     dedup_bucket_rows: int = Field(default=1_000_000, gt=0)
     # Verify the CRC32 of every Parquet page read from the input (pages written without one are
-    # read as before): a flipped bit becomes an error naming the file instead of a silently wrong value.
-    verify_checksums: bool = False
+    # read as before; `mmbalance inspect` and `validate` name such shards): a flipped bit becomes an
+    # error naming the file instead of a silently wrong value (its cost: benchmarks/bench_checksums.py).
+    verify_checksums: bool = True
     # A unit of work that fails on unreadable data: stop the run (stop), or record it under
     # OUT/_failed/<stage>/, let the stage's other units finish, then exit non-zero (defer); a
     # rerun retries only the failed units.
@@ -464,6 +466,29 @@ def _location(parts: tuple) -> str:
     return ".".join(kept)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through unions, lists, Annotated, Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(parts: tuple) -> list[str]:
+    """The keys a recipe accepts at a validation error's location (pydantic's raw ``loc`` without the
+    key itself): one close-match list for every section, list item and balance method."""
+    models: list[type[BaseModel]] = [Recipe]
+    for i, part in enumerate(parts):
+        if isinstance(part, int) or str(part).startswith(("tagged-union[", "list[", "function-")):
+            continue
+        after_union = i and str(parts[i - 1]).startswith("tagged-union[")
+        after_item = i >= 2 and isinstance(parts[i - 1], int) and str(parts[i - 2]).startswith("list[tagged-union[")
+        if after_union or after_item:  # the branch its discriminator names (method: m4)
+            models = [m for m in models if part in typing.get_args(m.model_fields.get("method", Field()).annotation)]
+            continue
+        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+    return sorted({name for m in models for name in m.model_fields})
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     errors = err.errors()
     # one step or a list of steps: drop the errors of the branch the input was clearly not meant for
@@ -474,10 +499,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     first = errors[0]
     loc = _location(first["loc"])
     if first["type"] == "extra_forbidden":
-        parent = loc.rsplit(".", 1)[0] if "." in loc else ""
-        missing = [_location(e["loc"]).rsplit(".", 1)[-1] for e in errors if e["type"] == "missing"
-                   and (_location(e["loc"]).rsplit(".", 1)[0] if "." in _location(e["loc"]) else "") == parent]
-        close = difflib.get_close_matches(loc.rsplit(".", 1)[-1], missing, n=1)
+        close = difflib.get_close_matches(str(first["loc"][-1]), _keys_at(first["loc"][:-1]), n=1)
         msg = f"unknown key '{loc}'" + (f" (did you mean '{close[0]}'?)" if close else "")
     elif first["type"] == "union_tag_invalid":
         msg = f"{loc}.method: {first['msg']}"
@@ -587,4 +609,5 @@ execution:                      # how to run; never changes the results
   executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
   # address: ray://head:10001
   batch_rows: 4096              # rows per Arrow batch inside a shard (bounds worker memory)
+  # verify_checksums: true      # check input Parquet page CRCs (shards written without them read as before)
 """

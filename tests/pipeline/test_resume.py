@@ -126,7 +126,11 @@ def test_truncated_output_is_redone_by_a_rerun(corpus, recipe, tmp_path, directo
     victim.write_bytes(data[: len(data) // 2])
     redone: list[str] = []
     rebalance(str(corpus), str(out), recipe, opts(on_progress=lambda n, s: redone.append(n)))
-    assert redone == [{"manifest": "weigh", "tags": "scan", "uids": "scan"}[directory]]
+    # a damaged unit is redone with every unit that read its outputs: a scan's tags and uids are
+    # read by the dedup bucket, its own signatures and weigh units, the dedup by every signatures
+    # unit, those by the solve, and the solution by every weigh unit
+    after_scan = ["scan", "dedup"] + ["signatures"] * SHARDS + ["weigh"] * SHARDS
+    assert redone == {"manifest": ["weigh"], "tags": after_scan, "uids": after_scan}[directory]
     assert victim.read_bytes() == data
     assert manifest(out) == clean
 
@@ -204,8 +208,8 @@ def test_cli_one_line_exit_2_for_a_changed_shard_and_a_damaged_run_file(corpus, 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"mmbalance: error: shard-2.parquet: input shard changed since the run in {out} started "
-                                   "(size, modification time or footer differ); pass --overwrite to redo the run or "
-                                   "choose another --out")
+                                   "(size, modification time or footer differ); pass --update to redo only what the "
+                                   "changed shards affect, --overwrite to redo the run, or choose another --out")
 
 
 def failed_reason(out: Path) -> str:

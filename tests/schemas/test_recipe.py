@@ -145,6 +145,6 @@ def test_boolean_words_are_value_names_as_written_and_still_flags(tmp_path):
         parse_recipe(yaml.safe_load(path.read_text()), "r.yaml")
 
 
-def test_verify_checksums_is_an_execution_setting(issue_recipe):
-    on = issue_recipe.model_copy(update={"execution": issue_recipe.execution.model_copy(update={"verify_checksums": True})})
-    assert on.fingerprint() == issue_recipe.fingerprint() and Recipe().execution.verify_checksums is False
+def test_verify_checksums_is_an_execution_setting_on_by_default(issue_recipe):
+    off = issue_recipe.model_copy(update={"execution": issue_recipe.execution.model_copy(update={"verify_checksums": False})})
+    assert off.fingerprint() == issue_recipe.fingerprint() and Recipe().execution.verify_checksums is True

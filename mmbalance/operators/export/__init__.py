@@ -337,7 +337,29 @@ def _load_run(out_dir: str) -> tuple[RunStore, dict[str, Any], list[dict[str, An
 
 def _manifest(run: RunStore, shard_id: str) -> pa.Table:
     table = run.read_table("manifest", f"{shard_id}.parquet", columns=["uid", "weight", "repeats", "shard", "row"])
+    check_manifest(run.path("manifest", f"{shard_id}.parquet"), table)
     return table.sort_by("row")
+
+
+def check_manifest(path: str, table: pa.Table) -> None:
+    """Refuse weights and repeats no run writes: a negative, NaN, infinite or missing weight; repeats
+    that are not the weight rounded down or up (weigh's stochastic rounding); a row given twice."""
+    weight = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    repeats = table.column("repeats").to_numpy(zero_copy_only=False).astype(np.float64)
+    rows = table.column("row").to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        bad_weight = ~np.isfinite(weight) | (weight < 0)
+        bad_repeats = ~np.isfinite(repeats) | (repeats < np.floor(weight)) | (repeats > np.floor(weight) + 1)
+    _, first = np.unique(rows, return_index=True)
+    repeated = np.setdiff1d(np.arange(len(rows)), first)
+    problems = [(int(i), f"weight {weight[i]!r} is negative, NaN or infinite") for i in np.flatnonzero(bad_weight)[:1]]
+    problems += [(int(i), f"repeats {repeats[i]:g} is not weight {weight[i]!r} rounded down or up")
+                 for i in np.flatnonzero(bad_repeats & ~bad_weight)[:1]]
+    problems += [(int(i), "the row is listed twice") for i in repeated[:1]]
+    if problems:
+        i, why = min(problems)
+        raise InputError(f"{path} row {rows[i]}: {why}; not a manifest a run writes (rerun `mmbalance rebalance` "
+                         "to rewrite it)")
 
 
 HEX_UID = r"^[0-9a-fA-F]{1,32}$"  # what DataComp's resharder can key: divmod(int(uid, 16), 2**64)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpora import write_with_flipped_byte
+from corpora import record_edit, write_with_flipped_byte
 from mmbalance.operators.export import export_run, safe_dir_names, sample_key, sniff_image
 from mmbalance.operators.export.datacomp import uid_array, uid_pair
 from mmbalance.operators.export.webdataset import realised_shares, upsampling_factors
@@ -56,6 +56,7 @@ def run_dir(tmp_path_factory) -> Path:
         m = m.set_column(m.schema.get_field_index("repeats"), "repeats", pa.array(reps, pa.int32()))
         m = m.set_column(m.schema.get_field_index("weight"), "weight", pa.array([float(r) for r in reps], pa.float64()))
         pq.write_table(m, path)
+        record_edit(base / "run", f"manifest/{path.name}")
     return base / "run"
 
 
@@ -310,6 +311,7 @@ def _with_uid(run_dir: Path, dest: Path, uid: str) -> tuple[Path, str]:
     i = next(j for j, r in enumerate(m["repeats"].to_pylist()) if r > 0)
     uids[i] = uid
     pq.write_table(m.set_column(m.schema.get_field_index("uid"), "uid", pa.array(uids)), path)
+    record_edit(copy, f"manifest/{path.name}")
     return copy, path.name
 
 
@@ -457,8 +459,8 @@ def test_keys_names_and_sniffing():
 
 def test_source_reads_verify_page_checksums_when_the_run_did(run_dir, tmp_path):
     """The run's execution.verify_checksums covers the export's reads of the source shards: a flipped
-    byte in a data page of the caption column is a one-line input error naming the shard; unverified
-    (the default) the export carries the caption as read."""
+    byte in a data page of the caption column is a one-line input error naming the shard (the
+    default); unverified the export carries the caption as read."""
     from mmbalance.schemas.contract import InputError
 
     run = tmp_path / "run"
@@ -473,10 +475,16 @@ def test_source_reads_verify_page_checksums_when_the_run_did(run_dir, tmp_path):
     manifest = run / "manifest" / f"{shard['shard_id']}.parquet"
     m = pq.read_table(manifest)
     at = m.column("row").to_pylist().index(flipped[0])  # the flipped row is kept, once
-    reps = m.column("repeats").to_pylist()
-    reps[at] = 1
+    reps, weights = m.column("repeats").to_pylist(), m.column("weight").to_pylist()
+    reps[at], weights[at] = 1, 1.0
+    m = m.set_column(m.schema.get_field_index("weight"), "weight", pa.array(weights, pa.float64()))
     pq.write_table(m.set_column(m.schema.get_field_index("repeats"), "repeats", pa.array(reps, pa.int32())), manifest)
+    record_edit(run, f"manifest/{manifest.name}")
 
+    info = json.loads((run / "run.json").read_text())
+    assert info["recipe"]["execution"]["verify_checksums"] is True  # the default
+    info["recipe"]["execution"]["verify_checksums"] = False
+    (run / "run.json").write_text(json.dumps(info))
     uid = table.column("uid")[flipped[0]].as_py()
     result = export_run(str(run), ["csv"], ExportOptions(input=str(corpus), dest=str(tmp_path / "off")))
     with open(result["csv"]["file"], newline="", encoding="utf-8") as f:
@@ -484,8 +492,6 @@ def test_source_reads_verify_page_checksums_when_the_run_did(run_dir, tmp_path):
     before = table.column("caption")[flipped[0]].as_py()
     assert titles[uid] != before and len(titles[uid]) == len(before)  # read as flipped, without an error
 
-    info = json.loads((run / "run.json").read_text())
-    assert info["recipe"]["execution"]["verify_checksums"] is False
     info["recipe"]["execution"]["verify_checksums"] = True
     (run / "run.json").write_text(json.dumps(info))
     with pytest.raises(InputError, match=rf"{re.escape(shard['relpath'])}: unreadable data \(.*CRC") as err:
@@ -561,3 +567,13 @@ def test_default_tar_size_keeps_epoch_shares_within_the_bound(run_dir, tmp_path)
     assert worst < 1.35 * epoch["max_expected_share_deviation"]  # 100 epochs: sd known to ~7%; 5 standard errors
     mixture = json.loads((tmp_path / "o" / "mixture.json").read_text())
     assert mixture["open_clip"]["webdataset"]["epoch"] == epoch
+
+
+def test_parquet_files_the_export_writes_carry_page_checksums(exported, run_dir):
+    from mmbalance.operators.source import has_page_checksums
+
+    files = sorted((run_dir / "export").rglob("*.parquet"))
+    assert files
+    for path in files:
+        with pa.OSFile(str(path)) as handle:
+            assert has_page_checksums(handle) is True, path

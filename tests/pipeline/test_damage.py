@@ -1,0 +1,301 @@
+"""A byte flipped anywhere in a run's outputs is found, redone with everything that read it, and the
+rerun ends byte-identical to the undamaged run; ``--plan`` lists the damaged units first.
+
+One baseline run (local) on a corpus sized so every kind of output is large enough for a flip in
+its middle to escape a check of its first and last 64 KiB (the old done markers'): per shard about
+0.9 MB of manifest and tags, 150 KB of assign, 280 KB of signatures; a 2.7 MB fit sample, a 260 KB
+centroid file, a 150 KB solution. Each test damages a copy of it. Plans are cheap (they read, run
+nothing): every kind x offset is planned. Reruns cost a run each, so they share flips: the per-shard
+kinds get one rerun each with shard i flipped at offset i (every offset of the kind in one rerun),
+the single-file kinds (sample, solution, models) four reruns with the offsets rotated between them.
+All of them run locally; on Ray the largest cascade (tags) and one single-file rotation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from corpora import RECIPE_FROM_ISSUE, held_out_table, run_outputs
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mmbalance.cli import app
+from mmbalance.operators.source import has_page_checksums
+from mmbalance.pipeline import plan
+from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
+from mmbalance.schemas.recipe import load_recipe
+
+SHARDS, ROWS = 4, 40_000
+OFFSETS = (0.1, 0.3, 0.5, 0.9)
+RECIPE = RECIPE_FROM_ISSUE.replace("  - {name: occupation, source: column, column: occupation}\n", """\
+  - {name: occupation, source: column, column: occupation}
+  - {name: camera, source: column, column: camera}
+clusters:
+  - {name: concept, embedding: image, k: 1024, levels: [128, 16], niter: 4, nredo: 1}
+sample: {size: 10000}
+report: {html: false, leakage: false}
+""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 30")
+PER_SHARD = {"manifest": "manifest", "tags": "tags", "assign": "assign", "signatures": "signatures"}
+SINGLE = {"sample": "fit/sample.parquet", "solution": "solve/solution.json", "models": "models/concept.npy"}
+OWNER = {"manifest": "weigh", "tags": "scan", "assign": "assign", "signatures": "signatures",
+         "sample": "fit", "solution": "solve", "models": "fit"}
+# What a rerun redoes for one damaged unit of each kind, read off the stage table by hand (not
+# computed by the code under test): 1 = that unit, "all" = every unit of the stage.
+AFTER_FIT = {"fit": 1, "assign": "all", "signatures": "all", "solve": 1, "weigh": "all"}
+CASCADE = {
+    "manifest": {"weigh": 1},
+    "tags": {"scan": 1, "dedup": "all", **AFTER_FIT},  # dedup reads tags/*, the fit sample/*
+    "assign": {"assign": 1, "signatures": 1, "solve": 1, "weigh": "all"},
+    "signatures": {"signatures": 1, "solve": 1, "weigh": "all"},
+    "sample": AFTER_FIT,
+    "models": AFTER_FIT,
+    "solution": {"solve": 1, "weigh": "all"},
+}
+LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)
+
+
+def corpus_table(i: int) -> pa.Table:
+    """The held-out layout with random hex uids (incompressible: large manifests and tags) and a
+    4,000-value camera label (many signatures and solution entries)."""
+    table = held_out_table(ROWS, seed=500 + i, dim=64, fixed_size=True)
+    rng = np.random.default_rng(900 + i)
+    raw = rng.integers(0, 256, size=(ROWS, 16), dtype=np.uint8)
+    table = table.set_column(0, "uid", pa.array([bytes(r).hex() for r in raw]))
+    return table.append_column("camera", pa.array([f"cam{c}" for c in rng.integers(0, 4000, ROWS)]))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    base = tmp_path_factory.mktemp("damage")
+    (base / "corpus").mkdir()
+    for i in range(SHARDS):
+        pq.write_table(corpus_table(i), base / "corpus" / f"shard-{i}.parquet", write_page_checksum=True)
+    (base / "r.yaml").write_text(RECIPE)
+    recipe = load_recipe(base / "r.yaml")
+    rebalance(str(base / "corpus"), str(base / "clean"), recipe, LOCAL)
+    return {"base": base, "corpus": base / "corpus", "recipe": recipe, "clean": base / "clean"}
+
+
+def run_copy(baseline, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(baseline["clean"], out)
+    return out
+
+
+def per_shard_file(run: Path, kind: str, shard: int) -> str:
+    names = sorted(p.name for p in (run / PER_SHARD[kind]).glob("shard-*.parquet"))
+    return f"{PER_SHARD[kind]}/{names[shard]}"
+
+
+def flip(run: Path, relative: str, offset: float) -> None:
+    path = run / relative
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def expected_to_do(kinds: list[str], stages_units: dict[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        for stage_name, n in CASCADE[kind].items():
+            n = stages_units[stage_name] if n == "all" else n
+            counts[stage_name] = min(stages_units[stage_name], counts.get(stage_name, 0) + n)
+    return counts
+
+
+def check_plan(baseline, out: Path, damaged: dict[str, str]) -> dict:
+    """The plan of a damaged run: exactly ``damaged`` ({file: owning stage}) listed first, and the
+    units to do what the cascade of each says."""
+    planned = Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()
+    assert sorted((d["stage"], Path(d["file"]).relative_to(out).as_posix()) for d in planned["damaged"]) == \
+        sorted((stage, rel) for rel, stage in damaged.items())
+    console = Console(record=True, width=250)
+    plan.render_plan(planned, console)
+    lines = console.export_text().splitlines()
+    assert all(line.startswith("to do: ") and "is damaged" in line for line in lines[:len(damaged)])
+    assert not lines[len(damaged)].startswith("to do: ")
+    return planned
+
+
+def to_do(planned: dict) -> dict[str, int]:
+    return {row["stage"]: row["to_do"] for row in planned["stages"] if row["to_do"] and row["note"] != "rewritten by every run"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("kind", list(PER_SHARD) + list(SINGLE))
+def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, tmp_path, kind, offset):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, kind, 1) if kind in PER_SHARD else SINGLE[kind]
+    assert (out / relative).stat().st_size > 2 * 65536  # a middle the old edge check missed
+    flip(out, relative, offset)
+    planned = check_plan(baseline, out, {relative: OWNER[kind]})
+    units = {row["stage"]: row["units"] for row in planned["stages"]}
+    assert to_do(planned) == expected_to_do([kind], units)
+
+
+def test_cli_plan_prints_the_damaged_unit_first(baseline, tmp_path):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "tags", 2)
+    flip(out, relative, 0.5)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    result = CliRunner().invoke(app, ["rebalance", str(baseline["corpus"]), "--out", str(out), "--recipe",
+                                      str(tmp_path / "r.yaml"), "--plan"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 0, result.output
+    assert lines[0].startswith(f"to do: scan {Path(relative).stem}: {out}/{relative} is damaged (checksum differs"), lines[0]
+    assert lines[1].startswith(f"{out}: resume; {SHARDS} shards")
+
+
+def rerun_and_compare(baseline, out: Path, damaged: dict[str, str], kinds: list[str], executor: str = "local") -> None:
+    planned = check_plan(baseline, out, damaged)
+    assert to_do(planned) == expected_to_do(kinds, {row["stage"]: row["units"] for row in planned["stages"]})
+    redone: list[str] = []
+    options = RunOptions(executor=executor, show_progress=False, html_report=False, on_progress=lambda n, s: redone.append(n))
+    rebalance(str(baseline["corpus"]), str(out), baseline["recipe"], options)
+    assert run_outputs(out, markers=True) == run_outputs(baseline["clean"], markers=True)
+    per_unit = {k: v for k, v in to_do(planned).items() if plan.stage(k).unit != "global"}
+    assert {s: redone.count(s) for s in set(redone)} == per_unit
+    after = Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()
+    assert not after["damaged"] and not to_do(after)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", list(PER_SHARD))
+def test_rerun_redoes_each_offset_of_a_per_shard_kind_byte_identical(baseline, tmp_path, kind):
+    out = run_copy(baseline, tmp_path)
+    damaged = {}
+    for shard, offset in enumerate(OFFSETS):  # shard i flipped at offset i: every offset in one rerun
+        relative = per_shard_file(out, kind, shard)
+        flip(out, relative, offset)
+        damaged[relative] = OWNER[kind]
+    rerun_and_compare(baseline, out, damaged, [kind] * SHARDS)
+
+
+def single_file_flips(out: Path, rotation: int) -> tuple[dict[str, str], list[str]]:
+    damaged = {}
+    for j, (kind, relative) in enumerate(SINGLE.items()):
+        flip(out, relative, OFFSETS[(rotation + j) % len(OFFSETS)])
+        damaged[relative] = OWNER[kind]
+    return damaged, list(SINGLE)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("rotation", range(len(OFFSETS)))
+def test_rerun_redoes_the_sample_solution_and_models_at_every_offset_byte_identical(baseline, tmp_path, rotation):
+    out = run_copy(baseline, tmp_path)
+    damaged, kinds = single_file_flips(out, rotation)
+    rerun_and_compare(baseline, out, damaged, kinds)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", ["tags", "single-files"])
+def test_rerun_on_ray_redoes_damage_byte_identical(baseline, tmp_path, ray_cluster, case):
+    out = run_copy(baseline, tmp_path)
+    if case == "tags":
+        damaged = {}
+        for shard, offset in enumerate(OFFSETS):
+            relative = per_shard_file(out, "tags", shard)
+            flip(out, relative, offset)
+            damaged[relative] = "scan"
+        rerun_and_compare(baseline, out, damaged, ["tags"] * SHARDS, executor="ray")
+    else:
+        damaged, kinds = single_file_flips(out, 1)
+        rerun_and_compare(baseline, out, damaged, kinds, executor="ray")
+
+
+# -- readers of a finished run ------------------------------------------------------------------
+
+
+def one_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("mmbalance: error: "), (result.exit_code, result.stderr)
+    return lines[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("reader, damaged_file", [
+    (["export", "{out}", "-f", "datacomp"], "manifest"),
+    (["report", "{out}"], "manifest"),
+    (["inspect", "{out}"], "manifest"),
+    (["inspect", "{out}"], "signatures/merged.parquet"),
+    (["report", "{out}"], "report.json"),
+])
+def test_readers_refuse_a_damaged_run_file_naming_it(baseline, tmp_path, reader, damaged_file):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "manifest", 2) if damaged_file == "manifest" else damaged_file
+    flip(out, relative, 0.5)
+    result = CliRunner().invoke(app, [a.format(out=out) for a in reader])
+    line = one_line(result)
+    assert f"{out}/{relative}: damaged run file" in line, line
+
+
+def rewrite_manifest(out: Path, relative: str, edit) -> None:
+    """A manifest edited in place, its done marker dropped (so no checksum vouches for it or against it)."""
+    table = pq.read_table(out / relative)
+    pq.write_table(edit(table), out / relative)
+    (out / "_done" / "weigh" / f"{Path(relative).stem}.json").unlink()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("what, edit, needle", [
+    ("negative", lambda w, r: (np.where(np.arange(len(w)) == 7, -5.87e96, w), r), "is negative, NaN or infinite"),
+    ("nan", lambda w, r: (np.where(np.arange(len(w)) == 7, np.nan, w), r), "is negative, NaN or infinite"),
+    ("infinite", lambda w, r: (np.where(np.arange(len(w)) == 7, np.inf, w), r), "is negative, NaN or infinite"),
+    ("repeats", lambda w, r: (w, np.where(np.arange(len(r)) == 7, r + 5, r)), "is not weight"),
+    ("negative repeats", lambda w, r: (w, np.where(np.arange(len(r)) == 7, -1, r)), "is not weight"),
+])
+def test_export_refuses_impossible_weights_and_repeats_naming_file_and_row(baseline, tmp_path, what, edit, needle):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "manifest", 0)
+
+    def change(table: pa.Table) -> pa.Table:
+        w, r = edit(table.column("weight").to_numpy(), table.column("repeats").to_numpy())
+        table = table.set_column(table.schema.get_field_index("weight"), "weight", pa.array(w, pa.float64()))
+        return table.set_column(table.schema.get_field_index("repeats"), "repeats", pa.array(r, table.schema.field("repeats").type))
+
+    rewrite_manifest(out, relative, change)
+    row = pq.read_table(out / relative, columns=["row"]).column("row")[7].as_py()
+    line = one_line(CliRunner().invoke(app, ["export", str(out), "-f", "datacomp"]))
+    assert f"{out}/{relative} row {row}: " in line and needle in line, line
+
+
+def test_export_refuses_a_manifest_listing_a_row_twice(baseline, tmp_path):
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "manifest", 3)
+    rewrite_manifest(out, relative, lambda t: pa.concat_tables([t, t.slice(10, 1)]))
+    line = one_line(CliRunner().invoke(app, ["export", str(out), "-f", "datacomp"]))
+    assert f"{out}/{relative} row " in line and "listed twice" in line, line
+
+
+# -- what the run writes, and a run in progress ------------------------------------------------
+
+
+def test_every_parquet_file_the_run_writes_carries_page_checksums(baseline):
+    """(synth's shards and the Parquet exports: tests/test_cli.py and tests/operators/export/test_export.py)"""
+    files = sorted(baseline["clean"].rglob("*.parquet"))
+    assert len(files) > 6 * SHARDS
+    for path in files:
+        with pa.OSFile(str(path)) as handle:
+            assert has_page_checksums(handle) in (True, None), path  # None: a file of zero rows
+
+
+def test_plan_during_a_live_run_says_another_run_holds_the_lock(baseline, tmp_path):
+    out = run_copy(baseline, tmp_path)
+    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running rebalance holds
+        planned = Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()
+    finally:
+        os.close(fd)
+    assert planned["status"].startswith(f"another mmbalance run holds the lock on {out} and is writing to it now")
+    assert Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()["status"] == "resume"
