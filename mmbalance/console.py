@@ -72,6 +72,8 @@ def print_validation(summary: dict[str, Any], console: Console | None = None) ->
         console.print(f"  {n:,} x {reason}")
     for ex in summary["examples"]:
         console.print(f"  e.g. {ex['shard']} row {ex['row']} uid={ex['uid']!r}: {ex['reason']}")
+    for note in summary.get("notes", []):
+        console.print(f"note: {note}")
 
 
 def solver_lines(solution: dict[str, Any], method: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
-from mmbalance.operators.source import open_source, source_batches
+from mmbalance.operators.source import read_source, shard_info
 from mmbalance.pipeline.shards import discover_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import tag_column
@@ -60,6 +60,9 @@ def _type_name(t: pa.DataType) -> str:
 
 
 def _footer(fs, shard) -> dict[str, Any]:
+    if shard.format != "parquet":  # a tar: columns from its first samples and side table, no statistics
+        schema, rows = shard_info(fs, shard.path, shard.relpath, shard.format)
+        return {"shard": shard, "rows": rows, "row_groups": 0, "schema": schema, "nulls": {n: None for n in schema.names}}
     with fs.open_input_file(shard.path) as handle:
         meta = pq.ParquetFile(handle).metadata
     schema = meta.schema.to_arrow_schema()
@@ -91,9 +94,8 @@ def _sample(fs, footers: list[dict], columns: list[str], sample_rows: int, sampl
     parts = []
     for f in picked:
         present = [c for c in columns if c in f["schema"].names]
-        relpath = f["shard"].relpath
-        with fs.open_input_file(f["shard"].path) as handle:
-            table = next(source_batches(open_source(handle, relpath, verify_checksums), relpath, present, per), None)
+        shard = f["shard"]
+        table = next(read_source(fs, shard.path, shard.relpath, present, per, shard.format, verify_checksums), None)
         if table is None:
             continue
         for c in columns:
@@ -140,7 +142,7 @@ def _prevalence(frame: pl.DataFrame, column: str) -> dict[str, Any]:
 def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_rows: int = SAMPLE_ROWS,
                    sample_shards: int = SAMPLE_SHARDS) -> dict[str, Any]:
     extensions = recipe.input.extensions if recipe else (".parquet",)
-    fs, shards = discover_shards(path, extensions)
+    fs, shards = discover_shards(path, extensions, recipe.input.format if recipe else "auto")
     with ThreadPoolExecutor(max_workers=8) as pool:
         footers = list(pool.map(lambda s: _footer(fs, s), shards))
     rows = sum(f["rows"] for f in footers)
@@ -156,7 +158,7 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
         "bytes": sum(s.size for s in shards), "row_groups": sum(f["row_groups"] for f in footers), "columns": columns,
     }
     console.print(f"[bold]{escape(path)}[/bold]: {fmt(len(shards))} shards, {fmt(rows)} rows, {fmt(summary['row_groups'])} row groups, "
-                  f"{summary['bytes'] / 2**20:,.1f} MiB (from the Parquet footers)")
+                  f"{summary['bytes'] / 2**20:,.1f} MiB (from the {'Parquet footers' if shards[0].format == 'parquet' else 'tars and side tables'})")
     table = Table(title="schema")
     for h, j in (("column", "left"), ("type", "left"), ("in shards", "right"), ("nulls", "right")):
         table.add_column(h, justify=j)
@@ -363,5 +365,5 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
         scalars = {k: v for k, v in report["solution"].items() if not isinstance(v, (dict, list))}
         console.print("solver: " + ", ".join(f"{k}={fmt(v)}" for k, v in scalars.items()))
     if store.exists("report.html"):
-        console.print(f"report: {store.path('report.html')}")
+        console.print(f"report: {store.uri_of('report.html')}")
     return summary

@@ -202,12 +202,13 @@ def test_export_to_the_store_uploads_whole_files_and_open_clip_reads_the_tars(mo
     first = moto.log_lines()
     remote = export_run(str(tmp_path / "run"), ["csv", "webdataset"],
                         ExportOptions.model_validate({**options, "dest": "s3://exports/e"}))
+    time.sleep(0.5)  # the server logs a request after answering it
+    requests = moto.requests(first)
     uploaded = objects(moto, "s3://exports/e")
     written = local_files(tmp_path / "run" / "export")
     data = [k for k in written if k.endswith((".tar", ".png", ".csv", "sizes.json", ".npy"))]
     assert len(data) > 40 and all(uploaded[k] == written[k] for k in data)
     assert set(uploaded) == set(written)
-    requests = moto.requests(first)
     for key in data:  # one request per file: a single PUT, no multipart upload, no copy or rename
         assert [r for r in requests if r.split(" ")[1].split("?")[0] == f"/exports/e/{key}"] == [f"PUT /exports/e/{key}"]
     args = remote["webdataset"]["open_clip_args"]

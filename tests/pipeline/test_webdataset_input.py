@@ -135,3 +135,17 @@ def test_explicit_format_and_a_mixed_directory(tmp_path):
     data = parse_recipe({"input": {"format": "parquet"}}).model_dump(mode="json", exclude_unset=True)
     result = rebalance(str(tmp_path / "m"), str(tmp_path / "o3"), parse_recipe(data), LOCAL)
     assert result.report["rows"]["input"] == 10 and np.isclose(result.report["weights"]["retention"], 1.0)
+
+
+def test_inspect_summarises_a_directory_of_tars(tmp_path):
+    from rich.console import Console
+
+    from mmbalance.inspect import inspect_path
+
+    for i in range(2):
+        write_tar(tmp_path / "wds" / f"s{i}.tar", table_as_samples(held_out_table(50, 30 + i)))
+    console = Console(record=True, width=200)
+    summary = inspect_path(str(tmp_path / "wds"), console=console)
+    assert summary["shards"] == 2 and summary["rows"] == 100
+    assert {"__key__", "txt", "gender", "occupation", "image_emb"} <= set(summary["columns"])
+    assert "occupation" in summary["labels"] or "occupation" in summary["attributes"]
