@@ -141,7 +141,7 @@ def test_webdataset_output_gives_the_run_of_the_parquet_output_row_for_row(downl
         return pl.read_parquet(run / directory / "**" / "*.parquet").select(columns).sort("uid")
 
     ma, mb = (table(tmp_path / r, "manifest", ["uid", "weight"]) for r in "ab")
-    assert ma.equals(mb) and ma["weight"].min() < 1.0 < ma["weight"].max() * 2  # the cap binds
+    assert ma.equals(mb) and ma["weight"].min() < 1.0  # the cap binds: weights differ by occupation
     ra, rb = (table(tmp_path / r, "rejects", ["uid", "stage", "reason"]) for r in "ab")
     assert ra.equals(rb) and ra.height == 5
     ea, eb = (table(tmp_path / r, "embeddings", ["uid", "image_emb", "text_emb"]) for r in "ab")
