@@ -192,10 +192,11 @@ def test_export_to_the_store_uploads_whole_files_and_open_clip_reads_the_tars(mo
     webdataset = pytest.importorskip("webdataset")
     synth_corpus(tmp_path / "c", rows=600, shards=3, seed=3, dim=8, images=True)
     recipe = parse_recipe({"input": {"columns": {"uid": "uid", "caption": "caption", "image": "image"}},
-                           "labels": [{"name": "occupation"}], "balance": {"method": "cap", "by": "occupation", "cap": 40},
+                           "attributes": [{"name": "gender", "values": ["woman", "man"]}], "labels": [{"name": "occupation"}],
+                           "balance": {"method": "cap", "by": "occupation", "cap": 40},
                            "report": {"html": False, "leakage": False}})
     rebalance(str(tmp_path / "c"), str(tmp_path / "run"), recipe, LOCAL)
-    options = {"domain": {"by": "occupation"}, "webdataset": {"shard_size": 25}}
+    options = {"domain": {"by": "gender"}, "webdataset": {"shard_size": 150}}  # a few tars: one aws process each
     local = export_run(str(tmp_path / "run"), ["csv", "webdataset"], ExportOptions.model_validate(options))
     make_bucket(moto, "exports")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
