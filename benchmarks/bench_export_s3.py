@@ -42,7 +42,7 @@ def tree_bytes(root: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def bare_upload(fs: pafs.FileSystem, root: Path, prefix: str, threads: int = 16) -> float:
+def bare_upload(fs: pafs.FileSystem, root: Path, prefix: str, threads: int = 32) -> float:
     """The same files uploaded by a bare thread pool (one PUT each): what the store itself allows."""
     files = [p for p in root.rglob("*") if p.is_file()]
 

@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 
 from mmbalance.pipeline.store import RunStore
 
-UPLOAD_THREADS = 16
-MAX_PENDING = 64
+UPLOAD_THREADS = 32  # many small files: requests in flight, not bandwidth, bound the time
+MAX_PENDING = 128
 COPY_CHUNK = 8 << 20
 
 
@@ -28,6 +28,8 @@ class Uploader:
 
     def __init__(self, fs: pafs.FileSystem, root: str, threads: int = UPLOAD_THREADS):
         self.fs, self.root = fs, root.rstrip("/")
+        if pa.io_thread_count() < threads:  # pyarrow sends every PUT from its IO pool (8 threads by default)
+            pa.set_io_thread_count(threads)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mmbalance-upload")
         self.slots = threading.BoundedSemaphore(MAX_PENDING)
         self.futures: list[Future] = []
