@@ -18,6 +18,7 @@ import pytest
 import yaml
 from corpora import RECIPE_FROM_ISSUE, held_out_table, table_as_samples, write_shards, write_tar
 from object_store import CREDENTIALS, make_bucket, start_moto, upload_dir
+from signals import sigterm_when
 from typer.testing import CliRunner
 
 from mmbalance.cli import app
@@ -140,20 +141,8 @@ def test_sigterm_on_the_store_then_the_rerun_resumes_to_the_local_manifest(moto,
            "--recipe", str(tmp_path / "r.yaml"), "--executor", "local", "-q"]
     proc = subprocess.Popen(cmd, env=cli_env(moto, False), stderr=subprocess.PIPE, text=True, start_new_session=True)
     fs = s3_fs(moto)
-    try:
-        deadline = time.monotonic() + 200
-        while proc.poll() is None and time.monotonic() < deadline:
-            done = fs.get_file_info(pafs.FileSelector("run-kill/run/_done/scan", allow_not_found=True))
-            if done:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before one shard was scanned"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err = sigterm_when(proc, lambda: bool(fs.get_file_info(pafs.FileSelector("run-kill/run/_done/scan", allow_not_found=True))),
+                       wait_s=200, poll_s=0.05)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "mmbalance: error: terminated; rerun the same command to resume"
     assert fs.get_file_info("run-kill/run/.lock").type == pafs.FileType.NotFound
