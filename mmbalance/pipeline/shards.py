@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmbalance.operators.source import READ_ERRORS, TAR_SUFFIXES, read_source, shard_info, unreadable
+from mmbalance.operators.source import READ_ERRORS, TAR_SUFFIXES, open_shard, read_source, shard_info, unreadable
 from mmbalance.pipeline.store import resolve_filesystem
 from mmbalance.schemas.contract import InputError, ShardLayout, check_shard_schema
 from mmbalance.schemas.recipe import Recipe
@@ -142,7 +142,8 @@ def effective_recipe(fs: pafs.FileSystem, shards: list[Shard], recipe: Recipe) -
     kind = shards[0].format if shards else "parquet"
     present: tuple[str, ...] = ()
     if kind == "webdataset":
-        present = tuple(shard_info(fs, shards[0].path, shards[0].relpath, kind)[0].names)
+        with open_shard(fs, shards[0].path, shards[0].relpath, kind) as first:  # its columns, not its rows
+            present = tuple(first.schema.names)
     return recipe.for_format(kind, present)
 
 
