@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmbalance.operators.validate import all_zero_rows, embedding_problems  # noqa: E402
-from mmbalance.pipeline.shards import DIM_SAMPLE_ROWS, _first_lengths  # noqa: E402
-from mmbalance.pipeline.shards import Shard  # noqa: E402
+from mmbalance.pipeline.shards import DIM_SAMPLE_ROWS, InspectedShard, Shard, _first_lengths  # noqa: E402
+from mmbalance.schemas.contract import ShardLayout  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "a.parquet")
         pq.write_table(pa.table({"e": columns["list_float32"]}), path, use_dictionary=False)
-        shard = Shard(0, "a.parquet", path, os.path.getsize(path), "a")
+        shard = InspectedShard(Shard(0, "a.parquet", path, os.path.getsize(path), "a"), ShardLayout(["e"]), pq.read_schema(path))
         fs = pafs.LocalFileSystem()
         out["dimension_election_s"] = round(median_seconds(lambda: _first_lengths(fs, shard, "e", DIM_SAMPLE_ROWS, False), 5), 5)
     out["loadavg_after"] = os.getloadavg()

@@ -73,7 +73,7 @@ def _guarded(fn, debug: bool):
             signal.signal(signal.SIGTERM, previous)
 
 
-def _load(recipe_path: Optional[Path]):
+def _load(recipe_path: Optional[str]):
     from mmbalance.schemas.recipe import Recipe, load_recipe
 
     return load_recipe(recipe_path) if recipe_path else Recipe()
@@ -81,9 +81,9 @@ def _load(recipe_path: Optional[Path]):
 
 @app.command()
 def rebalance(
-    shard_dir: Optional[str] = typer.Argument(None, help="Directory or URI of Parquet shards (default: recipe input.path)."),
+    shard_dir: Optional[str] = typer.Argument(None, help="Directory or URI of Parquet shards or WebDataset tars (default: recipe input.path)."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory or URI of the run."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe: a path or a URI (s3://bucket/r.yaml)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
     executor: Optional[str] = typer.Option(None, "--executor", help="ray | local (overrides the recipe)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray."),
@@ -126,8 +126,8 @@ def rebalance(
 
 @app.command()
 def validate(
-    shard_dir: str = typer.Argument(..., help="Directory or URI of Parquet shards."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (column mapping, attributes)."),
+    shard_dir: str = typer.Argument(..., help="Directory or URI of Parquet shards or WebDataset tars."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe (column mapping, attributes): a path or a URI."),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Check every shard and row against the recipe without writing a run. Exit 1 if rows would be rejected."""
@@ -246,7 +246,7 @@ def report_cmd(
 @app.command("inspect")
 def inspect_cmd(
     path: str = typer.Argument(..., help="A shard directory (footers + a bounded sample) or a run directory."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe naming the tag columns of a shard directory."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe naming the tag columns of a shard directory (a path or a URI)."),
     sample_rows: int = typer.Option(5000, "--sample-rows", help="Rows sampled from a shard directory."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:

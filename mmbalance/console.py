@@ -193,6 +193,8 @@ def print_validation(summary: dict[str, Any], console: Console | None = None) ->
         from mmbalance.inspect import checksum_warning
 
         console.print(f"[yellow]{checksum_warning(unchecked, summary['shards'])}[/yellow]", soft_wrap=True)
+    for note in summary.get("notes", []):
+        console.print(f"note: {note}")
 
 
 def solver_lines(solution: dict[str, Any], method: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from mmbalance.console import _count, join_uri, make_console, make_table, solver_lines
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
-from mmbalance.operators.source import has_page_checksums, open_source, source_batches
+from mmbalance.operators.source import has_page_checksums, read_source, shard_info
 from mmbalance.pipeline.shards import discover_shards
 from mmbalance.pipeline.store import RunStore
 from mmbalance.schemas.contract import tag_column
@@ -60,6 +60,10 @@ def _type_name(t: pa.DataType) -> str:
 
 
 def _footer(fs, shard) -> dict[str, Any]:
+    if shard.format != "parquet":  # a tar: columns from its first samples and side table, no statistics
+        schema, rows = shard_info(fs, shard.path, shard.relpath, shard.format)
+        return {"shard": shard, "rows": rows, "row_groups": 0, "schema": schema, "nulls": {n: None for n in schema.names},
+                "page_checksums": None}  # a tar has no pages to check
     with fs.open_input_file(shard.path) as handle:
         meta = pq.ParquetFile(handle).metadata
         checksums = has_page_checksums(handle, meta)
@@ -93,9 +97,8 @@ def _sample(fs, footers: list[dict], columns: list[str], sample_rows: int, sampl
     parts = []
     for f in picked:
         present = [c for c in columns if c in f["schema"].names]
-        relpath = f["shard"].relpath
-        with fs.open_input_file(f["shard"].path) as handle:
-            table = next(source_batches(open_source(handle, relpath, verify_checksums), relpath, present, per), None)
+        shard = f["shard"]
+        table = next(read_source(fs, shard.path, shard.relpath, present, per, shard.format, verify_checksums), None)
         if table is None:
             continue
         for c in columns:
@@ -149,7 +152,7 @@ def _prevalence(frame: pl.DataFrame, column: str) -> dict[str, Any]:
 def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_rows: int = SAMPLE_ROWS,
                    sample_shards: int = SAMPLE_SHARDS) -> dict[str, Any]:
     extensions = recipe.input.extensions if recipe else (".parquet",)
-    fs, shards = discover_shards(path, extensions)
+    fs, shards = discover_shards(path, extensions, recipe.input.format if recipe else "auto")
     with ThreadPoolExecutor(max_workers=8) as pool:
         footers = list(pool.map(lambda s: _footer(fs, s), shards))
     rows = sum(f["rows"] for f in footers)
@@ -165,7 +168,7 @@ def inspect_shards(path: str, recipe: Recipe | None, console: Console, sample_ro
         "bytes": sum(s.size for s in shards), "row_groups": sum(f["row_groups"] for f in footers), "columns": columns,
     }
     console.print(f"[bold]{escape(path)}[/bold]: {fmt(len(shards))} shards, {fmt(rows)} rows, {fmt(summary['row_groups'])} row groups, "
-                  f"{summary['bytes'] / 2**20:,.1f} MiB (from the Parquet footers)")
+                  f"{summary['bytes'] / 2**20:,.1f} MiB (from the {'Parquet footers' if shards[0].format == 'parquet' else 'tars and side tables'})")
     table = make_table("schema", [("column", "left"), ("type", "left"), ("in shards", "right"), ("nulls", "right")])
     for name, c in columns.items():
         table.add_row(escape(name), escape(c["type"]), f"{c['shards']}/{len(shards)}", "?" if c["nulls"] is None else fmt(c["nulls"]))
@@ -370,5 +373,5 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
         for line in solver_lines(report["solution"], report.get("method", "")):
             console.print(escape(line))
     if store.exists("report.html"):
-        console.print(f"report: {escape(join_uri(store.uri, 'report.html'))}")
+        console.print(f"report: {store.uri_of('report.html')}")
     return summary

@@ -15,6 +15,9 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[dev,embed]"
+# img2dataset for tests/test_img2dataset.py, without its pins (pandas<3 would replace ours); its
+# other dependencies are in the dev extra
+.venv/bin/pip install -q --no-deps img2dataset==1.47.0
 # exactly one faiss build: a rerun after `python -m mmbalance.faiss_build --use gpu` reinstalls faiss-cpu beside it
 .venv/bin/python -m mmbalance.faiss_build > /dev/null
 bash scripts/setup_consumers.sh  # .venv-consumers: mosaicml-streaming + HF datasets for the export round trips

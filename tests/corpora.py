@@ -168,3 +168,41 @@ def run_outputs(run: Path, markers: bool = False) -> dict[str, bytes]:
             data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
         found[rel] = data
     return found
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar: ``<key>.<ext>`` members, one sample's members consecutive, in order."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def table_as_samples(table: pa.Table, key: str = "uid", text: str = "caption") -> list[tuple[str, dict[str, bytes]]]:
+    """Rows of a table as WebDataset samples: the key column names the sample, ``text`` goes to
+    ``.txt``, bytes columns to ``.<column>``, everything else (embeddings as lists) to ``.json``."""
+    import json
+
+    out = []
+    for row in table.to_pylist():
+        members: dict[str, bytes] = {}
+        if row.get(text) is not None:
+            members["txt"] = row[text].encode()
+        fields = {}
+        for name, value in row.items():
+            if name in (key, text):
+                continue
+            if isinstance(value, bytes):
+                members[name] = value
+            else:
+                fields[name] = value
+        members["json"] = json.dumps(fields).encode()
+        out.append((row[key], members))
+    return out

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mmbalance.operators.precomputed import Half, assemble, uid_strings
-from mmbalance.operators.source import read_batches
+from mmbalance.operators.source import read_source
 from mmbalance.schemas.embed import EMBED_NOTE, IMAGE_EMB, RANDOM_INIT, TEXT_EMB, EmbedSpec
 
 log = logging.getLogger(__name__)
@@ -543,6 +543,46 @@ def _can_trim_text(model, tokenizer) -> bool:
     return bool(torch.allclose(full, cut, rtol=1e-4, atol=1e-5 * float(full.abs().max())))
 
 
+def _model_source(spec: EmbedSpec, open_clip) -> tuple[str, str, dict | None, dict | None, bool]:
+    """(kind of weights, name open_clip builds, the tag's config, the preprocessing a tag forces,
+    quick_gelu) for a spec; nothing downloaded."""
+    kind = classify_pretrained(spec.model, spec.pretrained)
+    name = spec.pretrained if kind == "hub" and (spec.pretrained or "").startswith("hf-hub:") else spec.model
+    tag_cfg, force_pp, quick_gelu = None, None, False
+    if kind == "tag":
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(spec.model)
+            raise ValueError(
+                f"embed.pretrained '{spec.pretrained}' is not an open_clip tag of '{spec.model}', nor an existing "
+                f"file (tags: {', '.join(tags) or 'none'})"
+            )
+        force_pp = {k: v for k, v in tag_cfg.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # open_clip only warns on a mismatch
+    return kind, name, tag_cfg, force_pp, quick_gelu
+
+
+def preprocess_config(spec: EmbedSpec | dict) -> dict:
+    """The model's image preprocessing (size, mean, std, interpolation, resize mode) without its
+    weights: the architecture is built on torch's meta device (no memory used, nothing downloaded
+    but configs), so ``mmbalance validate`` checks images exactly as the embed stage prepares them."""
+    torch, open_clip = _import_open_clip()
+    if isinstance(spec, dict):
+        spec = EmbedSpec.model_validate(spec)
+    _, name, _, force_pp, quick_gelu = _model_source(spec, open_clip)
+    root = logging.getLogger()
+    was_disabled = root.disabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root.disabled = True  # open_clip logs "no pretrained weights" through the root logger
+        try:
+            model = open_clip.create_model(name, pretrained=None, load_weights=False, force_preprocess_cfg=force_pp,
+                                           force_quick_gelu=quick_gelu, device="meta")
+        finally:
+            root.disabled = was_disabled
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
+
+
 def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelBundle:
     """Build the open_clip model named by the spec; never downloads unless the spec names a tag/hub."""
     torch, open_clip = _import_open_clip()
@@ -554,24 +594,12 @@ def load_model(spec: EmbedSpec | dict, num_threads: int | None = None) -> ModelB
     torch.set_num_threads(threads)
     device = resolve_device(spec)
     weights_precision, autocast_dtype = _precision(spec, device)
-    kind = classify_pretrained(spec.model, spec.pretrained)
-    name = spec.pretrained if kind == "hub" and (spec.pretrained or "").startswith("hf-hub:") else spec.model
+    kind, name, tag_cfg, force_pp, quick_gelu = _model_source(spec, open_clip)
     info: dict[str, Any] = {"source": "open_clip", "model": spec.model, "pretrained": spec.pretrained,
                             "pretrained_kind": kind, "checkpoint_sha256": None}
     checkpoint = None
-    force_pp = None
-    quick_gelu = False
     if kind == "tag":
-        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
-        if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(spec.model)
-            raise ValueError(
-                f"embed.pretrained '{spec.pretrained}' is not an open_clip tag of '{spec.model}', nor an existing "
-                f"file (tags: {', '.join(tags) or 'none'})"
-            )
         checkpoint = open_clip.pretrained.download_pretrained(tag_cfg)
-        force_pp = {k: v for k, v in tag_cfg.items() if k in ("mean", "std", "interpolation", "resize_mode")}
-        quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # open_clip only warns on a mismatch
         info["quick_gelu"] = quick_gelu
     elif kind == "file":
         checkpoint = _local_checkpoint(spec.pretrained)
@@ -843,16 +871,22 @@ def _prepare(bundle: ModelBundle, columns: EmbedColumns, source: ImageSource, im
     if captions is not None:
         t0 = time.perf_counter()
         chunk = captions[start:stop]
-        text_reason = np.full(n, None, dtype=object)
-        for i, c in enumerate(chunk):
-            if c is None:
-                text_reason[i] = f"caption missing (column '{columns.caption}' is null)"
-            elif not c.strip():
-                text_reason[i] = f"caption empty (column '{columns.caption}')"
+        text_reason = caption_reasons(chunk, columns.caption)
         text_ok = np.array([r is None for r in text_reason], bool)
         tokens = bundle.tokenize([c for c, ok in zip(chunk, text_ok) if ok]) if text_ok.any() else []
         seconds["tokenize"] = time.perf_counter() - t0
     return _Prepared(start, stop, pixels, image_ok, image_reason, tokens, text_ok, text_reason, seconds, event)
+
+
+def caption_reasons(captions: list[str | None], column: str) -> np.ndarray:
+    """Why each caption cannot be embedded (None: it can)."""
+    reason = np.full(len(captions), None, dtype=object)
+    for i, c in enumerate(captions):
+        if c is None:
+            reason[i] = f"caption missing (column '{column}' is null)"
+        elif not c.strip():
+            reason[i] = f"caption empty (column '{column}')"
+    return reason
 
 
 def _add(timings: dict | None, key: str, value: float) -> None:
@@ -944,26 +978,68 @@ def embed_shard(
     timings: dict | None = None,
     only_rows: np.ndarray | None = None,
     verify_checksums: bool = False,
+    fmt: str = "auto",
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Stream one Parquet shard in batches: yields (sidecar rows, rejects) per batch.
+    """Stream one source shard (Parquet or WebDataset, ``fmt``) in batches: yields (sidecar rows, rejects) per batch.
 
     Relative image paths resolve against ``image_base`` (default: the shard's directory, same fs).
     ``only_rows`` (sorted shard row indices, e.g. the rows validation kept) limits the work to those.
     ``verify_checksums`` checks the shard's page CRCs (``execution.verify_checksums``); an unreadable
     page is an input error naming ``shard``.
     """
-    base = image_base if image_base is not None else path.rsplit("/", 1)[0] if "/" in path else ""
-    source = ImageSource(fs, base)
+    source = ImageSource(fs, image_base if image_base is not None else path.rsplit("/", 1)[0] if "/" in path else "")
+    for rows, table in selected_batches(fs, path, shard, columns.names(), batch_rows or 8 * bundle.spec.batch_size,
+                                        only_rows, verify_checksums, fmt):
+        yield embed_table(table, bundle, columns, shard, rows=rows, source=source, timings=timings)
+
+
+def selected_batches(fs: pafs.FileSystem, path: str, shard: str, names: list[str], batch_rows: int,
+                     only_rows: np.ndarray | None, verify_checksums: bool, fmt: str) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """(shard row indices, table) per batch of a source shard, only the ``only_rows`` (sorted) if given."""
     done = 0
-    with fs.open_input_file(path) as handle:
-        for table in read_batches(handle, shard, columns.names(), batch_rows or 8 * bundle.spec.batch_size,
-                                  verify_checksums):
-            rows = np.arange(done, done + table.num_rows, dtype=np.int64)
-            done += table.num_rows
-            if only_rows is not None:
-                lo, hi = np.searchsorted(only_rows, [rows[0], rows[-1] + 1]) if len(rows) else (0, 0)
-                rows = np.asarray(only_rows[lo:hi], np.int64)
-                if not len(rows):
-                    continue
-                table = table.take(pa.array(rows - (done - table.num_rows)))
-            yield embed_table(table, bundle, columns, shard, rows=rows, source=source, timings=timings)
+    for table in read_source(fs, path, shard, names, batch_rows, fmt, verify_checksums):
+        rows = np.arange(done, done + table.num_rows, dtype=np.int64)
+        done += table.num_rows
+        if only_rows is not None:
+            lo, hi = np.searchsorted(only_rows, [rows[0], rows[-1] + 1]) if len(rows) else (0, 0)
+            rows = np.asarray(only_rows[lo:hi], np.int64)
+            if not len(rows):
+                continue
+            table = table.take(pa.array(rows - (done - table.num_rows)))
+        yield rows, table
+
+
+@dataclass
+class _Checker:
+    """What ``_decode_one`` reads of a bundle, without a model: the spec and the preprocessing."""
+
+    spec: EmbedSpec
+    preprocessor: Preprocessor
+
+
+def check_shard(fs: pafs.FileSystem, path: str, shard: str, spec: EmbedSpec, preprocess: dict, columns: EmbedColumns,
+                batch_rows: int, only_rows: np.ndarray | None = None, verify_checksums: bool = False,
+                fmt: str = "auto") -> Iterator[tuple[pa.Table, pa.Table]]:
+    """What ``embed_shard`` keeps and rejects, without running (or loading) the model: every image is
+    read, decoded and put through the model's geometry as the PIL path does (the tensor path words its
+    reasons the same), every caption checked, and the same policy decides (``precomputed.assemble``).
+    Yields (kept rows: ``row``, ``uid``; rejects) per batch."""
+    checker = _Checker(spec, Preprocessor(preprocess))
+    source = ImageSource(fs, path.rsplit("/", 1)[0] if "/" in path else "")
+    with ThreadPoolExecutor(max_workers=spec.decode_threads or spec.threads()) as pool:
+        for rows, table in selected_batches(fs, path, shard, columns.names(), batch_rows, only_rows, verify_checksums, fmt):
+            n = len(rows)
+            image = text = None
+            if columns.image:
+                items = source.rows(table.column(columns.image))
+                reasons = np.array([r[1] for r in pool.map(lambda it: _decode_one(checker, source, it, columns.image), items)],
+                                   dtype=object)
+                image = Half(np.zeros((n, 1), np.float16), np.array([r is None for r in reasons], bool), reasons)
+            if columns.caption:
+                cap = table.column(columns.caption)
+                reasons = caption_reasons((cap.cast(pa.string()) if not pa.types.is_string(cap.type) else cap).to_pylist(),
+                                          columns.caption)
+                text = Half(np.zeros((n, 1), np.float16), np.array([r is None for r in reasons], bool), reasons)
+            kept, rejects = assemble(uid_strings(table.column(columns.uid)), rows, image, text, 1, shard,
+                                     spec.on_image_error, spec.on_missing_caption)
+            yield kept.select(["row", "uid"]), rejects

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmbalance.operators.source import open_source, source_batches
+from mmbalance.operators.source import open_shard
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError
 from mmbalance.schemas.embed import (
     DATACOMP_VARIANTS,
@@ -201,9 +201,9 @@ def columns_info(image_column: str | None, text_column: str | None, dim: int) ->
 
 
 def npz_path_for(shard_path: str, suffix: str = ".npz") -> str:
-    """``<dir>/<stem>.npz`` for ``<dir>/<stem>.parquet``."""
+    """``<dir>/<stem>.npz`` for ``<dir>/<stem>.parquet`` (or ``.tar``, ``.tar.gz``)."""
     base = shard_path.rsplit("/", 1)
-    name = base[-1].rsplit(".", 1)[0] + suffix
+    name = base[-1].removesuffix(".gz").rsplit(".", 1)[0] + suffix
     return f"{base[0]}/{name}" if len(base) == 2 else name
 
 
@@ -258,6 +258,7 @@ def npz_sidecar_batches(
     on_image_error: str = "reject",
     on_missing_caption: str = "image_only",
     verify_checksums: bool = False,
+    fmt: str = "auto",
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream a shard's ``.npz`` embeddings as sidecar batches (row counts and dims checked first).
     ``verify_checksums`` checks the shard's page CRCs (``execution.verify_checksums``); an unreadable
@@ -270,15 +271,14 @@ def npz_sidecar_batches(
         npz_file = fs.open_input_file(npz)
     except (FileNotFoundError, OSError) as err:
         raise InputError(f"{shard}: no embeddings file {npz.rsplit('/', 1)[-1]} beside the shard ({err})") from None
-    with npz_file, fs.open_input_file(shard_path) as handle:
+    with npz_file, open_shard(fs, shard_path, shard, fmt, verify_checksums) as source:
         try:
             archive = zipfile.ZipFile(npz_file)
         except (zipfile.BadZipFile, pa.ArrowInvalid, OSError, EOFError) as err:
             # a file shorter than the zip trailer fails pyarrow's seek rather than zipfile's check
             raise InputError(f"{npz}: not an .npz file ({str(err).splitlines()[0]})") from None
         with archive:
-            pfile = open_source(handle, shard, verify_checksums)
-            num_rows = pfile.metadata.num_rows
+            num_rows = source.num_rows
             members = [NpyMember(archive, image_key, npz), NpyMember(archive, text_key, npz)]
             for m in members:
                 if m.shape[0] != num_rows:
@@ -286,7 +286,7 @@ def npz_sidecar_batches(
                 if m.shape[1] != dim:
                     raise InputError(f"{m.where}: dimension {m.shape[1]}, expected {dim} for variant '{spec.variant}'")
             done = 0
-            for batch in source_batches(pfile, shard, [uid_column], batch_rows):
+            for batch in source.batches([uid_column], batch_rows):
                 n = batch.num_rows
                 img, _ = normalise_rows(members[0].read(n), f"image embedding (npz '{image_key}')")
                 txt, _ = normalise_rows(members[1].read(n), f"text embedding (npz '{text_key}')")

@@ -694,9 +694,9 @@ def html_page(title: str, heading: str, sub: str, main: str) -> str:
 
 
 def write_html_report(out_dir: str) -> str:
-    """Render OUT/report.html from the files of a finished run; returns its path."""
+    """Render OUT/report.html from the files of a finished run; returns its path (a URI with its scheme)."""
     store = RunStore(out_dir)
     page = render_html(store)
     with store.atomic_output("report.html") as stream:
         stream.write(page.encode("utf-8"))
-    return store.path("report.html")
+    return store.uri_of("report.html")

@@ -1,20 +1,34 @@
-"""Reading a source shard: its Parquet file opened (page CRCs verified on request,
-``execution.verify_checksums``, on by default) and read in batches, a corrupt footer or page being the one-line
-input error naming the file. Below the operators and the pipeline, which all read source shards
-through it (scan, embed, DataComp .npz uids, exports, inspect, evaluation shards)."""
+"""Reading a source shard, whatever its format: a Parquet file (page CRCs verified unless
+``execution.verify_checksums`` is off) or a WebDataset tar (``operators/tar_source.py``), opened with
+``open_shard`` and read in batches of the columns asked for; a damaged file is the one-line input
+error naming it. Below the operators and the pipeline, which all read source shards through it
+(inspect and fingerprints, scan, embed, DataComp .npz uids, exports, ``mmbalance inspect``,
+evaluation shards)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mmbalance.schemas.contract import InputError
+from mmbalance.schemas.contract import SOURCE_ERROR, TAR_KEY, InputError  # noqa: F401 - re-exported
 
 READ_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError)  # what a corrupt page raises
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+FORMATS = ("parquet", "webdataset")
 
 
 def unreadable(relpath: str, err: BaseException) -> InputError:
-    return InputError(f"{relpath}: unreadable data ({str(err).splitlines()[0]})")
+    return InputError(f"{relpath}: unreadable data ({(str(err).splitlines() or [type(err).__name__])[0]})")
+
+
+def format_of(relpath: str, declared: str = "auto") -> str:
+    """The format a shard is read as: the declared one, else from its name (a tar is WebDataset)."""
+    if declared in FORMATS:
+        return declared
+    return "webdataset" if relpath.endswith(TAR_SUFFIXES) else "parquet"
 
 
 def open_source(handle, relpath: str, verify_checksums: bool = False) -> pq.ParquetFile:
@@ -42,12 +56,6 @@ def source_batches(pfile: pq.ParquetFile, relpath: str, columns: list[str], batc
         raise unreadable(relpath, err) from None
 
 
-def read_batches(handle, relpath: str, columns: list[str], batch_rows: int, verify_checksums: bool = False):
-    """Record batches of a source shard; a corrupt page (or, verifying, a page whose CRC does not
-    match) is an input error naming the file."""
-    yield from source_batches(open_source(handle, relpath, verify_checksums), relpath, columns, batch_rows)
-
-
 def has_page_checksums(handle, metadata: pq.FileMetaData | None = None) -> bool | None:
     """Whether a Parquet file's pages carry CRCs (None: it has no page). pyarrow does not expose page
     headers, so the first column chunk's first page header (Thrift compact protocol) is read: the
@@ -73,3 +81,74 @@ def has_page_checksums(handle, metadata: pq.FileMetaData | None = None) -> bool 
             i += 1
         i += 1
     return False
+
+
+class ParquetShard:
+    """A Parquet source shard: its footer gives the schema and the row count."""
+
+    format = "parquet"
+
+    def __init__(self, fs: pafs.FileSystem, path: str, relpath: str, verify_checksums: bool = False):
+        self.relpath = relpath
+        try:
+            self._handle = fs.open_input_file(path)
+        except OSError as err:
+            raise unreadable(relpath, err) from None
+        try:
+            self.pfile = open_source(self._handle, relpath, verify_checksums)
+        except BaseException:
+            self._handle.close()
+            raise
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.pfile.schema_arrow
+
+    @property
+    def num_rows(self) -> int:
+        return self.pfile.metadata.num_rows
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
+        return source_batches(self.pfile, self.relpath, columns, batch_rows)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_shard(fs: pafs.FileSystem, path: str, relpath: str, fmt: str = "auto", verify_checksums: bool = False):
+    """The reader of one source shard (``schema``, ``num_rows``, ``batches(columns, batch_rows)``),
+    a context manager; ``fmt`` auto: from the file name."""
+    if format_of(relpath, fmt) == "webdataset":
+        from mmbalance.operators.tar_source import TarShard
+
+        return TarShard(fs, path, relpath)
+    return ParquetShard(fs, path, relpath, verify_checksums)
+
+
+def read_source(fs: pafs.FileSystem, path: str, relpath: str, columns: list[str], batch_rows: int, fmt: str = "auto",
+                verify_checksums: bool = False) -> Iterator[pa.Table]:
+    """Tables of ``batch_rows`` rows of ``columns`` of one source shard, in row order; unreadable
+    data is an input error naming ``relpath``."""
+    with open_shard(fs, path, relpath, fmt, verify_checksums) as shard:
+        yield from shard.batches(columns, batch_rows)
+
+
+def shard_info(fs: pafs.FileSystem, path: str, relpath: str, fmt: str = "auto") -> tuple[pa.Schema, int]:
+    """(schema, rows) of a shard from its footer (Parquet) or its head and side table (tar), read
+    before any work; an unreadable one is an input error naming it and what it was read as."""
+    kind = format_of(relpath, fmt)
+    try:
+        with open_shard(fs, path, relpath, kind) as shard:
+            return shard.schema, shard.num_rows
+    except InputError as err:
+        prefix = f"{relpath}: unreadable data "
+        if not str(err).startswith(prefix):
+            raise
+        what = "Parquet" if kind == "parquet" else "tar"
+        raise InputError(f"{relpath}: unreadable {what} {str(err)[len(prefix):]}") from None

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.schemas.contract import REJECTS_SCHEMA
+from mmbalance.schemas.contract import REJECTS_SCHEMA, SOURCE_ERROR, STATUS_MESSAGE
 from mmbalance.schemas.recipe import Recipe
 
 _NONFINITE_MASKS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}
@@ -166,12 +166,25 @@ def validate_rows(
     reasons.flag(uid_str.is_null().to_numpy(zero_copy_only=False), f"null uid (column '{cols.uid}')")
     reasons.flag(pc.fill_null(pc.equal(pc.utf8_length(uid_str), 0), False).to_numpy(zero_copy_only=False),
                  f"empty uid (column '{cols.uid}')")
+    if SOURCE_ERROR in table.column_names:  # a row its shard could not read (a tar sample's damaged json)
+        problems = _to_array(table.column(SOURCE_ERROR))
+        if problems.null_count < n:
+            texts = problems.to_pylist()
+            reasons.flag(problems.is_valid().to_numpy(zero_copy_only=False), lambda i: texts[i])
 
     if cols.status:
         status = pc.cast(_to_array(table.column(cols.status)), pa.string())
         ok = pc.fill_null(pc.equal(status, "success"), False).to_numpy(zero_copy_only=False)
         status_py = status.to_pylist() if not ok.all() else None
-        reasons.flag(~ok, lambda i: f"status '{status_py[i]}' is not 'success' (column '{cols.status}')")
+        # img2dataset's error_message, when the shard has one, says why: "HTTP Error 404: Not Found"
+        says = (pc.cast(_to_array(table.column(STATUS_MESSAGE)), pa.string()).to_pylist()
+                if status_py is not None and STATUS_MESSAGE in table.column_names else [None] * n)
+
+        def status_reason(i: int) -> str:
+            why = f": {str(says[i]).strip().splitlines()[0]}" if says[i] and str(says[i]).strip() else ""
+            return f"status '{status_py[i]}' is not 'success' (column '{cols.status}'){why}"
+
+        reasons.flag(~ok, status_reason)
 
     for role in ("image_embedding", "text_embedding"):
         column = getattr(cols, role)

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from mmbalance.operators.arrays import embedding_matrix
 from mmbalance.operators.evaluate import figures as figs
 from mmbalance.operators.evaluate.scoring import build_plans
-from mmbalance.operators.source import read_batches
+from mmbalance.operators.source import read_source
 from mmbalance.operators.validate import validate_rows
 from mmbalance.operators.zero_shot import model_scoring
 from mmbalance.pipeline import stages
@@ -97,28 +97,28 @@ def scan(eval_path: str, recipe: EvalRecipe, out: RunStore) -> ScannedSet:
     seen: dict[str, tuple[str, int]] = {}
     for shard in shards:
         parts, rejects, offset = [], [], 0
-        with fs.open_input_file(shard.path) as handle:
-            for table in read_batches(handle, shard.relpath, read, recipe.execution.batch_rows, recipe.execution.verify_checksums):
-                checked = validate_rows(table, corpus, {}, shard.relpath, offset)
-                valid = checked.valid.copy()
-                bad, reasons = _label_rejects(table, recipe, valid)
-                uids = pc.cast(table.column(cols.uid), pa.string()).to_pylist()
-                for i in np.flatnonzero(valid & ~bad):
-                    first = seen.setdefault(uids[i], (shard.relpath, offset + int(i)))
-                    if first != (shard.relpath, offset + int(i)):
-                        bad[i], reasons[i] = True, f"duplicate uid (first in {first[0]} row {first[1]})"
-                extra = np.flatnonzero(bad)
-                if len(extra):
-                    rejects.append(pa.table({"uid": [uids[i] for i in extra], "shard": [shard.relpath] * len(extra),
-                                             "row": pa.array(extra + offset, pa.int64()), "stage": ["validate"] * len(extra),
-                                             "reason": [reasons[i] for i in extra]}, schema=REJECTS_SCHEMA))
-                rejects.append(checked.rejects)
-                keep = np.flatnonzero(valid & ~bad)
-                data = {"row": pa.array(keep + offset, pa.int64()), "uid": pa.array([uids[i] for i in keep], pa.string())}
-                for name, column in names:
-                    data[tag_column(name)] = pc.cast(table.column(column), pa.string()).take(pa.array(keep, pa.int64()))
-                parts.append(pa.table(data))
-                offset += table.num_rows
+        for table in read_source(fs, shard.path, shard.relpath, read, recipe.execution.batch_rows, shard.format,
+                                 recipe.execution.verify_checksums):
+            checked = validate_rows(table, corpus, {}, shard.relpath, offset)
+            valid = checked.valid.copy()
+            bad, reasons = _label_rejects(table, recipe, valid)
+            uids = pc.cast(table.column(cols.uid), pa.string()).to_pylist()
+            for i in np.flatnonzero(valid & ~bad):
+                first = seen.setdefault(uids[i], (shard.relpath, offset + int(i)))
+                if first != (shard.relpath, offset + int(i)):
+                    bad[i], reasons[i] = True, f"duplicate uid (first in {first[0]} row {first[1]})"
+            extra = np.flatnonzero(bad)
+            if len(extra):
+                rejects.append(pa.table({"uid": [uids[i] for i in extra], "shard": [shard.relpath] * len(extra),
+                                         "row": pa.array(extra + offset, pa.int64()), "stage": ["validate"] * len(extra),
+                                         "reason": [reasons[i] for i in extra]}, schema=REJECTS_SCHEMA))
+            rejects.append(checked.rejects)
+            keep = np.flatnonzero(valid & ~bad)
+            data = {"row": pa.array(keep + offset, pa.int64()), "uid": pa.array([uids[i] for i in keep], pa.string())}
+            for name, column in names:
+                data[tag_column(name)] = pc.cast(table.column(column), pa.string()).take(pa.array(keep, pa.int64()))
+            parts.append(pa.table(data))
+            offset += table.num_rows
         all_rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()
         for reason in all_rejects.column("reason").to_pylist():
             key = reason.split(":")[0] if reason.startswith(("attribute", "label")) else reason.split(" (")[0]

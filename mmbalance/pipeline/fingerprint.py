@@ -5,6 +5,11 @@ A shard's fingerprint hashes its size, its modification time and the bytes of it
 the modification time (and almost always the footer), so a rerun notices it without reading the
 data. Copying a corpus without keeping modification times (``cp`` without ``-p``) also counts as a
 change: the run then asks for ``--overwrite`` rather than trusting results made from other files.
+
+A tar has no footer: its fingerprint hashes its size, modification time, first and last 64 KiB (the
+first members' headers and the last sample), and the size, modification time and footer of its side
+table (img2dataset's ``<stem>.parquet``, whose rows and statuses are part of the shard): two ranged
+reads and a footer per tar, never the whole archive.
 """
 
 from __future__ import annotations
@@ -32,21 +37,35 @@ def footer_bytes(handle, relpath: str) -> bytes:
     return handle.read(length)
 
 
-def shard_fingerprint(fs: pafs.FileSystem, path: str, relpath: str) -> str:
+def _stamp(info: pafs.FileInfo) -> str:
+    return f"{info.size}\0{info.mtime_ns if info.mtime_ns is not None else ''}\0"
+
+
+def shard_fingerprint(fs: pafs.FileSystem, path: str, relpath: str, fmt: str = "auto") -> str:
+    from mmbalance.operators.source import format_of
+
     info = fs.get_file_info(path)
-    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    h = hashlib.sha256(_stamp(info).encode())
     try:
-        with fs.open_input_file(path) as handle:
-            footer = footer_bytes(handle, relpath)
+        if format_of(relpath, fmt) == "webdataset":
+            from mmbalance.operators.tar_source import side_table_path, tar_edges
+
+            h.update(tar_edges(fs, path, info.size))
+            side = fs.get_file_info(side_table_path(path) or path)
+            if side.type == pafs.FileType.File and side.path != path:
+                h.update(b"side\0" + _stamp(side).encode())
+                with fs.open_input_file(side.path) as handle:
+                    h.update(footer_bytes(handle, f"{relpath} (side table)"))
+        else:
+            with fs.open_input_file(path) as handle:
+                h.update(footer_bytes(handle, relpath))
     except OSError as err:
         raise InputError(f"{relpath}: unreadable ({str(err).splitlines()[0]})") from None
-    h = hashlib.sha256(f"{info.size}\0{mtime}\0".encode())
-    h.update(footer)
     return h.hexdigest()[:24]
 
 
 def shard_fingerprints(fs: pafs.FileSystem, shards, threads: int = 16) -> dict[str, str]:
     """{relpath: fingerprint} of every shard; footers read in parallel (object stores: one request each)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        prints = list(pool.map(lambda s: shard_fingerprint(fs, s.path, s.relpath), shards))
+        prints = list(pool.map(lambda s: shard_fingerprint(fs, s.path, s.relpath, s.format), shards))
     return {s.relpath: p for s, p in zip(shards, prints)}

@@ -49,25 +49,25 @@ def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
 def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table:
     """Up to ``sample.size`` image embeddings of an evaluation shard directory (first rows in shard
     order: evaluation sets are small), as the ``image_emb`` column; bad rows are skipped."""
+    from mmbalance.operators.source import read_source
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE
     from mmbalance.pipeline.shards import discover_shards
-    from mmbalance.pipeline.rows import SAMPLE_IMAGE, read_batches
 
     column = recipe.input.columns.image_embedding
     if not column:
         raise InputError("balance.eval_path needs input.columns.image_embedding")
-    fs, shards = discover_shards(uri, recipe.input.extensions)
+    fs, shards = discover_shards(uri, recipe.input.extensions, recipe.input.format)
     parts, total = [], 0
     for shard in shards:
-        with fs.open_input_file(shard.path) as handle:
-            for table in read_batches(handle, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows,
-                                      recipe.execution.verify_checksums):
-                matrix, valid = cluster.embedding_matrix(table.column(column), dims.get(column))
-                x, ok = cluster.unit_rows(matrix, valid)
-                x = x[ok][: recipe.sample.size - total]
-                parts.append(x)
-                total += len(x)
-                if total >= recipe.sample.size:
-                    break
+        for table in read_source(fs, shard.path, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows,
+                                 shard.format, recipe.execution.verify_checksums):
+            matrix, valid = cluster.embedding_matrix(table.column(column), dims.get(column))
+            x, ok = cluster.unit_rows(matrix, valid)
+            x = x[ok][: recipe.sample.size - total]
+            parts.append(x)
+            total += len(x)
+            if total >= recipe.sample.size:
+                break
         if total >= recipe.sample.size:
             break
     if total == 0:

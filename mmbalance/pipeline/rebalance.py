@@ -41,10 +41,12 @@ from mmbalance.pipeline import fit, plan, resume, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
-from mmbalance.pipeline.shards import check_local_out, check_output_location, discover_shards, expected_embedding_dim, inspect_shards
+from mmbalance.pipeline.shards import (check_local_out, check_output_location, discover_shards, effective_recipe,
+                                      expected_embedding_dim, inspect_shards)
 from mmbalance.pipeline.store import RunStore, UnitCheck
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
+from mmbalance.storage import configure_storage, ensure_bucket
 
 RUN_FORMAT = 3  # 2: content fingerprints per shard, done markers record their outputs; 3: whole-file checksums
 SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample
@@ -243,6 +245,7 @@ class ShardBlocks:
 
 class Rebalancer:
     def __init__(self, input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None):
+        configure_storage(recipe.storage)
         self.input_uri = input_uri
         self.recipe = recipe
         self.options = options or RunOptions()
@@ -290,7 +293,7 @@ class Rebalancer:
             failed.sort(key=lambda f: f["_failed"])
             more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             raise InputError(f"{failed[0]['reason']}{more}: {len(failed)} of {len(tasks)} {name} units failed, the others "
-                             f"finished; recorded in {self.store.path('_failed', name)}; rerun to retry only those")
+                             f"finished; recorded in {self.store.uri_of('_failed', name)}; rerun to retry only those")
 
     def _repair(self, damaged: list[resume.Damage]) -> None:
         """Damaged outputs: their units and every unit downstream of them are redone (markers deleted)."""
@@ -324,6 +327,7 @@ class Rebalancer:
 
     def run(self) -> RunResult:
         run, shards, layout_columns, dims = self._prepare()
+        ensure_bucket(self.store.uri)
         if isinstance(self.store.fs, pafs.LocalFileSystem):
             check_local_out(self.store.uri, self.store.root, create=True)
         with self.store.lock():
@@ -334,7 +338,8 @@ class Rebalancer:
         recipe = self.recipe
         t0 = time.perf_counter()
         check_output_location(self.input_uri, self.store.uri)
-        fs, shards = discover_shards(self.input_uri, recipe.input.extensions)
+        fs, shards = discover_shards(self.input_uri, recipe.input.extensions, recipe.input.format)
+        recipe = self.recipe = effective_recipe(fs, shards, recipe)
         inspected = inspect_shards(fs, shards, recipe)
         shards = [i.shard for i in inspected]
         layout_columns: list[str] = []
@@ -479,7 +484,7 @@ class Rebalancer:
             from mmbalance.schemas.embed import embedding_identity
 
             # loads the model once here: a bad tag, path or a missing torch fails before any work
-            run["embed"] = stages.embed_record(recipe)
+            run["embed"] = stages.embed_record(recipe, check_only=self.options.stop_after == "dedup")
             run["embed_identity"] = embedding_identity(run["embed"])
         previous = _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints,
                                        {s.relpath: s.shard_id for s in shards}, self.options.update)
@@ -518,7 +523,7 @@ class Rebalancer:
 
         # scan
         scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows,
-                       "sample_threshold": ctx.sample_threshold} for s in shards]
+                       "sample_threshold": ctx.sample_threshold, "format": s.format} for s in shards]
         self._run_stage("scan", executor, ctx, scan_tasks, ids, rows)
         scans = self._summaries("scan", ids)
         valid_rows = sum(s["rows_out"] for s in scans)
@@ -538,9 +543,12 @@ class Rebalancer:
         per_bucket_rows = [valid_rows // buckets] * buckets
         self._run_stage("dedup", executor, ctx, dedup_tasks, bucket_keys, per_bucket_rows)
         dups = self._duplicates(bucket_keys, shards)
-        if self.options.stop_after == "dedup":
-            n_dups = sum(len(d["rows"]) for d in dups.values())
-            return RunResult(store.uri, {"scans": scans, "duplicates": n_dups}, dict(self.stage_seconds))
+        if self.options.stop_after == "dedup":  # validation: what the run would reject up to here
+            embeds = self._summaries("embed", ids) if recipe.embed is not None else []
+            # a copy the embed stage rejects is rejected once, as the signatures stage counts it
+            n_dups = sum(len(set(dups[s.index]["rows"]) - set(stages.embed_rejected_rows(ctx, store, s.shard_id).tolist()))
+                         for s in shards if s.index in dups)
+            return RunResult(store.uri, {"scans": scans, "embeds": embeds, "duplicates": n_dups}, dict(self.stage_seconds))
 
         # fit (global, on the sample) and assign (per shard): clusters and subclasses as labels
         fit_info = self._fit(ctx, executor, shards, dups, valid_rows) if recipe.needs_sample() else {}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbalance.operators.source import read_batches
+from mmbalance.operators.source import read_source
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.recipe import Recipe
 
@@ -53,14 +53,13 @@ def embedding_batches(ctx: RunContext, store: RunStore, task: dict[str, Any], va
         return
     fs, _ = resolve_filesystem(ctx.input_uri)
     offset, start = 0, 0
-    with fs.open_input_file(task["path"]) as handle:
-        for table in read_batches(handle, task["relpath"], columns, ctx.recipe.execution.batch_rows,
-                                  ctx.recipe.execution.verify_checksums):
-            rows = np.arange(start, start + table.num_rows)
-            start += table.num_rows
-            # valid rows are ascending, so each batch's valid rows are the next slice of them
-            stop = offset + int(np.searchsorted(valid_rows[offset:], rows[-1], side="right")) if len(rows) else offset
-            mine = valid_rows[offset:stop]
-            offset = stop
-            if len(mine):
-                yield mine, table.take(pa.array(mine - rows[0]))
+    for table in read_source(fs, task["path"], task["relpath"], columns, ctx.recipe.execution.batch_rows,
+                             ctx.recipe.input.format, ctx.recipe.execution.verify_checksums):
+        rows = np.arange(start, start + table.num_rows)
+        start += table.num_rows
+        # valid rows are ascending, so each batch's valid rows are the next slice of them
+        stop = offset + int(np.searchsorted(valid_rows[offset:], rows[-1], side="right")) if len(rows) else offset
+        mine = valid_rows[offset:stop]
+        offset = stop
+        if len(mine):
+            yield mine, table.take(pa.array(mine - rows[0]))

@@ -12,9 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from mmbalance.operators.source import READ_ERRORS, unreadable
+from mmbalance.operators.source import READ_ERRORS, TAR_SUFFIXES, open_shard, read_source, shard_info, unreadable
 from mmbalance.pipeline.store import resolve_filesystem
 from mmbalance.schemas.contract import InputError, ShardLayout, check_shard_schema
 from mmbalance.schemas.recipe import Recipe
@@ -28,6 +27,7 @@ class Shard:
     size: int
     shard_id: str  # stable: from relpath and size, never from Ray's block layout
     num_rows: int = -1
+    format: str = "parquet"  # how it is read: parquet | webdataset
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,8 +39,11 @@ def shard_id_for(relpath: str, size: int) -> str:
     return f"{stem}-{digest}"
 
 
-def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parquet",)) -> tuple[pafs.FileSystem, list[Shard]]:
-    """List the Parquet shards under ``uri`` (recursively), sorted by relative path."""
+def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parquet",),
+                    fmt: str = "auto") -> tuple[pafs.FileSystem, list[Shard]]:
+    """List the shards under ``uri`` (recursively), sorted by relative path. ``fmt`` auto: a directory
+    holding tars is a WebDataset corpus (a Parquet file named like a tar is its side table, any other
+    is an error), else a Parquet corpus of ``extensions``."""
     fs, root = resolve_filesystem(uri)
     try:
         info = fs.get_file_info(root)
@@ -48,10 +51,11 @@ def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parqu
         raise InputError(f"{uri}: cannot access input ({err})") from None
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{uri}: input path does not exist")
+    suffixes = tuple(extensions) if fmt == "parquet" else tuple(dict.fromkeys([*extensions, *TAR_SUFFIXES]))
     if info.type == pafs.FileType.File:
         entries, root_dir = [info], root.rsplit("/", 1)[0]
     elif isinstance(fs, pafs.LocalFileSystem):
-        entries, root_dir = _walk_local(root, tuple(extensions)), root
+        entries, root_dir = _walk_local(root, suffixes), root
     else:
         try:
             entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -60,17 +64,41 @@ def discover_shards(uri: str, extensions: list[str] | tuple[str, ...] = (".parqu
         root_dir = root
     files = []
     for entry in entries:
-        if entry.type != pafs.FileType.File or not entry.base_name.endswith(tuple(extensions)):
+        if entry.type != pafs.FileType.File or not entry.base_name.endswith(suffixes):
             continue
         rel = entry.path[len(root_dir) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files, _SUCCESS markers, temporaries
         files.append((rel, entry.path, entry.size))
+    files = _of_one_format(sorted(files), tuple(extensions), fmt)
     if not files:
-        raise InputError(f"{uri}: no Parquet files ({', '.join(extensions)}) found")
-    files.sort()
-    shards = [Shard(i, rel, path, size, shard_id_for(rel, size)) for i, (rel, path, size) in enumerate(files)]
+        what = "WebDataset tars" if fmt == "webdataset" else f"Parquet files ({', '.join(extensions)})"
+        raise InputError(f"{uri}: no {what} found")
+    kind = "webdataset" if files[0][0].endswith(TAR_SUFFIXES) else "parquet"
+    shards = [Shard(i, rel, path, size, shard_id_for(rel, size), format=kind) for i, (rel, path, size) in enumerate(files)]
     return fs, shards
+
+
+def _of_one_format(files: list[tuple[str, str, int]], extensions: tuple[str, ...], fmt: str):
+    """The shards of the corpus's format: with tars present (or ``fmt`` webdataset) the tars, their
+    same-stem Parquet files being side tables; otherwise the files with ``extensions``."""
+    tars = [f for f in files if f[0].endswith(TAR_SUFFIXES)]
+    if fmt == "parquet" or (fmt == "auto" and not tars):
+        return [f for f in files if f[0].endswith(extensions) and not f[0].endswith(TAR_SUFFIXES)]
+    if fmt == "auto":
+        stems = {_stem(f[0]) for f in tars}
+        stray = [f for f in files if not f[0].endswith(TAR_SUFFIXES) and f[0].endswith(".parquet") and _stem(f[0]) not in stems]
+        if stray:
+            raise InputError(f"{stray[0][0]}: a Parquet file in a directory of WebDataset tars, and not a side table of a "
+                             f"tar (no {_stem(stray[0][0])}.tar); set input.format (parquet or webdataset) to read one kind")
+    return tars
+
+
+def _stem(relpath: str) -> str:
+    for suffix in (*TAR_SUFFIXES, ".parquet"):
+        if relpath.endswith(suffix):
+            return relpath[: -len(suffix)]
+    return relpath
 
 
 def _walk_local(root: str, extensions: tuple[str, ...]) -> list[pafs.FileInfo]:
@@ -108,6 +136,17 @@ def _walk_local(root: str, extensions: tuple[str, ...]) -> list[pafs.FileInfo]:
     return out
 
 
+def effective_recipe(fs: pafs.FileSystem, shards: list[Shard], recipe: Recipe) -> Recipe:
+    """The recipe as the input's format reads it: for tars the sample key is the uid and img2dataset's
+    status is checked (when the first shard has one), unless the recipe maps those roles itself."""
+    kind = shards[0].format if shards else "parquet"
+    present: tuple[str, ...] = ()
+    if kind == "webdataset":
+        with open_shard(fs, shards[0].path, shards[0].relpath, kind) as first:  # its columns, not its rows
+            present = tuple(first.schema.names)
+    return recipe.for_format(kind, present)
+
+
 @dataclass
 class InspectedShard:
     shard: Shard
@@ -116,14 +155,9 @@ class InspectedShard:
 
 
 def _inspect_one(fs: pafs.FileSystem, shard: Shard, recipe: Recipe) -> InspectedShard:
-    try:
-        with fs.open_input_file(shard.path) as handle:
-            meta = pq.ParquetFile(handle).metadata
-            schema = meta.schema.to_arrow_schema()
-    except (OSError, pa.ArrowInvalid) as err:
-        raise InputError(f"{shard.relpath}: unreadable Parquet ({str(err).splitlines()[0]})") from None
+    schema, num_rows = shard_info(fs, shard.path, shard.relpath, shard.format)
     layout = check_shard_schema(schema, recipe, shard.relpath)
-    inspected = Shard(shard.index, shard.relpath, shard.path, shard.size, shard.shard_id, meta.num_rows)
+    inspected = Shard(shard.index, shard.relpath, shard.path, shard.size, shard.shard_id, num_rows, shard.format)
     return InspectedShard(inspected, layout, schema)
 
 
@@ -180,7 +214,7 @@ def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard],
         if dim is not None:
             return dim
     for item in inspected:
-        lengths = _first_lengths(fs, item.shard, column, DIM_SAMPLE_ROWS, recipe.execution.verify_checksums)
+        lengths = _first_lengths(fs, item, column, DIM_SAMPLE_ROWS, recipe.execution.verify_checksums)
         if not len(lengths):
             continue
         values, counts = np.unique(lengths, return_counts=True)
@@ -195,20 +229,19 @@ def expected_embedding_dim(fs: pafs.FileSystem, inspected: list[InspectedShard],
     raise InputError(f"column '{column}': every row is null, cannot tell the embedding dimension")
 
 
-def _first_lengths(fs: pafs.FileSystem, shard: Shard, column: str, limit: int, verify: bool) -> np.ndarray:
+def _first_lengths(fs: pafs.FileSystem, item: InspectedShard, column: str, limit: int, verify: bool) -> np.ndarray:
     """List lengths of up to ``limit`` non-null rows from the start of a shard."""
+    if pa.types.is_null(item.schema.field(column).type):
+        return np.zeros(0, np.int64)
     parts, seen = [], 0
+    shard = item.shard
     try:
-        with fs.open_input_file(shard.path) as handle:
-            pfile = pq.ParquetFile(handle, page_checksum_verification=verify)
-            if pa.types.is_null(pfile.schema_arrow.field(column).type):
-                return np.zeros(0, np.int64)
-            for batch in pfile.iter_batches(batch_size=min(limit, 4096), columns=[column]):
-                lengths = pc.list_value_length(batch.column(0)).drop_null().to_numpy(zero_copy_only=False)
-                parts.append(lengths[: limit - seen])
-                seen += len(parts[-1])
-                if seen >= limit:
-                    break
+        for table in read_source(fs, shard.path, shard.relpath, [column], min(limit, 4096), shard.format, verify):
+            lengths = pc.list_value_length(table.column(0)).drop_null().to_numpy(zero_copy_only=False)
+            parts.append(lengths[: limit - seen])
+            seen += len(parts[-1])
+            if seen >= limit:
+                break
     except READ_ERRORS as err:
         raise unreadable(shard.relpath, err) from None
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)

@@ -3,6 +3,7 @@ OUT keyed by shard id, and writes its done marker last; each returns a small JSO
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -18,17 +19,18 @@ import pyarrow.parquet as pq
 from mmbalance.operators import dedup, tag, validate
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority
 from mmbalance.pipeline.plan import check_accounting
-from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* and read_batches are used through this module too
+from mmbalance.operators.source import read_source
+from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through this module too
     SAMPLE_IMAGE,
     SAMPLE_TEXT,
     drop_rows,
     embedding_batches,
     embedding_columns,
-    read_batches,
 )
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
+from mmbalance.storage import configure_storage
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ IDENTITY = "_identity"  # task fields a done marker records and a resume compare
 def _timed(fn):
     @functools.wraps(fn)
     def wrapper(ctx, task):
+        configure_storage(ctx.recipe.storage)  # a worker reaches the run's object store as the driver does
         task = {**task, _STARTED: time.perf_counter()}
         summary = fn(ctx, task)
         summary.setdefault("seconds", round(time.perf_counter() - task[_STARTED], 4))
@@ -80,6 +83,7 @@ UNIT = "_unit"  # the task field naming its unit (shard id or bucket key), for d
 def deferring(stage: str, fn, task: dict[str, Any]) -> dict[str, Any]:
     """``fn(task)``; bad input (an unreadable shard) is recorded in OUT/_failed/<stage>/<unit>.json
     and returned as a failure instead of stopping the stage (execution.on_unit_error: defer)."""
+    configure_storage(fn.args[0].recipe.storage)
     store = RunStore(fn.args[0].out)
     try:
         summary = fn(task)
@@ -130,11 +134,10 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     rows_in = valid = 0
     reasons: dict[str, int] = {}
     hashes, hash_rows, audits, samples = [], [], [], []
-    with fs.open_input_file(task["path"]) as handle, \
-            store.table_writer("tags", f"{shard_id}.parquet", schema=tags_schema(ctx.recipe)) as tags_out, \
+    with store.table_writer("tags", f"{shard_id}.parquet", schema=tags_schema(ctx.recipe)) as tags_out, \
             store.table_writer("rejects", "validate", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
-        for table in read_batches(handle, relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows,
-                                  ctx.recipe.execution.verify_checksums):
+        for table in read_source(fs, task["path"], relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows,
+                                 ctx.recipe.input.format, ctx.recipe.execution.verify_checksums):
             result = validate.validate_rows(table, ctx.recipe, dims, relpath, rows_in)
             keep = np.flatnonzero(result.valid)
             tags, audit = tagger(table.take(keep), keep + rows_in)
@@ -165,7 +168,7 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     if ctx.sample_threshold is not None and samples:
         sampled = write_sample(store, shard_id, pa.concat_tables(samples))
     if rows_in != task["num_rows"]:
-        raise InputError(f"{relpath}: footer says {task['num_rows']} rows, read {rows_in}")
+        raise InputError(f"{relpath}: its footer (or side table) says {task['num_rows']} rows, read {rows_in}")
     summary = {"shard_id": shard_id, "rows_in": rows_in, "rows_out": valid, "rejected": rows_in - valid,
                "reasons": reasons, "sampled": sampled, "audit": tag.merge_audits(audits)}
     _mark_done(store, "scan", shard_id, summary, task)
@@ -412,13 +415,18 @@ def _embed_bundle(spec_json: str):
     return load_model(spec, num_threads=spec.threads())
 
 
-def embed_record(recipe: Recipe) -> dict[str, Any]:
-    """What made the embeddings (model, weights hash, dim, versions): run.json and sidecar metadata."""
+def embed_record(recipe: Recipe, check_only: bool = False) -> dict[str, Any]:
+    """What made the embeddings (model, weights hash, dim, versions): run.json and sidecar metadata.
+    ``check_only`` (validation): only the model's image preprocessing, from its config, no weights."""
     spec = recipe.embed
     if spec.npz is not None:
         from mmbalance.operators.precomputed import npz_info
 
         return npz_info(spec.npz)
+    if check_only:
+        from mmbalance.operators.embed import preprocess_config
+
+        return {"source": "check", "model": spec.model, "preprocess": preprocess_config(spec)}
     from mmbalance.operators.embed import model_info
 
     return model_info(spec)
@@ -434,28 +442,36 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     shard_id, relpath = task["shard_id"], task["relpath"]
     valid_rows = store.read_table("tags", f"{shard_id}.parquet", columns=["row"]).column("row").to_numpy()
     info = task["embed_info"]
+    check = info.get("source") == "check"  # validation: the rows the model would get, no embeddings
+    fmt, verify = ctx.recipe.input.format, ctx.recipe.execution.verify_checksums
     if spec.npz is not None:
         from mmbalance.operators.precomputed import npz_sidecar_batches
 
         batches = npz_sidecar_batches(fs, task["path"], relpath, spec.npz, ctx.recipe.input.columns.uid,
                                       ctx.recipe.execution.batch_rows, spec.on_image_error, spec.on_missing_caption,
-                                      ctx.recipe.execution.verify_checksums)
+                                      verify, fmt)
+    elif check:
+        from mmbalance.operators.embed import EmbedColumns, check_shard
+
+        batches = check_shard(fs, task["path"], relpath, spec, info["preprocess"], EmbedColumns.from_recipe(ctx.recipe),
+                              ctx.recipe.execution.batch_rows, valid_rows, verify, fmt)
     else:
         from mmbalance.operators.embed import EmbedColumns, embed_shard
 
         bundle = _embed_bundle(spec.model_dump_json())
         batches = embed_shard(fs, task["path"], relpath, bundle, EmbedColumns.from_recipe(ctx.recipe),
-                              only_rows=valid_rows, verify_checksums=ctx.recipe.execution.verify_checksums)
-    schema = sidecar_schema(int(info["embedding_dim"]), info)
+                              only_rows=valid_rows, verify_checksums=verify, fmt=fmt)
+    schema = None if check else sidecar_schema(int(info["embedding_dim"]), info)
     embedded = rejected = 0
     reasons: dict[str, int] = {}
-    with store.table_writer("embeddings", f"{shard_id}.parquet", schema=schema) as out, \
-            store.table_writer("rejects", "embed", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
+    sidecars = contextlib.nullcontext() if check else store.table_writer("embeddings", f"{shard_id}.parquet", schema=schema)
+    with sidecars as out, store.table_writer("rejects", "embed", f"{shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
         for sidecar, rejects in batches:
             if spec.npz is not None:  # .npz rows cover the whole shard: keep the rows validation kept
                 sidecar = sidecar.filter(pc.is_in(sidecar.column("row"), value_set=pa.array(valid_rows)))
                 rejects = rejects.filter(pc.is_in(rejects.column("row"), value_set=pa.array(valid_rows)))
-            out.write_table(sidecar.cast(schema))
+            if out is not None:
+                out.write_table(sidecar.cast(schema))
             if rejects.num_rows:
                 rejects_out.write_table(rejects)
                 for reason in rejects.column("reason").to_pylist():
@@ -495,6 +511,7 @@ def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     from mmbalance.operators.solve.m4 import signature_ids
     from mmbalance.schemas.contract import UTILITY_COLUMN
 
+    configure_storage(ctx.recipe.storage)
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     keys = pl.from_arrow(store.read_table("solve", "stream", "keys.parquet"))
@@ -508,6 +525,7 @@ def stream_block_reduce(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]
     """One shard's per-signature sums for one dual evaluation, written beside its block."""
     from mmbalance.operators.solve.m4 import block_sums
 
+    configure_storage(ctx.recipe.storage)
     store = RunStore(ctx.out)
     block = _npz(store, "solve", "stream", f"{task['shard_id']}.npz")
     t = _npz(store, "solve", "stream", task["t_file"])["t"] if task["t_file"] else None

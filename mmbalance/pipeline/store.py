@@ -35,17 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
-
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or a URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-class RunLockedError(RuntimeError):
-    pass
-
+from mmbalance.storage import RunLockedError, display_uri, object_store_lock, resolve_filesystem  # noqa: F401
 
 OUTPUTS_KEY = "_outputs"  # in a done marker: {relative path: file record} of what the unit wrote
 CHECKSUM = "xxh3_64"  # whole-file, streamed (benchmarks/bench_checksums.py: as fast as CRC32C or faster, zlib CRC-32 3-6x slower)
@@ -156,6 +146,10 @@ class RunStore:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def uri_of(self, *parts: str) -> str:
+        """``path(*parts)`` as the user would type it: with its scheme on an object store."""
+        return display_uri(self.uri, self.path(*parts))
+
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
@@ -251,7 +245,7 @@ class RunStore:
         from mmbalance.schemas.contract import InputError
 
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return InputError(f"{self.path(*parts)}: damaged run file ({first}); rerun with --overwrite to start over")
+        return InputError(f"{self.uri_of(*parts)}: damaged run file ({first}); rerun with --overwrite to start over")
 
     def write_table(self, *parts: str, table: pa.Table, row_group_size: int = 65536) -> None:
         buf = io.BytesIO()
@@ -381,9 +375,11 @@ class RunStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """One writer per run directory. A kernel lock (flock) on local disks: released even on kill -9."""
+        """One writer per run directory. A kernel lock (flock) on local disks: released even on kill -9;
+        on S3 a lock object written with a conditional put (``mmbalance.storage``)."""
         if not isinstance(self.fs, pafs.LocalFileSystem):
-            yield  # object stores have no cheap lock; markers still keep results consistent
+            with object_store_lock(self.uri, self.root):
+                yield
             return
         import fcntl
 

@@ -38,6 +38,9 @@ REJECTS_SCHEMA = pa.schema(
 UID_HASH_SCHEMA = pa.schema([pa.field("uid_hash", pa.uint64()), pa.field("row", pa.int64())])
 
 UTILITY_COLUMN = "__utility"
+TAR_KEY = "__key__"  # a WebDataset sample's key (the uid unless the recipe maps another column)
+SOURCE_ERROR = "__error__"  # why a row of a source shard could not be read (null when it could): a reject reason
+STATUS_MESSAGE = "error_message"  # img2dataset's reason for a status other than success, carried into the reject
 
 
 def entries_column(name: str) -> str:
@@ -153,4 +156,10 @@ def check_shard_schema(schema: pa.Schema, recipe: Recipe, shard: str) -> ShardLa
             layout.columns.append(rule.column)
         if rule.role.endswith("embedding") and not pat.is_null(dtype):
             layout.embedding_dims[rule.column] = dtype.list_size if pat.is_fixed_size_list(dtype) else None
+    # read along when present: why a row could not be read (tars), img2dataset's reason for a failed status
+    extras = [SOURCE_ERROR] + ([STATUS_MESSAGE] if recipe.input.columns.status else [])
+    for name in extras:
+        idx = schema.get_field_index(name)
+        if idx >= 0 and _is_stringish(schema.field(idx).type) and name not in layout.columns:
+            layout.columns.append(name)
     return layout

@@ -68,6 +68,8 @@ class EmbedSpec(StrictModel):
     # auto: torch on CUDA, pil on CPU. The two agree within a level or two of 255 per pixel.
     image_decode: Literal["auto", "pil", "torch"] = "auto"
     npz: NpzSpec | None = None  # DataComp .npz ingest instead of a model
+    # Embed captions only, with no image column mapped (image clusters and zero-shot then have nothing)
+    text_only: bool = False
 
     @model_validator(mode="after")
     def _check_weights(self) -> "EmbedSpec":

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
 from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.export import ExportFormat, ExportOptions
+from mmbalance.schemas.storage import StorageSpec
 from mmbalance.schemas.yaml_loader import DuplicateKeyError, StrictLoader, load_strict
 
 
@@ -40,10 +41,23 @@ class ColumnMap(StrictModel):
 
 class InputSpec(StrictModel):
     path: str | None = None
+    # parquet | webdataset (tars of <key>.<ext> members) | auto: webdataset where the input holds tars
+    format: Literal["auto", "parquet", "webdataset"] = "auto"
     columns: ColumnMap = ColumnMap()
     # Expected embedding dimension; None = taken from the first shard that has embeddings.
     embedding_dim: int | None = Field(default=None, gt=0)
     extensions: list[str] = [".parquet"]
+
+    def for_format(self, fmt: str, present: tuple[str, ...] = ()) -> "InputSpec":
+        """This input as read in ``fmt``: a WebDataset sample's key is the uid and img2dataset's
+        ``status`` (its json's or side table's, when ``present``) is checked, unless the recipe maps
+        those roles itself."""
+        columns = self.columns
+        if fmt == "webdataset":
+            given = columns.model_fields_set
+            defaults = {"uid": "__key__", **({"status": "status"} if "status" in present else {})}
+            columns = columns.model_copy(update={k: v for k, v in defaults.items() if k not in given})
+        return self.model_copy(update={"format": fmt, "columns": columns})
 
 
 TagSource = Literal["column", "caption", "zero_shot", "metadata"]
@@ -317,6 +331,7 @@ class Recipe(StrictModel):
     balance: BalanceSpec | list[BalanceSpec] = NoBalance(method="none")
     export: ExportSpec = ExportSpec()
     execution: ExecutionSpec = ExecutionSpec()
+    storage: StorageSpec = StorageSpec()  # object-store endpoint settings (never credentials)
 
     @model_validator(mode="after")
     def _check_references(self) -> "Recipe":
@@ -333,15 +348,25 @@ class Recipe(StrictModel):
                 raise ValueError("embed is set and input.columns maps embedding columns: use one source of embeddings")
             if self.embed.uses_model and not (cols.image or cols.caption):
                 raise ValueError("embed runs a model over images and captions: set input.columns.image and/or caption")
+            if self.embed.uses_model and not cols.image and not self.embed.text_only:
+                raise ValueError("embed runs the image tower, but input.columns.image is not set: map the image column "
+                                 "(img2dataset: jpg) or set embed.text_only: true to embed captions only")
+            if self.embed.text_only and cols.image:
+                raise ValueError("embed.text_only is set and input.columns.image maps images: drop one of them")
         made = self.embed is not None
-        embeddings = {"image": cols.image_embedding or made, "text": cols.text_embedding or made}
+        image_made = made and not (self.embed.uses_model and self.embed.text_only)
+        embeddings = {"image": cols.image_embedding or image_made, "text": cols.text_embedding or made}
         for spec in [*self.clusters, *self.subclasses]:
             need = ["image", "text"] if spec.embedding == "mean" else [spec.embedding]
             for side in need:
+                if not embeddings[side] and made:
+                    raise ValueError(f"{spec.name} clusters {spec.embedding} embeddings but embed.text_only makes none")
                 if not embeddings[side]:
                     raise ValueError(f"{spec.name} clusters {spec.embedding} embeddings but input.columns.{side}_embedding is not set")
         for spec in (t for t in [*self.attributes, *self.labels] if t.deferred):
             for side in spec.zero_shot.sides:
+                if not embeddings[side] and made:
+                    raise ValueError(f"{spec.name}.zero_shot uses image embeddings but embed.text_only makes none")
                 if not embeddings[side]:
                     raise ValueError(f"{spec.name}.zero_shot uses {side} embeddings: set input.columns.{side}_embedding or embed")
             has_encoder = spec.zero_shot.model is not None or (self.embed is not None and self.embed.uses_model)
@@ -445,11 +470,18 @@ class Recipe(StrictModel):
     def fingerprint(self) -> str:
         """Hash of what determines the results (execution settings excluded: they must not)."""
         # execution settings never change results; neither do the embed actors' resources
+        # nor where the files are, how they are reached, or the format (the shards' fingerprints are the data)
         payload = self.model_dump(mode="json", exclude={
-            "execution": True, "input": {"path"}, "report": {"html"},
+            "execution": True, "input": {"path", "format"}, "report": {"html"}, "storage": True,
             "embed": {"actors", "num_cpus", "num_gpus", "decode_threads"},
         })
+        if payload.get("embed") and not payload["embed"].get("text_only"):
+            payload["embed"].pop("text_only", None)  # unset: the fingerprints of earlier runs stay valid
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def for_format(self, fmt: str, present: tuple[str, ...] = ()) -> "Recipe":
+        """The recipe as a run over shards of ``fmt`` (with columns ``present``) uses it."""
+        return self.model_copy(update={"input": self.input.for_format(fmt, present)})
 
 
 def _location(parts: tuple) -> str:
@@ -537,18 +569,19 @@ def recipe_from_yaml(text: str, source: str) -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Load a recipe from a local path or a pyarrow filesystem URI (s3://bucket/recipe.yaml)."""
+    """Load a recipe from a local path or a URI (s3://bucket/recipe.yaml: reached with the
+    environment's settings, e.g. AWS_ENDPOINT_URL, since its own storage section is not read yet)."""
     return recipe_from_yaml(read_recipe_text(path), str(path))
 
 
 def read_recipe_text(path: str | Path) -> str:
-    """A recipe file's text from a local path or a pyarrow filesystem URI; unreadable: RecipeError."""
+    """A recipe file's text from a local path or a URI; unreadable: RecipeError."""
     path = str(path)
     try:
         if "://" in path:
-            import pyarrow.fs as pafs
+            from mmbalance.storage import resolve_filesystem
 
-            fs, inner = pafs.FileSystem.from_uri(path)
+            fs, inner = resolve_filesystem(path)
             with fs.open_input_stream(inner) as stream:
                 text = stream.read().decode()
         else:
@@ -562,6 +595,7 @@ EXAMPLE_RECIPE = """\
 # mmbalance recipe: every key is optional except where noted. Unknown keys are an error.
 input:
   path: corpus/                 # shard directory or URI (s3://, gs://, ...); the CLI argument overrides it
+  # format: auto                # parquet | webdataset (tars of <key>.jpg/.txt/.json) | auto: tars if present
   columns:                      # which input column plays which role
     uid: uid                    # required, unique across the corpus (img2dataset: key)
     caption: caption
@@ -605,6 +639,9 @@ export:
   seed: 0                       # seeds the stochastic rounding of weights into repeat counts
   formats: [parquet]             # + csv, webdataset, wids, bigvision, hf, streaming, datacomp
   # domain: {by: occupation}    # one webdataset/jsonl/stream per value
+# storage:                      # object stores (s3://, gs://): endpoint settings; credentials come from the environment
+#   endpoint: http://minio.internal:9000
+#   create_bucket: true         # create a missing output bucket
 execution:                      # how to run; never changes the results
   executor: ray                 # ray (a local Ray is started unless address/RAY_ADDRESS is set) | local
   # address: ray://head:10001

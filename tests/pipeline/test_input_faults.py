@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards
+from signals import sigterm_when
 from typer.testing import CliRunner
 
 from mmbalance.cli import app
@@ -120,21 +121,13 @@ def test_sigterm_says_so_in_one_line_and_the_rerun_resumes(tmp_path, executor):
     out = tmp_path / "out"
     proc = subprocess.Popen(cli(out, executor), env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
     started: list[psutil.Process] = []
-    try:
-        markers = out / "_done" / "scan"
-        deadline = time.monotonic() + 150
-        while proc.poll() is None and time.monotonic() < deadline:
-            if markers.exists() and any(markers.glob("*.json")):
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run ended before one shard was scanned"
-        started = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    markers = out / "_done" / "scan"
+
+    def remember_children() -> None:
+        started.extend(psutil.Process(proc.pid).children(recursive=True))
+
+    err = sigterm_when(proc, lambda: markers.exists() and any(markers.glob("*.json")), before=remember_children,
+                       timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert one_error_line(err) == "mmbalance: error: terminated; rerun the same command to resume"
     assert not (out / "report.json").exists() and not list(out.rglob(".tmp-*"))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from mmbalance.operators.source import open_source, source_batches
+from mmbalance.operators.source import format_of, open_shard, shard_info
 from mmbalance.pipeline.store import RunStore, resolve_filesystem
+from mmbalance.storage import configure_storage, ensure_bucket, s3_endpoint
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.export import EXPORT_FORMATS, ExportOptions
 from mmbalance.schemas.recipe import Recipe, parse_recipe
@@ -287,17 +289,16 @@ def _domain_values(ctx_run: RunStore, opts: ExportOptions, column: str | None, s
 
 
 def _read_source(fs: pafs.FileSystem, path: str, columns: list[str], rows: np.ndarray, batch_rows: int,
-                 verify_checksums: bool = False) -> pa.Table:
-    """``columns`` of the given (sorted) rows of one shard, reading ``batch_rows`` at a time;
-    ``verify_checksums`` checks its page CRCs (the run's ``execution.verify_checksums``)."""
+                 verify_checksums: bool = False, fmt: str = "auto") -> pa.Table:
+    """``columns`` of the given (sorted) rows of one shard (Parquet or WebDataset), reading
+    ``batch_rows`` at a time; ``verify_checksums`` checks Parquet page CRCs (``execution.verify_checksums``)."""
     parts = []
-    with fs.open_input_file(path) as handle:
-        pf = open_source(handle, path, verify_checksums)
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
+    with open_shard(fs, path, path, fmt, verify_checksums) as shard:
+        missing = [c for c in columns if c not in shard.schema.names]
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r} (set export image_column/caption_column)")
         offset = 0
-        for table in source_batches(pf, path, columns, batch_rows):
+        for table in shard.batches(columns, batch_rows):
             lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
             if hi > lo:
                 parts.append(table.take(pa.array(rows[lo:hi] - offset)))
@@ -457,7 +458,7 @@ def _iter_rows(ctx: ExportContext, shards, need_source: bool) -> Iterator[Rows]:
         if need_source:
             cols = [c for c in (ctx.caption_column, ctx.image_column) if c]
             src = _read_source(ctx.input_fs, f"{ctx.input_root}/{s['relpath']}", cols, rows, ctx.options.batch_rows,
-                               ctx.recipe.execution.verify_checksums)
+                               ctx.recipe.execution.verify_checksums, _shard_format(ctx.recipe, s))
             if ctx.caption_column:
                 batch.caption = src.column(ctx.caption_column).to_pylist()
             if ctx.image_column:
@@ -481,14 +482,29 @@ def _read_image_path(ctx: ExportContext, shard: dict[str, Any], path: str) -> by
         return stream.read()
 
 
+def _shard_format(recipe: Recipe, shard: dict[str, Any]) -> str:
+    return shard.get("format") or format_of(shard["relpath"], recipe.input.format)
+
+
 def _default_image_column(recipe: Recipe, fs: pafs.FileSystem, root: str, shards) -> str | None:
     if recipe.input.columns.image:
         return recipe.input.columns.image
     if not shards:
         return None
-    with fs.open_input_file(f"{root}/{shards[0]['relpath']}") as handle:
-        names = pq.ParquetFile(handle).schema_arrow.names
+    path = f"{root}/{shards[0]['relpath']}"
+    names = shard_info(fs, path, shards[0]["relpath"], _shard_format(recipe, shards[0]))[0].names
     return "image" if "image" in names else None
+
+
+def trainer_url(url: str) -> str:
+    """A shard URL as webdataset (open_clip's loader) opens it: local paths and http(s) as they are,
+    object-store URIs through the store's command-line tool (webdataset has no s3:// or gs:// handler)."""
+    if url.startswith("s3://"):
+        endpoint = s3_endpoint()
+        return f"pipe:aws {f'--endpoint-url {endpoint} ' if endpoint else ''}s3 cp {url} -"
+    if url.startswith("gs://"):
+        return f"pipe:gcloud storage cat {url}"
+    return url
 
 
 def mixture_dict(ctx: ExportContext) -> dict[str, Any]:
@@ -518,6 +534,8 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
     """Write ``formats`` for the run in ``out_dir``; returns {"mixture": ..., format: summary}."""
     opts = options or ExportOptions()
     run, info, shards, recipe = _load_run(out_dir)
+    if not recipe.storage.is_default():
+        configure_storage(recipe.storage)  # the run's settings reach its input (and an object-store dest)
     plan = _format_dirs(list(formats))
     column = opts.domain.column_name()
     hex_uids = "datacomp" in formats and opts.datacomp.non_hex_uids == "error"
@@ -536,30 +554,37 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
         seed=int((info.get("seeds") or {}).get("export", recipe.export.seed)),
         input_root=input_root, input_fs=input_fs, caption_column=caption, image_column=image,
     )
+    if total_repeats == 0 and plan:
+        raise InputError(f"{out_dir}: the manifest keeps no rows (every repeats is 0); nothing to export")
+    ensure_bucket(ctx.dest)
     dest = RunStore(ctx.dest)
     dest.makedirs()
     results: dict[str, Any] = {"mixture": mixture_dict(ctx)}
-    if total_repeats == 0 and plan:
-        raise InputError(f"{out_dir}: the manifest keeps no rows (every repeats is 0); nothing to export")
 
     local = isinstance(dest.fs, pafs.LocalFileSystem)
     writers: list[tuple[str, Exporter, str]] = []  # (format, writer, staging path)
     stagings: list[str] = []
+    uploaders: dict[str, Any] = {}  # object stores: format -> the uploader of its files
     try:
         for name, cls in plan:
-            for leftover in dest.fs.get_file_info(pafs.FileSelector(dest.root, recursive=False)):
-                if leftover.base_name.startswith(f".staging-{cls.dir}-"):
-                    dest.fs.delete_dir(leftover.path)
             if local:
+                for leftover in dest.fs.get_file_info(pafs.FileSelector(dest.root, recursive=False)):
+                    if leftover.base_name.startswith(f".staging-{cls.dir}-"):
+                        dest.fs.delete_dir(leftover.path)
                 staging = dest.path(f".staging-{cls.dir}-{uuid.uuid4().hex[:12]}")
                 dest.fs.create_dir(staging, recursive=True)
                 stagings.append(staging)
-            else:  # object stores: no directory rename; clear, then write each file atomically
-                staging = dest.path(cls.dir)
+                store = RunStore(ctx.dest)
+                store.root = staging
+            else:  # object stores: no directory rename; clear, then upload each finished file whole
+                from mmbalance.operators.export.upload import Uploader, UploadingStore
+
                 if dest.exists(cls.dir):
-                    dest.fs.delete_dir(staging)
-            store = RunStore(ctx.dest)
-            store.root = staging
+                    dest.fs.delete_dir(dest.path(cls.dir))
+                staging = tempfile.mkdtemp(prefix=f"mmbalance-export-{cls.dir}-")
+                stagings.append(staging)
+                uploaders[name] = Uploader(dest.fs, dest.path(cls.dir))
+                store = UploadingStore(staging, uploaders[name])
             try:
                 writers.append((name, cls(ctx, store), staging))
             except ExportSkipped as why:
@@ -577,15 +602,21 @@ def export_run(out_dir: str, formats: list[str], options: ExportOptions | None =
                 if dest.exists(w.dir):
                     dest.fs.delete_dir(final)
                 dest.fs.move(staging, final)
+            else:
+                uploaders.pop(name).finish()
             results[name] = summary
     except BaseException:
         for _, w, _ in writers:
             w.abort()
+        for uploader in uploaders.values():
+            uploader.abort()
         raise
     finally:
         for staging in stagings:
-            if dest.fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            if local and dest.fs.get_file_info(staging).type != pafs.FileType.NotFound:
                 dest.fs.delete_dir(staging)
+            elif not local:
+                shutil.rmtree(staging, ignore_errors=True)
     commands = {("webdataset" if name == "wids" else name): {k: v for k, v in summary.items()
                                                             if k in ("open_clip_args", "open_clip_command", "epoch")}
                 for name, summary in results.items() if isinstance(summary, dict) and "open_clip_args" in summary}

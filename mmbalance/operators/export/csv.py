@@ -92,6 +92,10 @@ class CsvExporter(Exporter):
             "open_clip_args": args,
             "open_clip_command": "python -m open_clip_train.main " + " ".join(shlex.quote(a) for a in args),
         }
+        if "://" in path:
+            summary["note"] = ("open_clip's csv loader opens each image path with PIL, which reads local files only: "
+                               f"copy {self.ctx.dest_path(self.dir)} to a local disk and give --train-data the local "
+                               "train file, or export webdataset, which streams from the store")
         self.store.write_json("export.json", obj=summary)
         return summary
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format
+from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format, trainer_url
 from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation
 
 
@@ -186,7 +186,8 @@ class WebdatasetExporter(Exporter):
             targets = [x / total_t for x in targets] if total_t else targets
             factors = [float(f"{f:.6g}") for f in upsampling_factors(targets, samples)]
         realised = realised_shares(factors, samples)
-        train_data = "::".join(self.ctx.dest_path(self.dir, t.pattern()) for _, t in live)
+        # on an object store each source is a pipe: URL (webdataset opens no s3:// itself)
+        train_data = "::".join(trainer_url(self.ctx.dest_path(self.dir, t.pattern())) for _, t in live)
         factor_arg = "::".join(f"{f:.6g}" for f in factors)
         args = ["--train-data", train_data, "--dataset-type", "webdataset",
                 "--train-data-upsampling-factors", factor_arg, "--dataset-resampled",
