@@ -178,6 +178,7 @@ class RunStore:
             relative = "/".join(parts)
             if hashed and not relative.startswith("_done/"):
                 self.written[relative] = sink.record()  # checksummed as written: no second read
+            self.finished(relative)
         except BaseException as err:
             try:
                 self.fs.delete_file(tmp)
@@ -187,6 +188,10 @@ class RunStore:
                 # pyarrow's write errors name no file: say which output could not be written
                 raise OSError(err.errno, f"{os.strerror(err.errno)} (writing {final})") from err
             raise
+
+    def finished(self, relative: str) -> None:
+        """Called once each output is complete under its final name (every write goes through
+        here); a store that ships finished files elsewhere (an export's uploader) overrides it."""
 
     def _write_bytes(self, parts: tuple[str, ...], data: bytes) -> None:
         with self._atomic(parts) as stream:

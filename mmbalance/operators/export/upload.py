@@ -6,11 +6,9 @@ waiting for their upload (at most ``MAX_PENDING``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
@@ -88,9 +86,6 @@ class UploadingStore(RunStore):
         super().__init__(local_root)
         self.uploader = uploader
 
-    @contextlib.contextmanager
-    def atomic_output(self, *parts: str) -> Iterator[pa.NativeFile]:
-        with super().atomic_output(*parts) as stream:
-            yield stream
-        self.written.pop("/".join(parts), None)
-        self.uploader.submit(self.path(*parts), "/".join(parts))
+    def finished(self, relative: str) -> None:
+        self.written.pop(relative, None)
+        self.uploader.submit(self.path(relative), relative)
