@@ -5,7 +5,7 @@
 # imports torch and faiss (GPU builds), fails its HEALTHCHECK in one line without a GPU, and joins the
 # CPU head as a Ray node. One line per check (PASS|FAIL name detail); exit 0 only if every check passed.
 #
-#   bash scripts/test_images.sh              # both images (cold: downloads ~5 GB of CUDA wheels)
+#   bash scripts/test_images.sh              # both (cold ~25 min: GBs of CUDA wheels, an 8.7 GB image)
 #   bash scripts/test_images.sh --cpu-only   # deploy/Dockerfile only
 #   bash scripts/test_images.sh --clean      # remove the cached base, images and build layers
 #
@@ -13,9 +13,11 @@
 # scripts/setup.sh (the local reference run and the `ray job submit` client). Registry images are not
 # used: the base is Debian 12 made with debootstrap (what debian:bookworm-slim is made from) and
 # imported with podman; it and the build layers are cached in $MMBALANCE_IMAGE_CACHE (default
-# ~/.cache/mmbalance-images, a podman store of its own), so a rerun rebuilds only what changed.
+# ~/.cache/mmbalance-images, a podman store of its own; MMBALANCE_IMAGE_STORAGE_DRIVER=vfs where the
+# cache sits on overlayfs itself), so a rerun rebuilds only what changed; DEBIAN_MIRROR picks the mirror.
 # Without podman it skips (exit 0) unless CI is set; any other missing prerequisite fails (exit 1).
 # --keep keeps the work directory (logs, runs); a failed run keeps it anyway.
+{  # read whole before it runs: an edit to this file during a run cannot derail it
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,7 +28,7 @@ for arg in "$@"; do
     --cpu-only) CPU_ONLY=1 ;;
     --keep) KEEP=1 ;;
     --clean) CLEAN=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "test_images: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -49,7 +51,7 @@ done
 [ "$(id -u)" = 0 ] || missing root "need root (debootstrap and rootful podman)"
 [ -x "$PY" ] || missing venv ".venv not found: run bash scripts/setup.sh first"
 
-CACHE=${MMBALANCE_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmbalance-images}
+CACHE=${MMBALANCE_IMAGE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/mmbalance-images}
 SUITE=${DEBIAN_SUITE:-bookworm}  # = the Dockerfiles' default debian:bookworm-slim (Python 3.11, the pins')
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
@@ -328,3 +330,4 @@ fi
 [ "$FAILED" = 0 ] && echo "images: all checks passed" || echo "images: some checks FAILED (logs: $LOGS; --keep keeps them)"
 [ "$FAILED" = 0 ] && [ "$KEEP" = 0 ] || KEEP=1  # keep the logs of a failed run
 exit "$FAILED"
+}
