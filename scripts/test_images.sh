@@ -85,7 +85,7 @@ RUN_ID=mmbt-$$
 CONTAINERS=()
 cleanup() {
   for c in "${CONTAINERS[@]}"; do podman rm -f -t 5 "$c" >/dev/null 2>&1; done
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+  if [ "$KEEP" = 1 ] || [ "$FAILED" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi  # a failure keeps its logs
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -104,7 +104,8 @@ if [ "$(podman image inspect --format '{{index .Labels "mmbalance.base"}}' "$BAS
   if [ ! -f "$TAR" ]; then
     rm -rf "$CACHE/rootfs"
     if ! debootstrap --variant=minbase "$SUITE" "$CACHE/rootfs" "$MIRROR" > "$LOGS/debootstrap.log" 2>&1; then
-      fail base "debootstrap $SUITE from $MIRROR failed: $LOGS/debootstrap.log"; log_tail "$LOGS/debootstrap.log"; exit 1
+      rm -rf "$CACHE/rootfs"; fail base "debootstrap $SUITE from $MIRROR failed: $LOGS/debootstrap.log"
+      log_tail "$LOGS/debootstrap.log"; exit 1
     fi
     echo "$SOURCES" > "$CACHE/rootfs/etc/apt/sources.list"
     mkdir -p "$CACHE/rootfs/usr/local/share/ca-certificates"
@@ -327,7 +328,6 @@ EOF
   fi
 fi
 
-[ "$FAILED" = 0 ] && echo "images: all checks passed" || echo "images: some checks FAILED (logs: $LOGS; --keep keeps them)"
-[ "$FAILED" = 0 ] && [ "$KEEP" = 0 ] || KEEP=1  # keep the logs of a failed run
+[ "$FAILED" = 0 ] && echo "images: all checks passed" || echo "images: some checks FAILED (logs: $LOGS)"
 exit "$FAILED"
 }
