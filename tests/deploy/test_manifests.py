@@ -1,9 +1,11 @@
-"""Static checks of deploy/: the KubeRay manifests, the cluster launcher YAML and the Dockerfiles.
+"""Static checks of deploy/: the KubeRay manifests, the cluster launcher YAML, the Dockerfiles and the
+pinned requirements the images install.
 
-No cluster and no Docker engine here: the YAML files are parsed and checked for the fields KubeRay and
-the launcher require and for consistency with the code (the job entrypoint's arguments parse, the
-extras the images install exist, Ray versions agree); the Dockerfiles are read instruction by
-instruction (every COPY source exists, every module they import exists).
+The YAML files are parsed and checked for the fields KubeRay and the launcher require and for
+consistency with the code (the job entrypoint's arguments parse, Ray versions agree); the Dockerfiles
+are read instruction by instruction (every COPY source exists and is in the build context, every
+module they import exists); the pins are checked against pyproject.toml. Building and running the
+images is scripts/test_images.sh (podman; a CI step of its own).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
+_spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+LOCK = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(LOCK)
 
 
 def load(path: Path) -> dict:
@@ -75,7 +80,7 @@ def test_cluster_spec_head_cpu_group_and_gpu_group(source):
     spec = cluster_specs()[source]
     import ray
 
-    assert spec["rayVersion"] == ray.__version__ == args_of(DOCKERFILES["cpu"])["RAY_VERSION"] == args_of(DOCKERFILES["cuda"])["RAY_VERSION"]
+    assert spec["rayVersion"] == ray.__version__ == LOCK.RAY_VERSION == pins("cpu")["ray"] == pins("cuda")["ray"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the job submitter reaches it from its pod
     assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay wants strings
@@ -161,7 +166,64 @@ def test_cluster_launcher_yaml():
     assert "--dashboard-host=127.0.0.1" in head_cmd  # not exposed: reach it with `ray dashboard`
 
 
-# -- Dockerfiles ------------------------------------------------------------------------------------
+# -- Dockerfiles and their pins ---------------------------------------------------------------------
+
+# the Python of each Debian release a base image may be (the pins are resolved for one Python)
+DEBIAN_PYTHON = {"bookworm": (3, 11), "12": (3, 11), "trixie": (3, 13), "13": (3, 13)}
+
+
+def lock_lines(kind: str) -> list[str]:
+    return (DEPLOY / f"requirements-{kind}.txt").read_text().splitlines()
+
+
+def pins(kind: str) -> dict[str, str]:
+    out = {}
+    for line in lock_lines(kind):
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name) and re.fullmatch(r"[\w.!+]+", version), line
+            out[name] = version
+    return out
+
+
+def lock_python(kind: str) -> tuple[int, int]:
+    return tuple(int(x) for x in re.search(r"^# Python (\d+)\.(\d+),", "\n".join(lock_lines(kind)), re.M).groups())
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_pins_are_current_and_satisfy_pyproject(kind):
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wanted = LOCK.image_requirements(kind)
+    # the header records what was resolved: a dependency changed in pyproject means a stale lock
+    recorded = [ln[4:] for ln in lock_lines(kind) if ln.startswith("#   ")]
+    assert recorded == wanted, f"deploy/requirements-{kind}.txt is stale: run .venv/bin/python deploy/lock.py"
+    pinned = {canonicalize_name(n): v for n, v in pins(kind).items()}
+    env = {"python_version": "%d.%d" % lock_python(kind), "python_full_version": "%d.%d.0" % lock_python(kind),
+           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    for text in wanted:
+        req = Requirement(text)
+        if req.marker and not req.marker.evaluate(env):
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"{text}: not pinned in requirements-{kind}.txt"
+        assert req.specifier.contains(pinned[name], prereleases=True), f"{text}: pinned {pinned[name]}"
+    assert "mmbalance" not in pinned  # installed from the source the image copies
+
+
+def test_pins_of_both_images_agree():
+    """Both images join one Ray cluster: the same Python, Ray and every shared package; one faiss build each."""
+    from mmbalance import faiss_build
+
+    cpu, cuda = pins("cpu"), pins("cuda")
+    assert lock_python("cpu") == lock_python("cuda")
+    assert {n: v for n, v in cpu.items() if n in cuda} == {n: v for n, v in cuda.items() if n in cpu}
+    faiss = {kind: [n for n in p if n in faiss_build.FAISS_DISTRIBUTIONS] for kind, p in (("cpu", cpu), ("cuda", cuda))}
+    assert faiss == {"cpu": ["faiss-cpu"], "cuda": ["faiss-gpu-cu12"]}
+    assert set(cpu) - set(cuda) == {"faiss-cpu"}  # the CUDA image is the CPU one plus embed and GPU faiss
+    assert "torch" in cuda and "open-clip-torch" in cuda and "torch" not in cpu
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])
@@ -169,47 +231,48 @@ def test_dockerfile_is_consistent_with_the_repo(kind):
     path = DOCKERFILES[kind]
     steps = dockerfile(path)
     ops = [op for op, _ in steps]
-    assert ops.count("FROM") == 1 and ops.index("FROM") <= 1  # ARGs for the base image may come first
+    assert ops.count("FROM") == 1 and ops[:2] == ["ARG", "FROM"] and steps[1][1] == "${BASE_IMAGE}"
     assert ops[-1] in {"CMD", "ENTRYPOINT"}
-    # every COPY source exists in the repo
+    # a public Debian image by default; the pins are for its Python, which meets requires-python
+    base = args_of(path)["BASE_IMAGE"]
+    assert base == args_of(DOCKERFILES["cpu"])["BASE_IMAGE"]  # Ray nodes must agree on Python
+    release = re.fullmatch(r"debian:(\w+)-slim", base).group(1)
+    minimum = tuple(int(x) for x in PYPROJECT["project"]["requires-python"].lstrip(">=").split("."))
+    assert DEBIAN_PYTHON[release] == lock_python(kind) >= minimum
+    # every COPY source exists in the repo and in the build context the ignore file leaves
+    ignore = [ln for ln in (path.parent / f"{path.name}.dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert ignore[0] == "*"  # an allow-list: no .venv, data or runs from the checkout
+    allowed = {ln[1:] for ln in ignore if ln.startswith("!")}
+    copied = set()
     for op, a in steps:
         if op == "COPY":
             *sources, _dest = a.split()
             for src in sources:
                 assert (ROOT / src).exists(), src
-    text = " ".join(a for op, a in steps if op == "RUN")
-    # the extras it installs are defined in pyproject
-    extras = set()
-    for group in re.findall(r'"\.\[([a-z,]+)\]"', text):
-        extras |= set(group.split(","))
-    assert extras and extras <= set(PYPROJECT["project"]["optional-dependencies"]), extras
-    assert "jobs" in extras and "ray[default]" in " ".join(PYPROJECT["project"]["optional-dependencies"]["jobs"])
+                copied.add(src)
+    assert copied == allowed, (copied, allowed)
+    assert f"deploy/requirements-{kind}.txt" in copied and "mmbalance" in copied
+    runs = [a for op, a in steps if op == "RUN"]
+    # pinned dependencies first (a layer that survives code changes), then mmbalance itself without deps
+    deps = next(i for i, a in enumerate(runs) if "pip install" in a)
+    assert runs[deps] == f"pip install --no-deps -r requirements-{kind}.txt"
+    install = runs[deps + 1]
+    assert install.startswith("pip install --no-deps --no-build-isolation . ") and "pip check" in install
+    assert ops.index("COPY") < [i for i, (op, a) in enumerate(steps) if op == "RUN" and a == runs[deps]][0]
     if kind == "cuda":
-        assert "embed" in extras
-        # faiss-gpu replaces the base faiss-cpu after mmbalance is installed, then the build is checked
-        steps_run = [a for op, a in steps if op == "RUN"]
-        install = next(a for a in steps_run if '".[' in a)
-        assert install.index('".[') < install.index("mmbalance.faiss_build --use gpu") < install.index("--require-gpu-build")
-        assert install.count("pip install") == 2 and "pip install" not in install.split("faiss_build --use gpu")[1]
+        assert install.index("pip check") < install.index("mmbalance.faiss_build --require-gpu-build")
         health = [a for op, a in steps if op == "HEALTHCHECK"]
-        assert len(health) == 1 and "mmbalance.faiss_build --require-gpus 1" in health[0]
+        assert len(health) == 1 and health[0].endswith('CMD ["sh", "/opt/mmbalance/healthcheck-gpu.sh"]')
+        assert ("WORKDIR", "/opt/mmbalance") in steps and "deploy/healthcheck-gpu.sh" in copied
+        assert "python -m mmbalance.faiss_build --require-gpus 1 --torch" in (DEPLOY / "healthcheck-gpu.sh").read_text()
     else:
-        assert "faiss_build --use" not in text and all(op != "HEALTHCHECK" for op, _ in steps)
+        assert "faiss_build" not in install and all(op != "HEALTHCHECK" for op, _ in steps)
     # the modules its smoke check imports exist here (ray.dashboard only with ray[default])
-    for module in re.findall(r"import ([\w., ]+)\"", text)[0].split(","):
+    for module in re.findall(r'import ([\w., ]+)"', install)[0].split(","):
         module = module.strip()
         if module.startswith("mmbalance"):
             assert importlib.util.find_spec(module) is not None, module
-    assert "mmbalance --help" in text and "PYTHONUNBUFFERED=1" in " ".join(a for op, a in steps if op == "ENV")
+    assert "mmbalance --help" in install and "PYTHONUNBUFFERED=1" in " ".join(a for op, a in steps if op == "ENV")
     # KubeRay's probes need bash and wget; the user is uid 1000 like Ray's own images
-    assert re.search(r"apt-get install[^&]*\bbash\b[^&]*\bwget\b", text)
+    assert re.search(r"apt-get install[^&]*\bbash\b[^&]*\bwget\b", " ".join(runs))
     assert ("USER", "1000") in steps
-    # the base image's Python satisfies requires-python
-    base = args_of(path).get("PYTHON_IMAGE") or args_of(path)["CUDA_IMAGE"]
-    minimum = tuple(int(x) for x in PYPROJECT["project"]["requires-python"].lstrip(">=").split("."))
-    if kind == "cpu":
-        version = tuple(int(x) for x in re.search(r"python:(\d+)\.(\d+)", base).groups())
-    else:
-        assert "ubuntu24.04" in base  # python3 = 3.12
-        version = (3, 12)
-    assert version >= minimum
