@@ -287,6 +287,8 @@ def check_local_out(out_uri: str, path: str, create: bool = False) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise InputError(f"{out_uri}: cannot create the run directory there: {existing} is a file, not a directory")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise InputError(f"{out_uri}: cannot create the run directory there: {existing} is on a read-only file system")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{out_uri}: cannot create the run directory there: {existing} is not writable")
     if create:

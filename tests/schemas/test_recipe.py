@@ -14,7 +14,8 @@ def test_issue_recipe_parses_as_written(issue_recipe):
 
 def test_example_recipe_is_valid():
     recipe = parse_recipe(yaml.safe_load(EXAMPLE_RECIPE), "example")
-    assert recipe.balance.by == "occupation"
+    cap, m4 = recipe.balance_steps()
+    assert (cap.method, cap.by, m4.method) == ("cap", "occupation", "m4") and m4.associate == [("gender", "occupation")]
 
 
 @pytest.mark.parametrize(
