@@ -359,8 +359,12 @@ class Recipe(StrictModel):
     def _check_balance_names(self) -> None:
         if isinstance(self.balance, list) and not self.balance:
             raise ValueError("balance: an empty list of steps (use {method: none})")
-        for i, step in enumerate(self.balance_steps()):
+        steps = self.balance_steps()
+        for i, step in enumerate(steps):
             self._check_step_names(step, "balance" if not isinstance(self.balance, list) else f"balance.{i}")
+            if embedding_pairs(step) and i < len(steps) - 1:
+                raise ValueError(f"balance.{i}: embedding moments weigh every row on its own, so their m4 step "
+                                 "must be the last balance step")
 
     def _check_step_names(self, step, prefix: str) -> None:
         """Every attribute or label a balance step names must exist, so typos fail before any work."""

@@ -201,6 +201,15 @@ class _Dual:
         return np.asarray(self.T.T @ (self.T.T @ Hz.T).T)
 
 
+def make_dual(p: MomentProblem) -> "_Dual":
+    """The dual over signatures, or, with embedding moments, over rows (``m4_embedding.RowDual``)."""
+    if p.embedding is not None:
+        from mmbalance.operators.solve.m4_embedding import RowDual
+
+        return RowDual(p)
+    return _Dual(p)
+
+
 def primal_upper_bound(p: MomentProblem) -> float:
     """Largest value the primal objective takes on [0, Q]^S: a dual value above it certifies infeasibility."""
     if p.stream is not None:
@@ -222,12 +231,13 @@ def _bounds(p: MomentProblem, dual: "_Dual", enforcement: float | None) -> tuple
     return lo, hi
 
 
-def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True) -> DualResult:
+def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True,
+                  newton_iterations: int = 200) -> DualResult:
     """Maximise the dual. Up to MAX_POLISH_VARIABLES duals: L-BFGS-B, then a dense projected-Newton
     polish; above that (or when that does not reach the KKT target): the sparse projected
     semismooth Newton of ``m4_newton``, whose cost grows with the binding constraints, not K."""
     start = time.perf_counter()
-    dual = _Dual(p)
+    dual = make_dual(p)
     lo, hi = _bounds(p, dual, enforcement)
     bound = primal_upper_bound(p)
     certificate = False
@@ -262,7 +272,7 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if not certificate and polish:
         _, grad, _ = dual.value_grad(x)
         if not small or projected_residual(x, grad, lo, hi) > NEWTON_TOL:
-            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound)
+            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound, max_iter=newton_iterations)
             certificate = certificate or newton.pop("certificate")
             info.update(newton)
     info["method"] = "lbfgsb+dense-newton" if small and "newton_iterations" not in info else "sparse-newton"
@@ -346,15 +356,19 @@ def _polish(dual: _Dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter
     return x, it
 
 
-def _constraint_rows(p: MomentProblem) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The moments as sparse rows over (q [S], W [P]): A_ub (2K) <= 0 and W_p - sum_s w_s E_sp q_s = 0
-    (P: the groups' carrying weights, then the per-label masses)."""
-    K, P = p.K, p.P
-    WB = (sp.diags(p.weight) @ p.B).T.tocsr()[p.column]  # (K, S): a coordinate's moment row
-    E = sp.csr_matrix((p.eps, (np.arange(K), p.scale)), shape=(K, P))
-    A_ub = sp.vstack([sp.hstack([WB, -E]), sp.hstack([-WB, -E])], format="csr")
-    WE = (sp.diags(p.weight) @ p.E).T.tocsr()  # (P, S)
-    return A_ub, sp.hstack([-WE, sp.identity(P)], format="csr")
+def _moment_rows(M: sp.csr_matrix, p: MomentProblem) -> sp.csr_matrix:
+    """The 2K inequalities over (q [n], W [P]): +-M q - eps_j W_scale(j) <= 0 (M already weighted)."""
+    K, P = M.shape[0], p.P
+    scale_of = sp.csr_matrix((p.eps, (np.arange(K), p.scale)), shape=(K, P))
+    return sp.vstack([sp.hstack([M, -scale_of]), sp.hstack([-M, -scale_of])], format="csr")
+
+
+def signature_matrices(p: MomentProblem):
+    """(M, E, H, w, eta) of the compressed problem: the coordinates' moment rows (K, S), the scale
+    rows (P, S) and the held-mass rows (R, S), weighted, over signatures."""
+    W = sp.diags(p.weight)
+    H = (W @ p.H).T.tocsr() if p.holds else None
+    return (W @ p.B).T.tocsr()[p.column], (W @ p.E).T.tocsr(), H, p.weight, p.eta
 
 
 def max_feasible_retention(p: MomentProblem) -> float:
@@ -365,29 +379,35 @@ def max_feasible_retention(p: MomentProblem) -> float:
     at Q). The feasible retentions form an interval [0, r_max] (q = 0 is feasible and the set is
     convex), so the LP gives what bisection on the retention would, in one solve.
     Without a budget: the largest r <= 1 with H'wq = r * hold_target (1: feasible as asked).
-    With embedding moments the LP is over rows (``m4_rows.max_feasible_retention_rows``).
+    With embedding moments the LP is over rows (``m4_embedding.max_feasible_retention_rows``).
     """
     if p.embedding is not None:
-        from mmbalance.operators.solve.m4_rows import max_feasible_retention_rows
+        from mmbalance.operators.solve.m4_embedding import max_feasible_retention_rows
 
         return max_feasible_retention_rows(p)
-    S, G, R = p.B.shape[0], p.P, p.holds
-    A_ub, A_carry = _constraint_rows(p)
+    M, E, H, w, _ = signature_matrices(p)
+    return retention_lp(M, E, H, w, p)
+
+
+def retention_lp(M: sp.csr_matrix, E: sp.csr_matrix, H: sp.csr_matrix | None, w: np.ndarray, p: MomentProblem) -> float:
+    """The largest-retention LP over n variables q (signatures or rows): moment rows ``M`` (K, n) and
+    scale rows ``E`` (P, n) already weighted, held-mass rows ``H`` (R, n), retention weights ``w``."""
+    n, P, R = M.shape[1], E.shape[0], 0 if H is None else H.shape[0]
+    A_ub = _moment_rows(M, p)
     A_ub = sp.hstack([A_ub, sp.csr_matrix((A_ub.shape[0], 1))], format="csr")
-    eq = [sp.hstack([A_carry, sp.csr_matrix((G, 1))], format="csr")]
+    eq = [sp.hstack([-E, sp.identity(P), sp.csr_matrix((P, 1))], format="csr")]
     scale = 1.0 if p.budget is None else p.budget
     if p.budget is not None:  # sum w q = r
-        eq.append(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G)), sp.csr_matrix([[-1.0]])], format="csr"))
+        eq.append(sp.hstack([sp.csr_matrix(w[None, :]), sp.csr_matrix((1, P)), sp.csr_matrix([[-1.0]])], format="csr"))
     if R:  # H'wq = r * hold_target / scale
-        WH = (sp.diags(p.weight) @ p.H).T.tocsr()
-        eq.append(sp.hstack([WH, sp.csr_matrix((R, G)), sp.csr_matrix(-(p.hold_target / scale)[:, None])], format="csr"))
+        eq.append(sp.hstack([H, sp.csr_matrix((R, P)), sp.csr_matrix(-(p.hold_target / scale)[:, None])], format="csr"))
     A_eq = sp.vstack(eq, format="csr")
-    c = np.zeros(S + G + 1)
+    c = np.zeros(n + P + 1)
     c[-1] = -1.0
     upper = p.max_weight if p.budget is not None else 1.0
-    bounds = np.array([(0.0, p.max_weight)] * S + [(0.0, None)] * G + [(0.0, upper)], dtype=object)
+    bounds = [(0.0, p.max_weight)] * n + [(0.0, None)] * P + [(0.0, upper)]
     res = linprog(c, A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.zeros(A_eq.shape[0]),
-                  bounds=bounds.tolist(), method="highs")
+                  bounds=bounds, method="highs")
     if res.status != 0:
         raise ValueError(f"m4: the largest-feasible-retention LP did not finish ({res.message}); "
                          f"loosen balance.tolerance or set balance.enforcement for a best-effort solution")
@@ -395,26 +415,43 @@ def max_feasible_retention(p: MomentProblem) -> float:
 
 
 def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResult | None:
-    """The certified slow path: the compressed primal with Clarabel (interior point; a QP for L2,
-    exponential cones for KL), then the sparse Newton from its duals. None without Clarabel."""
+    """The certified slow path: the primal with Clarabel (interior point; a QP for L2, exponential
+    cones for KL) over signatures, or over rows with embedding moments while they fit, then the
+    sparse Newton from its duals. None without Clarabel."""
     try:
-        import clarabel
+        import clarabel  # noqa: F401
     except ImportError:
         return None
-    if p.stream is not None or enforcement is not None:
-        return None  # per-row baselines and bounded duals are dual-only formulations
+    if enforcement is not None:
+        return None  # bounded duals are a dual-only formulation
+    if p.embedding is not None:
+        from mmbalance.operators.solve.m4_embedding import row_matrices
+
+        matrices = row_matrices(p)
+        if matrices is None:
+            return None
+    elif p.stream is not None:
+        return None  # per-row baselines without embedding moments: a dual-only formulation
+    else:
+        matrices = signature_matrices(p)
+    return _clarabel_solve(p, *matrices)
+
+
+def _clarabel_solve(p: MomentProblem, M, E, H, w: np.ndarray, eta: np.ndarray) -> DualResult | None:
+    import clarabel
+
     start = time.perf_counter()
-    S, K, G, R = p.B.shape[0], p.K, p.P, p.holds  # G: the scale variables
+    S, K, G, R = M.shape[1], p.K, p.P, p.holds  # S: the primal's q variables; G: the scale variables
     kl = p.objective == "kl"
     n = S + G + (S if kl else 0)  # q, W[, t]
-    A_ub, A_carry = _constraint_rows(p)
+    A_ub, A_carry = _moment_rows(M, p), sp.hstack([-E, sp.identity(G)], format="csr")
     pad = (lambda m: sp.hstack([m, sp.csr_matrix((m.shape[0], S))], format="csc")) if kl else (lambda m: m.tocsc())
     eq_rows, eq_b = [pad(A_carry)], [np.zeros(G)]
     if R:
-        eq_rows.append(pad(sp.hstack([(sp.diags(p.weight) @ p.H).T, sp.csr_matrix((R, G))])))
+        eq_rows.append(pad(sp.hstack([H, sp.csr_matrix((R, G))])))
         eq_b.append(p.hold_target)
     if p.budget is not None:
-        eq_rows.append(pad(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G))])))
+        eq_rows.append(pad(sp.hstack([sp.csr_matrix(w[None, :]), sp.csr_matrix((1, G))])))
         eq_b.append(np.array([p.budget]))
     box = sp.hstack([sp.vstack([-sp.identity(S), sp.identity(S)]), sp.csr_matrix((2 * S, n - S))], format="csc")
     blocks = eq_rows + [pad(A_ub), box]
@@ -428,13 +465,13 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
         val = np.where(rows % 3 == 0, 1.0, np.where(rows % 3 == 1, -1.0, 0.0))
         keep = val != 0
         blocks.append(sp.csc_matrix((val[keep], (rows[keep], col[keep])), shape=(3 * S, n)))
-        b = np.concatenate([b, np.where(rows % 3 == 2, p.eta[sig], 0.0)])
+        b = np.concatenate([b, np.where(rows % 3 == 2, eta[sig], 0.0)])
         cones += [clarabel.ExponentialConeT()] * S
         P = sp.csc_matrix((n, n))
-        c = np.concatenate([-p.weight, np.zeros(G), p.weight])
+        c = np.concatenate([-w, np.zeros(G), w])
     else:
-        P = sp.diags(np.concatenate([p.weight, np.zeros(G)])).tocsc()
-        c = np.concatenate([-p.weight * p.eta, np.zeros(G)])
+        P = sp.diags(np.concatenate([w, np.zeros(G)])).tocsc()
+        c = np.concatenate([-w * eta, np.zeros(G)])
     A = sp.vstack(blocks, format="csc")
     settings = clarabel.DefaultSettings()
     settings.verbose = False
@@ -451,9 +488,10 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
     z = np.asarray(sol.z)
     x = np.concatenate([z[n_eq : n_eq + 2 * K], z[G : G + R], z[G + R : G + R + (1 if p.budget is not None else 0)]])
     q = np.clip(np.asarray(sol.x)[:S], 0.0, p.max_weight)
-    dual = _Dual(p)
+    dual = make_dual(p)
     lo, hi = _bounds(p, dual, None)
     x = np.clip(x, lo, hi)
+    at_clarabel = x.copy()
     x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, primal_upper_bound(p))
     newton.pop("certificate")
     info = {"method": "clarabel+sparse-newton", "clarabel_status": status, "clarabel_iterations": int(sol.iterations),
@@ -463,6 +501,10 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
         polished.info["seconds"] = round(time.perf_counter() - start, 6)
         return polished
     info["method"] = "clarabel"
+    if p.embedding is not None:  # per-row weights come from duals: Clarabel's, in the closed form
+        best = min((polished, dual_result(p, dual, at_clarabel, lo, hi, False, dict(info))), key=lambda r: r.max_violation)
+        best.info["seconds"] = round(time.perf_counter() - start, 6)
+        return best
     plain = dual_result(p, dual, x, lo, hi, False, info, q=q)
     plain.info["seconds"] = round(time.perf_counter() - start, 6)
     return plain
@@ -623,6 +665,10 @@ def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys,
         problem, result, status, extra = _unsettled(step, stats, problem, result)
     diagnostics = {**base, "status": status, "feasible": status in ("optimal", "solved_at_largest_feasible_retention"), **extra}
     diagnostics.update(_diagnostics(problem, result, coords, step, step.enforcement))
+    if problem.embedding is not None:  # a weight per row from the duals and the row's embedding
+        from mmbalance.operators.solve.m4_embedding import row_solution
+
+        return row_solution(problem, result, key_columns, key_values, diagnostics)
     if problem.stream is not None:  # the weight is per row: keep the dual shifts, apply per row
         from mmbalance.schemas.contract import UTILITY_COLUMN
 

@@ -25,7 +25,7 @@ from mmbalance.schemas.balance import EMBEDDING_LABELS, M4Balance, embedding_pai
 from mmbalance.schemas.contract import tag_column
 
 if TYPE_CHECKING:
-    from mmbalance.operators.solve.m4_rows import EmbeddingMoments
+    from mmbalance.operators.solve.m4_embedding import EmbeddingMoments
 
 
 @dataclass
@@ -268,7 +268,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     eta_target = step.retention if retention is None else retention
     streaming = bool(use_utility and n and step.utility == "sample" and (stream is not None or stats.rows is not None))
     if embedded and n:
-        from mmbalance.operators.solve.m4_rows import row_stream
+        from mmbalance.operators.solve.m4_embedding import row_stream
 
         stream = row_stream(step, stats, frame.select(key_cols), counts, eta_target, used_attrs, stream)
         streaming = True
@@ -291,7 +291,6 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     a_cols = []
     hold_cols: list[tuple[np.ndarray, np.ndarray, int]] = []  # (rows, held column, columns) per pair
     notes: dict[str, Any] = {"pi": {}}
-    codes: dict[str, np.ndarray] = {}
     tol = step.tolerance
     for g, name in enumerate(used_attrs):
         values = list(attrs[name].values)
@@ -300,7 +299,6 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
         if np.any(code == -2):
             bad = frame[tag_column(name)][int(np.flatnonzero(code == -2)[0])]
             raise ValueError(f"attribute '{name}' has value {bad!r}, not one of its values {values}")
-        codes[name] = code
         carrying = np.flatnonzero(code >= 0)
         a_cols.append(carrying)
         carried = np.bincount(code[carrying], weights=counts[carrying], minlength=m)
@@ -373,9 +371,9 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
         stream=stream if streaming else None, column=column, scale=scale, L=L,
     )
     if embedded and n:
-        from mmbalance.operators.solve.m4_rows import add_embedding_coordinates
+        from mmbalance.operators.solve.m4_embedding import add_embedding_coordinates
 
-        add_embedding_coordinates(problem, coords, stream, notes, used_attrs, codes, step)
+        add_embedding_coordinates(problem, coords, stream, notes, used_attrs, step)
     if streaming:
         notes["utility"] = "per row (streaming: one pass over the rows per dual evaluation)"
     else:

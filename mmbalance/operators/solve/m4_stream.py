@@ -127,11 +127,14 @@ class LocalBlocks:
         return {k: sum(t[k] for t in totals) for k in ("rows", "sum_u", "sum_omega", "sum_omega_u")} if totals else \
             {"rows": 0, "sum_u": 0.0, "sum_omega": 0.0, "sum_omega_u": 0.0}
 
-    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
-        total = None
+    def iter_blocks(self):
         for path in self.files:
             with np.load(path) as data:
-                block = {k: data[k] for k in data.files}
+                yield {k: data[k] for k in data.files}
+
+    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
+        total = None
+        for block in self.iter_blocks():
             part = reduce_block(block, kind, t, params)
             total = part if total is None else total + part
         return total if total is not None else np.zeros((3 if kind == "aggregate" else 1, int(params["S"])))
