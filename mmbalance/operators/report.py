@@ -186,13 +186,13 @@ def _conditional_gaps(frame: pl.DataFrame, weight: str, attr: str, values: list[
 
 
 def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str]], vocab: dict[str, list[str]],
-                        solution: dict[str, Any]) -> list[dict[str, Any]]:
+                        solution: dict[str, Any], embedding_sums: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per M4 step and constraint family (an attribute's representation, attribute x label set,
     per-label parity of attribute x label set, attribute x embedding): how many constraints, how
     many sit at their tolerance under the final expected weights, and the worst moment in each
     view: |sum_w (s_k - pi_k) y_r| / W (representation, association), the worst conditional gap
     |P_w(s = v | y = j) - pi_v| (per label), the worst |E_w[(s_v - pi_v) z_k]| / (sd_k W) (embedding;
-    from the solver's passes over every row). At thousands of cluster labels this is the summary a
+    from ``embedding_sums``, the weigh stage's per-value sums of z under the manifest weights). At thousands of cluster labels this is the summary a
     reader can take in; the solver section keeps the individual constraints."""
     steps = solution.get("steps") or [solution]
     attrs = {a.name: a for a in recipe.attributes}
@@ -238,12 +238,31 @@ def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str
             entry["worst_moment"] = worst
             out.append(entry)
         for fam in diag.get("embedding", {}).get("families", []):
-            out.append({"step": index, "family": f"{fam['attribute']} x embedding.{fam['side']} ({fam['components']} PCs)",
-                        "kind": "embedding", "attribute": fam["attribute"], "label": f"embedding.{fam['side']}",
-                        "tolerance": float(fam["tolerance"]), "constraints": fam["constraints"], "components": fam["components"],
-                        "at_tolerance": fam["at_tolerance"], "over_tolerance": fam["over_tolerance"],
-                        "worst_moment": dict(fam["worst_moment"])})
+            sums = (embedding_sums or {}).get(f"{fam['attribute']} x embedding.{fam['side']}")
+            if sums:  # measured where the weights are applied (the weigh stage); absent outside a run
+                out.append(_embedding_family(index, fam, sums))
     return out
+
+
+def _embedding_family(step: int, fam: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
+    """An embedding family's entry: |E_w[(s_v - pi_v) z_k]| / (sd_k E_w[carrying]) per view, from the
+    per-value sums of z and of the weight (``RowMomentSolution.embedding_sums`` over every shard)."""
+    eps = float(fam["tolerance"])
+    entry: dict[str, Any] = {
+        "step": step, "family": f"{fam['attribute']} x embedding.{fam['side']} ({fam['components']} PCs)",
+        "kind": "embedding", "attribute": fam["attribute"], "label": f"embedding.{fam['side']}", "tolerance": eps,
+        "constraints": fam["constraints"], "components": fam["components"], "worst_moment": {},
+    }
+    pi, sd = np.asarray(fam["pi"], np.float64), np.asarray(fam["sd"], np.float64)
+    for view in ("before", "after_expected", "after_realized"):
+        z, mass = np.asarray(sums["z"][view], np.float64), np.asarray(sums["mass"][view], np.float64)
+        total = mass.sum()
+        moments = (z - pi[:, None] * z.sum(axis=0)[None, :]) / (sd[None, :] * total) if total > 0 else np.zeros_like(z)
+        entry["worst_moment"][view] = float(np.abs(moments).max()) if moments.size else 0.0
+        if view == "after_expected":
+            entry["at_tolerance"] = int((np.abs(moments) >= eps * (1 - 1e-6) - 1e-12).sum()) if eps > 0 else int(moments.size)
+            entry["over_tolerance"] = int((np.abs(moments) > eps * (1 + 1e-6) + 1e-9).sum())
+    return entry
 
 
 def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> None:
@@ -262,7 +281,7 @@ def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> N
 
 
 def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]],
-                 solution: dict[str, Any] | None = None) -> dict[str, Any]:
+                 solution: dict[str, Any] | None = None, embedding_sums: dict[str, Any] | None = None) -> dict[str, Any]:
     before_f, after_f = pl.from_arrow(before), pl.from_arrow(after)
     rows = int(before_f["count"].sum()) if before_f.height else 0
     report = {
@@ -273,5 +292,5 @@ def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[
     }
     if solution and any(step.method == "m4" for step in recipe.balance_steps()):
         views = {"before": (before_f, "count"), "after_expected": (after_f, "w_sum"), "after_realized": (after_f, "rep_sum")}
-        report["constraint_families"] = constraint_families(recipe, views, vocab, solution)
+        report["constraint_families"] = constraint_families(recipe, views, vocab, solution, embedding_sums)
     return report
