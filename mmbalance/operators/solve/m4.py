@@ -256,6 +256,10 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if p.budget is not None:
         x[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
     info: dict[str, Any] = {"lbfgsb_iterations": 0, "polish_iterations": 0}
+    if p.embedding is not None and polish:  # start the passes over rows from the signature-level optimum
+        from mmbalance.operators.solve.m4_embedding import warm_start
+
+        x = np.clip(warm_start(p, x, enforcement), lo, hi)
     # L-BFGS-B needs tens to hundreds of dual evaluations: fine on small tables, but each is a pass
     # over every signature (or, streaming, every row), where Newton needs a handful
     small = dual.nx <= MAX_POLISH_VARIABLES and p.B.shape[0] <= DENSE_PATH_SIGNATURES and p.stream is None

@@ -407,3 +407,22 @@ def row_solution(p: MomentProblem, result, key_columns: list[str], key_values: d
         "m4", key_columns, key_values, t.tolist(), stream.retention, stream.mean_u, p.max_weight, p.objective,
         UTILITY_COLUMN if stream.spec.utility else None, emb.attributes, emb.class_codes.tolist(), C.tolist(),
         [b.to_dict() for b in stream.spec.bases], families, stream.spec.prior, diagnostics)
+
+
+def warm_start(p: MomentProblem, x: np.ndarray, enforcement: float | None) -> np.ndarray:
+    """Duals to start the row passes from: the signature coordinates' optimum of the compressed
+    problem (each signature at its mean baseline, no embedding moments; no pass over the rows),
+    embedding duals at 0. Only a starting point: the row solve certifies the result."""
+    from dataclasses import replace
+
+    sig = p.signature_coordinates
+    K, Ks = p.K, len(sig)
+    compressed = replace(p, stream=None, embedding=None, column=p.column[sig], scale=p.scale[sig], eps=p.eps[sig],
+                         group=p.group[sig])
+    result = solve_moments(compressed, enforcement)
+    if result.infeasible_certificate:
+        return x
+    out = x.copy()
+    out[sig], out[K + sig] = result.x[:Ks], result.x[Ks : 2 * Ks]
+    out[2 * K :] = result.x[2 * Ks :]
+    return out
