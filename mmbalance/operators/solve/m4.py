@@ -189,8 +189,12 @@ class _Dual:
         scaled.data *= d[X.indices]  # N' D without a broadcast (COO) product
         Dm = self.dense_cols[:, at[dense]]
         cross = sp.csr_matrix(scaled @ Dm)
-        Z = sp.bmat([[scaled @ X.T, cross], [cross.T, sp.csr_matrix(Dm.T @ (d[:, None] * Dm))]], format="csr")
+        # CSR blocks stacked by their fast paths (no COO round trip of the large block)
+        Z = sp.vstack([sp.hstack([(scaled @ X.T.tocsr()).tocsr(), cross], format="csr"),
+                       sp.hstack([cross.T.tocsr(), sp.csr_matrix(Dm.T @ (d[:, None] * Dm))], format="csr")], format="csr")
         order = np.concatenate([np.flatnonzero(~dense), np.flatnonzero(dense)])  # Z's rows, as positions in ``rows``
+        if np.array_equal(order, np.arange(len(order))):  # the dense rows already last (as Newton asks)
+            return Z
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         return Z[back][:, back].tocsr()

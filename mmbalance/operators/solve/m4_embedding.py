@@ -278,9 +278,19 @@ class RowDual(_Dual):
         return self._extra["cross"][:, np.searchsorted(self._watched, sparse_rows)]
 
     def curvature(self, x: np.ndarray, rows: np.ndarray | None = None) -> sp.csr_matrix:
-        self.primal(x)
         rows = np.arange(self.T.shape[0]) if rows is None else np.asarray(rows, np.int64)
-        sig_rows, z_rows = rows[rows < self.signature_shifts], rows[rows >= self.signature_shifts] - self.signature_shifts
+        is_sig = rows < self.signature_shifts
+        Z = self._curvature(x, rows[is_sig], rows[~is_sig] - self.signature_shifts)
+        order = np.concatenate([np.flatnonzero(is_sig), np.flatnonzero(~is_sig)])  # Z's rows, as positions in ``rows``
+        if np.array_equal(order, np.arange(len(order))):
+            return Z
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return Z[back][:, back].tocsr()
+
+    def _curvature(self, x: np.ndarray, sig_rows: np.ndarray, z_rows: np.ndarray) -> sp.csr_matrix:
+        """Z over the signature shift rows (in their order), then the embedding coordinates."""
+        self.primal(x)
         Zss = super().curvature(x, sig_rows) if len(sig_rows) else sp.csr_matrix((0, 0))
         emb, n = self.emb, self.n
         classes, ktot = len(emb.class_codes), emb.ktot
