@@ -236,7 +236,7 @@ def _bounds(p: MomentProblem, dual: "_Dual", enforcement: float | None) -> tuple
 
 
 def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True,
-                  newton_iterations: int = 200) -> DualResult:
+                  newton_iterations: int = 200, adaptive: bool = True) -> DualResult:
     """Maximise the dual. Up to MAX_POLISH_VARIABLES duals: L-BFGS-B, then a dense projected-Newton
     polish; above that (or when that does not reach the KKT target): the sparse projected
     semismooth Newton of ``m4_newton``, whose cost grows with the binding constraints, not K."""
@@ -280,7 +280,7 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if not certificate and polish:
         _, grad, _ = dual.value_grad(x)
         if not small or projected_residual(x, grad, lo, hi) > NEWTON_TOL:
-            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound, max_iter=newton_iterations)
+            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound, max_iter=newton_iterations, adaptive=adaptive)
             certificate = certificate or newton.pop("certificate")
             info.update(newton)
     info["method"] = "lbfgsb+dense-newton" if small and "newton_iterations" not in info else "sparse-newton"
@@ -319,6 +319,8 @@ def dual_result(p: MomentProblem, dual: "_Dual", x: np.ndarray, lo: np.ndarray, 
         moved = np.abs(p.H.T @ wq - p.hold_target) / np.maximum(p.hold_target, 1e-300)
         budget_residual = max(abs(budget_residual), float(moved.max()))
     info["dual_evaluations"] = dual.evaluations
+    if p.embedding is not None:  # every evaluation is a pass over the rows; a missing Hessian block one more
+        info["row_passes"] = p.stream.passes
     return DualResult(
         x=x, q=q, dual_value=value, primal_value=primal_value, kkt_residual=kkt, moments=moments,
         carrying=carrying, violation=violation, budget_residual=budget_residual,
@@ -500,7 +502,7 @@ def _clarabel_solve(p: MomentProblem, M, E, H, w: np.ndarray, eta: np.ndarray) -
     lo, hi = _bounds(p, dual, None)
     x = np.clip(x, lo, hi)
     at_clarabel = x.copy()
-    x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, primal_upper_bound(p))
+    x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, primal_upper_bound(p), adaptive=p.embedding is None)
     newton.pop("certificate")
     info = {"method": "clarabel+sparse-newton", "clarabel_status": status, "clarabel_iterations": int(sol.iterations),
             **newton}
@@ -643,9 +645,14 @@ def _unsettled(step: M4Balance, stats: CorpusStats, problem: MomentProblem, resu
             f"balance.retention {step.retention} is infeasible for these constraints{holds} (largest feasible "
             f"retention {scale:.6g}); lower balance.retention, raise balance.max_weight or the tolerances, "
             f"set balance.on_infeasible: max_retention, or balance.enforcement for a best-effort solution")
-    used = scale * (1 - 1e-6)  # strictly inside: the LP's own tolerance is ~1e-9
-    problem = _with_retention(problem, step, stats, used)
-    certified = _certified(problem, solve_moments(problem, None), None)
+    # strictly inside: the LP's own tolerance is ~1e-9 (over rows without the LP, bisection errs low
+    # but a solve just under a limit may stall: step back further before giving up)
+    for margin in (1e-6,) if problem.embedding is None else (1e-6, 1e-4, 1e-2):
+        used = scale * (1 - margin)
+        problem = _with_retention(problem, step, stats, used)
+        certified = _certified(problem, solve_moments(problem, None), None)
+        if certified is not None:
+            break
     if certified is None:
         raise ValueError(
             f"balance.on_infeasible: max_retention: no certified solution at the largest feasible retention {used:.6g}"

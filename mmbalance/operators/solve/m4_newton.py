@@ -55,12 +55,14 @@ def _diagonal(Z: sp.csr_matrix, Tf: sp.csc_matrix) -> np.ndarray:
 
 
 def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float, bound: float,
-                 max_iter: int = 200, deadline: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 max_iter: int = 200, deadline: float | None = None, adaptive: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Maximise the dual from ``x`` until the KKT residual is <= ``tol``.
 
     ``dual`` is an ``m4._Dual``: ``value_grad(x)`` (value, ascent gradient, q) and ``curvature(x)``
     (Z as a sparse matrix). Stops early, flagging ``certificate``, once the value exceeds ``bound``
     (the largest primal objective: weak duality then proves the constraints infeasible).
+    ``adaptive``: the damping of the module docstring (off where the problem is nearly degenerate,
+    e.g. at the largest feasible retention, and damped steps crawl).
     """
     start = time.perf_counter()
     x = np.clip(x, lo, hi)
@@ -148,7 +150,8 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
             continue
         # a step cut far short (the line crosses many kinks: thousands of per-label bounds binding at
         # once): the quadratic model is poor here, so lean towards diagonally scaled gradient steps
-        damping = min(1e3, max(damping * 4, 0.1)) if alpha < 0.1 else damping * (0.1 if alpha >= 0.5 else 0.5)
+        if adaptive:
+            damping = min(1e3, max(damping * 4, 0.1)) if alpha < 0.1 else damping * (0.1 if alpha >= 0.5 else 0.5)
         r_new = projected_residual(trial, g_new, lo, hi)
         # at the floor of rounding (sums over millions of signatures): no gain, no smaller residual
         if v_new - value <= 1e-12 * abs(value) and r_new >= 0.5 * residual:

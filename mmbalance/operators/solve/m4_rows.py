@@ -86,8 +86,32 @@ def row_block(table: pa.Table, keys, spec: RowSpec, embeddings: dict[str, tuple[
     if z is None:
         z = project_sides(spec.bases, embeddings or {}, table.num_rows)
     omega = solution_from_dict(spec.prior).weights(table) if spec.prior else np.ones(table.num_rows)
-    return {"sig": sig, "u": u, "z": np.ascontiguousarray(z, np.float32), "omega": np.asarray(omega, np.float64),
-            "cls": np.asarray(spec.class_of_sig, np.int32)[sig]}
+    cls = np.asarray(spec.class_of_sig, np.int32)[sig]
+    return finish_block({"sig": sig, "u": u, "z": np.asarray(z, np.float32), "omega": np.asarray(omega, np.float64),
+                         "cls": cls})
+
+
+def finish_block(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows sorted by class (a pass then works on slices, not copies) and each step's sum of
+    omega z z' (with L2 a pass sums only the clipped rows' share)."""
+    order = np.argsort(block["cls"], kind="stable")
+    out = {k: np.ascontiguousarray(np.asarray(block[k])[order]) for k in ("sig", "u", "z", "omega", "cls")}
+    steps = list(block_steps(out["cls"]))
+    gram = np.zeros((len(steps), out["z"].shape[1], out["z"].shape[1]))
+    for j, (_, lo, hi) in enumerate(steps):
+        zf = out["z"][lo:hi].astype(np.float64)
+        gram[j] = (zf * out["omega"][lo:hi, None]).T @ zf
+    out["gram"] = gram
+    return out
+
+
+def block_steps(cls: np.ndarray):
+    """(class, start, end) of the steps a pass takes over rows sorted by class: each class's run
+    in pieces of at most CHUNK rows."""
+    bounds = np.flatnonzero(np.diff(cls)) + 1
+    for lo_c, hi_c in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(cls)]])):
+        for start in range(int(lo_c), int(hi_c), CHUNK):
+            yield int(cls[lo_c]), start, min(start + CHUNK, int(hi_c))
 
 
 def block_totals(block: dict[str, np.ndarray]) -> dict[str, float]:
@@ -112,6 +136,21 @@ def _layout(params: dict[str, Any], watched: int) -> dict[str, tuple[int, int, t
 
 def unpack(vector: np.ndarray, params: dict[str, Any], watched: int) -> dict[str, np.ndarray]:
     return {name: vector[a:b].reshape(shape) for name, (a, b, shape) in _layout(params, watched).items()}
+
+
+def _weighted_gram(z32: np.ndarray, zf: np.ndarray, wd: np.ndarray, w: np.ndarray, gram: np.ndarray, l2: bool) -> np.ndarray:
+    """sum_i wd_i z_i z_i' over a step. With L2, wd is w on the interior rows and 0 on the clipped:
+    few interior rows are summed, few clipped rows subtracted from the step's ``gram`` (in float64:
+    a difference of large sums). Otherwise a float32 product (a Hessian block, not a moment)."""
+    if l2:
+        inside = wd > 0
+        few_clipped = 2 * inside.sum() > len(wd)
+        pick = ~inside if few_clipped else inside
+        rows = zf[pick]
+        part = (rows * w[pick, None]).T @ rows
+        return gram - part if few_clipped else part
+    y = z32 * np.sqrt(wd).astype(np.float32)[:, None]
+    return (y.T @ y).astype(np.float64)
 
 
 def row_block_sums(block: dict[str, np.ndarray], kind: str, payload, params: dict[str, Any]) -> np.ndarray:
@@ -141,33 +180,27 @@ def row_block_sums(block: dict[str, np.ndarray], kind: str, payload, params: dic
     layout = _layout(params, watched.shape[1])
     out = np.zeros(layout["cross"][1])
     part = {name: out[a:b].reshape(shape) for name, (a, b, shape) in layout.items()}
-    for start in range(0, len(sig), CHUNK):
-        s_c, c_c, w_c = sig[start : start + CHUNK], cls[start : start + CHUNK], omega[start : start + CHUNK]
-        z32 = z[start : start + CHUNK]
+    # rows are sorted by class (``row_block``): each step is one class's slice of at most CHUNK rows
+    l2 = objective == "l2"
+    for j, (c, start, end) in enumerate(block_steps(cls)):
+        s_c, w_c, z32 = sig[start:end], omega[start:end], z[start:end]
         zf = z32.astype(np.float64)
-        shift = t[s_c] + np.einsum("ij,ij->i", zf, C[c_c])
-        q, f, curv = row_terms(eta[start : start + CHUNK], shift, objective, Q)
+        q, f, curv = row_terms(eta[start:end], t[s_c] + zf @ C[c], objective, Q)
         wd = w_c * curv
         if kind == "aggregate":
             wq = w_c * q
             for name, x in (("q", wq), ("f", w_c * f), ("curv", wd), ("q2", wq * q)):
                 part[name] += np.bincount(s_c, weights=x, minlength=S)
-            for c in np.unique(c_c):
-                rows = c_c == c
-                part["qz"][c] += wq[rows] @ zf[rows]
-                part["dz"][c] += wd[rows] @ zf[rows]
-                if needed[c]:
-                    y = z32[rows] * np.sqrt(wd[rows]).astype(np.float32)[:, None]
-                    part["zz"][c] += (y.T @ y).astype(np.float64)  # float32 product: a Hessian block, not a moment
+            part["qz"][c] += wq @ zf
+            part["dz"][c] += wd @ zf
+            if needed[c]:
+                part["zz"][c] += _weighted_gram(z32, zf, wd, w_c, block["gram"][j], l2)
         if watched.shape[1]:
-            dz = wd[:, None] * zf
             at = 0
             for g, m in groups:
-                u = codes[c_c, g]
-                for v in range(m):
-                    rows = np.flatnonzero(u == v)
-                    if len(rows):
-                        part["cross"][at + v] += np.asarray(watched[s_c[rows]].T @ dz[rows])
+                v = codes[c, g]
+                if v >= 0:
+                    part["cross"][at + v] += np.asarray(watched[s_c].T @ (wd[:, None] * zf))
                 at += m
     if kind == "cross":
         return out[layout["cross"][0] :]

@@ -9,6 +9,7 @@ or applying a per-row solution, does not load the solver.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,14 @@ def signature_ids(table, keys: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return sig.to_numpy().astype(np.int32), u
 
 
+def load_block(path: str) -> dict[str, np.ndarray]:
+    """A block written by ``LocalBlocks``: an .npz, or a directory of raw .npy arrays (memory-mapped)."""
+    if os.path.isdir(path):
+        return {name[:-4]: np.load(f"{path}/{name}", mmap_mode="r") for name in sorted(os.listdir(path))}
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
 class LocalBlocks:
     """Row blocks on this machine's disk, reduced in this process: for a RowStream that cannot run
     the reductions itself (the pipeline's can: one Ray task per shard per dual evaluation)."""
@@ -120,8 +129,10 @@ class LocalBlocks:
         totals: list[dict[str, float]] = []
         for i, table in enumerate(self.rows_stream.tables(spec.columns(keys))):
             block = row_block(table, keys, spec, table_embeddings(table, spec))
-            path = f"{self.dir}/{i:06d}.npz"
-            np.savez(path, **block)
+            path = f"{self.dir}/{i:06d}"
+            os.makedirs(path)
+            for name, array in block.items():  # one raw .npy per array, memory-mapped when read
+                np.save(f"{path}/{name}.npy", array)
             self.files.append(path)
             totals.append(block_totals(block))
         return {k: sum(t[k] for t in totals) for k in ("rows", "sum_u", "sum_omega", "sum_omega_u")} if totals else \
@@ -129,8 +140,7 @@ class LocalBlocks:
 
     def iter_blocks(self):
         for path in self.files:
-            with np.load(path) as data:
-                yield {k: data[k] for k in data.files}
+            yield load_block(path)
 
     def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
         total = None

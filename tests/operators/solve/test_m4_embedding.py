@@ -117,8 +117,15 @@ def _reference(rows: pa.Table, stats: CorpusStats, retention: float, objective: 
     return prob.status, (None if q.value is None else np.asarray(q.value)), prob.value
 
 
-@pytest.mark.parametrize("objective, utility, seed", [("l2", False, 0), ("l2", True, 1), ("kl", True, 2)])
-def test_embedding_moments_match_row_level_cvxpy(objective, utility, seed):
+@pytest.mark.parametrize("objective, utility, seed, subsample", [
+    ("l2", False, 0, None), ("l2", True, 1, None), ("kl", True, 2, None),
+    ("l2", True, 3, 200),  # the passes start from the optimum on every 3rd row (as above SUBSAMPLE_ROWS)
+])
+def test_embedding_moments_match_row_level_cvxpy(objective, utility, seed, subsample, monkeypatch):
+    from mmbalance.operators.solve import m4_embedding
+
+    if subsample:
+        monkeypatch.setattr(m4_embedding, "SUBSAMPLE_ROWS", subsample)
     rows = _rows(600, seed, utility=utility)
     stats, stream = _stats(rows, _recipe({"association_embedding": 0.01}, objective=objective, utility=utility))
     solution = solve(stats)
