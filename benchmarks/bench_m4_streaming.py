@@ -152,6 +152,7 @@ class RayBlocks:
         self.executor = RayExecutor()
         self.calls = 0
 
+    @_timed_build
     def build(self, keys):
         return self.local.build(keys)
 
@@ -268,7 +269,7 @@ def _run_all(args, results: list, work: Path) -> None:
             seconds = time.perf_counter() - start
             d = solution.diagnostics
             entry = {"executor": args.executor, "embedding_components": components,
-                     "block_build_seconds": round(getattr(stream.made, "build_seconds", float("nan")), 3),
+                     "block_build_seconds": round(stream.made.build_seconds, 3),
                      "loadavg": [round(x, 2) for x in os.getloadavg()], "rows": rows, "shards": n_shards,
                      "signatures": d["signatures"], "seconds": round(seconds, 3),
                      "dual_evaluations": d["solver"]["dual_evaluations"], "row_passes": d["solver"].get("row_passes"),

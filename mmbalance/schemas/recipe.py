@@ -583,6 +583,10 @@ balance:
 #   - {method: waterfill, by: concept, retention: 0.8}
 #   - {method: m4, targets: {gender: {woman: 0.5, man: 0.5}}, associate: [[gender, occupation]],
 #      tolerance: {representation: 0.01, association: 0.01}, retention: 0.9, max_weight: 1.0}
+#      # per-label parity |P(woman | value) - 0.5| <= 0.05 (values under min_support rows pooled) and
+#      # moments against the image embedding's principal components (an m4 step with them comes last):
+#      # associate: [[gender, concept], [gender, embedding.image]], min_support: 50, embedding_components: 64
+#      # tolerance: {association: null, association_per_label: 0.05, association_embedding: 0.01}
 # report: {html: true, leakage: true}
 export:
   seed: 0                       # seeds the stochastic rounding of weights into repeat counts
