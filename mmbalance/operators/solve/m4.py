@@ -166,15 +166,19 @@ class _Dual:
         p = self.p
         q, f, _, t = self.primal(x)
         wq = p.weight * q
-        value = float(p.weight @ f + wq @ t)
-        grad = self.T.T @ (self.NT @ wq)
+        value, grad = self._targets(x, float(p.weight @ f + wq @ t), self.T.T @ (self.NT @ wq))
+        return value, grad, q
+
+    def _targets(self, x: np.ndarray, value: float, grad: np.ndarray) -> tuple[float, np.ndarray]:
+        """The held masses' and the budget's terms of the dual's value and gradient."""
+        p = self.p
         if p.holds:
             value -= float(x[self.hold] @ p.hold_target)
             grad[self.hold] -= p.hold_target
         if p.budget is not None:
             value -= x[-1] * p.budget
             grad[-1] -= p.budget
-        return value, grad, q
+        return value, grad
 
     def curvature(self, x: np.ndarray, rows: np.ndarray | None = None) -> sp.csr_matrix:
         """Z = N' diag(w dq/dt) N: minus the generalised Hessian in shift space (sparse), or its

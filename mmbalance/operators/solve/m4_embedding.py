@@ -286,13 +286,7 @@ class RowDual(_Dual):
         _, C = self._shifts(x)
         wq = p.weight * q
         value = float(p.weight @ f + wq @ t + (C * self._extra["qz"]).sum() / self.n)
-        grad = self.T.T @ self.shift_sums(x, q)
-        if p.holds:
-            value -= float(x[self.hold] @ p.hold_target)
-            grad[self.hold] -= p.hold_target
-        if p.budget is not None:
-            value -= x[-1] * p.budget
-            grad[-1] -= p.budget
+        value, grad = self._targets(x, value, self.T.T @ self.shift_sums(x, q))
         return value, grad, q
 
     def _cross(self, x: np.ndarray, sparse_rows: np.ndarray) -> np.ndarray:

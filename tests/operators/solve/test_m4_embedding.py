@@ -10,6 +10,7 @@ import cvxpy as cp
 import numpy as np
 import pyarrow as pa
 import pytest
+from operators.solve.m4_reference import ListStream
 
 from mmbalance.operators.pca import fit_pca
 from mmbalance.operators.solve import CorpusStats, solution_from_dict, solve
@@ -18,17 +19,6 @@ from mmbalance.schemas.contract import UTILITY_COLUMN
 from mmbalance.schemas.recipe import parse_recipe
 
 DIM = 16
-
-
-class ListStream:
-    def __init__(self, tables):
-        self.parts = tables
-        self.passes = 0
-
-    def tables(self, columns):
-        self.passes += 1
-        for t in self.parts:
-            yield t.select(columns)
 
 
 def _rows(n: int, seed: int, utility: bool = False) -> pa.Table:
@@ -87,6 +77,18 @@ def _z(rows: pa.Table, stats: CorpusStats) -> np.ndarray:
     return (x - basis.mean.astype(np.float64)) @ basis.components.astype(np.float64).T
 
 
+def _assert_embedding_moments(rows: pa.Table, stats: CorpusStats, q: np.ndarray, eps: float) -> None:
+    """|sum_i q_i a_i (s_iv - 1/2) z_ik| <= eps sd_k sum_i a_i q_i for both values and every k."""
+    z = _z(rows, stats)
+    g = np.array(rows.column("tag.g").to_pylist(), dtype=object)
+    carry = np.array([x is not None for x in g])
+    W = q[carry].sum()
+    sd = stats.embedding_bases["image"].sd
+    for v in ("w", "m"):
+        moment = ((g[carry] == v) - 0.5) * q[carry] @ z[carry]
+        assert np.all(np.abs(moment) <= eps * sd * W * (1 + 1e-6) + 1e-9)
+
+
 def _reference(rows: pa.Table, stats: CorpusStats, retention: float, objective: bool = True):
     step = stats.recipe.balance
     tol = step.tolerance
@@ -138,15 +140,7 @@ def test_embedding_moments_match_row_level_cvxpy(objective, utility, seed, subsa
     assert status == "optimal"
     assert d["objective_per_row"] == pytest.approx(ref, rel=1e-6 if objective == "l2" else 1e-5)
     np.testing.assert_allclose(q, q_ref, atol=1e-5 if objective == "l2" else 1e-4)
-    # every embedding moment within its bound on the applied weights (z recomputed in numpy)
-    z = _z(rows, stats)
-    g = np.array(rows.column("tag.g").to_pylist(), dtype=object)
-    carry = np.array([x is not None for x in g])
-    W = q[carry].sum()
-    sd = stats.embedding_bases["image"].sd
-    for v in ("w", "m"):
-        moment = ((g[carry] == v) - 0.5) * q[carry] @ z[carry]
-        assert np.all(np.abs(moment) <= 0.01 * sd * W * (1 + 1e-6) + 1e-9)
+    _assert_embedding_moments(rows, stats, q, 0.01)  # on the applied weights, z recomputed in numpy
     # rows read once into blocks, then one pass per dual evaluation
     assert stream.passes == 1
 
@@ -218,14 +212,7 @@ def test_a_composition_ending_in_embedding_moments_weighs_rows_by_the_earlier_st
     cap = solve(CorpusStats(parse_recipe({**recipe, "balance": recipe["balance"][0]}), stats.signatures, stats.vocab,
                             rows.num_rows)).weights(rows)
     assert np.all(q <= 1.5 * cap + 1e-12) and np.any(cap < 1)
-    z = _z(rows, stats)
-    g = np.array(rows.column("tag.g").to_pylist(), dtype=object)
-    carry = np.array([x is not None for x in g])
-    W = q[carry].sum()
-    sd = stats.embedding_bases["image"].sd
-    for v in ("w", "m"):
-        moment = ((g[carry] == v) - 0.5) * q[carry] @ z[carry]
-        assert np.all(np.abs(moment) <= 0.01 * sd * W * (1 + 1e-6) + 1e-9)
+    _assert_embedding_moments(rows, stats, q, 0.01)
 
 
 def test_an_embedding_step_before_another_is_a_recipe_error():

@@ -4,24 +4,18 @@ under ``min_support`` pooled; infeasible and largest-retention outcomes."""
 
 from __future__ import annotations
 
-import warnings
-
 import cvxpy as cp
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from operators.solve.m4_reference import AGES, CONCEPT_BALANCE, GENDERS, concept_stats
+from operators.solve.m4_reference import (
+    AGES, CONCEPT_BALANCE, GENDERS, centred_attribute, concept_stats, feasible, signature_codes, stop_first_newton_short)
 
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators.solve.m4 import build_problem, max_feasible_retention
 
 TAGS = ["tag.gender", "tag.age", "tag.concept", "tag.occupation"]
 ATTRS = {"gender": GENDERS, "age": AGES}
-
-
-def _codes(stats: CorpusStats, name: str, values: list[str]) -> np.ndarray:
-    index = {v: i for i, v in enumerate(values)}
-    return np.array([-1 if v is None else index[v] for v in stats.signatures.column(f"tag.{name}").to_pylist()])
 
 
 def reference_problem(stats: CorpusStats, retention: float):
@@ -34,8 +28,8 @@ def reference_problem(stats: CorpusStats, retention: float):
     S = len(w)
     w *= S / w.sum()  # mean weight 1: interior-point tolerances are absolute
     n_rows = np.asarray(stats.signatures.column("count"), np.float64)
-    codes = {a: _codes(stats, a, v) for a, v in ATTRS.items()}
-    labels = {lab: _codes(stats, lab, stats.vocab[lab]) for lab in ("concept", "occupation")}
+    codes = {a: signature_codes(stats, a, v) for a, v in ATTRS.items()}
+    labels = {lab: signature_codes(stats, lab, stats.vocab[lab]) for lab in ("concept", "occupation")}
     q = cp.Variable(S)
     eta = np.full(S, min(retention, step.max_weight))
     cons = [q >= 0, q <= step.max_weight]
@@ -53,14 +47,7 @@ def reference_problem(stats: CorpusStats, retention: float):
 
     pooled: dict[str, list[str]] = {}
     for a, values in ATTRS.items():
-        carry = codes[a] >= 0
-        if a in step.targets:
-            pi = np.array([step.targets[a][v] for v in values])
-        else:
-            pi = np.bincount(codes[a][carry], weights=w[carry], minlength=len(values)) / w[carry].sum()
-        onehot = np.zeros((S, len(values)))
-        onehot[np.flatnonzero(carry), codes[a][carry]] = 1.0
-        centred = (onehot - pi) * carry[:, None]
+        carry, centred = centred_attribute(step, a, values, codes[a], w)
         if a in step.targets:
             for k in range(len(values)):
                 bound(np.flatnonzero(carry), centred[:, k], (a,), np.flatnonzero(carry), tol.representation)
@@ -112,13 +99,7 @@ def reference_solve(stats: CorpusStats, retention: float):
 
 
 def reference_feasible(stats: CorpusStats, retention: float) -> bool:
-    _, _, cons, _ = reference_problem(stats, retention)
-    prob = cp.Problem(cp.Minimize(0), cons)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prob.solve(solver=cp.CLARABEL)
-    assert prob.status in ("optimal", "optimal_inaccurate", "infeasible", "infeasible_inaccurate"), prob.status
-    return prob.status.startswith("optimal")
+    return feasible(reference_problem(stats, retention)[2])
 
 
 def _balance(association, per_label, **extra):
@@ -215,16 +196,7 @@ def test_clarabel_fallback_and_hold_labels_keep_working_with_per_label(monkeypat
     stats = concept_stats(3, 600, 6000, balance, occupations=10)
     expected = solve(stats).diagnostics
     assert expected["status"] == "optimal" and expected["held_masses"] > 0
-    real = m4.newton_solve
-    calls = {"n": 0}
-
-    def stops_short_once(dual, x, lo, hi, tol, bound, **kw):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            return np.clip(x, lo, hi), {"certificate": False, "converged": False}
-        return real(dual, x, lo, hi, tol, bound, **kw)
-
-    monkeypatch.setattr(m4, "newton_solve", stops_short_once)
+    stop_first_newton_short(monkeypatch)
     monkeypatch.setattr(m4, "MAX_POLISH_VARIABLES", 0)  # the sparse Newton first, as at scale
     d = solve(stats).diagnostics
     assert d["status"] == "optimal" and d["solver"]["method"].startswith("clarabel")
