@@ -9,6 +9,11 @@ sparse problem. Writes benchmarks/results/m4_scale.json.
 
     python benchmarks/bench_m4_scale.py                       # the grid below
     python benchmarks/bench_m4_scale.py --big                 # adds 1e5 labels x 1e7 signatures
+    python benchmarks/bench_m4_scale.py --per-label 0.05 --only 10000 1000000   # per-label parity (issue 21)
+
+``--per-label EPS`` adds per-label parity |P_w(s | y = j) - pi| <= EPS on every associated pair
+(label values under 50 carrying rows pooled) beside the global bound (``--no-global``: instead of
+it) and writes benchmarks/results/m4_scale_per_label.json.
 """
 
 from __future__ import annotations
@@ -40,23 +45,36 @@ SKIPPED = [
 BIG = [(100_000, 10_000_000)]
 
 
-def point(labels: int, signatures: int) -> dict:
+def balance_for(per_label: float | None, global_bound: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from operators.solve.m4_reference import CONCEPT_BALANCE
+
+    if per_label is None:
+        return CONCEPT_BALANCE
+    tolerance = {**CONCEPT_BALANCE["tolerance"], "association_per_label": per_label}
+    if not global_bound:
+        tolerance["association"] = None
+    return {**CONCEPT_BALANCE, "tolerance": tolerance}
+
+
+def point(labels: int, signatures: int, per_label: float | None = None, global_bound: bool = True) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import numpy as np
-    from operators.solve.m4_reference import CONCEPT_BALANCE, concept_stats
+    from operators.solve.m4_reference import concept_stats
 
     from mmbalance.operators.solve import m4
 
+    balance = balance_for(per_label, global_bound)
     rows = int(1.3 * signatures)
     for _ in range(4):  # draw rows until the distinct signatures reach the target
-        stats = concept_stats(0, labels, rows, CONCEPT_BALANCE, occupations=OCCUPATIONS)
+        stats = concept_stats(0, labels, rows, balance, occupations=OCCUPATIONS)
         got = stats.signatures.num_rows
         if got >= 0.9 * signatures:
             break
         rows = int(rows * min(8.0, 1.15 * signatures / max(got, 1)))
     step = stats.recipe.balance
     start = time.perf_counter()
-    problem, _, coords, _ = m4.build_problem(step, stats)
+    problem, _, coords, notes = m4.build_problem(step, stats)
     build = time.perf_counter() - start
     del stats
     tracemalloc.start()
@@ -73,6 +91,9 @@ def point(labels: int, signatures: int) -> dict:
     d = m4._diagnostics(problem, result, coords, step, None)
     return {
         "labels": labels, "target_signatures": signatures, "signatures": int(problem.B.shape[0]),
+        "per_label": per_label, "global_bound": global_bound,
+        "per_label_values": {k: {"bounded": v["bounded_values"], "pooled": len(v["pooled_values"])}
+                             for k, v in notes.get("per_label", {}).items()} if per_label is not None else None,
         "drawn_rows": rows, "coordinates": problem.K, "duals": 2 * problem.K + (1 if problem.budget is not None else 0),
         "binding": d["binding_constraints"], "status": status, "method": result.info.get("method"),
         "build_seconds": round(build, 3), "solve_seconds": round(seconds, 3),
@@ -92,16 +113,21 @@ def main() -> None:
     parser.add_argument("--point", type=int, nargs=2, metavar=("LABELS", "SIGNATURES"))
     parser.add_argument("--big", action="store_true", help="add 1e5 labels x 1e7 signatures")
     parser.add_argument("--only", type=int, nargs=2, action="append", metavar=("LABELS", "SIGNATURES"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "m4_scale.json")
+    parser.add_argument("--per-label", type=float, default=None, help="per-label parity tolerance (issue 21)")
+    parser.add_argument("--no-global", action="store_true", help="with --per-label: no global association bound")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.point:
-        print(json.dumps(point(*args.point)), flush=True)
+        print(json.dumps(point(*args.point, per_label=args.per_label, global_bound=not args.no_global)), flush=True)
         return
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / ("m4_scale.json" if args.per_label is None else "m4_scale_per_label.json")
+    extra = ([] if args.per_label is None else ["--per-label", str(args.per_label)]) + (["--no-global"] if args.no_global else [])
     grid = [tuple(p) for p in args.only] if args.only else GRID + (BIG if args.big else [])
     previous = json.loads(args.out.read_text()).get("results", []) if args.out.exists() else []
     results = {(r["labels"], r["target_signatures"]): r for r in previous}
     for labels, signatures in grid:
-        proc = subprocess.run([sys.executable, __file__, "--point", str(labels), str(signatures)],
+        proc = subprocess.run([sys.executable, __file__, "--point", str(labels), str(signatures), *extra],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         if proc.returncode != 0:
             entry = {"labels": labels, "target_signatures": signatures, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -113,7 +139,9 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "M4 solve (sparse projected semismooth Newton on the dual) against labels x signatures",
         "recipe": "targets gender 50/50 (eps 0.01); associate gender x occupation, gender x concept, age x concept "
-                  "(eps 0.002); retention 0.6; max_weight 1; L2",
+                  "(eps 0.002); retention 0.6; max_weight 1; L2"
+                  + ("" if args.per_label is None else f"; per-label parity {args.per_label} (min_support 50)"
+                     + (", no global bound" if args.no_global else "")),
         "targets": "1e4 labels x 1e6 signatures under 10 s; 1e5 labels under 60 s (2-core box)",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "command": " ".join(["python", "benchmarks/bench_m4_scale.py", *sys.argv[1:]]),

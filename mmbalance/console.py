@@ -161,7 +161,7 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
     console.print(f"largest repeat count: {weights['max_repeats']}")
     families = report.get("constraint_families") or []
     if families:
-        ftable = make_table("M4 constraint families (worst |moment| / carrying weight)",
+        ftable = make_table("M4 constraint families",
                             [("family", "left"), ("n", "right"), ("tol", "right"), ("binding", "right"),
                              ("before", "right"), ("after", "right")])
         for fam in families:
@@ -170,6 +170,8 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
                 _f(fam["worst_moment"]["before"]), _f(fam["worst_moment"]["after_expected"]),
             )
         console.print(ftable)
+        console.print("before / after: the worst |moment| / carrying weight; per label: |P(s | y) - pi|; "
+                      "embedding: |moment| / (sd W)")
     for line in solver_lines(report.get("solution", {}), report.get("method", "")):
         console.print(escape(line))
     for line in leakage_lines(report.get("leakage", {})):

@@ -109,13 +109,15 @@ def test_demo_runs_on_embedded_ray(tmp_path):
     assert "Token authentication" not in res.stderr + res.stdout  # Ray's notice about its own default
     report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
     assert report["rows"]["manifest"] == 4000 and report["method"] == "cap+m4"
-    # the story the demo tells: concepts flatten, representation and association bias fall, leakage falls
+    # the story the demo tells: representation and association bias fall, leakage falls (at 4,000 rows
+    # the concept cap of 500 does not bind: the README's 20,000-row run shows concepts flattening)
     before, after = report["before"], report["after_expected"]
-    assert after["concept_balance"]["concept"]["gini"] < before["concept_balance"]["concept"]["gini"]
     assert after["rb"] <= 0.002 + 1e-9 and after["ab"] < before["ab"] / 3
     families = {f["family"]: f for f in report["constraint_families"]}
-    assert set(families) == {"gender representation", "gender x occupation", "gender x concept"}
+    assert set(families) == {"gender representation", "gender x occupation", "gender x concept", "gender | occupation (per label)",
+                             "gender | concept (per label)", "gender x embedding.image (64 PCs)"}
     assert all(f["over_tolerance"] == 0 and f["worst_moment"]["after_expected"] <= f["tolerance"] * (1 + 1e-6) for f in families.values())
+    assert families["gender x embedding.image (64 PCs)"]["at_tolerance"] > 0  # the embedding moments bind
     leak = report["leakage"]["gender"]["embedding_image"]
     assert leak["after"]["accuracy"] < leak["before"]["accuracy"]
     assert "M4 constraint families" in res.stdout
@@ -156,3 +158,27 @@ def test_recipe_check_refuses_an_unknown_vocabulary_as_validate_does(tmp_path):
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert "occupation.caption.vocabulary: occupations: no such vocabulary" in lines[0]
     assert str(recipe) in checked.stderr
+
+
+@pytest.mark.parametrize("balance, expected", [
+    ("  associate: [[gender, occupation], [gender, embedding.image]]\n"
+     "  tolerance: {representation: 0.0, association: 0.0, association_embedding: 0.0}\n  retention: 0.99\n",
+     "solve: balance.retention 0.99 is infeasible for these constraints (largest feasible retention"),
+    ("  associate: [[gender, occupation]]\n  tolerance: {association: null, association_per_label: 0.0}\n"
+     "  retention: 0.99\n", "solve: balance.retention 0.99 is infeasible for these constraints (largest feasible retention"),
+    ("  associate: [[gender, embedding.image]]\n  retention: 0.5\n",
+     "r.yaml: balance.associate.0 names embedding.image but input.columns.image_embedding is not set"),
+])
+def test_per_label_and_embedding_outcomes_are_one_line_with_exit_2(tmp_path, balance, expected):
+    corpus = write_shards(tmp_path / "corpus", {f"s{i}.parquet": held_out_table(1500, 90 + i) for i in range(2)})
+    recipe = RECIPE_FROM_ISSUE.replace(
+        "  method: cap               # MetaCLIP-style per-value cap; other methods come in other issues\n  by: occupation\n  cap: 1000\n",
+        "  method: m4\n  targets: {gender: {woman: 0.5, man: 0.5}}\n" + balance)
+    if "is not set" in expected:
+        recipe = recipe.replace(", image_embedding: image_emb", "")
+    (tmp_path / "r.yaml").write_text(recipe)
+    res = mmb("rebalance", str(corpus), "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "r.yaml"), "--executor", "local")
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if "error" in ln]  # progress bars go to stderr too
+    assert len(errors) == 1 and errors[0].startswith("mmbalance: error: ") and expected in errors[0], res.stderr
+    assert "Traceback" not in res.stderr

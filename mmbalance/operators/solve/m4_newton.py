@@ -9,7 +9,9 @@ all its duals): those stay low rank inside the matrix-free product ``T' (Z (T v)
 
 Each iteration: the free set (Bertsekas' projected Newton, with an epsilon-active set), a
 Levenberg-Marquardt regularised Newton system on it solved by preconditioned CG (Jacobi), and an
-Armijo search along the projection arc. The Hessian product never touches the signatures, so CG
+Armijo search along the projection arc. The LM weight on the diagonal adapts: it grows while the
+search cuts steps short (far from the solution, where the line crosses many kinks of the
+piecewise-quadratic dual) and fades near the solution, where the plain Newton step converges. The Hessian product never touches the signatures, so CG
 iterations are cheap next to one dual evaluation (one pass over the signatures or the rows).
 MMBALANCE_M4_TRACE=1 prints one line per iteration (residual, value, step, free duals).
 """
@@ -53,12 +55,14 @@ def _diagonal(Z: sp.csr_matrix, Tf: sp.csc_matrix) -> np.ndarray:
 
 
 def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float, bound: float,
-                 max_iter: int = 200, deadline: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 max_iter: int = 200, deadline: float | None = None, adaptive: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Maximise the dual from ``x`` until the KKT residual is <= ``tol``.
 
     ``dual`` is an ``m4._Dual``: ``value_grad(x)`` (value, ascent gradient, q) and ``curvature(x)``
     (Z as a sparse matrix). Stops early, flagging ``certificate``, once the value exceeds ``bound``
     (the largest primal objective: weak duality then proves the constraints infeasible).
+    ``adaptive``: the damping of the module docstring (off where the problem is nearly degenerate,
+    e.g. at the largest feasible retention, and damped steps crawl).
     """
     start = time.perf_counter()
     x = np.clip(x, lo, hi)
@@ -67,6 +71,7 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
     info: dict[str, Any] = {"newton_iterations": 0, "cg_iterations": 0, "certificate": False, "converged": False}
     T = dual.Ts
     stalls = 0
+    damping = 0.0  # adaptive Levenberg-Marquardt weight on the diagonal: grows while steps are cut short
     for it in range(1, max_iter + 1):
         if residual <= tol:
             info["converged"] = True
@@ -84,6 +89,8 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
         Tf = T[:, free].tocsc()
         # Z only where the free duals shift: a few hundred rows when few constraints bind
         shift_rows = np.unique(Tf.indices)
+        last = np.isin(shift_rows, getattr(dual, "dense_rows", ()))  # dense rows last: Z needs no permutation
+        shift_rows = np.concatenate([shift_rows[~last], shift_rows[last]])
         Tf = Tf[shift_rows, :].tocsc()
         TfT = Tf.T.tocsr()
         Z = dual.curvature(x, shift_rows)
@@ -92,7 +99,8 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
         # LM regularisation: the duals of one attribute's values are dependent (the centred moments
         # sum to zero) and rows clipped at 0 or Q carry no curvature
         tau = min(1e-6, max(residual, 1e-12)) * scale + 1e-14 * scale
-        reg = diag * 1e-10 + tau
+        # the adaptive damping fades near the solution, where the Newton step is the right one
+        reg = diag * (1e-10 + damping * min(1.0, residual / 1e-6)) + tau
 
         def matvec(v, Tf=Tf, TfT=TfT, Z=Z, reg=reg):
             return TfT @ (Z @ (Tf @ v)) + reg * v
@@ -140,6 +148,10 @@ def newton_solve(dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float
             if stalls >= 2:
                 break
             continue
+        # a step cut far short (the line crosses many kinks: thousands of per-label bounds binding at
+        # once): the quadratic model is poor here, so lean towards diagonally scaled gradient steps
+        if adaptive:
+            damping = min(1e3, max(damping * 4, 0.1)) if alpha < 0.1 else damping * (0.1 if alpha >= 0.5 else 0.5)
         r_new = projected_residual(trial, g_new, lo, hi)
         # at the floor of rounding (sums over millions of signatures): no gain, no smaller residual
         if v_new - value <= 1e-12 * abs(value) and r_new >= 0.5 * residual:

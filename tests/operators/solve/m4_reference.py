@@ -142,3 +142,66 @@ CONCEPT_BALANCE = {
     "associate": [["gender", "occupation"], ["gender", "concept"], ["age", "concept"]],
     "tolerance": {"representation": 0.01, "association": 0.002}, "retention": 0.6, "max_weight": 1.0,
 }
+
+
+class ListStream:
+    """Tables standing in for the pipeline's kept rows; counts how often they were read."""
+
+    def __init__(self, tables):
+        self.parts = tables
+        self.passes = 0
+
+    def tables(self, columns):
+        self.passes += 1
+        for t in self.parts:
+            yield t.select(columns)
+
+
+def stop_first_newton_short(monkeypatch) -> None:
+    """The first sparse Newton solve returns where it started, uncertified (later ones run): the
+    solve must then go to the primal fallback."""
+    import numpy as np
+
+    from mmbalance.operators.solve import m4
+
+    real = m4.newton_solve
+    calls = {"n": 0}
+
+    def stops_short_once(dual, x, lo, hi, tol, bound, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return np.clip(x, lo, hi), {"certificate": False, "converged": False}
+        return real(dual, x, lo, hi, tol, bound, **kw)
+
+    monkeypatch.setattr(m4, "newton_solve", stops_short_once)
+
+
+def signature_codes(stats: CorpusStats, name: str, values: list[str]) -> np.ndarray:
+    """Index of each signature's value of ``name`` in ``values``; -1 for null."""
+    index = {v: i for i, v in enumerate(values)}
+    return np.array([-1 if v is None else index[v] for v in stats.signatures.column(f"tag.{name}").to_pylist()])
+
+
+def centred_attribute(step, name: str, values: list[str], code: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(carrying mask, a_s (s_sv - pi_v) per signature and value) from the spec: pi the target, else
+    the prevalence among the carrying signatures weighted by ``w``."""
+    carry = code >= 0
+    if name in step.targets:
+        pi = np.array([step.targets[name][v] for v in values])
+    else:
+        pi = np.bincount(code[carry], weights=w[carry], minlength=len(values)) / w[carry].sum()
+    onehot = np.zeros((len(code), len(values)))
+    onehot[np.flatnonzero(carry), code[carry]] = 1.0
+    return carry, (onehot - pi) * carry[:, None]
+
+
+def feasible(cons) -> bool:
+    """Whether cvxpy (Clarabel) finds the constraints feasible."""
+    import warnings
+
+    prob = cp.Problem(cp.Minimize(0), cons)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prob.solve(solver=cp.CLARABEL)
+    assert prob.status in ("optimal", "optimal_inaccurate", "infeasible", "infeasible_inaccurate"), prob.status
+    return prob.status.startswith("optimal")

@@ -4,7 +4,6 @@ values, and Kamiran-Calders reweighing with null labels."""
 
 from __future__ import annotations
 
-import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -13,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from operators.solve.m4_reference import AGES, CONCEPT_BALANCE, GENDERS, concept_stats
+from operators.solve.m4_reference import (
+    AGES, CONCEPT_BALANCE, GENDERS, centred_attribute, concept_stats, feasible, signature_codes, stop_first_newton_short)
 
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators.solve.m4 import build_problem, max_feasible_retention
@@ -21,11 +21,6 @@ from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import parse_recipe
 
 TAGS = ["tag.gender", "tag.age", "tag.concept", "tag.occupation"]
-
-
-def _codes(stats: CorpusStats, name: str, values: list[str]) -> np.ndarray:
-    index = {v: i for i, v in enumerate(values)}
-    return np.array([-1 if v is None else index[v] for v in stats.signatures.column(f"tag.{name}").to_pylist()])
 
 
 def reference_problem(stats: CorpusStats, retention: float, hold: bool = False):
@@ -37,8 +32,8 @@ def reference_problem(stats: CorpusStats, retention: float, hold: bool = False):
     S = len(w)
     w *= S / w.sum()  # mean weight 1 (shares times S): interior-point tolerances are absolute
     attrs = {"gender": GENDERS, "age": AGES}
-    codes = {a: _codes(stats, a, v) for a, v in attrs.items()}
-    labels = {lab: _codes(stats, lab, stats.vocab[lab]) for lab in ("concept", "occupation")}
+    codes = {a: signature_codes(stats, a, v) for a, v in attrs.items()}
+    labels = {lab: signature_codes(stats, lab, stats.vocab[lab]) for lab in ("concept", "occupation")}
     q = cp.Variable(S)
     W = cp.Variable(len(attrs))
     eta = np.full(S, min(retention, step.max_weight))
@@ -47,15 +42,8 @@ def reference_problem(stats: CorpusStats, retention: float, hold: bool = False):
         cons.append(w @ q == retention * S)
     moment_rows, tolerance_rows, held = [], [], []
     for g, (a, values) in enumerate(attrs.items()):
-        carry = codes[a] >= 0
+        carry, centred = centred_attribute(step, a, values, codes[a], w)
         cons.append(W[g] == (w * carry) @ q)
-        if a in step.targets:
-            pi = np.array([step.targets[a][v] for v in values])
-        else:
-            pi = np.bincount(codes[a][carry], weights=w[carry], minlength=len(values)) / w[carry].sum()
-        onehot = np.zeros((S, len(values)))
-        onehot[np.flatnonzero(carry), codes[a][carry]] = 1.0
-        centred = (onehot - pi) * carry[:, None]
         if a in step.targets:
             moment_rows.append(sp.csr_matrix((centred * w[:, None]).T))
             tolerance_rows += [(g, step.tolerance.representation)] * len(values)
@@ -94,13 +82,7 @@ def reference_solve(stats: CorpusStats, retention: float):
 
 
 def reference_feasible(stats: CorpusStats, retention: float, hold: bool) -> bool:
-    _, _, cons = reference_problem(stats, retention, hold=hold)
-    prob = cp.Problem(cp.Minimize(0), cons)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prob.solve(solver=cp.CLARABEL)
-    assert prob.status in ("optimal", "optimal_inaccurate", "infeasible", "infeasible_inaccurate"), prob.status
-    return prob.status.startswith("optimal")
+    return feasible(reference_problem(stats, retention, hold=hold)[2])
 
 
 # KL at 800 concepts: cvxpy's exponential-cone form of k = 3000 fails in Clarabel (still > 4,000 duals)
@@ -293,20 +275,9 @@ def test_unsatisfiable_runs_exit_with_one_line(tmp_path, balance, message):
 def test_a_dual_path_that_does_not_certify_falls_back_to_the_primal(monkeypatch, objective):
     """A feasible problem never ends in an error: when the Newton solve stops short, Clarabel on
     the primal (then the Newton finish from its duals) gives the same certified optimum."""
-    from mmbalance.operators.solve import m4
-
     stats = concept_stats(3, 900, 4000, {**CONCEPT_BALANCE, "objective": objective}, occupations=20)
     expected = solve(stats).diagnostics
-    real = m4.newton_solve
-    calls = {"n": 0}
-
-    def stops_short_once(dual, x, lo, hi, tol, bound, **kw):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            return np.clip(x, lo, hi), {"certificate": False, "converged": False}
-        return real(dual, x, lo, hi, tol, bound, **kw)
-
-    monkeypatch.setattr(m4, "newton_solve", stops_short_once)
+    stop_first_newton_short(monkeypatch)
     d = solve(stats).diagnostics
     assert d["status"] == "optimal" and d["solver"]["method"].startswith("clarabel")
     assert d["max_violation"] <= 1e-9

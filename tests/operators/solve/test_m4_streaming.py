@@ -7,22 +7,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from operators.solve.m4_reference import ListStream
 
 from mmbalance.operators.solve import CorpusStats, SampleBaselineSolution, solution_from_dict, solve
 from mmbalance.operators.stats import summarise
 from mmbalance.schemas.contract import UTILITY_COLUMN
 from mmbalance.schemas.recipe import parse_recipe
-
-
-class ListStream:
-    def __init__(self, tables):
-        self.parts = tables
-        self.passes = 0
-
-    def tables(self, columns):
-        self.passes += 1
-        for t in self.parts:
-            yield t.select(columns)
 
 
 def _rows(n: int, seed: int) -> pa.Table:
