@@ -61,7 +61,10 @@ def describe_recipe(recipe) -> list[str]:
     for cluster in recipe.clusters:
         lines.append(f"label {cluster.name}: {cluster.k} k-means clusters of the {cluster.embedding} embeddings")
     for i, step in enumerate(recipe.balance_steps(), 1):
-        lines.append(f"step {i}: " + _describe_step(step))
+        text = _describe_step(step)
+        if i > 1:  # a later step's retention is a share of what the earlier ones keep
+            text = text.replace("% of rows", "% of the rows the earlier steps keep")
+        lines.append(f"step {i}: " + text)
     return lines
 
 
@@ -75,9 +78,17 @@ def _describe_step(step) -> str:
         for attr, shares in step.targets.items():
             parts.append(f"{attr} shares " + "/".join(f"{v} {p:g}" for v, p in shares.items())
                          + f" within {step.tolerance.representation:g}")
-        if step.associate:
-            pairs = ", ".join(f"{a} x {y}" for a, y in step.associate)
-            parts.append(f"no {pairs} association beyond {step.tolerance.association:g}")
+        labels = [(a, y) for a, y in step.associate if not y.startswith("embedding.")]
+        embeddings = [(a, y) for a, y in step.associate if y.startswith("embedding.")]
+        tol = step.tolerance
+        if labels and tol.association is not None:
+            parts.append(f"no {', '.join(f'{a} x {y}' for a, y in labels)} association beyond {tol.association:g} of the weight")
+        if labels and tol.association_per_label is not None:
+            parts.append("within each " + ", ".join(dict.fromkeys(y for _, y in labels)) + " value, "
+                         + "/".join(dict.fromkeys(a for a, _ in labels)) + f" shares within {tol.association_per_label:g} of the target")
+        for a, y in embeddings:
+            parts.append(f"equal mean {y.split('.', 1)[1]} embeddings across {a} values (top {step.embedding_components} "
+                         f"principal components, within {tol.association_embedding:g} sd)")
         return f"m4 moment matching: {'; '.join(parts)}; keeping about {step.retention:.0%} of rows"
     if step.method == "waterfill":
         size = f"{step.size:,} rows" if step.size is not None else f"{step.retention:.0%} of rows"

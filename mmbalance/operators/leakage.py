@@ -147,7 +147,8 @@ def leakage_report(
     label_names = recipe.label_names()
     features = {"dataset": _one_hot(sample, label_names, vocab)}
     # per associated label set too, so the report can say which family still leaks
-    associated = [lab for step in recipe.balance_steps() if step.method == "m4" for _, lab in step.associate]
+    associated = [lab for step in recipe.balance_steps() if step.method == "m4" for _, lab in step.associate
+                  if lab in label_names]  # [attribute, embedding.image] is probed from the embedding below
     if len(label_names) > 1:
         for name in dict.fromkeys(associated):
             features[f"dataset_{name}"] = _one_hot(sample, [name], vocab)
