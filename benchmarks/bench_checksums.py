@@ -119,7 +119,7 @@ def output_checks(out: Path, recipe_path: Path) -> dict:
     import xxhash
 
     from mmbalance.pipeline import plan
-    from mmbalance.pipeline.store import OUTPUTS_KEY, RunStore
+    from mmbalance.io.store import OUTPUTS_KEY, RunStore
     from mmbalance.schemas.recipe import load_recipe
 
     store = RunStore(str(out))

@@ -50,7 +50,7 @@ from mmbalance.operators.cluster import (
 )
 from mmbalance.pipeline import fit as pipeline_fit
 from mmbalance.pipeline.stages import RunContext, _sample_candidates
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.recipe import Recipe
 
 CLUSTER_NAME = "concepts"

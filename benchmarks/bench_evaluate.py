@@ -99,7 +99,7 @@ def run_embed(args, workdir: Path) -> dict:
     from mmbalance.pipeline import stages
     from mmbalance.pipeline.executor import LocalExecutor
     from mmbalance.pipeline.shards import discover_shards
-    from mmbalance.pipeline.store import RunStore
+    from mmbalance.io.store import RunStore
     from mmbalance.schemas.evaluate import parse_eval_recipe
     from mmbalance.schemas.recipe import InputSpec, Recipe
 

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmbalance.operators.source import TAR_KEY, read_source  # noqa: E402
+from mmbalance.io.source import TAR_KEY, read_source  # noqa: E402
 from mmbalance.pipeline.rebalance import RunOptions, rebalance  # noqa: E402
 from mmbalance.schemas.recipe import parse_recipe  # noqa: E402
 

@@ -22,7 +22,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 def _known_error(exc: BaseException):
     """The InputError/RecipeError (or a refused run lock) behind an exception, also when Ray
     wrapped it on the way back: the user can fix these, so they are exit 2 and one line."""
-    from mmbalance.pipeline.store import RunLockedError
+    from mmbalance.io.store import RunLockedError
     from mmbalance.schemas.contract import InputError
     from mmbalance.schemas.recipe import RecipeError
 

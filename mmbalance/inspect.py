@@ -21,9 +21,9 @@ from rich.markup import escape
 from mmbalance.console import _count, join_uri, make_console, make_table, solver_lines
 from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.report_html import fmt
-from mmbalance.operators.source import has_page_checksums, read_source, shard_info
+from mmbalance.io.source import has_page_checksums, read_source, shard_info
 from mmbalance.pipeline.shards import discover_shards
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import tag_column
 from mmbalance.schemas.recipe import Recipe
 

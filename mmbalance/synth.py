@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmbalance.pipeline.store import parquet_options
+from mmbalance.io.store import parquet_options
 
 # occupation -> P(woman | occupation, a person is present): the planted association
 OCCUPATIONS: dict[str, float] = {

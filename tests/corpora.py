@@ -129,7 +129,7 @@ def record_edit(run: Path, relative: str) -> None:
     import json
 
     from mmbalance.pipeline.plan import owner
-    from mmbalance.pipeline.store import OUTPUTS_KEY, RunStore, file_record
+    from mmbalance.io.store import OUTPUTS_KEY, RunStore, file_record
 
     stage, key = owner(relative)
     marker_path = run / "_done" / stage / f"{key}.json"

@@ -39,7 +39,7 @@ def test_synth_is_deterministic(tmp_path):
     assert t.num_rows == 1000 and t.schema.field("image_emb").type == pa.list_(pa.float16(), 64)
     assert t.column("image")[0].as_py().startswith(b"\x89PNG")
     assert set(t.column("gender").drop_null().to_pylist()) == {"woman", "man"} and t.column("gender").null_count > 0
-    from mmbalance.operators.source import has_page_checksums
+    from mmbalance.io.source import has_page_checksums
 
     for path in (tmp_path / "a").glob("*.parquet"):  # synth writes page CRCs, as every file the project writes
         with pa.OSFile(str(path)) as handle:

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from mmbalance.cli import app
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.pipeline.store import RunLockedError, RunStore
+from mmbalance.io.store import RunLockedError, RunStore
 from mmbalance.schemas.recipe import parse_recipe
 
 pytest.importorskip("moto")

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mmbalance.operators.precomputed import Half, assemble, uid_strings
-from mmbalance.operators.source import read_source
+from mmbalance.io.source import read_source
 from mmbalance.schemas.embed import EMBED_NOTE, IMAGE_EMB, RANDOM_INIT, TEXT_EMB, EmbedSpec
 
 log = logging.getLogger(__name__)

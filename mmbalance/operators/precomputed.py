@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmbalance.operators.source import open_shard
+from mmbalance.io.source import open_shard
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError
 from mmbalance.schemas.embed import (
     DATACOMP_VARIANTS,

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 
 HIST_BINS = 40

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from mmbalance.operators.arrays import embedding_matrix
 from mmbalance.operators.evaluate import figures as figs
 from mmbalance.operators.evaluate.scoring import build_plans
-from mmbalance.operators.source import read_source
+from mmbalance.io.source import read_source
 from mmbalance.operators.validate import validate_rows
 from mmbalance.operators.zero_shot import model_scoring
 from mmbalance.pipeline import stages
@@ -40,7 +40,7 @@ from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import check_output_location, discover_shards, inspect_shards
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError, tag_column
 from mmbalance.schemas.evaluate import EvalRecipe
 

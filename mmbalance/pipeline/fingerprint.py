@@ -42,13 +42,13 @@ def _stamp(info: pafs.FileInfo) -> str:
 
 
 def shard_fingerprint(fs: pafs.FileSystem, path: str, relpath: str, fmt: str = "auto") -> str:
-    from mmbalance.operators.source import format_of
+    from mmbalance.io.source import format_of
 
     info = fs.get_file_info(path)
     h = hashlib.sha256(_stamp(info).encode())
     try:
         if format_of(relpath, fmt) == "webdataset":
-            from mmbalance.operators.tar_source import side_table_path, tar_edges
+            from mmbalance.io.tar_source import side_table_path, tar_edges
 
             h.update(tar_edges(fs, path, info.size))
             side = fs.get_file_info(side_table_path(path) or path)

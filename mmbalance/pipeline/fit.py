@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from mmbalance.operators import cluster
 from mmbalance.pipeline.rows import drop_rows
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
 
@@ -49,7 +49,7 @@ def sample_threshold(recipe: Recipe, total_rows: int) -> int | None:
 def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table:
     """Up to ``sample.size`` image embeddings of an evaluation shard directory (first rows in shard
     order: evaluation sets are small), as the ``image_emb`` column; bad rows are skipped."""
-    from mmbalance.operators.source import read_source
+    from mmbalance.io.source import read_source
     from mmbalance.pipeline.rows import SAMPLE_IMAGE
     from mmbalance.pipeline.shards import discover_shards
 

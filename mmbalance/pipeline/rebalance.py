@@ -43,10 +43,10 @@ from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import (check_local_out, check_output_location, discover_shards, effective_recipe,
                                       expected_embedding_dim, inspect_shards)
-from mmbalance.pipeline.store import RunStore, UnitCheck
+from mmbalance.io.store import RunStore, UnitCheck
 from mmbalance.schemas.contract import InputError, tag_column
 from mmbalance.schemas.recipe import Recipe
-from mmbalance.storage import configure_storage, ensure_bucket
+from mmbalance.io.storage import configure_storage, ensure_bucket
 
 RUN_FORMAT = 3  # 2: content fingerprints per shard, done markers record their outputs; 3: whole-file checksums
 SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample

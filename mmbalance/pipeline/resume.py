@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from mmbalance.pipeline import plan
-from mmbalance.pipeline.store import OUTPUTS_KEY, RunStore, UnitCheck
+from mmbalance.io.store import OUTPUTS_KEY, RunStore, UnitCheck
 from mmbalance.schemas.recipe import Recipe
 
 

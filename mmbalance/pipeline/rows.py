@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbalance.operators.source import read_source
-from mmbalance.pipeline.store import RunStore, resolve_filesystem
+from mmbalance.io.source import read_source
+from mmbalance.io.store import RunStore, resolve_filesystem
 from mmbalance.schemas.recipe import Recipe
 
 if TYPE_CHECKING:

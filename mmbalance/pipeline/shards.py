@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmbalance.operators.source import READ_ERRORS, TAR_SUFFIXES, open_shard, read_source, shard_info, unreadable
-from mmbalance.pipeline.store import resolve_filesystem
+from mmbalance.io.source import READ_ERRORS, TAR_SUFFIXES, open_shard, read_source, shard_info, unreadable
+from mmbalance.io.store import resolve_filesystem
 from mmbalance.schemas.contract import InputError, ShardLayout, check_shard_schema
 from mmbalance.schemas.recipe import Recipe
 

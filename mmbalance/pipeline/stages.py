@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from mmbalance.operators import dedup, tag, validate
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority
 from mmbalance.pipeline.plan import check_accounting
-from mmbalance.operators.source import read_source
+from mmbalance.io.source import read_source
 from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through this module too
     SAMPLE_IMAGE,
     SAMPLE_TEXT,
@@ -27,10 +27,10 @@ from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through 
     embedding_batches,
     embedding_columns,
 )
-from mmbalance.pipeline.store import RunStore, resolve_filesystem
+from mmbalance.io.store import RunStore, resolve_filesystem
 from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
 from mmbalance.schemas.recipe import Recipe
-from mmbalance.storage import configure_storage
+from mmbalance.io.storage import configure_storage
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from mmbalance.operators.source import read_source, shard_info
+from mmbalance.io.source import read_source, shard_info
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.pipeline.store import RunStore, resolve_filesystem
+from mmbalance.io.store import RunStore, resolve_filesystem
 from mmbalance.schemas.recipe import Recipe
 
 STATUS = "status"  # img2dataset's download status column
@@ -57,7 +57,7 @@ def shards_without_page_checksums(shard_dir: str, recipe: Recipe) -> list[str]:
     """Relative paths of the shards whose pages carry no CRC (one page header read per shard)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmbalance.operators.source import has_page_checksums
+    from mmbalance.io.source import has_page_checksums
     from mmbalance.pipeline.shards import discover_shards
 
     fs, shards = discover_shards(shard_dir, recipe.input.extensions, recipe.input.format)

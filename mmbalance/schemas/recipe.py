@@ -598,7 +598,7 @@ def read_recipe_text(path: str | Path) -> str:
     path = str(path)
     try:
         if "://" in path:
-            from mmbalance.storage import resolve_filesystem
+            from mmbalance.io.storage import resolve_filesystem
 
             fs, inner = resolve_filesystem(path)
             with fs.open_input_stream(inner) as stream:

@@ -19,7 +19,7 @@ import pytest
 
 from mmbalance.operators.report_html import fmt, manifest_histograms, pointer, resolve, write_html_report
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import parse_recipe
 from mmbalance.synth import DEMO_RECIPE, synth_corpus

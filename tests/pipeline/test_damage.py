@@ -28,7 +28,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mmbalance.cli import app
-from mmbalance.operators.source import has_page_checksums
+from mmbalance.io.source import has_page_checksums
 from mmbalance.pipeline import plan
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.schemas.recipe import load_recipe

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.ray]
 ENV = cluster_env()
 SHARDS = 8
 
-# The outputs a done marker vouches for, per stage (see mmbalance/pipeline/store.py).
+# The outputs a done marker vouches for, per stage (see mmbalance/io/store.py).
 OUTPUTS = {
     "scan": ["tags/{key}.parquet", "uids/{key}.parquet", "rejects/validate/{key}.parquet"],
     "signatures": ["signatures/{key}.parquet"],

@@ -10,7 +10,7 @@ from corpora import write_with_flipped_byte
 from mmbalance.operators.cluster import fixed_size_list, unit_rows
 from mmbalance.pipeline.fit import fit_models, read_eval_sample
 from mmbalance.pipeline.rows import SAMPLE_IMAGE
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import parse_recipe
 

@@ -223,7 +223,7 @@ def test_null_uids_everywhere_and_zero_valid_rows(tmp_path, issue_recipe):
 
 
 def test_second_writer_is_refused_and_stale_temporaries_are_swept(held_out_corpus, tmp_path, issue_recipe):
-    from mmbalance.pipeline.store import RunLockedError, RunStore
+    from mmbalance.io.store import RunLockedError, RunStore
 
     out = tmp_path / "o"
     (out / "tags").mkdir(parents=True)

@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmbalance.operators.source import format_of, open_shard, shard_info
-from mmbalance.pipeline.store import RunStore, resolve_filesystem
-from mmbalance.storage import configure_storage, ensure_bucket, s3_endpoint
+from mmbalance.io.source import format_of, open_shard, shard_info
+from mmbalance.io.store import RunStore, resolve_filesystem
+from mmbalance.io.storage import configure_storage, ensure_bucket, s3_endpoint
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.export import EXPORT_FORMATS, ExportOptions
 from mmbalance.schemas.recipe import Recipe, parse_recipe

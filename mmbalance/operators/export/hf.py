@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, register_format
-from mmbalance.pipeline.store import parquet_options
+from mmbalance.io.store import parquet_options
 
 LOADER = '''"""Load the mmbalance mixture with Hugging Face datasets (written by mmbalance export).
 

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 
 UPLOAD_THREADS = 32  # many small files: requests in flight, not bandwidth, bound the time
 MAX_PENDING = 128

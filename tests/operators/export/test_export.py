@@ -570,7 +570,7 @@ def test_default_tar_size_keeps_epoch_shares_within_the_bound(run_dir, tmp_path)
 
 
 def test_parquet_files_the_export_writes_carry_page_checksums(exported, run_dir):
-    from mmbalance.operators.source import has_page_checksums
+    from mmbalance.io.source import has_page_checksums
 
     files = sorted((run_dir / "export").rglob("*.parquet"))
     assert files

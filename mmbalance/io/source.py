@@ -1,5 +1,5 @@
 """Reading a source shard, whatever its format: a Parquet file (page CRCs verified unless
-``execution.verify_checksums`` is off) or a WebDataset tar (``operators/tar_source.py``), opened with
+``execution.verify_checksums`` is off) or a WebDataset tar (``io/tar_source.py``), opened with
 ``open_shard`` and read in batches of the columns asked for; a damaged file is the one-line input
 error naming it. Below the operators and the pipeline, which all read source shards through it
 (inspect and fingerprints, scan, embed, DataComp .npz uids, exports, ``mmbalance inspect``,
@@ -125,7 +125,7 @@ def open_shard(fs: pafs.FileSystem, path: str, relpath: str, fmt: str = "auto", 
     """The reader of one source shard (``schema``, ``num_rows``, ``batches(columns, batch_rows)``),
     a context manager; ``fmt`` auto: from the file name."""
     if format_of(relpath, fmt) == "webdataset":
-        from mmbalance.operators.tar_source import TarShard
+        from mmbalance.io.tar_source import TarShard
 
         return TarShard(fs, path, relpath)
     return ParquetShard(fs, path, relpath, verify_checksums)

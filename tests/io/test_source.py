@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmbalance.operators.source import has_page_checksums
+from mmbalance.io.source import has_page_checksums
 
 TABLE = pa.table({"uid": [f"u{i}" for i in range(5000)], "x": np.arange(5000, dtype=np.int64),
                   "emb": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(5000 * 4, np.float32)), 4)})

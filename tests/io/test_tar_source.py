@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpora import write_tar
 
-from mmbalance.operators.source import TAR_KEY, open_shard, read_source
+from mmbalance.io.source import TAR_KEY, open_shard, read_source
 from mmbalance.pipeline.fingerprint import shard_fingerprint
 from mmbalance.schemas.contract import InputError
 

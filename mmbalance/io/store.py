@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
-from mmbalance.storage import RunLockedError, display_uri, object_store_lock, resolve_filesystem  # noqa: F401
+from mmbalance.io.storage import RunLockedError, display_uri, object_store_lock, resolve_filesystem  # noqa: F401
 
 OUTPUTS_KEY = "_outputs"  # in a done marker: {relative path: file record} of what the unit wrote
 CHECKSUM = "xxh3_64"  # whole-file, streamed (benchmarks/bench_checksums.py: as fast as CRC32C or faster, zlib CRC-32 3-6x slower)
@@ -381,7 +381,7 @@ class RunStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """One writer per run directory. A kernel lock (flock) on local disks: released even on kill -9;
-        on S3 a lock object written with a conditional put (``mmbalance.storage``)."""
+        on S3 a lock object written with a conditional put (``mmbalance.io.storage``)."""
         if not isinstance(self.fs, pafs.LocalFileSystem):
             with object_store_lock(self.uri, self.root):
                 yield

@@ -11,9 +11,9 @@ import pytest
 from corpora import held_out_table
 
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.pipeline.store import RunStore
+from mmbalance.io.store import RunStore
 from mmbalance.schemas.recipe import RecipeError, parse_recipe
-from mmbalance.storage import configure_storage, display_uri, resolve_filesystem
+from mmbalance.io.storage import configure_storage, display_uri, resolve_filesystem
 
 
 def test_credentials_in_a_recipe_are_refused_naming_the_key():

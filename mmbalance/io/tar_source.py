@@ -1,5 +1,5 @@
 """WebDataset tar shards as source shards (img2dataset's ``--output_format webdataset``, DataComp's
-and LAION's shards), streamed member by member; read through ``operators/source.py``.
+and LAION's shards), streamed member by member; read through ``io/source.py``.
 
 A sample is a run of consecutive members sharing a key (webdataset's rule: the key is the member
 name up to the first dot of its file name, the extension the rest). Its columns:
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mmbalance.operators.source import TAR_SUFFIXES, unreadable
+from mmbalance.io.source import TAR_SUFFIXES, unreadable
 from mmbalance.schemas.contract import SOURCE_ERROR, TAR_KEY, InputError
 
 SCHEMA_SAMPLES = 64
