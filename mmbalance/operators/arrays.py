@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.operators.dedup import hash_uids
 from mmbalance.operators.validate import _to_array
 
 
@@ -60,20 +59,3 @@ def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     """A matrix as an Arrow fixed_size_list column (zero-copy for a contiguous float matrix)."""
     m = np.ascontiguousarray(matrix)
     return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
-
-
-_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint64(30))
-    h = h * _M1
-    h = h ^ (h >> np.uint64(27))
-    h = h * _M2
-    return h ^ (h >> np.uint64(31))
-
-
-def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
-    """Uniform uint64 priority per uid: a function of (uid, seed) only, so every shard agrees."""
-    salt = _splitmix64(np.array([int(seed) % 2**64], np.uint64) * _GOLDEN + _GOLDEN)
-    return _splitmix64(hash_uids(uids) ^ salt)

@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 from mmbalance.faiss_build import import_faiss
 
 # embedding columns as matrices and the sample priority hash live below the stages; re-exported here
-from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority  # noqa: F401
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list  # noqa: F401
+from mmbalance.operators.hashing import sample_priority
 from mmbalance.operators.kmeans_swap import swap_search
 from mmbalance.operators.validate import _to_array
 

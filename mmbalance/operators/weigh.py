@@ -7,33 +7,11 @@ size, worker or execution order, which makes reruns byte-identical.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 
+from mmbalance.operators.hashing import shard_key, uniforms
 from mmbalance.schemas.contract import MANIFEST_SCHEMA
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def shard_key(seed: int, shard_id: str) -> np.uint64:
-    digest = hashlib.sha256(f"{seed}\0{shard_id}".encode()).digest()
-    return np.uint64(int.from_bytes(digest[:8], "little"))
-
-
-def uniforms(key: np.uint64, rows: np.ndarray) -> np.ndarray:
-    """u in [0, 1) per row, a pure function of (key, row)."""
-    with np.errstate(over="ignore"):
-        bits = _splitmix64(rows.astype(np.uint64) * _GOLDEN ^ key)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def stochastic_round(weights: np.ndarray, key: np.uint64, rows: np.ndarray) -> np.ndarray:

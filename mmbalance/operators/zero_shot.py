@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import NONE_VALUE, Vocabulary
-from mmbalance.operators.dedup import hash_uids
+from mmbalance.operators.hashing import audit_priority
 from mmbalance.operators.lexicon import BOTH_SEPARATOR, source_tag_column
 from mmbalance.schemas.contract import fired_column, tag_column
 
@@ -468,11 +468,7 @@ def sample_uids(uids: pa.Array | pa.ChunkedArray, tags: pa.Array | pa.ChunkedArr
     """
     uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
     tags = tags.combine_chunks() if isinstance(tags, pa.ChunkedArray) else tags
-    h = hash_uids(uids) ^ np.uint64(_mix(seed))
-    # splitmix-style remix so the seed changes the order, not just flips bits
-    h = (h ^ (h >> np.uint64(31))) * np.uint64(0xD6E8FEB86659FD93)
-    h ^= h >> np.uint64(32)
-    h >>= np.uint64(1)  # fit int64 for JSON and sorting
+    h = audit_priority(uids, seed)
     # one sort for all values (a vocabulary can have hundreds): by value, then hash, then row
     encoded = pc.dictionary_encode(pc.cast(tags, pa.string()))
     code = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -485,12 +481,6 @@ def sample_uids(uids: pa.Array | pa.ChunkedArray, tags: pa.Array | pa.ChunkedArr
         pick = order[lo : min(hi, lo + per_value)]
         out[names[code[order[lo]]]] = [(int(h[i]), u) for i, u in zip(pick, uids.take(pa.array(pick)).to_pylist())]
     return out
-
-
-def _mix(seed: int) -> int:
-    z = (seed * 0x9E3779B97F4A7C15 + 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return z ^ (z >> 31)
 
 
 def merge_uid_samples(samples: Sequence[dict[str, list[tuple[int, str]]]], per_value: int) -> dict[str, list[tuple[int, str]]]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.operators import cluster
+from mmbalance.operators.hashing import sample_priority
 from mmbalance.pipeline.rows import drop_rows
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
@@ -384,7 +385,7 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
             tags = tags.filter(pc.is_valid(tags.column(of)))
             yield pa.table({
                 cluster.SAMPLE_UID: pc.cast(tags.column("uid"), pa.string()),
-                cluster.SAMPLE_PRIORITY: pa.array(cluster.sample_priority(tags.column("uid"), seed), pa.uint64()),
+                cluster.SAMPLE_PRIORITY: pa.array(sample_priority(tags.column("uid"), seed), pa.uint64()),
                 cluster.SAMPLE_STRATUM: pc.cast(tags.column(of), pa.string()),
                 "shard_index": pa.array(np.full(tags.num_rows, shard.index, np.int64)),
                 "row": tags.column("row"),

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 # Ray workers import this module to run any stage: what only some stages need (polars, scipy through
 # the solvers, the stats summaries) is imported inside them, so a scan worker stays ~100 MB leaner.
 from mmbalance.operators import dedup, tag, validate
-from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, sample_priority
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list
+from mmbalance.operators.hashing import hash_uids, sample_priority
 from mmbalance.pipeline.plan import check_accounting
 from mmbalance.io.source import read_source
 from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through this module too
@@ -144,7 +145,7 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
             tags_out.write_table(tags)
             if result.rejects.num_rows:
                 rejects_out.write_table(result.rejects)
-            hashes.append(dedup.hash_uids(tags.column("uid")))
+            hashes.append(hash_uids(tags.column("uid")))
             hash_rows.append(keep + rows_in)
             if audit:
                 audits.append(audit)

@@ -2,7 +2,8 @@ import numpy as np
 import pyarrow as pa
 
 from mmbalance.operators.solve import LookupSolution
-from mmbalance.operators.weigh import shard_key, stochastic_round, uniforms, weigh_tags
+from mmbalance.operators.hashing import shard_key, uniforms
+from mmbalance.operators.weigh import stochastic_round, weigh_tags
 
 
 def test_uniforms_depend_only_on_key_and_row():

@@ -10,11 +10,12 @@ A figure with no image to stand on is NaN.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+
+from mmbalance.operators.hashing import blake2b_priority
 
 
 def bootstrap_weights(n: int, samples: int, seed: int, chunk: int | None = None) -> Iterator[np.ndarray]:
@@ -107,22 +108,15 @@ def accuracy_by_class(predicted: np.ndarray, truth: np.ndarray, classes: int, we
 # -- retrieval skew (Geyik et al. 2019) -------------------------------------------------------------
 
 
-def uid_priority(uids: Sequence[str], seed: int) -> np.ndarray:
-    """A seeded pseudo-random order key per uid: the first 8 bytes of blake2b(f"{seed}:{uid}"),
-    big-endian (independent of row order, so a pool is the same whatever the file layout)."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{u}".encode(), digest_size=8).digest(), "big")
-                     for u in uids], dtype=np.uint64)
-
-
 def balanced_pool(codes: np.ndarray, classes: int, uids: Sequence[str], seed: int) -> np.ndarray:
     """Indices (ascending) of an attribute-balanced pool: for each value, the m images of it with the
-    smallest ``uid_priority``, m the count of the rarest value. Empty when a value has no image."""
+    smallest ``hashing.blake2b_priority``, m the count of the rarest value. Empty when a value has no image."""
     codes = np.asarray(codes, np.int64)
     members = [np.flatnonzero(codes == v) for v in range(classes)]
     m = min(len(x) for x in members) if members else 0
     if m == 0:
         return np.zeros(0, np.int64)
-    priority = uid_priority([uids[i] for i in np.flatnonzero(codes >= 0)], seed)
+    priority = blake2b_priority([uids[i] for i in np.flatnonzero(codes >= 0)], seed)
     key = np.zeros(len(codes), np.uint64)
     key[codes >= 0] = priority
     chosen = [idx[np.lexsort((idx, key[idx]))[:m]] for idx in members]
