@@ -120,7 +120,7 @@ def output_checks(out: Path, recipe_path: Path) -> dict:
 
     from mmbalance.pipeline import plan
     from mmbalance.io.store import OUTPUTS_KEY, RunStore
-    from mmbalance.schemas.recipe import load_recipe
+    from mmbalance.io.recipes import load_recipe
 
     store = RunStore(str(out))
     recipe = load_recipe(recipe_path)

@@ -117,7 +117,7 @@ def run_embed(args, workdir: Path) -> dict:
         store.write_table("tags", f"{s.shard_id}.parquet", table=pa.table({"row": pa.array(np.arange(n), pa.int64())}))
     ctx = stages.RunContext(str(source), str(out), corpus, (), ())
     t0 = time.perf_counter()
-    info = stages._embed_bundle(spec.model_dump_json()).info  # the model load, as the stage's first unit pays it
+    info = stages.embed_bundle(spec.model_dump_json()).info  # the model load, as the stage's first unit pays it
     info = {k: v for k, v in info.items() if k not in ("precision", "device", "image_decode")}
     tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "embed_info": info} for s in shards]
     done = list(LocalExecutor().map(functools.partial(stages.embed_shard_stage, ctx), tasks))

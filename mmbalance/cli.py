@@ -19,62 +19,35 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def _known_error(exc: BaseException):
-    """The InputError/RecipeError (or a refused run lock) behind an exception, also when Ray
-    wrapped it on the way back: the user can fix these, so they are exit 2 and one line."""
-    from mmbalance.io.store import RunLockedError
-    from mmbalance.schemas.contract import InputError
-    from mmbalance.schemas.recipe import RecipeError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (InputError, RecipeError, RunLockedError)):
-            return exc
-        cause = getattr(exc, "cause", None)
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
-    return None
-
-
-def _raise_on_sigterm(signum, frame):
-    # as Ctrl-C does: the stack unwinds, temporaries are removed, the run lock is released, and
-    # every finished shard keeps its done marker, so the same command resumes
-    raise SystemExit(128 + signum)
-
-
 def _guarded(fn, debug: bool):
-    import signal
-    import threading
+    from mmbalance.errors import known_error, sigterm_exits
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main else None
-    try:
-        return fn()
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", 130)
-    except SystemExit as exc:  # SIGTERM during a run: outputs so far are complete shards only
-        if exc.code and exc.code != 0:
-            _fail("terminated; rerun the same command to resume", int(exc.code) if isinstance(exc.code, int) else 1)
-        raise
-    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
-        known = _known_error(exc)
-        if debug:
+    with sigterm_exits():
+        try:
+            return fn()
+        except typer.Exit:
             raise
-        if known is not None:
-            _fail(str(known).splitlines()[0])
-        if isinstance(exc, OSError):  # e.g. a full or read-only output filesystem
-            _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", 130)
+        except SystemExit as exc:  # SIGTERM during a run: outputs so far are complete shards only
+            if exc.code and exc.code != 0:
+                _fail("terminated; rerun the same command to resume", int(exc.code) if isinstance(exc.code, int) else 1)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
+            known = known_error(exc)
+            if debug:
+                raise
+            if known is not None:
+                _fail(str(known).splitlines()[0])
+            if isinstance(exc, OSError):  # e.g. a full or read-only output filesystem
+                _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
 
 
 def _load(recipe_path: Optional[str]):
-    from mmbalance.schemas.recipe import Recipe, load_recipe
+    from mmbalance.io.recipes import load_recipe
+    from mmbalance.schemas.recipe import Recipe
 
     return load_recipe(recipe_path) if recipe_path else Recipe()
 
@@ -204,7 +177,8 @@ def recipe_cmd(
     check: Optional[Path] = typer.Option(None, "--check", help="Validate a recipe file and print it resolved."),
 ) -> None:
     """Print an example recipe or check one."""
-    from mmbalance.schemas.recipe import EXAMPLE_RECIPE, RecipeError, load_recipe
+    from mmbalance.io.recipes import load_recipe
+    from mmbalance.schemas.recipe import EXAMPLE_RECIPE, RecipeError
 
     if check:
         from mmbalance.operators.tag import check_vocabularies
@@ -283,10 +257,10 @@ def export_cmd(
     """Write trainer-ready files (open_clip TSV/webdataset + command line, big_vision, HF, DataComp) from a run, without recomputing."""
 
     def go():
-        from mmbalance.operators.export import _load_run, export_run
+        from mmbalance.operators.export import load_run, export_run
         from mmbalance.schemas.export import ExportOptions
 
-        _, info, _, _ = _load_run(out)
+        _, info, _, _ = load_run(out)
         section = dict((info.get("recipe") or {}).get("export") or {})
         names = [f.strip() for item in formats for f in item.split(",") if f.strip()]
         names = names or [f for f in section.get("formats", []) if f != "parquet"]
@@ -352,7 +326,7 @@ def evaluate_cmd(
 
     def go():
         from mmbalance.pipeline.evaluate import EvaluateOptions, evaluate, model_names
-        from mmbalance.schemas.evaluate import load_eval_recipe
+        from mmbalance.io.recipes import load_eval_recipe
 
         spec = load_eval_recipe(recipe)
         items = list(paths or [])

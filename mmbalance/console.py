@@ -46,7 +46,7 @@ def _f(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def _count(x: float) -> str:
+def count_text(x: float) -> str:
     """A row count or a sum of weights: integral values without decimals."""
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
 
@@ -150,9 +150,9 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
     table = make_table("before / after (expected weights / realised repeats)",
                        [("metric", "left"), ("before", "right"), ("after (E)", "right"), ("after (repeats)", "right")])
     b, a, r = report["before"], report["after_expected"], report["after_realized"]
-    table.add_row("rows", f"{weights['rows']:,}", _count(weights["expected_rows"]), f"{weights['realized_rows']:,}")
+    table.add_row("rows", f"{weights['rows']:,}", count_text(weights["expected_rows"]), f"{weights['realized_rows']:,}")
     table.add_row("retention", "1.0000", _f(weights["retention"]), _f(weights["realized_retention"]))
-    table.add_row("ESS, effective sample size", f"{weights['rows']:,}", _count(weights["ess"]), _count(weights["realized_ess"]))
+    table.add_row("ESS, effective sample size", f"{weights['rows']:,}", count_text(weights["ess"]), count_text(weights["realized_ess"]))
     table.add_row("RB, representation bias", _f(b["rb"]), _f(a["rb"]), _f(r["rb"]))
     table.add_row("AB, association bias", _f(b["ab"]), _f(a["ab"]), _f(r["ab"]))
     for name in b["concept_balance"]:
@@ -167,7 +167,7 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
     console.print("RB: largest gap between an attribute value's share and its target; AB: largest gap "
                   "P(label | value) - P(label | other values); ESS: (sum w)^2 / sum w^2. Lower RB and AB are more balanced.")
     if weights["ess"] > weights["realized_rows"] + 0.5:
-        console.print(f"ESS of the expected weights ({_count(weights['ess'])}) counts every row with a fractional weight, "
+        console.print(f"ESS of the expected weights ({count_text(weights['ess'])}) counts every row with a fractional weight, "
                       f"so it can exceed the {weights['realized_rows']:,} rows a resample draws.")
     console.print(f"largest repeat count: {weights['max_repeats']}")
     families = report.get("constraint_families") or []

@@ -18,9 +18,9 @@ import pyarrow.types as pat
 from rich.console import Console
 from rich.markup import escape
 
-from mmbalance.console import _count, join_uri, make_console, make_table, solver_lines
+from mmbalance.console import count_text, join_uri, make_console, make_table, solver_lines
 from mmbalance.operators.report import association_gaps, concept_balance
-from mmbalance.operators.report_html import fmt
+from mmbalance.operators.html import fmt
 from mmbalance.io.source import has_page_checksums, read_source, shard_info
 from mmbalance.pipeline.shards import discover_shards
 from mmbalance.io.store import RunStore
@@ -236,7 +236,7 @@ def _print_prevalence(console: Console, prevalence: dict[str, dict[str, Any]], t
     t = make_table(title, [("tag", "left"), ("with a value", "right"), ("distinct", "right"), ("top values (share of rows with a value)", "left")])
     for col, p in prevalence.items():
         top = escape(", ".join(f"{v}\u00a0{fmt(s)}" for v, _, s in p["top"]))  # a value and its share never part
-        t.add_row(escape(col), f"{_count(p['carrying'])}/{_count(p['rows'])}", fmt(p["distinct"]), top)
+        t.add_row(escape(col), f"{count_text(p['carrying'])}/{count_text(p['rows'])}", fmt(p["distinct"]), top)
     console.print(t)
 
 
@@ -247,7 +247,7 @@ def _print_sizes(console: Console, sizes: dict[str, dict[str, dict[str, Any]]], 
                            ("gini", "right"), ("entropy", "right"), ("top 1%", "right")])
     for lab, views in sizes.items():
         for view, s in views.items():
-            t.add_row(escape(lab), view, fmt(s["values"]), _count(s["largest"]), _count(s["smallest"]), f"{s['gini']:.4f}",
+            t.add_row(escape(lab), view, fmt(s["values"]), count_text(s["largest"]), count_text(s["smallest"]), f"{s['gini']:.4f}",
                       f"{s['normalized_entropy']:.4f}", f"{s['top1pct_share']:.4f}")
     console.print(t)
     console.print("gini: 0 = equal sizes; entropy: normalised, 1 = equal sizes; top 1%: share of rows in the largest 1% of values")
@@ -334,10 +334,10 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     t.add_row("rejected", fmt(rows["rejected"]))
     for reason, n in rows["rejected_by_reason"].items():
         t.add_row(f"  {reason}", fmt(n))
-    t.add_row("kept, expected (sum of weights)", _count(w["expected_rows"]))
+    t.add_row("kept, expected (sum of weights)", count_text(w["expected_rows"]))
     t.add_row("kept, realised (sum of repeats)", fmt(w["realized_rows"]))
     t.add_row("retention (expected)", fmt(w["retention"]))
-    t.add_row("ESS (expected), (sum w)^2 / sum w^2", _count(w["ess"]))
+    t.add_row("ESS (expected), (sum w)^2 / sum w^2", count_text(w["ess"]))
     t.add_row("largest repeat count", fmt(w["max_repeats"]))
     console.print(t)
 

@@ -21,7 +21,7 @@ from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards  # noqa: E40
 
 @pytest.fixture
 def issue_recipe(tmp_path: Path):
-    from mmbalance.schemas.recipe import load_recipe
+    from mmbalance.io.recipes import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE_FROM_ISSUE)

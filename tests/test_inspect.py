@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards, write_with_flipped_byte
 from mmbalance.cli import app
 from mmbalance.inspect import inspect_path
-from mmbalance.operators.report_html import fmt
+from mmbalance.operators.html import fmt
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
-from mmbalance.schemas.recipe import load_recipe, parse_recipe
+from mmbalance.io.recipes import load_recipe
+from mmbalance.schemas.recipe import parse_recipe
 from mmbalance.synth import DEMO_RECIPE, synth_corpus
 
 

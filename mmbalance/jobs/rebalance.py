@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from mmbalance.cli import _known_error
+    from mmbalance.errors import known_error
     from mmbalance.pipeline.rebalance import RunOptions, rebalance
-    from mmbalance.schemas.recipe import load_recipe
+    from mmbalance.io.recipes import load_recipe
 
     try:
         recipe = load_recipe(args.recipe)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = rebalance(source, args.out, recipe, options)
     except Exception as exc:  # noqa: BLE001 - the job log gets one line, the status says why
-        known = _known_error(exc)
+        known = known_error(exc)
         text = str(known or exc).strip()
         message = text.splitlines()[0] if text else type(exc).__name__
         if known is None:

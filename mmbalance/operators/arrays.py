@@ -8,14 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.operators.validate import _to_array
 
-
-def _one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    # combine_chunks copies even a single chunk; a batch is almost always one chunk
-    if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1:
-        return column.chunk(0)
-    return _to_array(column)
+def one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one Arrow array: combine_chunks copies even a single chunk, and a batch read
+    from Parquet is almost always one chunk."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -24,7 +23,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None)
     A single-chunk fixed_size_list without null values is a zero-copy view of Arrow's buffer;
     null rows of a variable-size list are zero-filled, a non-null row of the wrong length is an error.
     """
-    arr = _one_array(column)
+    arr = one_array(column)
     n = len(arr)
     valid = ~arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.ones(n, bool)
     if pa.types.is_fixed_size_list(arr.type):

@@ -33,10 +33,9 @@ import pyarrow.compute as pc
 from mmbalance.faiss_build import import_faiss
 
 # embedding columns as matrices and the sample priority hash live below the stages; re-exported here
-from mmbalance.operators.arrays import embedding_matrix, fixed_size_list  # noqa: F401
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, one_array  # noqa: F401
 from mmbalance.operators.hashing import sample_priority
 from mmbalance.operators.kmeans_swap import swap_search
-from mmbalance.operators.validate import _to_array
 
 faiss = import_faiss()  # one faiss build (CPU or GPU), else one line naming the fix
 
@@ -133,7 +132,7 @@ def _select(table: pa.Table, k: int | None, per_stratum: int | dict[str, int] | 
     order = pc.sort_indices(key_table, sort_keys=[(SAMPLE_STRATUM, "ascending"), *keys]).to_numpy()
     if len(order) == 0:
         return table
-    codes = pc.dictionary_encode(_to_array(key_table.column(SAMPLE_STRATUM)).take(pa.array(order)),
+    codes = pc.dictionary_encode(one_array(key_table.column(SAMPLE_STRATUM)).take(pa.array(order)),
                                  null_encoding="encode")
     idx = codes.indices.to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
@@ -203,11 +202,11 @@ class BottomKSampler:
 
     def update(self, batch: pa.Table) -> None:
         self.rows_seen += batch.num_rows
-        uid = pc.cast(_to_array(batch.column(self.uid_column)), pa.string())
+        uid = pc.cast(one_array(batch.column(self.uid_column)), pa.string())
         prio = sample_priority(uid, self.seed)
         stratum = None
         if self.stratum_column is not None:
-            stratum = pc.cast(_to_array(batch.column(self.stratum_column)), pa.string())
+            stratum = pc.cast(one_array(batch.column(self.stratum_column)), pa.string())
         cand = self._candidates(prio, stratum)
         if len(cand) == 0:
             return
@@ -316,7 +315,7 @@ class KMeansModel:
         return cls(np.ascontiguousarray(centroids, dtype=np.float32), meta)
 
 
-def _faiss_seed(seed: int, *stream: int) -> int:
+def faiss_seed(seed: int, *stream: int) -> int:
     # faiss takes a 31-bit int seed; derive independent ones for sub-fits from (seed, stream...)
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -525,8 +524,8 @@ def fit_kmeans(
     best: tuple[float, int, np.ndarray, np.ndarray, int, bool] | None = None
     scores = []
     for redo in range(restarts):
-        start = greedy_kmeanspp(x, k, seed=_faiss_seed(seed, 7, redo), init_size=init_size) if ours else init_centroids
-        centroids, iters, converged = lloyd(start, seed=_faiss_seed(seed, redo), niter=short)
+        start = greedy_kmeanspp(x, k, seed=faiss_seed(seed, 7, redo), init_size=init_size) if ours else init_centroids
+        centroids, iters, converged = lloyd(start, seed=faiss_seed(seed, redo), niter=short)
         centroids, _ = unit_rows(centroids)
         _, sim = _search(x, _flat_ip(centroids, gpu_used))
         score = float(sim.astype(np.float64).sum())
@@ -537,13 +536,13 @@ def fit_kmeans(
     trials = default_swaps(min(n, k * max_points_per_centroid), k, d) if swaps is None else int(swaps)
     swapped = None
     if trials > 0:
-        centroids, swapped = _swap(x, centroids, lloyd_kw, trials=trials, seed=_faiss_seed(seed, redo),
+        centroids, swapped = _swap(x, centroids, lloyd_kw, trials=trials, seed=faiss_seed(seed, redo),
                                    cap=k * max_points_per_centroid, iters=min(SWAP_ITERS, niter))
         if swapped.accepted:  # moved centroids: Lloyd has to converge again (trial iterations are not counted)
             converged = False
             _, sim = _search(x, _flat_ip(centroids, gpu_used))
     if not converged and iters < niter:  # the best restart continues to convergence
-        centroids, more, converged = lloyd(centroids, seed=_faiss_seed(seed, redo), niter=niter - iters)
+        centroids, more, converged = lloyd(centroids, seed=faiss_seed(seed, redo), niter=niter - iters)
         centroids, iters = unit_rows(centroids)[0], iters + more
         _, sim = _search(x, _flat_ip(centroids, gpu_used))
     meta = {
@@ -576,7 +575,7 @@ def _fit_two_level(x: np.ndarray, k: int, *, seed: int, niter: int, tol: float, 
     k1 = int(min(max(coarse_k or round(np.sqrt(k)), 1), k))
     # split-and-merge only when asked: "auto" keeps large-k fits at their measured cost
     swaps = swaps or 0
-    coarse = fit_kmeans(x, k1, seed=_faiss_seed(seed, 0xC0), niter=niter, tol=tol, nredo=nredo, init=init,
+    coarse = fit_kmeans(x, k1, seed=faiss_seed(seed, 0xC0), niter=niter, tol=tol, nredo=nredo, init=init,
                         max_points_per_centroid=min(max_points_per_centroid, COARSE_POINTS_PER_CENTROID),
                         gpu=gpu, method="flat", swaps=swaps)
     cell, _ = assign(x, coarse.centroids, gpu=gpu)
@@ -594,7 +593,7 @@ def _fit_two_level(x: np.ndarray, k: int, *, seed: int, niter: int, tol: float, 
             within += float((pts @ cent[0]).astype(np.float64).sum())
         else:
             # cells fit once each (nredo=None would restart every small cell): restarts pay at the coarse level
-            model = fit_kmeans(pts, int(counts[c]), seed=_faiss_seed(seed, 0xCE, c), niter=niter, tol=tol, nredo=nredo or 1,
+            model = fit_kmeans(pts, int(counts[c]), seed=faiss_seed(seed, 0xCE, c), niter=niter, tol=tol, nredo=nredo or 1,
                                init=init, init_size=init_size, max_points_per_centroid=max_points_per_centroid,
                                gpu=gpu, method="flat", swaps=swaps)
             cent = model.centroids
@@ -946,7 +945,7 @@ def fit_subclasses(
     points are the whole corpus). A class needs at least K_c fit points: the rule is never bent.
     """
     x, ok = unit_rows(x)
-    labels = pa.array(class_labels) if not isinstance(class_labels, (pa.Array, pa.ChunkedArray)) else _to_array(class_labels)
+    labels = pa.array(class_labels) if not isinstance(class_labels, (pa.Array, pa.ChunkedArray)) else one_array(class_labels)
     ok &= labels.is_valid().to_numpy(zero_copy_only=False)
     x, labels = x[ok], labels.filter(pa.array(ok))
     if class_sizes is None:
@@ -967,7 +966,7 @@ def fit_subclasses(
         if k_c == 1:
             blocks.append(unit_rows(pts.sum(axis=0, keepdims=True))[0])  # spherical mean
         else:
-            blocks.append(fit_kmeans(pts, int(k_c), seed=_faiss_seed(seed, i), **fit_kwargs).centroids)
+            blocks.append(fit_kmeans(pts, int(k_c), seed=faiss_seed(seed, i), **fit_kwargs).centroids)
     centroids = np.concatenate(blocks) if blocks else np.zeros((0, x.shape[1]), np.float32)
     meta = {"m0": m0, "seed": seed, "class_sizes": [int(class_sizes[c]) for c in classes],
             "fit_points": [int((code == i).sum()) for i in range(len(classes))], **{k: v for k, v in fit_kwargs.items()

@@ -23,7 +23,7 @@ from mmbalance.operators.cluster import (
     ClusterAssigner,
     EmbeddingSpec,
     KMeansModel,
-    _faiss_seed,
+    faiss_seed,
     assign,
     fit_kmeans,
     unit_rows,
@@ -123,7 +123,7 @@ def resampled_kmeans(
         keep = closest_per_cluster(ids, 1.0 - dist, sample_size)
         if len(keep) < k:
             break  # too few distinct points to place k centroids
-        model = fit_kmeans(x[keep], k, seed=_faiss_seed(seed, 1 + step), **fit_kwargs)
+        model = fit_kmeans(x[keep], k, seed=faiss_seed(seed, 1 + step), **fit_kwargs)
         ids, dist = assign(x, model)
     # the last fit saw only the resampled points: report size and fit on all of x
     model.meta.update(resample_size=sample_size, n_resamples=n_resamples, n_resample_points=model.meta["n_sample"],
@@ -157,7 +157,7 @@ def fit_hierarchical_kmeans(
     parents: list[np.ndarray] = []
     level_meta = []
     for level, (k, r) in enumerate(zip(ks, rs)):
-        lseed = _faiss_seed(seed, level)
+        lseed = faiss_seed(seed, level)
         if r > 1 and n_resamples > 0:
             model, ids = resampled_kmeans(points, k, sample_size=r, n_resamples=n_resamples, seed=lseed, **fit_kwargs)
         else:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmbalance.operators.arrays import one_array
 from mmbalance.schemas.contract import REJECTS_SCHEMA, SOURCE_ERROR, STATUS_MESSAGE
 from mmbalance.schemas.recipe import Recipe
 
@@ -22,13 +23,6 @@ class ValidationResult:
     valid: np.ndarray  # bool per row
     rejects: pa.Table  # REJECTS_SCHEMA rows for the invalid ones
     reason_counts: dict[str, int] = field(default_factory=dict)
-
-
-def _to_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    if isinstance(column, pa.ChunkedArray):
-        # combine_chunks copies even a single chunk; a batch read from Parquet is one chunk
-        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    return column
 
 
 def nonfinite_rows(values: np.ndarray) -> np.ndarray:
@@ -156,10 +150,10 @@ def validate_rows(
     reasons = _Reasons(n)
     # invalid UTF-8 first: no later check (or polars, or a trainer) can read such a value
     for name in _text_columns(recipe):
-        arr = _to_array(table.column(name))
+        arr = one_array(table.column(name))
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             reasons.flag(invalid_utf8_rows(arr), f"column '{name}' is not valid UTF-8")
-    uid = _to_array(table.column(cols.uid))
+    uid = one_array(table.column(cols.uid))
     if reasons.bad.any() and (pa.types.is_string(uid.type) or pa.types.is_large_string(uid.type)):
         uid = pc.if_else(pa.array(reasons.bad), pa.scalar(None, uid.type), uid)  # never copy the bad bytes on
     uid_str = pc.cast(uid, pa.string()) if not pa.types.is_string(uid.type) else uid
@@ -167,17 +161,17 @@ def validate_rows(
     reasons.flag(pc.fill_null(pc.equal(pc.utf8_length(uid_str), 0), False).to_numpy(zero_copy_only=False),
                  f"empty uid (column '{cols.uid}')")
     if SOURCE_ERROR in table.column_names:  # a row its shard could not read (a tar sample's damaged json)
-        problems = _to_array(table.column(SOURCE_ERROR))
+        problems = one_array(table.column(SOURCE_ERROR))
         if problems.null_count < n:
             texts = problems.to_pylist()
             reasons.flag(problems.is_valid().to_numpy(zero_copy_only=False), lambda i: texts[i])
 
     if cols.status:
-        status = pc.cast(_to_array(table.column(cols.status)), pa.string())
+        status = pc.cast(one_array(table.column(cols.status)), pa.string())
         ok = pc.fill_null(pc.equal(status, "success"), False).to_numpy(zero_copy_only=False)
         status_py = status.to_pylist() if not ok.all() else None
         # img2dataset's error_message, when the shard has one, says why: "HTTP Error 404: Not Found"
-        says = (pc.cast(_to_array(table.column(STATUS_MESSAGE)), pa.string()).to_pylist()
+        says = (pc.cast(one_array(table.column(STATUS_MESSAGE)), pa.string()).to_pylist()
                 if status_py is not None and STATUS_MESSAGE in table.column_names else [None] * n)
 
         def status_reason(i: int) -> str:
@@ -191,7 +185,7 @@ def validate_rows(
         if not column:
             continue
         dim = embedding_dims[column]
-        arr = _to_array(table.column(column))
+        arr = one_array(table.column(column))
         is_null, wrong_dim, nonfinite = embedding_problems(arr, dim)
         reasons.flag(is_null, f"missing {role} (column '{column}' is null)")
         if wrong_dim.any():
@@ -201,7 +195,7 @@ def validate_rows(
         reasons.flag(all_zero_rows(arr, dim), f"all-zero {role} (column '{column}')")
 
     for attr in (a for a in recipe.attributes if "column" in a.sources):
-        values = pc.cast(_to_array(table.column(attr.source_column)), pa.string())
+        values = pc.cast(one_array(table.column(attr.source_column)), pa.string())
         known = pc.is_in(values, value_set=pa.array(attr.values, pa.string()))
         unknown = (values.is_valid().to_numpy(zero_copy_only=False)) & ~known.to_numpy(zero_copy_only=False)
         if unknown.any():
@@ -213,7 +207,7 @@ def validate_rows(
             )
 
     if cols.utility:
-        util = pc.cast(_to_array(table.column(cols.utility)), pa.float64()).to_numpy(zero_copy_only=False)
+        util = pc.cast(one_array(table.column(cols.utility)), pa.float64()).to_numpy(zero_copy_only=False)
         reasons.flag(~np.isfinite(util), f"utility (column '{cols.utility}') is null, NaN or inf")
         with np.errstate(invalid="ignore"):
             reasons.flag(util < 0, f"utility (column '{cols.utility}') is negative")

@@ -168,7 +168,7 @@ def label_values(recipe: EvalRecipe, scanned: ScannedSet) -> dict[str, list[str]
 def load_bundle(spec):
     """The embed stage's cached model for this spec; any failure is one line naming what to change."""
     try:
-        return stages._embed_bundle(spec.model_dump_json())
+        return stages.embed_bundle(spec.model_dump_json())
     except ImportError:
         raise
     except Exception as err:  # noqa: BLE001 - a bad name, file, checkpoint or config: the user's to fix

@@ -10,10 +10,10 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from mmbalance.errors import sigterm_exits
 
 TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -368,16 +368,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
             _stop_ray_watchdog(watchdog)
             raise
 
-    def _on_sigterm(signum, frame):
-        raise SystemExit(128 + signum)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
-        yield watchdog is not None  # True: this run's own local Ray
+        with sigterm_exits():
+            yield watchdog is not None  # True: this run's own local Ray
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
         if watchdog is not None:
             _stop_ray_watchdog(watchdog)

@@ -411,7 +411,7 @@ def load_tags(ctx: RunContext, store: RunStore, shard_id: str) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=2)
-def _embed_bundle(spec_json: str):
+def embed_bundle(spec_json: str):
     """One model per worker process (an actor in Ray): loading is the expensive part."""
     from mmbalance.operators.embed import load_model
     from mmbalance.schemas.embed import EmbedSpec
@@ -463,7 +463,7 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     else:
         from mmbalance.operators.embed import EmbedColumns, embed_shard
 
-        bundle = _embed_bundle(spec.model_dump_json())
+        bundle = embed_bundle(spec.model_dump_json())
         batches = embed_shard(fs, task["path"], relpath, bundle, EmbedColumns.from_recipe(ctx.recipe),
                               only_rows=valid_rows, verify_checksums=verify, fmt=fmt)
     schema = None if check else sidecar_schema(int(info["embedding_dim"]), info)

@@ -8,7 +8,7 @@ from mmbalance.schemas.contract import (
     tag_column,
     tags_schema,
 )
-from mmbalance.schemas.recipe import EXAMPLE_RECIPE, Recipe, RecipeError, load_recipe, parse_recipe
+from mmbalance.schemas.recipe import EXAMPLE_RECIPE, Recipe, RecipeError, parse_recipe
 
 __all__ = [
     "EXAMPLE_RECIPE",
@@ -18,7 +18,6 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "check_shard_schema",
-    "load_recipe",
     "parse_recipe",
     "tag_column",
     "tags_schema",

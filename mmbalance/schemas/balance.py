@@ -32,7 +32,7 @@ class CapBalance(StrictModel):
     targets: dict[str, dict[str, float]] | None = None
 
 
-def _check_shares(targets: dict[str, dict[str, float]], key: str) -> dict[str, dict[str, float]]:
+def check_shares(targets: dict[str, dict[str, float]], key: str) -> dict[str, dict[str, float]]:
     """Target shares of one column: each in [0, 1], summing to 1 (unlisted values get share 0)."""
     for name, shares in targets.items():
         if not shares:
@@ -103,7 +103,7 @@ class M4Balance(StrictModel):
     @field_validator("targets")
     @classmethod
     def _targets(cls, targets: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        return _check_shares(targets, "targets")
+        return check_shares(targets, "targets")
 
     @model_validator(mode="after")
     def _consistent(self) -> "M4Balance":
@@ -145,7 +145,7 @@ class RakeBalance(StrictModel):
     @field_validator("targets", "label_targets")
     @classmethod
     def _shares(cls, targets: dict[str, dict[str, float]], info) -> dict[str, dict[str, float]]:
-        return _check_shares(targets, info.field_name)
+        return check_shares(targets, info.field_name)
 
     @model_validator(mode="after")
     def _some(self) -> "RakeBalance":

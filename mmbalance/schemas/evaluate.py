@@ -1,7 +1,7 @@
 """The evaluation recipe of ``mmbalance evaluate``: which model, which labelled evaluation set, which
 prompts, and how the bias and quality figures are computed (docs/algorithms.md section 9).
 
-Read as strictly as the main recipe (``load_eval_recipe``): unknown keys are errors with a
+Read as strictly as the main recipe (``io.recipes.load_eval_recipe``): unknown keys are errors with a
 did-you-mean, a key given twice is an error naming its line, yes/no stay strings.
 
 Prompts: a list of prompts per value, or a list of templates for every value. A template's
@@ -15,12 +15,11 @@ spaces. The prompts of one value are an ensemble: their unit embeddings are aver
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mmbalance.schemas.balance import StrictModel, _check_shares
+from mmbalance.schemas.balance import StrictModel, check_shares
 from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.recipe import (
     AttributeSpec,
@@ -29,9 +28,7 @@ from mmbalance.schemas.recipe import (
     LabelSpec,
     Recipe,
     RecipeError,
-    _format_error,
-    read_recipe_text,
-    recipe_mapping,
+    format_error,
 )
 
 
@@ -181,7 +178,7 @@ class EvalAttributeSpec(_Prompted):
             unknown = sorted(set(self.target) - set(values))
             if unknown:
                 raise ValueError(f"target has values not in values {values}: {unknown}")
-            _check_shares({"target": self.target}, self.name)
+            check_shares({"target": self.target}, self.name)
         object.__setattr__(self, "values", list(values))
         return self
 
@@ -357,7 +354,7 @@ def _model_at(cls: type, loc: tuple) -> type | None:
 
 
 def _with_suggestion(message: str, err: ValidationError) -> str:
-    """``_format_error`` suggests among missing keys only; an unknown key also gets the closest
+    """``format_error`` suggests among missing keys only; an unknown key also gets the closest
     optional key of the section it is in ('model.chekpoint' -> 'checkpoint')."""
     first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     if first["type"] != "extra_forbidden" or "did you mean" in message:
@@ -376,9 +373,6 @@ def parse_eval_recipe(data: dict[str, Any] | None, source: str = "evaluation rec
     try:
         return EvalRecipe.model_validate(data or {})
     except ValidationError as err:
-        raise RecipeError(_with_suggestion(_format_error(source, err), err)) from None
+        raise RecipeError(_with_suggestion(format_error(source, err), err)) from None
 
 
-def load_eval_recipe(path: str | Path) -> EvalRecipe:
-    """An evaluation recipe from a local path or a pyarrow filesystem URI, read as the main recipe is."""
-    return parse_eval_recipe(recipe_mapping(read_recipe_text(path), str(path)), str(path))

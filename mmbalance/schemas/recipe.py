@@ -9,7 +9,6 @@ import difflib
 import hashlib
 import json
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -19,7 +18,7 @@ from mmbalance.schemas.balance import EMBEDDING_LABELS, BalanceSpec, NoBalance, 
 from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.export import ExportFormat, ExportOptions
 from mmbalance.schemas.storage import StorageSpec
-from mmbalance.schemas.yaml_loader import DuplicateKeyError, StrictLoader, load_strict
+from mmbalance.schemas.yaml_loader import load_strict
 
 
 class RecipeError(ValueError):
@@ -540,7 +539,7 @@ def _keys_at(parts: tuple) -> list[str]:
     return sorted({name for m in models for name in m.model_fields})
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def format_error(source: str, err: ValidationError) -> str:
     errors = err.errors()
     # one step or a list of steps: drop the errors of the branch the input was clearly not meant for
     shapes = {"list_type", "dict_type", "model_type", "model_attributes_type"}
@@ -566,13 +565,7 @@ def parse_recipe(data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data or {})
     except ValidationError as err:
-        raise RecipeError(_format_error(source, err)) from None
-
-
-# the recipe's YAML rules (duplicate keys are errors, yes/no stay strings) live in yaml_loader,
-# shared with the tag vocabularies; the names stay importable from here
-RecipeLoader = StrictLoader
-_DuplicateKey = DuplicateKeyError
+        raise RecipeError(format_error(source, err)) from None
 
 
 def recipe_mapping(text: str, source: str) -> dict[str, Any] | None:
@@ -585,29 +578,6 @@ def recipe_mapping(text: str, source: str) -> dict[str, Any] | None:
 
 def recipe_from_yaml(text: str, source: str) -> Recipe:
     return parse_recipe(recipe_mapping(text, source), source)
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """Load a recipe from a local path or a URI (s3://bucket/recipe.yaml: reached with the
-    environment's settings, e.g. AWS_ENDPOINT_URL, since its own storage section is not read yet)."""
-    return recipe_from_yaml(read_recipe_text(path), str(path))
-
-
-def read_recipe_text(path: str | Path) -> str:
-    """A recipe file's text from a local path or a URI; unreadable: RecipeError."""
-    path = str(path)
-    try:
-        if "://" in path:
-            from mmbalance.io.storage import resolve_filesystem
-
-            fs, inner = resolve_filesystem(path)
-            with fs.open_input_stream(inner) as stream:
-                text = stream.read().decode()
-        else:
-            text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
-    return text
 
 
 EXAMPLE_RECIPE = """\

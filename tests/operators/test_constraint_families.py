@@ -10,7 +10,8 @@ import polars as pl
 import pyarrow as pa
 from corpora import held_out_table, write_shards
 
-from mmbalance.operators.report_html import resolve, write_html_report
+from mmbalance.operators.html import resolve
+from mmbalance.operators.report_html import write_html_report
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.recipe import parse_recipe
 

@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmbalance.operators.report_html import fmt, manifest_histograms, pointer, resolve, write_html_report
+from mmbalance.operators.html import fmt, pointer, resolve
+from mmbalance.operators.report_html import write_html_report
+from mmbalance.operators.report_plots import manifest_histograms
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError

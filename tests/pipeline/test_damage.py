@@ -31,7 +31,7 @@ from mmbalance.cli import app
 from mmbalance.io.source import has_page_checksums
 from mmbalance.pipeline import plan
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 
 SHARDS, ROWS = 4, 40_000
 OFFSETS = (0.1, 0.3, 0.5, 0.9)

@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from mmbalance.pipeline.evaluate import EvaluateOptions, evaluate  # noqa: E402
-from mmbalance.schemas.evaluate import load_eval_recipe  # noqa: E402
+from mmbalance.io.recipes import load_eval_recipe  # noqa: E402
 
 ROWS, SEED, SAMPLES, KS, RECALL_KS, CONFIDENCE = 72, 3, 40, [5, 10, 1000], [1, 5], 0.95
 UNLABELLED = 0.15  # images without an occupation: no gender prediction (its prompts name the occupation)

@@ -13,7 +13,7 @@ from evaluate_sets import eval_table, model_dir, write_eval_set
 pytest.importorskip("open_clip")
 
 from mmbalance.pipeline.evaluate import EvaluateOptions, evaluate  # noqa: E402
-from mmbalance.schemas.evaluate import load_eval_recipe  # noqa: E402
+from mmbalance.io.recipes import load_eval_recipe  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -28,7 +28,7 @@ from corpora import RECIPE_FROM_ISSUE, held_out_table, write_shards
 
 from mmbalance.jobs.local_cluster import cluster_env
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 from mmbalance.synth import synth_corpus
 
 pytestmark = [pytest.mark.ray]

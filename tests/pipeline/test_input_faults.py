@@ -97,7 +97,7 @@ def test_validate_scratch_inside_the_input_is_not_read_as_input(small, monkeypat
     import tempfile
 
     from mmbalance.pipeline.validate import validate_corpus
-    from mmbalance.schemas.recipe import load_recipe
+    from mmbalance.io.recipes import load_recipe
 
     corpus, recipe = small
     monkeypatch.setattr(tempfile, "tempdir", str(corpus))

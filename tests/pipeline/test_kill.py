@@ -13,7 +13,7 @@ import pytest
 from corpora import RECIPE_FROM_ISSUE
 
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 from mmbalance.synth import synth_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]

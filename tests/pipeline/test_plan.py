@@ -14,7 +14,7 @@ from corpora import RECIPE_FROM_ISSUE
 
 from mmbalance.pipeline import plan, stages
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)

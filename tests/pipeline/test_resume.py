@@ -21,7 +21,7 @@ from rich.console import Console
 from mmbalance.inspect import inspect_path
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 
 SHARDS = 3
 

@@ -23,7 +23,7 @@ from corpora import RECIPE_FROM_ISSUE, held_out_table, run_outputs
 from mmbalance.pipeline import fit
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
-from mmbalance.schemas.recipe import load_recipe
+from mmbalance.io.recipes import load_recipe
 
 RECIPE = RECIPE_FROM_ISSUE.replace("balance:", """clusters: [{name: concept, embedding: image, k: 8, niter: 5, nredo: 1}]
 sample: {size: 2000}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mmbalance.operators.evaluate.scoring import prompt_groups
-from mmbalance.schemas.evaluate import load_eval_recipe, parse_eval_recipe
+from mmbalance.io.recipes import load_eval_recipe
+from mmbalance.schemas.evaluate import parse_eval_recipe
 from mmbalance.schemas.recipe import RecipeError
 
 MODEL = {"name": "local-dir:/m", "checkpoint": "logs/run/checkpoints/epoch_3.pt"}

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from mmbalance.schemas.recipe import EXAMPLE_RECIPE, Recipe, RecipeError, load_recipe, parse_recipe
+from mmbalance.io.recipes import load_recipe
+from mmbalance.schemas.recipe import EXAMPLE_RECIPE, Recipe, RecipeError, parse_recipe
 
 
 def test_issue_recipe_parses_as_written(issue_recipe):

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmbalance.schemas.recipe import RecipeError, RecipeLoader
-from mmbalance.schemas.yaml_loader import StrictLoader, load_strict
-
-
-def test_recipe_loader_is_the_shared_loader():
-    assert RecipeLoader is StrictLoader
+from mmbalance.schemas.recipe import RecipeError
+from mmbalance.schemas.yaml_loader import load_strict
 
 
 def test_duplicate_keys_at_any_depth_name_both_lines():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmbalance.operators.evaluate.figures import get_path
-from mmbalance.operators.report_html import _card, _e, _plt, _png, _table, html_page, num, pointer, render_any
+from mmbalance.operators.html import card, escape, html_page, html_table, num, png, pointer, pyplot, render_any
 
 ARROW = "->"
 
@@ -143,7 +143,7 @@ def _fig_html(doc: dict, key: tuple, prefix: tuple = ()) -> str:
 
 
 def _errorbar_plot(title: str, names: list[str], figs: list[dict], ylabel: str, reference: dict[str, float] | None = None) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(3.6, 0.5 * len(names) + 1.6), 2.6))
     x = np.arange(len(names))
     vals = np.array([f.get("value") if f.get("value") is not None else np.nan for f in figs], float)
@@ -156,75 +156,75 @@ def _errorbar_plot(title: str, names: list[str], figs: list[dict], ylabel: str, 
     ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _png(fig, title)
+    return png(fig, title)
 
 
 def _attribute_section(doc: dict, name: str, prefix: tuple = ()) -> str:
     attr = doc["attributes"][name]
     base = ("attributes", name)
     values = attr["values"]
-    rows = [[_e(v), num(attr["target"][v]), _fig_html(doc, base + ("share", v), prefix)] for v in values]
+    rows = [[escape(v), num(attr["target"][v]), _fig_html(doc, base + ("share", v), prefix)] for v in values]
     plot = _errorbar_plot(f"{name}: predicted share, neutral images", values,
                           [get_path(doc, base + ("share", v)) or {} for v in values], "share", attr["target"])
-    cond = f" (prompts filled with the image's {_e(attr['condition'])})" if attr.get("condition") else ""
+    cond = f" (prompts filled with the image's {escape(attr['condition'])})" if attr.get("condition") else ""
     body = (f'<p class="muted">{attr["images"]["neutral"]:,} neutral images, {attr["images"]["cued"]:,} cued{cond}; '
             f'RB {_fig_html(doc, base + ("rb",), prefix)}; accuracy on cued images {_fig_html(doc, base + ("accuracy",), prefix)}</p>'
-            + '<div class="row">' + plot + _table(["value", "target", "predicted share"], rows) + "</div>")
+            + '<div class="row">' + plot + html_table(["value", "target", "predicted share"], rows) + "</div>")
     for label, ab in (attr.get("ab") or {}).items():
         key = base + ("ab", label)
         labels = list(ab["by_label"])
-        rows = [[_e(j), f'{ab["by_label"][j]["images"]:,}'] + [_fig_html(doc, key + ("by_label", j, "share", v), prefix) for v in values]
+        rows = [[escape(j), f'{ab["by_label"][j]["images"]:,}'] + [_fig_html(doc, key + ("by_label", j, "share", v), prefix) for v in values]
                 + [_fig_html(doc, key + ("by_label", j, "gap"), prefix)] for j in labels]
         rows.append(["<b>all</b>", f'{ab["images"]:,}'] + [_fig_html(doc, key + ("overall_share", v), prefix) for v in values] + [""])
         plot = _errorbar_plot(f"{name} share {values[0]} by {label}", labels,
                               [get_path(doc, key + ("by_label", j, "share", values[0])) or {} for j in labels], f"share {values[0]}",
                               {j: (get_path(doc, key + ("overall_share", values[0], "value")) or 0.0) for j in labels}) if labels else ""
-        body += (f"<h3>AB x {_e(label)}: {_fig_html(doc, key, prefix)} (worst: {_e(ab.get('worst_label'))})</h3>"
-                 + '<div class="row">' + plot + _table([_e(label), "images", *[f"share {_e(v)}" for v in values], "gap"], rows) + "</div>")
+        body += (f"<h3>AB x {escape(label)}: {_fig_html(doc, key, prefix)} (worst: {escape(ab.get('worst_label'))})</h3>"
+                 + '<div class="row">' + plot + html_table([escape(label), "images", *[f"share {escape(v)}" for v in values], "gap"], rows) + "</div>")
     for label, ret in (attr.get("retrieval") or {}).items():
         key = base + ("retrieval", label)
         ks = ret.get("k", [])
-        rows = [[_e(q)] + [_fig_html(doc, key + ("by_query", q, "max_skew", str(k)), prefix) for k in ks]
+        rows = [[escape(q)] + [_fig_html(doc, key + ("by_query", q, "max_skew", str(k)), prefix) for k in ks]
                 + [_fig_html(doc, key + ("by_query", q, "ndkl"), prefix)] for q in (ret.get("by_query") or {})]
         rows.append(["<b>mean</b>"] + [_fig_html(doc, key + ("max_skew", str(k)), prefix) for k in ks] + [_fig_html(doc, key + ("ndkl",), prefix)])
         rows.append(["<b>worst</b>"] + [_fig_html(doc, key + ("max_skew_worst", str(k)), prefix) for k in ks]
                     + [_fig_html(doc, key + ("ndkl_worst",), prefix)])
         skipped = f'; k skipped (pool too small): {ret["k_skipped"]}' if ret.get("k_skipped") else ""
-        body += (f"<h3>Retrieval skew x {_e(label)}</h3><p class=\"muted\">text queries of each {_e(label)} rank a pool of "
+        body += (f"<h3>Retrieval skew x {escape(label)}</h3><p class=\"muted\">text queries of each {escape(label)} rank a pool of "
                  f'{ret["pool"]["images"]:,} cued images, {ret["pool"]["per_value"]:,} per value{skipped}</p>'
-                 + _table(["query", *[f"MaxSkew@{k}" for k in ks], "NDKL"], rows))
+                 + html_table(["query", *[f"MaxSkew@{k}" for k in ks], "NDKL"], rows))
     return body
 
 
 def _label_section(doc: dict, name: str, prefix: tuple = ()) -> str:
     lab = doc["labels"][name]
-    rows = [[_e(v), f'{lab["by_value"][v]["images"]:,}', _fig_html(doc, ("labels", name, "by_value", v, "accuracy"), prefix)]
+    rows = [[escape(v), f'{lab["by_value"][v]["images"]:,}', _fig_html(doc, ("labels", name, "by_value", v, "accuracy"), prefix)]
             for v in lab["by_value"]]
     return (f'<p>zero-shot accuracy {_fig_html(doc, ("labels", name, "accuracy"), prefix)} on {lab["images"]:,} images '
-            f'(chance {num(lab["chance"])})</p>' + _table(["value", "images", "accuracy"], rows))
+            f'(chance {num(lab["chance"])})</p>' + html_table(["value", "images", "accuracy"], rows))
 
 
 def evaluation_html(doc: dict) -> str:
     model, ev = doc["model"], doc["eval"]
-    cards = [_card(f"{n} accuracy", _fig_html(doc, ("labels", n, "accuracy")), f'chance {num(lab["chance"])}')
+    cards = [card(f"{n} accuracy", _fig_html(doc, ("labels", n, "accuracy")), f'chance {num(lab["chance"])}')
              for n, lab in doc["labels"].items()]
     for n, attr in doc["attributes"].items():
-        cards.append(_card(f"{n} RB", _fig_html(doc, ("attributes", n, "rb")), "max |share - target|, neutral images"))
+        cards.append(card(f"{n} RB", _fig_html(doc, ("attributes", n, "rb")), "max |share - target|, neutral images"))
         for label in attr.get("ab") or {}:
-            cards.append(_card(f"{n} AB x {label}", _fig_html(doc, ("attributes", n, "ab", label)), "max |share(label) - share|"))
+            cards.append(card(f"{n} AB x {label}", _fig_html(doc, ("attributes", n, "ab", label)), "max |share(label) - share|"))
         for label, ret in (attr.get("retrieval") or {}).items():
             key = ("attributes", n, "retrieval", label)
-            cards += [_card(f"{n} MaxSkew@{k} x {label}", _fig_html(doc, key + ("max_skew", str(k))), "mean over queries")
+            cards += [card(f"{n} MaxSkew@{k} x {label}", _fig_html(doc, key + ("max_skew", str(k))), "mean over queries")
                       for k in ret.get("k", [])[:1]]
-            cards.append(_card(f"{n} NDKL x {label}", _fig_html(doc, key + ("ndkl",)), "mean over queries"))
-    sections = [(f"attr-{n}", f"Attribute {_e(n)}", _attribute_section(doc, n)) for n in doc["attributes"]]
-    sections += [(f"label-{n}", f"Label {_e(n)}", _label_section(doc, n)) for n in doc["labels"]]
+            cards.append(card(f"{n} NDKL x {label}", _fig_html(doc, key + ("ndkl",)), "mean over queries"))
+    sections = [(f"attr-{n}", f"Attribute {escape(n)}", _attribute_section(doc, n)) for n in doc["attributes"]]
+    sections += [(f"label-{n}", f"Label {escape(n)}", _label_section(doc, n)) for n in doc["labels"]]
     if doc.get("retrieval"):
-        rows = [[_e(d.replace("_to_", " -> "))] + [_fig_html(doc, ("retrieval", d, k)) for k in figs]
+        rows = [[escape(d.replace("_to_", " -> "))] + [_fig_html(doc, ("retrieval", d, k)) for k in figs]
                 for d, figs in doc["retrieval"].items() if isinstance(figs, dict)]
         ks = list(next(f for f in doc["retrieval"].values() if isinstance(f, dict)))
         sections.append(("retrieval", "Image-text retrieval", f'<p>{doc["retrieval"]["pairs"]:,} image-caption pairs</p>'
-                         + _table(["direction", *ks], rows)))
+                         + html_table(["direction", *ks], rows)))
     sections.append(("set", "Evaluation set", render_any(ev, "/eval")))
     sections.append(("model", "Model", render_any(model, "/model")))
     nav = "<nav>" + "".join(f'<a href="#{k}">{t}</a>' for k, t, _ in sections) + "</nav>"
@@ -234,9 +234,9 @@ def evaluation_html(doc: dict) -> str:
               "resamples of the images). RB, AB, MaxSkew, NDKL: lower is less biased; a bias figure from a model whose "
               "label accuracy is near chance says little.</p>")
     weights = model.get("checkpoint_sha256") or model.get("weights_sha256") or ""
-    sub = (f'{_e(model["model"])} {_e(model.get("pretrained") or "")} {_e(weights[:12])} &middot; {_e(model["scoring"])} &middot; '
-           f'{_e(ev["path"])}: {ev["images"]:,} images of {ev["rows"]:,} rows')
-    return html_page(f"mmbalance evaluation: {_e(model['model'])}", "mmbalance evaluation", sub,
+    sub = (f'{escape(model["model"])} {escape(model.get("pretrained") or "")} {escape(weights[:12])} &middot; {escape(model["scoring"])} &middot; '
+           f'{escape(ev["path"])}: {ev["images"]:,} images of {ev["rows"]:,} rows')
+    return html_page(f"mmbalance evaluation: {escape(model['model'])}", "mmbalance evaluation", sub,
                      '<div class="cards">' + "".join(cards) + "</div>" + legend + nav + body)
 
 
@@ -244,21 +244,21 @@ def comparison_html(doc: dict) -> str:
     names = list(doc["models"])
     base = doc["baseline"]
     base_doc = doc["models"][base]["result"]
-    header = ["figure", *[f'<a href="{_e(doc["models"][n]["dir"])}/evaluate.html">{_e(n)}</a>' for n in names],
-              *[f"{_e(n)} - {_e(base)}" for n in names[1:]]]
+    header = ["figure", *[f'<a href="{escape(doc["models"][n]["dir"])}/evaluate.html">{escape(n)}</a>' for n in names],
+              *[f"{escape(n)} - {escape(base)}" for n in names[1:]]]
     rows, plots = [], []
     for section, name, key in main_rows(base_doc):
         cells = [_fig_html(doc["models"][n]["result"], key, ("models", n, "result")) for n in names]
         cells += [_fig_html(doc["differences"][n], key, ("differences", n)) for n in names[1:]]
-        rows.append([f"{_e(section)}: {_e(name)}", *cells])
+        rows.append([f"{escape(section)}: {escape(name)}", *cells])
         if key[-1] in ("rb", "accuracy") or key[2:3] == ("ab",):
             plots.append(_errorbar_plot(f"{section}: {name}", names, [get_path(doc["models"][n]["result"], key) or {} for n in names], name))
-    sub = f'{len(names)} checkpoints on {base_doc["eval"]["images"]:,} images of {_e(base_doc["eval"]["path"])}; baseline {_e(base)}'
+    sub = f'{len(names)} checkpoints on {base_doc["eval"]["images"]:,} images of {escape(base_doc["eval"]["path"])}; baseline {escape(base)}'
     legend = ('<p class="muted">Differences are against the baseline; their intervals come from paired bootstrap resamples '
               "(the same images drawn for every checkpoint).</p>")
     return html_page("mmbalance evaluation: comparison", "mmbalance evaluation: comparison", sub,
                      legend + '<section id="glance"><h2>At a glance</h2><div class="glance">' + "".join(plots[:9])
-                     + '</div></section><section id="figures"><h2>Figures</h2>' + _table(header, rows) + "</section>")
+                     + '</div></section><section id="figures"><h2>Figures</h2>' + html_table(header, rows) + "</section>")
 
 
 def _write(store, name: str, page: str) -> str:

@@ -324,7 +324,7 @@ def _image_values(column: pa.ChunkedArray) -> list[Any]:
 # -- export -----------------------------------------------------------------------------------------
 
 
-def _load_run(out_dir: str) -> tuple[RunStore, dict[str, Any], list[dict[str, Any]], Recipe]:
+def load_run(out_dir: str) -> tuple[RunStore, dict[str, Any], list[dict[str, Any]], Recipe]:
     run = RunStore(out_dir)
     if not run.exists("run.json"):
         raise InputError(f"{out_dir}: not an mmbalance run (no run.json)")
@@ -533,7 +533,7 @@ def mixture_dict(ctx: ExportContext) -> dict[str, Any]:
 def export_run(out_dir: str, formats: list[str], options: ExportOptions | None = None) -> dict[str, Any]:
     """Write ``formats`` for the run in ``out_dir``; returns {"mixture": ..., format: summary}."""
     opts = options or ExportOptions()
-    run, info, shards, recipe = _load_run(out_dir)
+    run, info, shards, recipe = load_run(out_dir)
     if not recipe.storage.is_default():
         configure_storage(recipe.storage)  # the run's settings reach its input (and an object-store dest)
     plan = _format_dirs(list(formats))

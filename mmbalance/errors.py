@@ -1,0 +1,48 @@
+"""How a command ends: the errors a user can fix (one line, exit 2) and SIGTERM as an orderly exit.
+
+The CLI, the Ray job entrypoint and the embedded local Ray session all use these, so a killed or
+refused run reads the same wherever it ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+def known_error(exc: BaseException | None) -> BaseException | None:
+    """The InputError/RecipeError (or a refused run lock) behind an exception, also when Ray
+    wrapped it on the way back: the user can fix these, so they are exit 2 and one line."""
+    from mmbalance.io.storage import RunLockedError
+    from mmbalance.schemas.contract import InputError
+    from mmbalance.schemas.recipe import RecipeError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (InputError, RecipeError, RunLockedError)):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def _exit_on_sigterm(signum, frame):
+    # as Ctrl-C does: the stack unwinds, temporaries are removed, the run lock is released, and
+    # every finished shard keeps its done marker, so the same command resumes
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Inside: SIGTERM raises SystemExit(128 + 15) in the main thread (elsewhere Python cannot
+    install handlers; nothing changes); the previous handler is restored on the way out."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
