@@ -62,7 +62,7 @@ def point(labels: int, signatures: int, per_label: float | None = None, global_b
     import numpy as np
     from operators.solve.m4_reference import concept_stats
 
-    from mmbalance.operators.solve import m4
+    from mmbalance.operators.solve.m4 import diagnostics, problem as m4_problem, solve as m4_solve, solver
 
     balance = balance_for(per_label, global_bound)
     rows = int(1.3 * signatures)
@@ -74,21 +74,21 @@ def point(labels: int, signatures: int, per_label: float | None = None, global_b
         rows = int(rows * min(8.0, 1.15 * signatures / max(got, 1)))
     step = stats.recipe.balance
     start = time.perf_counter()
-    problem, _, coords, notes = m4.build_problem(step, stats)
+    problem, _, coords, notes = m4_problem.build_problem(step, stats)
     build = time.perf_counter() - start
     del stats
     tracemalloc.start()
     start = time.perf_counter()
-    result = m4.solve_moments(problem, None)
+    result = m4_solve.solve_moments(problem, None)
     status = "optimal"
-    if result.max_violation > m4.FEASIBILITY_TOL:
-        certified = m4._certified(problem, result, None)
+    if result.max_violation > m4_solve.FEASIBILITY_TOL:
+        certified = solver.certify(problem, result, None)
         status = "optimal (fallback)" if certified is not None else "not certified"
         result = certified or result
     seconds = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    d = m4._diagnostics(problem, result, coords, step, None)
+    d = diagnostics.solve_diagnostics(problem, result, coords, step, None)
     return {
         "labels": labels, "target_signatures": signatures, "signatures": int(problem.B.shape[0]),
         "per_label": per_label, "global_bound": global_bound,

@@ -4,14 +4,14 @@ Rows are generated in memory as shards of tags + utility, streamed through the s
 the pipeline's KeptRows does; the solver keeps them as on-disk blocks and streams them once per
 dual evaluation. ``--executor local``: the blocks are reduced in this process (LocalBlocks);
 ``--executor ray``: the pipeline's ShardBlocks scheme on its RayExecutor, one Ray task per shard
-block per dual evaluation (``m4.block_sums`` on the block file) and a fixed-order sum in the
+block per dual evaluation (``m4.stream.block_sums`` on the block file) and a fixed-order sum in the
 driver. Writes benchmarks/results/m4_streaming.json (one entry per executor x rows x components).
 
 ``--embedding-components 0 64`` runs each size without and with embedding moments (issue 21):
 each row also carries a 64-d image embedding (gender shifts it along a few directions, occupation
 along others), [gender, embedding.image] is associated at eps_E = 0.01 on all 64 principal
 components (fitted on the first shard), and the solve runs on the per-row path: blocks hold the
-projected embeddings, every dual evaluation is one map over them (``m4_rows.row_block_sums``).
+projected embeddings, every dual evaluation is one map over them (``m4.rows.row_block_sums``).
 Shards are generated on the fly from their seeds, so memory stays at one shard.
 
     python benchmarks/bench_m4_streaming.py --rows 1000000 3000000 10000000
@@ -96,7 +96,7 @@ def _timed_build(fn):
 
 
 def _local_blocks():
-    from mmbalance.operators.solve.m4_stream import LocalBlocks
+    from mmbalance.operators.solve.m4.stream import LocalBlocks
 
     class Timed(LocalBlocks):
         """LocalBlocks that record how long writing the blocks took (reading, projecting)."""
@@ -118,7 +118,7 @@ def _build_block(task: dict) -> dict:
     import polars as pl
     import pyarrow.parquet as pq
 
-    from mmbalance.operators.solve.m4_rows import RowSpec, block_totals, row_block, table_embeddings
+    from mmbalance.operators.solve.m4.rows import RowSpec, block_totals, row_block, table_embeddings
 
     spec = RowSpec.from_files(task["spec"], {"class_of_sig": np.load(task["class_of_sig"])})
     keys = pl.read_parquet(task["keys"])
@@ -130,7 +130,7 @@ def _build_block(task: dict) -> dict:
     return {"index": task["index"], **block_totals(block)}
 
 def _reduce_block(task: dict) -> dict:
-    from mmbalance.operators.solve.m4_stream import load_block, reduce_block
+    from mmbalance.operators.solve.m4.stream import load_block, reduce_block
 
     block = load_block(task["block"])
     payload = None
@@ -144,7 +144,7 @@ class RayBlocks:
     """ShardBlocks on the RayExecutor: blocks on disk, a Ray task per block per dual evaluation."""
 
     def __init__(self, rows: Shards):
-        from mmbalance.operators.solve.m4 import LocalBlocks
+        from mmbalance.operators.solve.m4.stream import LocalBlocks
         from mmbalance.pipeline.executor import RayExecutor
 
         self.local = LocalBlocks(rows)  # writes the blocks; reduced here on Ray instead

@@ -26,7 +26,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmbalance.operators.solve import CorpusStats, solve  # noqa: E402
-from mmbalance.operators.solve.m4 import build_problem  # noqa: E402
+from mmbalance.operators.solve.m4.problem import build_problem  # noqa: E402
 from mmbalance.schemas.recipe import parse_recipe  # noqa: E402
 
 OCCUPATIONS = 50

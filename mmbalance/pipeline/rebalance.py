@@ -750,7 +750,7 @@ class Rebalancer:
             "solution": solution.get("diagnostics", {}),
             "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
         }
-        from mmbalance.operators.solve.row_solution import merge_embedding_sums
+        from mmbalance.operators.solve.m4.solution import merge_embedding_sums
 
         sums = merge_embedding_sums([s.get("embedding_sums") for s in self._summaries("weigh", ids)])
         report.update(build_report(self.recipe, before, after, vocab, report["solution"], embedding_sums=sums))

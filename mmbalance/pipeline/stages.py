@@ -513,7 +513,7 @@ def kept_projections(ctx: RunContext, store: RunStore, task: dict[str, Any], kep
     """z (kept rows, sum of components) of a shard's kept rows: each side's embedding projected on
     its principal components, batch by batch as the embeddings are read (the solve's row blocks and
     the weigh stage both come here, so they compute the same z)."""
-    from mmbalance.operators.solve.m4_rows import project_sides
+    from mmbalance.operators.solve.m4.rows import project_sides
 
     valid = store.read_table("tags", f"{task['shard_id']}.parquet", columns=["row"]).column("row").to_numpy()
     columns, dims = embedding_columns(ctx.recipe), dict(ctx.embedding_dims)
@@ -537,7 +537,7 @@ def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     ``rows_spec`` (M4 embedding moments) also the projected embeddings, class and prior weight."""
     import polars as pl
 
-    from mmbalance.operators.solve.m4_stream import signature_ids
+    from mmbalance.operators.solve.m4.stream import signature_ids
     from mmbalance.schemas.contract import UTILITY_COLUMN
 
     configure_storage(ctx.recipe.storage)
@@ -546,7 +546,7 @@ def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     keys = pl.from_arrow(store.read_table("solve", "stream", "keys.parquet"))
     tags = kept_tags(ctx, store, shard_id, task["dup_rows"])
     if task.get("rows_spec"):
-        from mmbalance.operators.solve.m4_rows import RowSpec, block_totals, row_block
+        from mmbalance.operators.solve.m4.rows import RowSpec, block_totals, row_block
 
         spec = RowSpec.from_files(store.read_json("solve", "stream", "spec.json"), read_npz(store, "solve", "stream", "spec.npz"))
         z = kept_projections(ctx, store, task, tags.column("row").to_numpy(), spec.bases)
@@ -560,7 +560,7 @@ def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 
 def stream_block_reduce(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     """One shard's sums for one dual evaluation, written beside its block."""
-    from mmbalance.operators.solve.m4_stream import reduce_block
+    from mmbalance.operators.solve.m4.stream import reduce_block
 
     configure_storage(ctx.recipe.storage)
     store = RunStore(ctx.out)

@@ -209,43 +209,14 @@ class EntryCapSolution:
                 "capped_p": self.capped_p, "unlabeled_weight": self.unlabeled_weight, "diagnostics": self.diagnostics}
 
 
-@dataclass
-class SampleBaselineSolution:
-    """M4 with per-row baselines: q_i = clip(eta_i - t_s(i), 0, Q) (L2) or min(eta_i exp(-t_s), Q)
-    (KL), eta_i = clip(retention u_i / mean(u), 0, Q); ``t`` per signature from the solved duals."""
-
-    method: str
-    key_columns: list[str]
-    keys: dict[str, list[str | None]]
-    t: list[float]
-    retention: float
-    mean_utility: float
-    max_weight: float
-    objective: str
-    utility_column: str
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-    def weights(self, tags: pa.Table) -> np.ndarray:
-        t = LookupSolution(self.method, self.key_columns, self.keys, self.t).weights(tags)
-        u = np.asarray(tags.column(self.utility_column).to_numpy(zero_copy_only=False), np.float64)
-        eta = np.clip(self.retention * u / self.mean_utility, 0.0, self.max_weight) if self.mean_utility > 0 \
-            else np.full(len(u), min(self.retention, self.max_weight))
-        if self.objective == "l2":
-            return np.clip(eta - t, 0.0, self.max_weight)
-        return np.minimum(eta * np.exp(-t), self.max_weight)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "sample_baseline", **{k: getattr(self, k) for k in (
-            "method", "key_columns", "keys", "t", "retention", "mean_utility", "max_weight", "objective",
-            "utility_column", "diagnostics")}}
-
-
 def solution_from_dict(data: dict[str, Any]) -> Solution:
     if data.get("kind") == "row_moments":
-        from mmbalance.operators.solve.row_solution import RowMomentSolution
+        from mmbalance.operators.solve.m4.solution import RowMomentSolution
 
         return RowMomentSolution.from_dict(data)
     if data.get("kind") == "sample_baseline":
+        from mmbalance.operators.solve.m4.solution import SampleBaselineSolution
+
         return SampleBaselineSolution(**{k: v for k, v in data.items() if k != "kind"})
     if data.get("kind") == "lookup":
         fields = {k: data[k] for k in ("method", "key_columns", "keys", "weight", "default", "diagnostics")}
@@ -261,7 +232,7 @@ def solve_none(step, stats: CorpusStats) -> Solution:
     return LookupSolution("none", [], {}, [1.0], default=1.0, diagnostics={"note": "every valid row kept once"})
 
 
-_SOLVER_MODULES = ("cap", "m4", "reweigh", "rake", "waterfill", "rnb")
+_SOLVER_MODULES = ("cap", "m4.solver", "reweigh", "rake", "waterfill", "rnb")
 
 
 def _load_solvers() -> None:

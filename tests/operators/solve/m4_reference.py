@@ -162,9 +162,9 @@ def stop_first_newton_short(monkeypatch) -> None:
     solve must then go to the primal fallback."""
     import numpy as np
 
-    from mmbalance.operators.solve import m4
+    from mmbalance.operators.solve.m4 import solve as m4_solve
 
-    real = m4.newton_solve
+    real = m4_solve.newton_solve
     calls = {"n": 0}
 
     def stops_short_once(dual, x, lo, hi, tol, bound, **kw):
@@ -173,7 +173,7 @@ def stop_first_newton_short(monkeypatch) -> None:
             return np.clip(x, lo, hi), {"certificate": False, "converged": False}
         return real(dual, x, lo, hi, tol, bound, **kw)
 
-    monkeypatch.setattr(m4, "newton_solve", stops_short_once)
+    monkeypatch.setattr(m4_solve, "newton_solve", stops_short_once)
 
 
 def signature_codes(stats: CorpusStats, name: str, values: list[str]) -> np.ndarray:

@@ -124,10 +124,10 @@ def _reference(rows: pa.Table, stats: CorpusStats, retention: float, objective: 
     ("l2", True, 3, 200),  # the passes start from the optimum on every 3rd row (as above SUBSAMPLE_ROWS)
 ])
 def test_embedding_moments_match_row_level_cvxpy(objective, utility, seed, subsample, monkeypatch):
-    from mmbalance.operators.solve import m4_embedding
+    from mmbalance.operators.solve.m4 import row_primal
 
     if subsample:
-        monkeypatch.setattr(m4_embedding, "SUBSAMPLE_ROWS", subsample)
+        monkeypatch.setattr(row_primal, "SUBSAMPLE_ROWS", subsample)
     rows = _rows(600, seed, utility=utility)
     stats, stream = _stats(rows, _recipe({"association_embedding": 0.01}, objective=objective, utility=utility))
     solution = solve(stats)
@@ -186,14 +186,15 @@ def test_max_retention_with_embedding_moments():
 
 
 def test_bisection_agrees_with_the_row_lp(monkeypatch):
-    from mmbalance.operators.solve import m4_embedding
-    from mmbalance.operators.solve.m4 import build_problem, max_feasible_retention
+    from mmbalance.operators.solve.m4 import row_primal
+    from mmbalance.operators.solve.m4.primal import max_feasible_retention
+    from mmbalance.operators.solve.m4.problem import build_problem
 
     rows = _rows(400, 4)
     stats, _ = _stats(rows, _recipe({"association_embedding": 0.0, "association": 0.0}, retention=0.95, max_weight=1.0))
     problem = build_problem(stats.recipe.balance, stats)[0]
     exact = max_feasible_retention(problem)
-    monkeypatch.setattr(m4_embedding, "ROW_LP_NONZEROS", 0)
+    monkeypatch.setattr(row_primal, "ROW_LP_NONZEROS", 0)
     bisected = max_feasible_retention(problem)
     assert exact * (1 - 1e-3) <= bisected <= exact * (1 + 1e-9)  # certified probes only: it errs low
     problem.stream.close()

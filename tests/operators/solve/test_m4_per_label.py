@@ -12,7 +12,8 @@ from operators.solve.m4_reference import (
     AGES, CONCEPT_BALANCE, GENDERS, centred_attribute, concept_stats, feasible, signature_codes, stop_first_newton_short)
 
 from mmbalance.operators.solve import CorpusStats, solve
-from mmbalance.operators.solve.m4 import build_problem, max_feasible_retention
+from mmbalance.operators.solve.m4.primal import max_feasible_retention
+from mmbalance.operators.solve.m4.problem import build_problem
 
 TAGS = ["tag.gender", "tag.age", "tag.concept", "tag.occupation"]
 ATTRS = {"gender": GENDERS, "age": AGES}
@@ -190,14 +191,14 @@ def test_per_label_parity_costs_retention_and_uses_the_lp():
 
 
 def test_clarabel_fallback_and_hold_labels_keep_working_with_per_label(monkeypatch):
-    from mmbalance.operators.solve import m4
+    from mmbalance.operators.solve.m4 import solve as m4_solve
 
     balance = _balance(None, 0.05, hold_labels=True, associate=[["gender", "concept"]], targets={}, retention=0.5)
     stats = concept_stats(3, 600, 6000, balance, occupations=10)
     expected = solve(stats).diagnostics
     assert expected["status"] == "optimal" and expected["held_masses"] > 0
     stop_first_newton_short(monkeypatch)
-    monkeypatch.setattr(m4, "MAX_POLISH_VARIABLES", 0)  # the sparse Newton first, as at scale
+    monkeypatch.setattr(m4_solve, "MAX_POLISH_VARIABLES", 0)  # the sparse Newton first, as at scale
     d = solve(stats).diagnostics
     assert d["status"] == "optimal" and d["solver"]["method"].startswith("clarabel")
     assert d["max_violation"] <= 1e-9

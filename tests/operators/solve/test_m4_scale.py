@@ -16,7 +16,8 @@ from operators.solve.m4_reference import (
     AGES, CONCEPT_BALANCE, GENDERS, centred_attribute, concept_stats, feasible, signature_codes, stop_first_newton_short)
 
 from mmbalance.operators.solve import CorpusStats, solve
-from mmbalance.operators.solve.m4 import build_problem, max_feasible_retention
+from mmbalance.operators.solve.m4.primal import max_feasible_retention
+from mmbalance.operators.solve.m4.problem import build_problem
 from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import parse_recipe
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from operators.solve.m4_reference import ListStream
 
-from mmbalance.operators.solve import CorpusStats, SampleBaselineSolution, solution_from_dict, solve
+from mmbalance.operators.solve import CorpusStats, solution_from_dict, solve
+from mmbalance.operators.solve.m4.solution import SampleBaselineSolution
 from mmbalance.operators.stats import summarise
 from mmbalance.schemas.contract import UTILITY_COLUMN
 from mmbalance.schemas.recipe import parse_recipe

@@ -1,10 +1,13 @@
-"""The solution of M4 with embedding moments (docs/algorithms.md section 8): a weight per row.
+"""The M4 solutions whose weight is per row, which the weigh stage applies shard by shard.
 
-q_i = clip(eta_i - t_s(i) - z_i . C_c(i), 0, Q) (L2) or min(eta_i exp(-...), Q) (KL), times the
+With per-sample utility (``SampleBaselineSolution``): q_i = the closed form of ``objective`` at
+row i's baseline and its signature's dual shift t_s(i). With embedding moments
+(``RowMomentSolution``, docs/algorithms.md section 8): shift t_s(i) + z_i . C_c(i), times the
 earlier balance steps' weight when the step came last in a composition: t per signature and C per
 class (the tuple of attribute values) from the solved duals, z_i the row's embedding projected on
 the principal components the solution carries. The same arithmetic as the solve's row blocks
-(``m4_rows``), so the weigh stage reproduces the solved weights from the same rows. numpy only.
+(``rows``, ``stream``), so the weigh stage reproduces the solved weights from the same rows.
+numpy only: the weigh stage does not load the solver.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pyarrow.compute as pc
 
 from mmbalance.operators.pca import PcaBasis
 from mmbalance.operators.solve import LookupSolution, solution_from_dict
-from mmbalance.operators.solve.m4_stream import baselines, row_terms
+from mmbalance.operators.solve.m4.objective import Objective
 from mmbalance.schemas.contract import tag_column
 
 SAMPLE_COLUMNS = {"image": "image_emb", "text": "text_emb"}  # embedding columns as the fit sample (and weigh) name them
@@ -86,8 +89,8 @@ class RowMomentSolution:
             u = np.asarray(tags.column(self.utility_column).to_numpy(zero_copy_only=False), np.float64)
         else:
             u = np.ones(tags.num_rows)
-        params = {"max_weight": self.max_weight, "mean_u": self.mean_utility, "retention": self.retention}
-        q = row_terms(baselines(u, params), shift, self.objective, self.max_weight)[0]
+        objective = Objective(self.objective, self.max_weight)
+        q = objective.weights(objective.baselines(u, self.retention, self.mean_utility), shift)
         return q * solution_from_dict(self.prior).weights(tags) if self.prior else q
 
     def embedding_sums(self, tags: pa.Table, z: np.ndarray, weights: np.ndarray, repeats: np.ndarray) -> dict[str, Any]:
@@ -122,6 +125,37 @@ class RowMomentSolution:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RowMomentSolution":
         return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
+@dataclass
+class SampleBaselineSolution:
+    """M4 with per-row baselines: q_i = clip(eta_i - t_s(i), 0, Q) (L2) or min(eta_i exp(-t_s), Q)
+    (KL), eta_i = clip(retention u_i / mean(u), 0, Q); ``t`` per signature from the solved duals."""
+
+    method: str
+    key_columns: list[str]
+    keys: dict[str, list[str | None]]
+    t: list[float]
+    retention: float
+    mean_utility: float
+    max_weight: float
+    objective: str
+    utility_column: str
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, tags: pa.Table) -> np.ndarray:
+        t = LookupSolution(self.method, self.key_columns, self.keys, self.t).weights(tags)
+        u = np.asarray(tags.column(self.utility_column).to_numpy(zero_copy_only=False), np.float64)
+        objective = Objective(self.objective, self.max_weight)
+        eta = objective.baselines(u, self.retention, self.mean_utility)
+        if self.objective == "l2":
+            return objective.weights(eta, t)
+        return np.minimum(eta * np.exp(-t), self.max_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "sample_baseline", **{k: getattr(self, k) for k in (
+            "method", "key_columns", "keys", "t", "retention", "mean_utility", "max_weight", "objective",
+            "utility_column", "diagnostics")}}
 
 
 def merge_embedding_sums(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,64 +8,39 @@ or applying a per-row solution, does not load the solver.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-
-def baselines(u: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """eta_i = clip(retention u_i / mean(u), 0, Q) (a constant without utility)."""
-    Q, mean_u, retention = float(params["max_weight"]), float(params["mean_u"]), float(params["retention"])
-    return np.clip(retention * u / mean_u, 0.0, Q) if mean_u > 0 else np.full(len(u), min(retention, Q))
-
-
-def worst_terms(eta: np.ndarray, objective: str, Q: float) -> np.ndarray:
-    """The largest objective term each row can have on [0, Q]."""
-    if objective == "l2":
-        return 0.5 * np.maximum(eta, Q - eta) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        at_q = np.where(eta > 0, Q * (math.log(Q) - np.log(eta)) - Q + eta, 0.0)
-    return np.maximum(eta, at_q)
-
-
-def row_terms(eta: np.ndarray, t: np.ndarray, objective: str, Q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """q, the objective term f(q) and -dq/dt per row at dual shifts ``t``: the closed-form minimiser
-    clip(eta - t, 0, Q) (L2) or min(eta exp(-t), Q) (KL)."""
-    if objective == "l2":
-        z = eta - t
-        q = np.clip(z, 0.0, Q)
-        return q, 0.5 * (q - eta) ** 2, ((z > 0.0) & (z < Q)).astype(np.float64)
-    with np.errstate(divide="ignore"):
-        log_eta = np.log(eta)
-    logq = np.minimum(log_eta - t, math.log(Q))
-    q = np.exp(logq)
-    with np.errstate(invalid="ignore"):
-        f = np.where(q > 0, q * (logq - log_eta), 0.0) - q + eta
-    return q, f, np.where(log_eta - t < math.log(Q), q, 0.0)
+from mmbalance.operators.solve.m4.objective import Objective
 
 
 def block_sums(sig: np.ndarray, u: np.ndarray, kind: str, t: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
     """Per-signature sums over one block of rows (signature id, utility): ``eta`` (1, S) the
     baselines, ``worst`` (1, S) the largest objective term on [0, Q], ``aggregate`` (3, S) q, f and
     -dq/dt at dual shifts ``t``. Summing the blocks' results gives the corpus's."""
-    S, Q, objective = int(params["S"]), float(params["max_weight"]), params["objective"]
-    eta = baselines(u, params)
+    S, objective = int(params["S"]), Objective.of(params)
+    eta = row_baselines(u, params)
     if kind == "eta":
         return np.bincount(sig, weights=eta, minlength=S)[None, :]
     if kind == "worst":
-        return np.bincount(sig, weights=worst_terms(eta, objective, Q), minlength=S)[None, :]
-    terms = row_terms(eta, t[sig], objective, Q)
+        return np.bincount(sig, weights=objective.worst(eta), minlength=S)[None, :]
+    terms = objective.minimiser(eta, t[sig])
     return np.stack([np.bincount(sig, weights=x, minlength=S) for x in terms])
+
+
+def row_baselines(u: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """Each row's baseline from a reduction's parameters (``retention``, ``mean_u``)."""
+    return Objective.of(params).baselines(u, float(params["retention"]), float(params["mean_u"]))
 
 
 def reduce_block(block: dict[str, np.ndarray], kind: str, payload, params: dict[str, Any]) -> np.ndarray:
     """One block's sums for one pass: per-signature sums (``block_sums``), or, for a block with
-    projected embeddings, the row path's packed sums (``m4_rows.row_block_sums``)."""
+    projected embeddings, the row path's packed sums (``rows.row_block_sums``)."""
     if "z" in block:
-        from mmbalance.operators.solve.m4_rows import row_block_sums
+        from mmbalance.operators.solve.m4.rows import row_block_sums
 
         return row_block_sums(block, kind, payload, params)
     t = payload.get("t") if isinstance(payload, dict) else payload
@@ -121,9 +96,9 @@ class LocalBlocks:
         return n, total_u
 
     def build_rows(self, keys: pl.DataFrame, spec) -> dict[str, float]:
-        """Row blocks with projected embeddings (``m4_rows.RowSpec``) from tables that carry the
-        embedding columns; returns the blocks' totals (``m4_rows.block_totals``)."""
-        from mmbalance.operators.solve.m4_rows import block_totals, row_block, table_embeddings
+        """Row blocks with projected embeddings (``rows.RowSpec``) from tables that carry the
+        embedding columns; returns the blocks' totals (``rows.block_totals``)."""
+        from mmbalance.operators.solve.m4.rows import block_totals, row_block, table_embeddings
 
         self._new_dir()
         totals: list[dict[str, float]] = []
@@ -185,20 +160,21 @@ class SampleStream:
         return {"S": self.S, "max_weight": self.max_weight, "objective": objective, "mean_u": self.mean_u,
                 "retention": self.retention}
 
-    def _mean(self, total: np.ndarray) -> np.ndarray:
+    def per_signature(self, total: np.ndarray) -> np.ndarray:
+        """Per-signature sums as means over the signature's rows."""
         return np.divide(total, self.counts, out=np.zeros(self.S), where=self.counts > 0)
 
     def mean_eta(self) -> np.ndarray:
-        return self._mean(self.blocks.reduce("eta", None, self._params("l2"))[0])
+        return self.per_signature(self.blocks.reduce("eta", None, self._params("l2"))[0])
 
     def worst(self, objective: str) -> np.ndarray:
         """Per-signature mean of the largest objective term a row can have on [0, Q]."""
-        return self._mean(self.blocks.reduce("worst", None, self._params(objective))[0])
+        return self.per_signature(self.blocks.reduce("worst", None, self._params(objective))[0])
 
     def aggregate(self, t: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-signature means of q, f and -dq/dt at dual shifts ``t`` (one pass over the rows)."""
         sums = self.blocks.reduce("aggregate", np.asarray(t, np.float64), self._params(objective))
-        return self._mean(sums[0]), self._mean(sums[1]), self._mean(sums[2])
+        return self.per_signature(sums[0]), self.per_signature(sums[1]), self.per_signature(sums[2])
 
     def close(self) -> None:
         self.blocks.close()

@@ -7,7 +7,7 @@ group's carrying indicator (representation, global association, embedding moment
 value's own carrying rows (per-label parity, docs/algorithms.md section 8). Coordinates may share a
 B column (a label value under both the global and the per-label bound); the dual then stays
 sparse and the largest-retention LP an LP. Embedding moments (the per-row path) add coordinates
-whose moment is a per-row column: their shift rows follow the signature part (``m4_rows``).
+whose moment is a per-row column: their shift rows follow the signature part (``rows``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import polars as pl
 import scipy.sparse as sp
 
 from mmbalance.operators.solve import CorpusStats
-from mmbalance.operators.solve.m4_stream import SampleStream
+from mmbalance.operators.solve.m4.objective import Objective
+from mmbalance.operators.solve.m4.stream import SampleStream
 from mmbalance.schemas.balance import EMBEDDING_LABELS, M4Balance, embedding_pairs
 from mmbalance.schemas.contract import tag_column
 
 if TYPE_CHECKING:
-    from mmbalance.operators.solve.m4_embedding import EmbeddingMoments
+    from mmbalance.operators.solve.m4.embedding import EmbeddingMoments
 
 
 @dataclass
@@ -60,6 +61,11 @@ class MomentProblem:
             self.column = np.arange(len(self.eps), dtype=np.int64)
         if self.scale is None:
             self.scale = np.asarray(self.group, np.int64).copy()
+
+    @property
+    def closed_form(self) -> Objective:
+        """The primal term and its minimiser (``objective.Objective``)."""
+        return Objective(self.objective, self.max_weight)
 
     @property
     def holds(self) -> int:
@@ -145,7 +151,7 @@ class Coordinates:
         return Coordinate(kind, attribute, values[local // R], label, label_values[local % R])
 
 
-def _codes(column: pl.Series, values: list[str]) -> np.ndarray:
+def codes(column: pl.Series, values: list[str]) -> np.ndarray:
     """Index of each entry in ``values``; -1 for null, -2 for a value not in the list (vectorised)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -268,7 +274,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     eta_target = step.retention if retention is None else retention
     streaming = bool(use_utility and n and step.utility == "sample" and (stream is not None or stats.rows is not None))
     if embedded and n:
-        from mmbalance.operators.solve.m4_embedding import row_stream
+        from mmbalance.operators.solve.m4.embedding import row_stream
 
         stream = row_stream(step, stats, frame.select(key_cols), counts, eta_target, used_attrs, stream)
         streaming = True
@@ -295,7 +301,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
     for g, name in enumerate(used_attrs):
         values = list(attrs[name].values)
         m = len(values)
-        code = _codes(frame[tag_column(name)], values)
+        code = codes(frame[tag_column(name)], values)
         if np.any(code == -2):
             bad = frame[tag_column(name)][int(np.flatnonzero(code == -2)[0])]
             raise ValueError(f"attribute '{name}' has value {bad!r}, not one of its values {values}")
@@ -320,7 +326,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
                 continue
             label_values = list(stats.vocab.get(lab, []))
             R = len(label_values)
-            label_code = _codes(frame[tag_column(lab)], label_values)
+            label_code = codes(frame[tag_column(lab)], label_values)
             if np.any(label_code == -2):
                 bad = frame[tag_column(lab)][int(np.flatnonzero(label_code == -2)[0])]
                 raise ValueError(
@@ -371,7 +377,7 @@ def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None =
         stream=stream if streaming else None, column=column, scale=scale, L=L,
     )
     if embedded and n:
-        from mmbalance.operators.solve.m4_embedding import add_embedding_coordinates
+        from mmbalance.operators.solve.m4.embedding import add_embedding_coordinates
 
         add_embedding_coordinates(problem, coords, stream, notes, used_attrs, step)
     if streaming:

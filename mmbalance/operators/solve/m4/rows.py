@@ -4,7 +4,7 @@ A block is one shard's kept rows: signature id, utility, prior weight omega (ear
 steps; 1 without), the class (the tuple of attribute values, which the signature fixes) and z,
 the embedding projected on its principal components (float32). For dual shifts t per signature
 and C per class, row i's shift is t_s(i) + z_i . C_c(i) and its weight the closed form of
-``m4_stream.row_terms``. One pass returns, in one packed vector, what the dual's value, gradient
+``objective.Objective``. One pass returns, in one packed vector, what the dual's value, gradient
 and Newton system need, so the number of passes is the number of dual evaluations:
 
     per signature   sum omega q, sum omega f, sum omega dq/dt, sum omega q^2       (4 x S)
@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from mmbalance.operators.pca import PcaBasis
-from mmbalance.operators.solve.m4_stream import baselines, row_terms, signature_ids, worst_terms
+from mmbalance.operators.solve.m4.objective import Objective
+from mmbalance.operators.solve.m4.stream import row_baselines, signature_ids
 
 CHUNK = 65_536  # rows per step inside a block: bounds a worker's float64 copies
 
@@ -160,10 +161,10 @@ def row_block_sums(block: dict[str, np.ndarray], kind: str, payload, params: dic
     only its watched-rows block (a Hessian block the last pass did not cover)."""
     import scipy.sparse as sp
 
-    S, Q, objective = int(params["S"]), float(params["max_weight"]), params["objective"]
+    S, objective = int(params["S"]), Objective.of(params)
     classes, ktot = int(params["classes"]), int(params["ktot"])
     sig, z, omega, cls = block["sig"], block["z"], block["omega"], block["cls"]
-    eta = baselines(block["u"], params)
+    eta = row_baselines(block["u"], params)
     if kind == "eta":
         zsum = np.zeros((classes, ktot))
         for c in np.unique(cls):
@@ -171,7 +172,7 @@ def row_block_sums(block: dict[str, np.ndarray], kind: str, payload, params: dic
             zsum[c] = omega[rows] @ z[rows].astype(np.float64)
         return np.concatenate([np.bincount(sig, weights=omega * eta, minlength=S), zsum.ravel()])
     if kind == "worst":
-        return np.bincount(sig, weights=omega * worst_terms(eta, objective, Q), minlength=S)
+        return np.bincount(sig, weights=omega * objective.worst(eta), minlength=S)
     t, C = payload["t"], payload["C"]
     watched = sp.csr_matrix((payload["w_data"], payload["w_indices"], payload["w_indptr"]), shape=(S, int(payload["w_count"])))
     codes = np.asarray(params["class_codes"], np.int64).reshape(classes, -1)
@@ -181,11 +182,11 @@ def row_block_sums(block: dict[str, np.ndarray], kind: str, payload, params: dic
     out = np.zeros(layout["cross"][1])
     part = {name: out[a:b].reshape(shape) for name, (a, b, shape) in layout.items()}
     # rows are sorted by class (``row_block``): each step is one class's slice of at most CHUNK rows
-    l2 = objective == "l2"
+    l2 = objective.kind == "l2"
     for j, (c, start, end) in enumerate(block_steps(cls)):
         s_c, w_c, z32 = sig[start:end], omega[start:end], z[start:end]
         zf = z32.astype(np.float64)
-        q, f, curv = row_terms(eta[start:end], t[s_c] + zf @ C[c], objective, Q)
+        q, f, curv = objective.minimiser(eta[start:end], t[s_c] + zf @ C[c])
         wd = w_c * curv
         if kind == "aggregate":
             wq = w_c * q
