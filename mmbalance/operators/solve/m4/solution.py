@@ -147,10 +147,7 @@ class SampleBaselineSolution:
         t = LookupSolution(self.method, self.key_columns, self.keys, self.t).weights(tags)
         u = np.asarray(tags.column(self.utility_column).to_numpy(zero_copy_only=False), np.float64)
         objective = Objective(self.objective, self.max_weight)
-        eta = objective.baselines(u, self.retention, self.mean_utility)
-        if self.objective == "l2":
-            return objective.weights(eta, t)
-        return np.minimum(eta * np.exp(-t), self.max_weight)
+        return objective.weights(objective.baselines(u, self.retention, self.mean_utility), t)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "sample_baseline", **{k: getattr(self, k) for k in (
