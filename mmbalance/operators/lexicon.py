@@ -15,8 +15,8 @@ regex alternation and with polars' Aho-Corasick.
 Two operators:
 - ``LexiconTagger``: attribute values from word lists (``mmbalance.data`` vocabularies), with
   negation cues ("no man") and a rule for captions where several values fire.
-- ``MetadataMatcher``: a user's entry list (one per line) -> multi-hot entry ids per caption and
-  entry counts per shard (mergeable by summing) for a per-entry cap.
+- ``MetadataMatcher``: a user's entry list (one per line) -> multi-hot entry ids per caption, for
+  MetaCLIP's per-entry cap (``operators/metaclip.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import Vocabulary, load_lines
-from mmbalance.schemas.contract import entries_column, tag_column
+from mmbalance.schemas.contract import tag_column
 
 MultipleRule = Literal["unknown", "both", "majority"]
 BOTH_SEPARATOR = "+"  # rule "both": the fired values joined in declared order, e.g. "woman+man"
@@ -593,20 +593,6 @@ def coverage_report(summary: dict, top: int = 50) -> dict:
     }
 
 
-class CaptionTagger:
-    """Ray Data operator: appends the lexicon tag and hits columns for the caption column."""
-
-    def __init__(self, tagger: LexiconTagger, caption_column: str):
-        self.tagger = tagger
-        self.caption_column = caption_column
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tags = self.tagger.tag(batch.column(self.caption_column))
-        for name, column in zip(tags.column_names, tags.columns):
-            batch = batch.append_column(name, column)
-        return batch
-
-
 # ---------------------------------------------------------------------------------------------
 # Metadata matcher (MetaCLIP)
 
@@ -651,53 +637,3 @@ class MetadataMatcher:
         np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
         values = (pairs % max(self.num_entries, 1)).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
-
-
-def entry_counts(entries: pa.ListArray | pa.ChunkedArray, num_entries: int) -> np.ndarray:
-    """Captions matching each entry (int64, length ``num_entries``); shards merge by summing."""
-    flat = pc.list_flatten(entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries)
-    ids = flat.to_numpy(zero_copy_only=False)
-    if len(ids) and (ids.min() < 0 or ids.max() >= num_entries):
-        raise ValueError(f"entry ids must be in [0, {num_entries}), got {ids.min()}..{ids.max()}")
-    return np.bincount(ids, minlength=num_entries).astype(np.int64)
-
-
-ENTRY_COUNTS_SCHEMA = pa.schema([pa.field("entry_id", pa.int32(), nullable=False), pa.field("count", pa.int64(), nullable=False)])
-
-
-def counts_table(counts: np.ndarray) -> pa.Table:
-    """The non-zero counts as a sparse sidecar table (a shard matches few of 500k entries)."""
-    nz = np.flatnonzero(counts)
-    return pa.table({"entry_id": pa.array(nz, pa.int32()), "count": pa.array(counts[nz], pa.int64())}, schema=ENTRY_COUNTS_SCHEMA)
-
-
-def merge_entry_counts(tables: Iterable[pa.Table], num_entries: int) -> np.ndarray:
-    """Global counts from per-shard sparse tables."""
-    total = np.zeros(num_entries, np.int64)
-    for t in tables:
-        np.add.at(total, t.column("entry_id").to_numpy(), t.column("count").to_numpy())
-    return total
-
-
-def entry_keep_probability(entries: pa.ListArray | pa.ChunkedArray, counts: np.ndarray, cap: int) -> np.ndarray:
-    """MetaCLIP: p_e = t / max(c_e, t); a caption is kept with 1 - prod_e (1 - p_e) (0 if none)."""
-    arr = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
-    ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    rows = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-    p = cap / np.maximum(counts[ids].astype(np.float64), cap)
-    # log1p(-1) = -inf for tail entries: exp(-inf) = 0 keeps the caption with probability 1
-    with np.errstate(divide="ignore"):
-        log_drop = np.bincount(rows, weights=np.log1p(-p), minlength=len(arr))
-    return 1.0 - np.exp(log_drop)
-
-
-class MetadataTagger:
-    """Ray Data operator: appends ``entries.<name>`` (list<int32>) for the caption column."""
-
-    def __init__(self, matcher: MetadataMatcher, caption_column: str, name: str):
-        self.matcher = matcher
-        self.caption_column = caption_column
-        self.name = name
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return batch.append_column(entries_column(self.name), self.matcher.match(batch.column(self.caption_column)))

@@ -94,15 +94,6 @@ def merge(tables: Iterable[pa.Table], tag_columns: list[str]) -> pa.Table:
     return _sorted(out.select(frame.columns), tag_columns).to_arrow()
 
 
-def merge_sparse_counts(tables: Iterable[pa.Table], size: int) -> np.ndarray:
-    """Sum per-shard sparse (entry_id, count) tables into one dense vector of ``size`` entries."""
-    total = np.zeros(size, np.float64)
-    for t in tables:
-        if t.num_rows:
-            np.add.at(total, t.column("entry_id").to_numpy(), t.column("count").to_numpy().astype(np.float64))
-    return total
-
-
 def vocabulary(merged: pa.Table, column: str) -> list[str]:
     """Distinct non-null values of a tag column, sorted (labels are one-hot over the values seen)."""
     values = merged.column(column).drop_null().unique().to_pylist()

@@ -693,11 +693,11 @@ class Rebalancer:
 
     def _merged_entries(self, directory: str, name: str, ids: list[str], size: int | None = None) -> np.ndarray:
         """Global per-entry counts (or weights) of a metadata label from its per-shard sparse tables."""
-        from mmbalance.operators.stats import merge_sparse_counts
+        from mmbalance.operators.metaclip import merge_entry_counts
 
         tables = [self.store.read_table(directory, name, f"{i}.parquet") for i in ids]
         entries = size if size is not None else self._entry_count(name)
-        return merge_sparse_counts(tables, entries)
+        return merge_entry_counts(tables, entries)
 
     def _entry_count(self, name: str) -> int:
         from mmbalance.data import load_lines

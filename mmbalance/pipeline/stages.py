@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from mmbalance.operators import dedup, tag, validate
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list
 from mmbalance.operators.hashing import hash_uids, sample_priority
+from mmbalance.operators.metaclip import entry_count_table
 from mmbalance.pipeline.plan import check_accounting
 from mmbalance.io.source import read_source
 from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through this module too
@@ -243,19 +244,6 @@ def dedup_bucket(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- signatures: per-shard counts of valid, first-occurrence rows -------------------------------
-
-
-def entry_count_table(entries: pa.ChunkedArray | pa.Array, weights: np.ndarray | None = None) -> pa.Table:
-    """Sparse (entry_id, count) of a multi-hot column; with ``weights``, the weight of the rows
-    matching each entry (float count)."""
-    arr = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
-    ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    w = None if weights is None else np.asarray(weights, np.float64)[pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)]
-    size = int(ids.max()) + 1 if len(ids) else 0
-    counts = np.bincount(ids, weights=w, minlength=size)
-    nz = np.flatnonzero(counts)
-    count = pa.array(counts[nz], pa.float64() if weights is not None else pa.int64())
-    return pa.table({"entry_id": pa.array(nz, pa.int32()), "count": count})
 
 
 def kept_tags(ctx: RunContext, store: RunStore, shard_id: str, dup_rows) -> pa.Table:

@@ -13,20 +13,8 @@ import pyarrow as pa
 import pytest
 
 from mmbalance.data import SHIPPED, load_lines, load_vocabulary
-from mmbalance.operators.lexicon import (
-    CaptionTagger,
-    LexiconAttribute,
-    LexiconTagger,
-    MetadataMatcher,
-    MetadataTagger,
-    counts_table,
-    entries_column,
-    entry_counts,
-    entry_keep_probability,
-    hits_column,
-    merge_entry_counts,
-    source_tag_column,
-)
+from mmbalance.operators.lexicon import LexiconAttribute, LexiconTagger, MetadataMatcher, hits_column, source_tag_column
+from mmbalance.operators.metaclip import capped_entries, entry_count_table, keep_probability, merge_entry_counts
 
 GENDER = source_tag_column("perceived_gender", "caption")
 AGE = source_tag_column("age_group", "caption")
@@ -209,10 +197,9 @@ def test_user_vocabulary_file(tmp_path):
         load_vocabulary(path)
 
 
-def test_caption_tagger_operator_on_arrow_table(tagger):
-    batch = pa.table({"uid": ["a", "b", "c"], "caption": pa.chunked_array([["A nurse", None], ["he"]])})
-    out = CaptionTagger(tagger, "caption")(batch)
-    assert out.column_names[:2] == ["uid", "caption"] and out.num_rows == 3
+def test_tagger_on_a_chunked_arrow_column(tagger):
+    out = tagger.tag(pa.chunked_array([["A nurse", None], ["he"]]))
+    assert out.num_rows == 3
     assert out.column(OCC).to_pylist() == ["nurse", None, None]
     assert out.column(GENDER).to_pylist() == [None, None, "man"]
     large = tagger.tag(pa.array(["A nurse"], pa.large_string()))
@@ -263,7 +250,7 @@ def test_metadata_matches_equal_brute_force():
     brute_counts = np.zeros(len(entries), np.int64)
     for ids in expected:
         brute_counts[ids] += 1
-    np.testing.assert_array_equal(entry_counts(got, matcher.num_entries), brute_counts)
+    np.testing.assert_array_equal(merge_entry_counts([entry_count_table(got)], matcher.num_entries), brute_counts)
     assert got.type == pa.list_(pa.int32())
 
 
@@ -271,8 +258,8 @@ def test_entry_counts_merge_across_shards():
     entries, captions = _metadata_case(4, 1500)
     matcher = MetadataMatcher(entries)
     shards = [captions[:400], captions[400:1100], captions[1100:]]
-    tables = [counts_table(entry_counts(matcher.match(s), len(entries))) for s in shards]
-    whole = entry_counts(matcher.match(captions), len(entries))
+    tables = [entry_count_table(matcher.match(s)) for s in shards]
+    whole = merge_entry_counts([entry_count_table(matcher.match(captions))], len(entries))
     np.testing.assert_array_equal(merge_entry_counts(tables, len(entries)), whole)
     assert all(t.column("count").to_numpy().min() > 0 for t in tables if t.num_rows)
 
@@ -281,12 +268,12 @@ def test_entry_keep_probability_matches_metaclip_rule():
     entries, captions = _metadata_case(5, 800)
     matcher = MetadataMatcher(entries)
     matched = matcher.match(captions)
-    counts = entry_counts(matched, len(entries))
+    counts = merge_entry_counts([entry_count_table(matched)], len(entries))
     cap = 50
-    got = entry_keep_probability(matched, counts, cap)
+    got = keep_probability(pa.chunked_array([matched.slice(0, 300), matched.slice(300)]), *capped_entries(counts, cap), 0.25)
     for ids, p in zip(matched.to_pylist(), got):
-        drop = np.prod([1 - cap / max(counts[e], cap) for e in ids]) if ids else 1.0
-        assert p == pytest.approx(1 - drop, abs=1e-12)
+        drop = np.prod([1 - cap / max(counts[e], cap) for e in ids]) if ids else None
+        assert p == (0.25 if drop is None else pytest.approx(1 - drop, abs=1e-12))
 
 
 def test_metadata_longest_only_and_file(tmp_path):
@@ -299,8 +286,6 @@ def test_metadata_longest_only_and_file(tmp_path):
     assert longest.match(["New York City", "york"]).to_pylist() == [[2], [1]]
 
 
-def test_metadata_operator_on_arrow_table():
+def test_metadata_matcher_on_a_chunked_arrow_column():
     matcher = MetadataMatcher(["cat", "dog"])
-    batch = pa.table({"uid": ["a", "b"], "text": ["a Cat and a DOG", None]})
-    out = MetadataTagger(matcher, "text", "concept")(batch)
-    assert out.column(entries_column("concept")).to_pylist() == [[0, 1], []]
+    assert matcher.match(pa.chunked_array([["a Cat and a DOG"], [None]])).to_pylist() == [[0, 1], []]

@@ -189,20 +189,10 @@ class EntryCapSolution:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def weights(self, tags: pa.Table) -> np.ndarray:
-        arr = tags.column(self.column).combine_chunks()
-        ids = pa.compute.list_flatten(arr).to_numpy(zero_copy_only=False)
-        parents = pa.compute.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-        p = np.ones(len(ids))
-        if self.capped_ids and len(ids):
-            capped = np.asarray(self.capped_ids, np.int64)
-            pos = np.clip(np.searchsorted(capped, ids), 0, len(capped) - 1)
-            hit = capped[pos] == ids
-            p[hit] = np.asarray(self.capped_p)[pos[hit]]
-        with np.errstate(divide="ignore"):  # log1p(-1) = -inf: a tail entry keeps the row for sure
-            log_drop = np.bincount(parents, weights=np.log1p(-p), minlength=len(arr))
-        w = 1.0 - np.exp(log_drop)
-        matched = np.bincount(parents, minlength=len(arr)) > 0
-        return np.where(matched, w, self.unlabeled_weight)
+        from mmbalance.operators.metaclip import keep_probability
+
+        return keep_probability(tags.column(self.column), np.asarray(self.capped_ids, np.int64),
+                                np.asarray(self.capped_p, np.float64), self.unlabeled_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "entry_cap", "method": self.method, "column": self.column, "capped_ids": self.capped_ids,

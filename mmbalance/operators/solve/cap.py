@@ -1,10 +1,12 @@
-"""MetaCLIP balancing (docs/algorithms.md section 4): value e of a label is kept with p_e = t / max(c_e, t)."""
+"""MetaCLIP balancing (docs/algorithms.md section 4): value e of a label is kept with p_e = t / max(c_e, t)
+(the arithmetic: ``operators/metaclip.py``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
+from mmbalance.operators.metaclip import capped_entries, keep_rate
 from mmbalance.operators.solve import CorpusStats, EntryCapSolution, LookupSolution, register
 from mmbalance.schemas.contract import entries_column, tag_column
 from mmbalance.schemas.balance import CapBalance
@@ -12,14 +14,13 @@ from mmbalance.schemas.balance import CapBalance
 
 def cap_probabilities(counts: dict[str, int], cap: int) -> dict[str, float]:
     """Head values are thinned to about ``cap`` expected rows; tail values keep everything."""
-    return {value: cap / max(count, cap) for value, count in counts.items()}
+    return {value: keep_rate(count, cap) for value, count in counts.items()}
 
 
 def solve_entry_cap(step: CapBalance, stats: CorpusStats) -> EntryCapSolution:
     """MetaCLIP proper: the cap over metadata entries (a row may match many)."""
     counts = stats.entry_counts[step.by]
-    capped = np.flatnonzero(counts > step.cap)
-    p = step.cap / counts[capped].astype(np.float64)
+    capped, p = capped_entries(counts, step.cap)
     spec = next(lab for lab in stats.recipe.metadata_labels() if lab.name == step.by)
     matched = int((counts > 0).sum())
     return EntryCapSolution(
