@@ -1,9 +1,9 @@
 """Clustering benchmark (issue 6): faiss spherical k-means vs sklearn MiniBatchKMeans on the same
 data (time, inertia), assignment rows/s vs a bare scan of the embedding column from Parquet,
 sample rows/s, and our cosine silhouette vs sklearn's (plus sklearn's import cost). Assignment and
-sampling time what a pipeline run calls (issue 22): the assign stage's ``fit.assign_table`` with
-models from ``fit.load_models``, and the scan's sample candidates (``stages._sample_candidates``)
-cut to the sample by ``fit.merge_sample``. k-means quality against sklearn and faiss on held-out
+sampling time what a pipeline run calls (issue 22): the assign stage's ``operators.assign.assign_table``
+with the models ``operators.models.load_models`` reads, and the scan's sample candidates
+(``stages._sample_candidates``) cut to the sample by ``fit.merge_sample``. k-means quality against sklearn and faiss on held-out
 corpora: benchmarks/bench_kmeans_quality.py.
 
     .venv/bin/python benchmarks/bench_cluster.py              # 200k x 512, k=256 (a few minutes)
@@ -36,18 +36,13 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmbalance.operators.cluster import (
-    assign,
-    default_init_size,
-    embedding_matrix,
-    fit_kmeans,
-    fixed_size_list,
-    gpu_available,
-    greedy_kmeanspp,
-    sample_priority,
-    silhouette_cosine,
-    unit_rows,
-)
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, unit_rows
+from mmbalance.operators.assign import assign_table
+from mmbalance.operators.cluster.index import assign, gpu_available
+from mmbalance.operators.cluster.kmeans import KMeansModel, default_init_size, fit_kmeans, greedy_kmeanspp
+from mmbalance.operators.cluster.select_k import silhouette_cosine
+from mmbalance.operators.hashing import sample_priority
+from mmbalance.operators.models import load_models, save_model
 from mmbalance.pipeline import fit as pipeline_fit
 from mmbalance.pipeline.stages import RunContext, _sample_candidates
 from mmbalance.io.store import RunStore
@@ -72,15 +67,16 @@ def _tags(table: pa.Table, first_row: int) -> pa.Table:
 
 
 class PipelineAssign:
-    """The assign stage's per-batch call: ``fit.assign_table`` with the models ``fit.load_models`` reads."""
+    """The assign stage's per-batch call: ``assign_table`` with the models ``load_models`` reads."""
 
     def __init__(self, ctx: RunContext, centroids: np.ndarray):
         store = RunStore(ctx.out)
-        pipeline_fit._save_array(store, CLUSTER_NAME, centroids, {"kind": "cluster", "name": CLUSTER_NAME})
-        self.ctx, self.models, self.rows = ctx, pipeline_fit.load_models(store), 0
+        save_model(store, CLUSTER_NAME, KMeansModel(centroids, {"kind": "cluster"}))
+        self.ctx, self.models, self.rows = ctx, load_models(store), 0
+        self.columns = pipeline_fit.assign_columns(ctx.recipe)
 
     def __call__(self, table: pa.Table) -> None:
-        pipeline_fit.assign_table(self.ctx, self.models, table, _tags(table, self.rows))
+        assign_table(self.ctx.recipe, self.models, table, _tags(table, self.rows), self.columns)
         self.rows += table.num_rows
 
 
@@ -231,7 +227,7 @@ def main() -> None:
         _, t_scan_sample, rss_sample = scan(path, args.batch_rows, sampler)
         sample, t_merge = timed(sampler.finish)
         res["assign"] = {
-            "k": k, "batch_rows": args.batch_rows, "calls": "pipeline.fit.assign_table (models from fit.load_models)",
+            "k": k, "batch_rows": args.batch_rows, "calls": "operators.assign.assign_table (models from operators.models.load_models)",
             "matrix_rows_per_s": n / t,
             "parquet_bare_scan_rows_per_s": rows_bare / t_bare,
             "parquet_assign_rows_per_s": rows_op / t_op,

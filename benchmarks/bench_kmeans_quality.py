@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from kmeans_corpora import HELD_OUT, TUNING, Case  # noqa: E402
 
-from mmbalance.operators.cluster import assign, fit_kmeans, unit_rows  # noqa: E402
+from mmbalance.operators.arrays import unit_rows  # noqa: E402
+from mmbalance.operators.cluster.index import assign  # noqa: E402
+from mmbalance.operators.cluster.kmeans import fit_kmeans  # noqa: E402
 
 COS_TOL, ARI_REL_TOL = 1e-3, 0.02  # the bar: mean cosine within 0.001, ARI within 2% of sklearn n_init=5
 REFERENCE = "sklearn KMeans(n_init=5)"

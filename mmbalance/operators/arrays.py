@@ -1,6 +1,6 @@
-"""Embedding columns as matrices and the uid sample-priority hash: plain array helpers shared by
-the scan stage, the fit, clustering, zero-shot tagging and the leakage probes. Below all of them (no
-faiss, no torch), so a scan worker never imports the clustering module."""
+"""Embedding columns as matrices and unit-norm rows: plain array helpers shared by the scan stage,
+the fit, clustering, zero-shot tagging and the leakage probes. Below all of them (no faiss, no
+torch), so a scan worker never imports the clustering package."""
 
 from __future__ import annotations
 
@@ -58,3 +58,16 @@ def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     """A matrix as an Arrow fixed_size_list column (zero-copy for a contiguous float matrix)."""
     m = np.ascontiguousarray(matrix)
     return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+
+
+def unit_rows(matrix: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 copy of ``matrix`` with unit-norm rows; rows with NaN/inf or zero norm become unusable
+    (zeros in the output, False in the mask)."""
+    x = np.array(matrix, dtype=np.float32, order="C", copy=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    ok = np.isfinite(norms) & (norms > 0)
+    if valid is not None:
+        ok &= valid
+    x[~ok] = 0.0
+    x /= np.where(ok, norms, 1.0)[:, None].astype(np.float32)
+    return x, ok

@@ -10,24 +10,17 @@ rows then get keep-probability quota / size of their level-1 cluster.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmbalance.operators.cluster import (
-    ClusterAssigner,
-    EmbeddingSpec,
-    KMeansModel,
-    faiss_seed,
-    assign,
-    fit_kmeans,
-    unit_rows,
-)
+from mmbalance.operators.arrays import unit_rows
+from mmbalance.operators.cluster.index import assign
+from mmbalance.operators.cluster.kmeans import KMeansModel, faiss_seed, fit_kmeans
+from mmbalance.operators.cluster.vectors import EmbeddingSpec
 from mmbalance.operators.quotas import waterfill_quotas
 
 
@@ -51,18 +44,6 @@ class Hierarchy:
     def leaf_model(self) -> KMeansModel:
         return KMeansModel(self.centroids[0], {**self.meta, "level": 1})
 
-    def assigner(self, embedding: EmbeddingSpec, **kwargs: Any) -> ClusterAssigner:
-        """Ray Data operator adding cluster_id (level 1) and cluster_id_l2 .. cluster_id_lL."""
-        return ClusterAssigner(self.leaf_model(), embedding, parents=self.parents, **kwargs)
-
-    def level_ids(self, leaf_ids: np.ndarray) -> list[np.ndarray]:
-        """Cluster id at every level (level 1 first) for level-1 ids; -1 stays -1."""
-        out = [np.asarray(leaf_ids, np.int32)]
-        for parent in self.parents:
-            prev = out[-1]
-            out.append(np.where(prev >= 0, parent[np.maximum(prev, 0)], -1).astype(np.int32))
-        return out
-
     def level_sizes(self, leaf_sizes: np.ndarray) -> list[np.ndarray]:
         """Rows under each cluster at every level, from the level-1 counts."""
         sizes = [np.asarray(leaf_sizes, np.int64)]
@@ -71,26 +52,6 @@ class Hierarchy:
         for parent, k in zip(self.parents, self.ks[1:]):
             sizes.append(np.bincount(parent, weights=sizes[-1], minlength=k).astype(np.int64))
         return sizes
-
-    def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        for level, c in enumerate(self.centroids, start=1):
-            np.save(d / f"centroids_l{level}.npy", c)
-        for level, p in enumerate(self.parents, start=1):
-            np.save(d / f"parents_l{level}.npy", p)
-        (d / "hierarchy.json").write_text(json.dumps({**self.meta, "ks": self.ks}, indent=2, sort_keys=True))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Hierarchy:
-        d = Path(directory)
-        meta = json.loads((d / "hierarchy.json").read_text())
-        ks = meta["ks"]
-        centroids = [np.load(d / f"centroids_l{i}.npy") for i in range(1, len(ks) + 1)]
-        parents = [np.load(d / f"parents_l{i}.npy") for i in range(1, len(ks))]
-        if [c.shape[0] for c in centroids] != ks:
-            raise ValueError(f"{d}: centroid files do not match ks={ks}")
-        return cls(centroids, parents, meta)
 
 
 def closest_per_cluster(ids: np.ndarray, sim: np.ndarray, r: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.operators.cluster import embedding_matrix, unit_rows
+from mmbalance.operators.arrays import embedding_matrix, unit_rows
 from mmbalance.schemas.contract import tag_column
 from mmbalance.schemas.recipe import Recipe
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class PcaBasis:
     components: np.ndarray  # (k, d) float32: orthonormal rows, largest variance first
     sd: np.ndarray  # (k,) float64: standard deviation of each component on the sample
     meta: dict[str, Any]
+    kind: ClassVar[str] = "pca"
 
     @property
     def k(self) -> int:
@@ -57,6 +58,15 @@ class PcaBasis:
     def stacked(self) -> np.ndarray:
         """(k + 1, d) float32: the mean, then the components (the models/ file)."""
         return np.vstack([self.mean[None, :], self.components]).astype(np.float32)
+
+    def files(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """The mean and components (``stacked``) and their metadata for ``operators.models`` (kind ``pca``)."""
+        return self.stacked(), {"kind": self.kind, "side": self.side, "components": self.k, "sd": self.sd.tolist(),
+                                **self.meta}
+
+    @classmethod
+    def from_files(cls, stacked: np.ndarray, meta: dict[str, Any]) -> "PcaBasis":
+        return cls.from_stacked(meta["side"], stacked, np.asarray(meta["sd"]), meta)
 
     def to_dict(self) -> dict[str, Any]:
         return {"side": self.side, "dim": self.dim, "components": self.k, "sd": self.sd.tolist(),

@@ -20,8 +20,8 @@ rows tagged) and a bottom-k uid sample per value that merges exactly across shar
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +63,9 @@ class ClassEmbeddings:
     scoring: Scoring = "softmax"
     logit_scale: float | None = None
     logit_bias: float | None = None
+    # what made it (vocabulary, temperature, threshold, sides), saved with it under OUT/models/
+    meta: dict = field(default_factory=dict, compare=False, repr=False)
+    kind: ClassVar[str] = "zero_shot"
 
     def __post_init__(self):
         if self.scoring not in ("softmax", "sigmoid"):
@@ -75,13 +78,18 @@ class ClassEmbeddings:
         return self.values + ((NONE_VALUE,) if self.has_none else ())
 
     def scoring_meta(self) -> dict:
-        """JSON-able scoring fields (saved beside the matrix; ``from_meta`` reads them back)."""
+        """JSON-able scoring fields (saved beside the matrix; ``from_files`` reads them back)."""
         return {"scoring": self.scoring, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
 
+    def files(self) -> tuple[np.ndarray, dict]:
+        """The matrix and its metadata for ``operators.models`` (kind ``zero_shot``)."""
+        return self.matrix, {**self.meta, "kind": self.kind, "values": list(self.values), "has_none": self.has_none,
+                             **self.scoring_meta()}
+
     @classmethod
-    def from_meta(cls, meta: dict, matrix: np.ndarray) -> "ClassEmbeddings":
+    def from_files(cls, matrix: np.ndarray, meta: dict) -> "ClassEmbeddings":
         return cls(tuple(meta["values"]), matrix, meta["has_none"], meta.get("scoring", "softmax"),
-                   meta.get("logit_scale"), meta.get("logit_bias"))
+                   meta.get("logit_scale"), meta.get("logit_bias"), meta)
 
 
 def model_scoring(model, requested: str = "auto") -> dict:
@@ -148,9 +156,9 @@ def vocabulary_embeddings(vocab: Vocabulary, encode_text: Callable[[list[str]], 
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float32 copy of an embedding column (``cluster.embedding_matrix``) with unusable rows
+    """(n, d) float32 copy of an embedding column (``arrays.embedding_matrix``) with unusable rows
     zeroed, and its valid-row mask."""
-    from mmbalance.operators.cluster import embedding_matrix as matrix_of
+    from mmbalance.operators.arrays import embedding_matrix as matrix_of
 
     m, valid = matrix_of(column)
     m = np.array(m, dtype=np.float32, copy=True)

@@ -9,7 +9,7 @@ a streaming per-shard stage, so memory is bounded by the sample, not the corpus.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +17,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmbalance.operators import cluster
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, unit_rows
+from mmbalance.operators.assign import embedding_spec, zero_shot_tags
+from mmbalance.operators.cluster.index import assign, cluster_tags, level_ids
+from mmbalance.operators.cluster.kmeans import KMeansModel, fit_kmeans
+from mmbalance.operators.cluster.sampling import SAMPLE_PRIORITY, SAMPLE_STRATUM, SAMPLE_UID, merge_samples
+from mmbalance.operators.cluster.sbcl import fit_subclasses, subclass_caps
+from mmbalance.operators.cluster.select_k import sweep_k
+from mmbalance.operators.cluster.vectors import EmbeddingSpec
 from mmbalance.operators.hashing import sample_priority
+from mmbalance.operators.models import load_models, save_model
 from mmbalance.pipeline.rows import drop_rows
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import InputError, tag_column
-from mmbalance.schemas.recipe import ClusterSpec, Recipe, SubclassSpec
+from mmbalance.schemas.recipe import Recipe, SubclassSpec
 
 if TYPE_CHECKING:
     from mmbalance.operators.zero_shot import ClassEmbeddings
@@ -62,8 +70,8 @@ def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table
     for shard in shards:
         for table in read_source(fs, shard.path, f"eval:{shard.relpath}", [column], recipe.execution.batch_rows,
                                  shard.format, recipe.execution.verify_checksums):
-            matrix, valid = cluster.embedding_matrix(table.column(column), dims.get(column))
-            x, ok = cluster.unit_rows(matrix, valid)
+            matrix, valid = embedding_matrix(table.column(column), dims.get(column))
+            x, ok = unit_rows(matrix, valid)
             x = x[ok][: recipe.sample.size - total]
             parts.append(x)
             total += len(x)
@@ -74,7 +82,7 @@ def read_eval_sample(uri: str, recipe: Recipe, dims: dict[str, int]) -> pa.Table
     if total == 0:
         raise InputError(f"{uri}: no usable evaluation embeddings in column '{column}'")
     matrix = np.concatenate(parts)
-    return pa.table({SAMPLE_IMAGE: cluster.fixed_size_list(matrix.astype(np.float16))})
+    return pa.table({SAMPLE_IMAGE: fixed_size_list(matrix.astype(np.float16))})
 
 
 def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size: int, embedded: bool = False) -> pa.Table | None:
@@ -102,50 +110,18 @@ def merge_sample(store: RunStore, shards, dups: dict[int, dict[str, list]], size
     return sample.take(order.slice(0, size))
 
 
-def _embedding(spec: ClusterSpec | SubclassSpec, image: str | None, text: str | None) -> cluster.EmbeddingSpec:
-    return cluster.EmbeddingSpec(spec.embedding, image_column=image, text_column=text)
-
-
-def sample_embedding(spec) -> cluster.EmbeddingSpec:
-    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT
-
-    return _embedding(spec, SAMPLE_IMAGE, SAMPLE_TEXT)
-
-
-def source_embedding(spec, recipe: Recipe) -> cluster.EmbeddingSpec:
+def assign_columns(recipe: Recipe) -> dict[str, str | None]:
     """The embedding columns as the assign stage reads them (source shard or embeddings sidecar)."""
     from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
 
     cols = embedding_columns(recipe)
-    return _embedding(spec, cols.get(SAMPLE_IMAGE), cols.get(SAMPLE_TEXT))
+    return {"image": cols.get(SAMPLE_IMAGE), "text": cols.get(SAMPLE_TEXT)}
 
 
-def _save_array(store: RunStore, name: str, array: np.ndarray, meta: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
-    store.write_bytes("models", f"{name}.npy", data=buf.getvalue())
-    store.write_json("models", f"{name}.json", obj=meta)
+def sample_embedding(spec) -> EmbeddingSpec:
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT
 
-
-def _level_ids(leaf: np.ndarray, parents: list[np.ndarray]) -> list[np.ndarray]:
-    """Cluster ids at the coarser levels (level 2 first); -1 stays -1."""
-    out, prev = [], leaf
-    for parent in parents:
-        prev = np.where(prev >= 0, np.asarray(parent)[np.maximum(prev, 0)], -1)
-        out.append(prev)
-    return out
-
-
-def _cluster_tags(ids: np.ndarray) -> pa.Array:
-    return pa.array([str(i) if i >= 0 else None for i in ids.tolist()], pa.string())
-
-
-def _subclass_tags(model: cluster.SubclassModel, ids: np.ndarray) -> pa.Array:
-    owner = np.searchsorted(model.offsets, ids, side="right") - 1
-    return pa.array(
-        [f"{model.classes[o]}/{i - model.offsets[o]}" if i >= 0 else None for i, o in zip(ids.tolist(), owner.tolist())],
-        pa.string(),
-    )
+    return embedding_spec(spec, {"image": SAMPLE_IMAGE, "text": SAMPLE_TEXT})
 
 
 def class_counts(store: RunStore, shards, dups: dict[int, dict[str, list]], column: str) -> dict[str, int]:
@@ -163,8 +139,6 @@ def class_counts(store: RunStore, shards, dups: dict[int, dict[str, list]], colu
 def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
     """Prompt-ensemble embeddings of a zero-shot attribute/label, from the text tower of the model
     that made the embeddings (computed once per run, on this process's CPU)."""
-    import dataclasses
-
     from mmbalance.data import load_vocabulary
     from mmbalance.operators.embed import load_model
     from mmbalance.operators.zero_shot import model_scoring, vocabulary_embeddings
@@ -195,33 +169,6 @@ def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
         bundle.close()
 
 
-def zero_shot_tags(spec, classes, table: pa.Table, columns: dict[str, str], sources: pa.Table):
-    """(tag, fired, audit counts) of a zero-shot attribute/label for one table of rows: its image
-    and/or text sides scored against the prompt embeddings, combined with its scan-time sources."""
-    from mmbalance.operators.tag import combine_tags
-    from mmbalance.operators.zero_shot import class_probabilities, embedding_matrix, hard_tags
-    from mmbalance.schemas.contract import source_column
-
-    zs = spec.zero_shot
-    per_source: dict[str, pa.Array] = {}
-    probs: dict[str, np.ndarray] = {}
-    for source in spec.sources:
-        if source != "zero_shot":
-            per_source[source] = sources.column(source_column(spec.name, source)).combine_chunks()
-    for side in zs.sides:
-        emb, valid = embedding_matrix(table.column(columns[side]))
-        if emb.shape[1] and emb.shape[1] != classes.matrix.shape[1]:
-            raise InputError(f"{spec.name}.zero_shot: prompt embeddings are {classes.matrix.shape[1]}-d, "
-                             f"{side} embeddings {emb.shape[1]}-d: use the model that made the embeddings")
-        if emb.shape[1] == 0:
-            p = np.full((table.num_rows, len(classes.classes)), np.nan, np.float32)
-        else:
-            p = class_probabilities(emb, classes, zs.temperature, valid)
-        probs[f"zero_shot_{side}"] = p
-        per_source[f"zero_shot_{side}"] = hard_tags(p, classes.classes, zs.threshold)
-    return combine_tags(spec, per_source, probs, list(classes.values))
-
-
 def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, valid_rows: int,
                ctx=None) -> tuple[pa.Table, dict[str, Any]]:
     """Fit every zero-shot, cluster and subclass model on the sample; returns the sample with their tags."""
@@ -231,11 +178,9 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
     for spec in recipe.deferred_tags():
         classes = encode_prompts(recipe, spec)
         zs = spec.zero_shot
-        _save_array(store, spec.name, classes.matrix, {
-            "kind": "zero_shot", "name": spec.name, "values": list(classes.values), "has_none": classes.has_none,
-            "vocabulary": zs.vocabulary, "temperature": zs.temperature, "threshold": zs.threshold, "sides": zs.sides,
-            **classes.scoring_meta(),
-        })
+        classes = dataclasses.replace(classes, meta={"vocabulary": zs.vocabulary, "temperature": zs.temperature,
+                                                     "threshold": zs.threshold, "sides": zs.sides})
+        save_model(store, spec.name, classes)
         tag, _, _ = zero_shot_tags(spec, classes, sample, {"image": SAMPLE_IMAGE, "text": SAMPLE_TEXT}, sample)
         sample = sample.append_column(tag_column(spec.name), tag)
         info[spec.name] = {"kind": "zero_shot", "classes": list(classes.classes), "sides": zs.sides, **classes.scoring_meta()}
@@ -261,19 +206,19 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
             model, parents = tree.leaf_model(), tree.parents
             meta = {**tree.meta, "k": spec.k, "parents": [p.tolist() for p in parents]}
         elif len(ks) > 1:
-            sweep = cluster.sweep_k(x[ok], ks, score_rows=spec.silhouette_rows, **kwargs)
+            sweep = sweep_k(x[ok], ks, score_rows=spec.silhouette_rows, **kwargs)
             model, meta = sweep.best, {**sweep.best.meta, "sweep": sweep.to_dict()}
         else:
-            model = cluster.fit_kmeans(x[ok], ks[0], **kwargs)
+            model = fit_kmeans(x[ok], ks[0], **kwargs)
             meta = dict(model.meta)
-        ids, dist = cluster.assign(x, model.centroids)
+        ids, dist = assign(x, model.centroids)
         ids[~ok] = -1
         # exact quality on the whole sample (a two-level fit scored only a subset of it)
         meta.update(kind="cluster", name=spec.name, embedding=spec.embedding, sample_mean_cosine=float(1.0 - dist[ok].mean()))
-        _save_array(store, spec.name, model.centroids, meta)
-        sample = sample.append_column(tag_column(spec.name), _cluster_tags(ids))
-        for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
-            sample = sample.append_column(tag_column(name), _cluster_tags(level))
+        save_model(store, spec.name, KMeansModel(model.centroids, meta))
+        sample = sample.append_column(tag_column(spec.name), cluster_tags(ids))
+        for name, level in zip(spec.level_names(), level_ids(ids, parents)):
+            sample = sample.append_column(tag_column(name), cluster_tags(level))
         info[spec.name] = {k: v for k, v in meta.items() if k not in ("embedding", "parents")}
     for side, components in recipe.embedding_moments().items():
         info[f"pca_{side}"] = fit_embedding_basis(store, sample, side, components, recipe.sample.seed)
@@ -299,15 +244,15 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
             fit_x, fit_ok = sample_embedding(spec).extract(fit_table)
             fit_labels = pc.if_else(pa.array(fit_ok), fit_table.column("stratum").combine_chunks(), pa.scalar(None, pa.string()))
         try:
-            model = cluster.fit_subclasses(fit_x, fit_labels, m0=spec.m0, class_sizes=sizes, seed=spec.seed, niter=spec.niter)
+            model = fit_subclasses(fit_x, fit_labels, m0=spec.m0, class_sizes=sizes, seed=spec.seed, niter=spec.niter)
         except ValueError as err:
             raise InputError(f"subclasses {spec.name}: {err}; raise sample.size") from None
-        meta = {**model.meta, "kind": "subclass", "name": spec.name, "of": spec.of, "m0": spec.m0,
-                "embedding": spec.embedding, "classes": model.classes, "counts": model.counts.tolist(),
-                "class_sizes": sizes, "class_sizes_exact": exact, **strata}
-        _save_array(store, spec.name, model.centroids, meta)
+        model.meta = {**model.meta, "kind": "subclass", "name": spec.name, "of": spec.of, "m0": spec.m0,
+                      "embedding": spec.embedding, "classes": model.classes, "counts": model.counts.tolist(),
+                      "class_sizes": sizes, "class_sizes_exact": exact, **strata}
+        save_model(store, spec.name, model)
         ids, _ = model.assign(x, labels)
-        sample = sample.append_column(tag_column(spec.name), _subclass_tags(model, ids))
+        sample = sample.append_column(tag_column(spec.name), model.tags(ids))
         info[spec.name] = {"subclasses": int(model.counts.sum()), "classes": len(model.classes), "m0": spec.m0,
                            "class_sizes_exact": exact, **strata}
     return sample, info
@@ -322,44 +267,19 @@ def fit_embedding_basis(store: RunStore, sample: pa.Table, side: str, components
     column = SAMPLE_IMAGE if side == "image" else SAMPLE_TEXT
     if column not in sample.column_names:
         raise InputError(f"balance.associate names embedding.{side} but the fit sample has no {side} embeddings")
-    matrix, valid = cluster.embedding_matrix(sample.column(column))
+    matrix, valid = embedding_matrix(sample.column(column))
     try:
         basis = fit_pca(matrix, valid, components, side)
     except ValueError as err:
         raise InputError(f"{err}; raise sample.size") from None
-    meta = {"kind": "pca", "name": f"pca_{side}", "side": side, "components": basis.k, "sd": basis.sd.tolist(),
-            "sample_seed": seed, **basis.meta}
-    _save_array(store, f"pca_{side}", basis.stacked(), meta)
+    basis.meta = {"sample_seed": seed, **basis.meta}
+    meta = save_model(store, f"pca_{side}", basis)
     return {k: v for k, v in meta.items() if k not in ("sd", "kind", "name")}
 
 
 def load_embedding_bases(store: RunStore) -> dict[str, Any]:
     """The fitted principal components by embedding side (``operators.pca.PcaBasis``)."""
-    from mmbalance.operators.pca import PcaBasis
-
-    bases = {}
-    for name in store.list_files("models", suffix=".json"):
-        meta = store.read_json("models", name)
-        if meta.get("kind") == "pca":
-            stacked = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
-            bases[meta["side"]] = PcaBasis.from_stacked(meta["side"], stacked, np.asarray(meta["sd"]), meta)
-    return bases
-
-
-def subclass_caps(sizes: dict[str, int], m0: int, points_per_subclass: int, budget: int) -> tuple[dict[str, int], int]:
-    """SBCL per-class fit caps min(n_c, K_c * p) with the largest p <= ``points_per_subclass`` whose
-    caps sum to at most ``budget`` rows; returns (caps, p). Every class gets at least K_c rows."""
-    names = sorted(sizes)
-    n = np.array([sizes[c] for c in names], np.int64)
-    counts = cluster.sbcl_subclass_counts(n, m0)
-    if counts.sum() > budget:
-        raise InputError(f"{int(counts.sum())} SBCL subclasses need at least as many fit rows, but sample.size is "
-                         f"{budget}: raise sample.size or m0")
-    lo, hi = 1, int(points_per_subclass)  # p = 1 fits: sum(min(n_c, K_c)) <= sum(K_c) <= budget
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if np.minimum(n, counts * mid).sum() <= budget else (lo, mid - 1)
-    return {c: int(v) for c, v in zip(names, np.minimum(n, counts * lo))}, lo
+    return {basis.side: basis for basis in load_models(store, kinds=("pca",)).values()}
 
 
 def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, sizes: dict[str, int]) -> tuple[pa.Table, dict[str, Any]]:
@@ -384,14 +304,14 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
             tags = drop_rows(tags, dups.get(shard.index, {}).get("rows", []))[0]
             tags = tags.filter(pc.is_valid(tags.column(of)))
             yield pa.table({
-                cluster.SAMPLE_UID: pc.cast(tags.column("uid"), pa.string()),
-                cluster.SAMPLE_PRIORITY: pa.array(sample_priority(tags.column("uid"), seed), pa.uint64()),
-                cluster.SAMPLE_STRATUM: pc.cast(tags.column(of), pa.string()),
+                SAMPLE_UID: pc.cast(tags.column("uid"), pa.string()),
+                SAMPLE_PRIORITY: pa.array(sample_priority(tags.column("uid"), seed), pa.uint64()),
+                SAMPLE_STRATUM: pc.cast(tags.column(of), pa.string()),
                 "shard_index": pa.array(np.full(tags.num_rows, shard.index, np.int64)),
                 "row": tags.column("row"),
             })
 
-    chosen = cluster.merge_samples(keys(), per_stratum=caps)
+    chosen = merge_samples(keys(), per_stratum=caps)
     sources = embedding_columns(ctx.recipe)  # sample name -> column in the shard (or the embeddings sidecar)
     dims = dict(ctx.embedding_dims)
     parts, read_shards = [], 0
@@ -410,7 +330,7 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
                 cand = cand.filter(pa.array(hit))
                 have = cand.column("row").to_numpy()
                 got.append(pa.table({"row": pa.array(have, pa.int64()),
-                                     **{name: cluster.fixed_size_list(cluster.embedding_matrix(cand.column(name))[0].astype(np.float16))
+                                     **{name: fixed_size_list(embedding_matrix(cand.column(name))[0].astype(np.float16))
                                         for name in sources}}))
         missing = np.setdiff1d(rows, have)
         if len(missing):
@@ -422,8 +342,8 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
                     continue
                 cols = {"row": pa.array(batch_rows[want], pa.int64())}
                 for name, column in sources.items():
-                    matrix, _ = cluster.embedding_matrix(table.column(column).filter(pa.array(want)), dims.get(column))
-                    cols[name] = cluster.fixed_size_list(matrix.astype(np.float16))
+                    matrix, _ = embedding_matrix(table.column(column).filter(pa.array(want)), dims.get(column))
+                    cols[name] = fixed_size_list(matrix.astype(np.float16))
                 got.append(pa.table(cols))
         found = pa.concat_tables(got).combine_chunks() if got else None
         if found is None or found.num_rows != len(rows):
@@ -433,7 +353,7 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
         found = found.take(order)
         strata = mine.take(pc.sort_indices(mine, sort_keys=[("row", "ascending")]))
         parts.append(pa.table({"shard_index": strata.column("shard_index"), "row": found.column("row"),
-                               "stratum": strata.column(cluster.SAMPLE_STRATUM),
+                               "stratum": strata.column(SAMPLE_STRATUM),
                                **{name: found.column(name) for name in sources}}))
     table = pa.concat_tables(parts) if parts else None
     if table is None:
@@ -441,26 +361,6 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
     record = {"fit_caps": caps, "points_per_subclass": per_subclass, "fit_rows": table.num_rows,
               "shards_read_for_embeddings": read_shards}
     return table, record
-
-
-def load_models(store: RunStore) -> dict[str, Any]:
-    models = {}
-    for name in store.list_files("models", suffix=".json"):
-        meta = store.read_json("models", name)
-        centroids = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
-        if meta["kind"] == "cluster":
-            # the search index is built once per process (on a GPU when faiss sees one) and reused per batch
-            models[meta["name"]] = ("cluster", centroids, [np.asarray(p, np.int64) for p in meta.get("parents", [])],
-                                    cluster.cluster_index(centroids))
-        elif meta["kind"] == "pca":  # M4's embedding moments read it at the solve, not the assign stage
-            continue
-        elif meta["kind"] == "zero_shot":
-            from mmbalance.operators.zero_shot import ClassEmbeddings
-
-            models[meta["name"]] = ("zero_shot", ClassEmbeddings.from_meta(meta, centroids))
-        else:
-            models[meta["name"]] = ("subclass", cluster.SubclassModel(meta["classes"], np.asarray(meta["counts"], np.int64), centroids, meta))
-    return models
 
 
 def models_digest(store: RunStore) -> str:
@@ -471,51 +371,3 @@ def models_digest(store: RunStore) -> str:
         h.update(name.encode())
         h.update(store.read_bytes("models", name))
     return h.hexdigest()[:16]
-
-
-def assigned_schema(recipe: Recipe) -> pa.Schema:
-    from mmbalance.schemas.contract import fired_column
-
-    fields = [pa.field("row", pa.int64())]
-    for spec in recipe.deferred_tags():
-        fields.append(pa.field(tag_column(spec.name), pa.string()))
-        if len(spec.source_names()) > 1:
-            fields.append(pa.field(fired_column(spec.name), pa.int32()))
-    names = [n for c in recipe.clusters for n in (c.name, *c.level_names())] + [s.name for s in recipe.subclasses]
-    return pa.schema(fields + [pa.field(tag_column(n), pa.string()) for n in names])
-
-
-def assign_table(ctx, models: dict[str, Any], batch: pa.Table, tags: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-    """Zero-shot, cluster and subclass tags for one batch of valid rows (``batch``: their
-    embeddings), and the zero-shot audit counts."""
-    from mmbalance.operators.zero_shot import sample_uids
-    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT, embedding_columns
-    from mmbalance.schemas.contract import fired_column
-
-    recipe = ctx.recipe
-    data: dict[str, pa.Array] = {"row": tags.column("row").combine_chunks()}
-    audit: dict[str, Any] = {}
-    cols = embedding_columns(recipe)
-    for spec in recipe.deferred_tags():
-        _, classes = models[spec.name]
-        tag, fired, counts = zero_shot_tags(spec, classes, batch, {"image": cols.get(SAMPLE_IMAGE), "text": cols.get(SAMPLE_TEXT)}, tags)
-        data[tag_column(spec.name)] = tag
-        if fired is not None:
-            data[fired_column(spec.name)] = fired
-        if counts is not None:
-            audit[spec.name] = {"counts": counts, "uids": sample_uids(tags.column("uid"), tag, 5, recipe.sample.seed)}
-    for spec in recipe.clusters:
-        _, centroids, parents, index = models[spec.name]
-        ids, _ = cluster.assign(batch, centroids, embedding=source_embedding(spec, recipe), index=index)
-        data[tag_column(spec.name)] = _cluster_tags(ids)
-        for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
-            data[tag_column(name)] = _cluster_tags(level)
-    for spec in recipe.subclasses:
-        _, model = models[spec.name]
-        x, ok = source_embedding(spec, recipe).extract(batch)
-        of = tag_column(spec.of)
-        labels = data[of] if of in data else tags.column(of).combine_chunks()
-        ids, _ = model.assign(x, labels)
-        ids[~ok] = -1
-        data[tag_column(spec.name)] = _subclass_tags(model, ids)
-    return pa.table(data, schema=assigned_schema(recipe)), audit

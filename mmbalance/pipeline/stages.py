@@ -338,7 +338,7 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _load_models(out: str, digest: str):
-    from mmbalance.pipeline.fit import load_models
+    from mmbalance.operators.models import load_models
 
     return load_models(RunStore(out))
 
@@ -349,11 +349,13 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     a row has no embedding)."""
     import polars as pl
 
-    from mmbalance.pipeline.fit import assign_table, assigned_schema
+    from mmbalance.operators.assign import assign_table, assigned_schema
+    from mmbalance.pipeline.fit import assign_columns
 
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     models = _load_models(ctx.out, task["models_digest"])
+    columns = assign_columns(ctx.recipe)
     tags = store.read_table("tags", f"{shard_id}.parquet")
     valid_rows = tags.column("row").to_numpy()
     position = {int(r): i for i, r in enumerate(valid_rows)} if ctx.recipe.embed is not None else None
@@ -364,7 +366,7 @@ def assign_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
             idx = np.arange(lo, lo + len(rows))
         else:
             idx = np.array([position[int(r)] for r in rows], np.int64)
-        table, audit = assign_table(ctx, models, batch, tags.take(pa.array(idx)))
+        table, audit = assign_table(ctx.recipe, models, batch, tags.take(pa.array(idx)), columns)
         parts.append(table)
         if audit:
             audits.append(audit)

@@ -1,5 +1,6 @@
 """Clustering operators: embeddings from Arrow, bottom-k sampling, faiss k-means, assignment,
-silhouette k sweep, SBCL subclasses. Data: points on the sphere around planted centres."""
+silhouette k sweep, SBCL subclasses, as a run calls them. Data: points on the sphere around planted
+centres."""
 
 from __future__ import annotations
 
@@ -15,26 +16,16 @@ import pyarrow.compute as pc
 import pytest
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from mmbalance.operators.cluster import (
-    BottomKSampler,
-    ClusterAssigner,
-    EmbeddingSpec,
-    KMeansModel,
-    assign,
-    embedding_matrix,
-    fit_kmeans,
-    fit_subclasses,
-    fixed_size_list,
-    greedy_kmeanspp,
-    merge_samples,
-    sample_matrix,
-    sample_priority,
-    sbcl_sample_caps,
-    sbcl_subclass_counts,
-    silhouette_cosine,
-    sweep_k,
-    unit_rows,
-)
+from mmbalance.io.store import RunStore
+from mmbalance.operators.arrays import embedding_matrix, fixed_size_list, unit_rows
+from mmbalance.operators.cluster.index import assign, cluster_index, level_ids
+from mmbalance.operators.cluster.kmeans import KMeansModel, fit_kmeans, greedy_kmeanspp
+from mmbalance.operators.cluster.sampling import merge_samples
+from mmbalance.operators.cluster.sbcl import SubclassModel, fit_subclasses, sbcl_subclass_counts, subclass_caps
+from mmbalance.operators.cluster.select_k import silhouette_cosine, sweep_k
+from mmbalance.operators.cluster.vectors import EmbeddingSpec
+from mmbalance.operators.hashing import sample_priority
+from mmbalance.operators.models import load_models, save_model
 
 faiss.omp_set_num_threads(1)
 
@@ -103,14 +94,26 @@ def _brute_force_bottom_k(uids: list[str], seed: int, k: int) -> list[str]:
     return [uids[i] for i in sorted(range(len(uids)), key=lambda i: (prio[i], uids[i]))[:k]]
 
 
-def _sample_shards(table: pa.Table, cuts: list[int], batch_rows: int, **kwargs) -> list[pa.Table]:
+def _keys(table: pa.Table, seed: int, stratum: str | None = None) -> pa.Table:
+    """A corpus's sample keys as a run builds them from its tags: uid, seeded priority, [stratum],
+    here with the embedding riding along (a selection keeps every column of its rows)."""
+    cols = {"uid": table.column("uid"), "priority": pa.array(sample_priority(table.column("uid"), seed), pa.uint64())}
+    if stratum is not None:
+        cols["stratum"] = table.column(stratum)
+    return pa.table({**cols, "img": table.column("img")})
+
+
+def _sample_shards(table: pa.Table, cuts: list[int], batch_rows: int, seed: int, **select) -> list[pa.Table]:
+    """Each shard's selection, merged batch by batch as a shard's stream arrives."""
     out = []
     for lo, hi in zip([0, *cuts], [*cuts, table.num_rows]):
-        sampler = BottomKSampler(IMG, **kwargs)
-        for batch in table.slice(lo, hi - lo).to_batches(batch_rows):
-            sampler.update(pa.Table.from_batches([batch]))
-        out.append(sampler.result())
+        keys = _keys(table.slice(lo, hi - lo), seed, "cls" if "per_stratum" in select else None)
+        out.append(merge_samples((keys.slice(b, batch_rows) for b in range(0, max(keys.num_rows, 1), batch_rows)), **select))
     return out
+
+
+def _matrix(sample: pa.Table) -> np.ndarray:
+    return unit_rows(embedding_matrix(sample.column("img"))[0])[0]
 
 
 def test_bottom_k_merge_is_independent_of_shard_split():
@@ -120,9 +123,9 @@ def test_bottom_k_merge_is_independent_of_shard_split():
     rng = np.random.default_rng(3)
     # shuffled row order, several shard splits and batch sizes: always the same sample, same order
     shuffled = table.take(pa.array(rng.permutation(table.num_rows)))
-    splits = [([], 6000, 65536), ([100, 2500, 2501, 5000], 333, 600), (sorted(rng.choice(6000, 9, replace=False).tolist()), 97, 1)]
-    for cuts, batch_rows, buffer_rows in splits:  # small buffers exercise the pre-filter thresholds
-        samples = _sample_shards(shuffled, cuts, batch_rows, k=500, seed=7, buffer_rows=buffer_rows)
+    splits = [([], 6000), ([100, 2500, 2501, 5000], 333), (sorted(rng.choice(6000, 9, replace=False).tolist()), 97)]
+    for cuts, batch_rows in splits:  # small batches exercise the pre-filter thresholds
+        samples = _sample_shards(shuffled, cuts, batch_rows, seed=7, k=500)
         for lo, hi, sample in zip([0, *cuts], [*cuts, 6000], samples):  # each shard's sample is exact too
             shard_uids = shuffled.column("uid").to_pylist()[lo:hi]
             assert sample.column("uid").to_pylist() == _brute_force_bottom_k(shard_uids, seed=7, k=500)
@@ -130,9 +133,9 @@ def test_bottom_k_merge_is_independent_of_shard_split():
         assert merged.column("uid").to_pylist() == want
     # the embeddings travel with their uids (fp16 -> unit float32)
     idx = [int(u[1:]) for u in want[:5]]
-    np.testing.assert_allclose(sample_matrix(merged)[:5], unit_rows(x[idx].astype(np.float16))[0], atol=1e-6)
+    np.testing.assert_allclose(_matrix(merged)[:5], unit_rows(x[idx].astype(np.float16))[0], atol=1e-6)
     # a different seed is a different sample
-    assert merge_samples(_sample_shards(table, [3000], 1000, k=500, seed=8), k=500).column("uid").to_pylist() != want
+    assert merge_samples(_sample_shards(table, [3000], 1000, seed=8, k=500), k=500).column("uid").to_pylist() != want
 
 
 def test_bottom_k_sample_is_uniform():
@@ -153,12 +156,12 @@ def test_stratified_sample_caps_each_stratum_and_merges_exactly():
     names[::50] = None  # a null stratum
     table = corpus_table(x, extra={"cls": pa.array(names.tolist(), pa.string())})
     caps = {"head": 150, "mid": 150, "tail": 150, None: 10}
-    kwargs = {"per_stratum": caps, "stratum_column": "cls", "seed": 11}
+    kwargs = {"per_stratum": caps, "seed": 11}
     one = _sample_shards(table, [], 3000, **kwargs)[0]
-    for buffer_rows in (65536, 200, 1):
-        shards = _sample_shards(table, [700, 1900], 256, buffer_rows=buffer_rows, **kwargs)
+    for batch_rows in (3000, 200, 7):
+        shards = _sample_shards(table, [700, 1900], batch_rows, **kwargs)
         for lo, hi, shard in zip([0, 700, 1900], [700, 1900, 3000], shards):
-            want = _sample_shards(table.slice(lo, hi - lo), [], 3000, **kwargs)[0]  # one batch, no pre-filter
+            want = _sample_shards(table.slice(lo, hi - lo), [], 3000, **kwargs)[0]  # one batch
             assert shard.column("uid").to_pylist() == want.column("uid").to_pylist()
         split = merge_samples(shards, per_stratum=caps)
         assert one.column("uid").to_pylist() == split.column("uid").to_pylist()
@@ -177,24 +180,21 @@ def test_stratified_sample_caps_each_stratum_and_merges_exactly():
 def test_fit_on_sample_assign_all_recovers_planted_clusters(tmp_path):
     x, labels, _ = planted(20000, 12, 64, 0.9, seed=6, sizes=np.linspace(1, 4, 12))
     table = corpus_table(x)
-    sampler = BottomKSampler(IMG, k=3000, seed=0)
-    for batch in table.to_batches(4096):
-        sampler.update(pa.Table.from_batches([batch]))
-    model = fit_kmeans(sample_matrix(sampler.result()), 12, seed=0, niter=20, nredo=3, max_points_per_centroid=200,
-                       embedding=IMG)
+    sample = merge_samples(_sample_shards(table, [7000, 15000], 4096, seed=0, k=3000), k=3000)
+    model = fit_kmeans(_matrix(sample), 12, seed=0, niter=20, nredo=3, max_points_per_centroid=200, embedding=IMG)
     assert model.meta["n_sample"] == 3000 and model.meta["n_trained"] == 2400  # 12 * 200: faiss's subsample
     assert model.meta["max_points_per_centroid"] == 200 and model.meta["embedding"]["image_column"] == "img"
     ids, dist = assign(table, model, embedding=IMG, batch_rows=5000)
     assert adjusted_rand_score(labels, ids) >= 0.9
     assert ids.dtype == np.int32 and dist.dtype == np.float32 and np.all((dist >= 0) & (dist <= 2))
-    model.save(tmp_path)
-    again = KMeansModel.load(tmp_path)
+    store = RunStore(str(tmp_path))
+    save_model(store, "concept", model)
+    again = load_models(store)["concept"]
     np.testing.assert_array_equal(again.centroids, model.centroids)
     assert again.meta["seed"] == 0 and again.meta["inertia"] == pytest.approx(model.meta["inertia"])
-    # a Ray actor gets a path (directory or .npy) and loads the centroids once
-    for path in (tmp_path, tmp_path / "centroids.npy"):
-        out = ClusterAssigner(str(path), IMG, keep_columns=["uid"])(table.slice(0, 1000))
-        np.testing.assert_array_equal(out.column("cluster_id").to_numpy(), ids[:1000])
+    # the assign stage searches the loaded model's index (built once per process)
+    got, _ = assign(table.slice(0, 1000), None, embedding=IMG, index=again.search_index)
+    np.testing.assert_array_equal(got, ids[:1000])
 
 
 def test_fit_is_deterministic_for_a_seed():
@@ -233,22 +233,18 @@ def test_assign_from_arrow_fp16_equals_assign_from_float32_matrix():
     np.testing.assert_array_equal(want_ids, np.argmax(unit_rows(x16)[0] @ centroids.T, axis=1))
 
 
-def test_unusable_rows_get_minus_one_and_the_operator_appends_columns():
+def test_unusable_rows_get_minus_one_and_levels_follow():
     x, _, _ = planted(10, 2, 4, 0.1, seed=10)
     x[3] = np.nan
     x[5] = 0.0
     col = fixed_size_list(x.astype(np.float32))
     col = pa.FixedSizeListArray.from_arrays(col.values, 4, mask=pa.array([i == 7 for i in range(10)]))
     table = pa.table({"row": pa.array(range(10), pa.int64()), "uid": [str(i) for i in range(10)], "img": col})
-    model = KMeansModel(unit_rows(x[[0, 1]])[0])
-    out = ClusterAssigner(model, IMG)(table)
-    assert out.column_names == ["row", "uid", "img", "cluster_id", "cluster_distance"]
-    ids = np.array(out.column("cluster_id").to_pylist())
+    model = KMeansModel(unit_rows(x[[0, 1]])[0], {"parents": [[1, 0]]})
+    ids, dist = assign(table, None, embedding=IMG, index=model.search_index)
     assert set(np.flatnonzero(ids == -1)) == {3, 5, 7}
-    assert np.isnan(np.array(out.column("cluster_distance").to_pylist(), float)[[3, 5, 7]]).all()
-    side = ClusterAssigner(model, IMG, keep_columns=["row"], parents=[np.array([1, 0], np.int32)])(table)
-    assert side.column_names == ["row", "cluster_id", "cluster_distance", "cluster_id_l2"]
-    l2 = np.array(side.column("cluster_id_l2").to_pylist())
+    assert np.isnan(dist[[3, 5, 7]]).all()
+    (l2,) = level_ids(ids, model.parents)
     np.testing.assert_array_equal(l2, np.where(ids >= 0, 1 - ids, -1))
 
 
@@ -273,14 +269,14 @@ def test_assignment_working_memory_is_bounded_by_the_batch():
     assert whole >= full_matrix  # the measurement sees the working copy at all
     assert small < n * 8 + 6 * 2048 * d * 4 < full_matrix / 2
 
-    # many batches through the Ray Data operator: peak stays at one batch's size
-    op = ClusterAssigner(KMeansModel(centroids), IMG, keep_columns=["uid"])
+    # many batches through one index, as the assign stage calls it: peak stays at one batch's size
+    index = cluster_index(centroids)
     batches = table.to_batches(2048)
     tracemalloc.start()
     counts = np.zeros(16, np.int64)
     for batch in batches:
-        out = op(pa.Table.from_batches([batch]))
-        counts += np.bincount(out.column("cluster_id").to_numpy(), minlength=16)
+        ids, _ = assign(pa.Table.from_batches([batch]), None, embedding=IMG, index=index, batch_rows=2048)
+        counts += np.bincount(ids, minlength=16)
     _, top = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert counts.sum() == n and top < 8 * 2048 * d * 4
@@ -343,15 +339,13 @@ def test_sbcl_subclasses_recover_planted_structure_with_unique_ids(tmp_path):
     truth = np.repeat(np.arange(6), 800)
     x = unit_rows(sub_centres[truth] + rng.normal(0, 0.8 / np.sqrt(d), size=(len(truth), d)))[0]
     names = np.array(["cat", "dog", "eel"])[sub_class[truth]]
-    # fit on a per-class capped sample; K_c comes from the corpus counts
+    # fit on a per-class capped sample, as the fit caps it; K_c comes from the corpus counts
     sizes = {n: int((names == n).sum()) for n in ["cat", "dog", "eel"]}
-    caps = dict(zip(sizes, sbcl_sample_caps(np.array(list(sizes.values())), 100, 300).tolist()))
+    caps, per_subclass = subclass_caps(sizes, 100, 300, budget=1800)
+    assert per_subclass == 300 and caps == {"cat": 900, "dog": 600, "eel": 300}
     table = corpus_table(x, extra={"cls": pa.array(names.tolist())})
-    sampler = BottomKSampler(IMG, per_stratum=caps, stratum_column="cls", seed=1)
-    for batch in table.to_batches(2000):
-        sampler.update(pa.Table.from_batches([batch]))
-    sample = sampler.result()
-    model = fit_subclasses(sample_matrix(sample), sample.column("stratum"), m0=100, class_sizes=sizes, seed=0, niter=20)
+    sample = merge_samples(_sample_shards(table, [2000], 2000, seed=1, per_stratum=caps), per_stratum=caps)
+    model = fit_subclasses(_matrix(sample), sample.column("stratum"), m0=100, class_sizes=sizes, seed=0, niter=20)
     assert model.classes == ["cat", "dog", "eel"] and model.counts.tolist() == [3, 2, 1]
     ids, dist = model.assign(x, names)
     assert adjusted_rand_score(truth, ids) >= 0.9
@@ -362,11 +356,12 @@ def test_sbcl_subclasses_recover_planted_structure_with_unique_ids(tmp_path):
     # unknown and null classes are not assigned
     odd, _ = model.assign(x[:3], pa.array(["cat", None, "yak"]))
     assert odd[0] >= 0 and odd[1] == -1 and odd[2] == -1
-    model.save(tmp_path)
-    from mmbalance.operators.cluster import SubclassModel
-
-    again = SubclassModel.load(tmp_path)
-    assert again.classes == model.classes and np.array_equal(again.assign(x, names)[0], ids)
+    store = RunStore(str(tmp_path))
+    save_model(store, "sub", model)
+    again = load_models(store)["sub"]
+    assert isinstance(again, SubclassModel) and again.classes == model.classes
+    assert np.array_equal(again.assign(x, names)[0], ids)
+    assert again.tags(np.array([0, 3, 5, -1])).to_pylist() == ["cat/0", "dog/0", "eel/0", None]
 
 
 def test_sbcl_refuses_too_few_fit_points():
@@ -386,7 +381,6 @@ def test_sbcl_on_top_level_clusters_as_classes(tmp_path):
     assert model.classes == [0, 1, 2, 3]
     ids, _ = model.assign(x, cls)
     assert ids.min() >= 0 and len(np.unique(ids)) == model.counts.sum()
-    model.save(tmp_path)
-    from mmbalance.operators.cluster import SubclassModel
-
-    np.testing.assert_array_equal(SubclassModel.load(tmp_path).assign(x, cls)[0], ids)
+    store = RunStore(str(tmp_path))
+    save_model(store, "sub", model)
+    np.testing.assert_array_equal(load_models(store)["sub"].assign(x, cls)[0], ids)

@@ -13,7 +13,12 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from mmbalance.operators.cluster import EmbeddingSpec, assign, fit_kmeans, fixed_size_list, unit_rows
+from mmbalance.io.store import RunStore
+from mmbalance.operators.arrays import fixed_size_list, unit_rows
+from mmbalance.operators.cluster.index import assign, level_ids
+from mmbalance.operators.cluster.kmeans import KMeansModel, fit_kmeans
+from mmbalance.operators.cluster.vectors import EmbeddingSpec
+from mmbalance.operators.models import load_models, save_model
 from mmbalance.operators.hierarchy import (
     Hierarchy,
     balanced_keep_probability,
@@ -49,18 +54,20 @@ def test_two_level_hierarchy_recovers_planted_levels(tmp_path):
     x, sub, sup = two_level_corpus(seed=0)
     h = fit_hierarchical_kmeans(x, [20, 4], resample_sizes=[0, 0], seed=0, niter=25, nredo=5,
                                 embedding=EmbeddingSpec("image", image_column="img"))
-    leaf, _ = assign(x, h.leaf_model())
-    level1, level2 = h.level_ids(leaf)
+    level1, _ = assign(x, h.leaf_model())
+    (level2,) = level_ids(level1, h.parents)
     assert adjusted_rand_score(sub, level1) >= 0.9
     assert adjusted_rand_score(sup, level2) >= 0.9
-    # save / load round trip, and the operator adds the same level ids as columns
-    h.save(tmp_path)
-    again = Hierarchy.load(tmp_path)
-    assert again.ks == [20, 4] and again.meta["embedding"]["image_column"] == "img"
+    # saved as a run saves it (the leaf centroids, the levels above in the metadata), read back, and
+    # the assign step's search gives the same ids at both levels
+    store = RunStore(str(tmp_path))
+    save_model(store, "concept", KMeansModel(h.centroids[0], {**h.meta, "parents": [p.tolist() for p in h.parents]}))
+    again = load_models(store)["concept"]
+    assert again.meta["embedding"]["image_column"] == "img" and [p.tolist() for p in again.parents] == [h.parents[0].tolist()]
     table = pa.table({"img": fixed_size_list(x[:500].astype(np.float32))})
-    out = again.assigner(EmbeddingSpec("image", image_column="img"), keep_columns=[])(table)
-    assert out.column_names == ["cluster_id", "cluster_distance", "cluster_id_l2"]
-    np.testing.assert_array_equal(out.column("cluster_id_l2").to_numpy(), level2[:500])
+    ids, _ = assign(table, None, embedding=EmbeddingSpec("image", image_column="img"), index=again.search_index)
+    np.testing.assert_array_equal(ids, level1[:500])
+    np.testing.assert_array_equal(level_ids(ids, again.parents)[0], level2[:500])
 
 
 def test_resampling_spreads_centroids_over_concepts():

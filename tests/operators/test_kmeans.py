@@ -12,8 +12,11 @@ from kmeans_corpora import TESTED
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from mmbalance.operators import cluster
-from mmbalance.operators.cluster import assign, cluster_index, fit_kmeans, split_counts, sweep_k, unit_rows, use_gpu
+from mmbalance.operators.arrays import unit_rows
+from mmbalance.operators.cluster import index, kmeans
+from mmbalance.operators.cluster.index import assign, cluster_index, use_gpu
+from mmbalance.operators.cluster.kmeans import fit_kmeans, split_counts
+from mmbalance.operators.cluster.select_k import sweep_k
 
 faiss.omp_set_num_threads(1)
 
@@ -109,7 +112,7 @@ def test_two_level_fit_is_close_to_flat_and_assignment_stays_exact():
 def test_auto_method_switches_to_two_level_at_large_k(monkeypatch):
     x = hierarchical(3000, 16, topics=4, per_topic=10, seed=4)
     assert fit_kmeans(x, 30, nredo=1).meta["method"] == "flat"
-    monkeypatch.setattr(cluster, "TWO_LEVEL_MIN_K", 30)
+    monkeypatch.setattr(kmeans, "TWO_LEVEL_MIN_K", 30)
     assert fit_kmeans(x, 30, nredo=1).meta["method"] == "two_level"
     assert fit_kmeans(x, 30, nredo=1, method="flat").meta["method"] == "flat"
 
@@ -130,7 +133,7 @@ def test_gpu_selection_on_a_cpu_machine(monkeypatch):
     centroids = unit_rows(np.random.default_rng(0).normal(size=(7, 8)))[0]
     x = unit_rows(np.random.default_rng(1).normal(size=(50, 8)))[0]
     want = np.argmax(x @ centroids.T, axis=1)
-    monkeypatch.setattr(cluster, "gpu_available", lambda: False)
+    monkeypatch.setattr(index, "gpu_available", lambda: False)
     assert use_gpu(None) is False and use_gpu(False) is False
     with pytest.raises(ValueError, match="GPU was asked for"):
         use_gpu(True)
@@ -143,11 +146,11 @@ def test_gpu_selection_on_a_cpu_machine(monkeypatch):
         moved.append(index.ntotal)
         return index  # stands in for the GPU copy: same exact search
 
-    monkeypatch.setattr(cluster, "gpu_available", lambda: True)
-    monkeypatch.setattr(cluster, "_to_gpu", fake_to_gpu)
-    index = cluster_index(centroids)
+    monkeypatch.setattr(index, "gpu_available", lambda: True)
+    monkeypatch.setattr(index, "to_gpu", fake_to_gpu)
+    built = cluster_index(centroids)
     assert moved == [7]
-    ids, _ = assign(x, centroids, index=index, batch_rows=16)
+    ids, _ = assign(x, centroids, index=built, batch_rows=16)
     np.testing.assert_array_equal(ids, want)
     assert moved == [7]  # reused, not rebuilt per batch
     assert cluster_index(centroids, gpu=False) is not None and moved == [7]

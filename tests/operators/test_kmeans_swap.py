@@ -6,7 +6,9 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from mmbalance.operators.cluster import _flat_ip, _lloyd, fit_kmeans, unit_rows
+from mmbalance.operators.arrays import unit_rows
+from mmbalance.operators.cluster.index import flat_ip
+from mmbalance.operators.cluster.kmeans import fit_kmeans, run_lloyd
 from mmbalance.operators.kmeans_swap import split_gains, swap_pairs, swap_search
 
 faiss.omp_set_num_threads(1)
@@ -55,11 +57,11 @@ def test_swaps_escape_a_local_optimum_lloyd_keeps():
                                 centres[2] + centres[3]]))[0].astype(np.float32)
 
     def lloyd(c):
-        out, iters, _ = _lloyd(x, 4, c, seed=0, niter=10, tol=1e-6, max_points_per_centroid=len(x), faiss_init=0, gpu=False)
+        out, iters, _ = run_lloyd(x, 4, c, seed=0, niter=10, tol=1e-6, max_points_per_centroid=len(x), faiss_init=0, gpu=False)
         return unit_rows(out)[0], iters
 
     stuck, _ = lloyd(start)
-    found, record = swap_search(x, stuck, lloyd, lambda c: _flat_ip(c).search(x, 2), trials=5, accept=1e-4)
+    found, record = swap_search(x, stuck, lloyd, lambda c: flat_ip(c).search(x, 2), trials=5, accept=1e-4)
     best = spherical_objective(x, planted) / len(x)
     ids = np.argmax(x @ found.T, axis=1)
     assert spherical_objective(x, np.argmax(x @ stuck.T, axis=1)) / len(x) < best - 0.05  # Lloyd alone is stuck

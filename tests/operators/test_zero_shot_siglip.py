@@ -95,12 +95,16 @@ def test_clip_keeps_softmax_and_sigmoid_needs_a_bias(tmp_path):
         bundle.close()
 
 
-def test_scoring_is_saved_and_read_back():
-    classes = ClassEmbeddings(("a",), np.eye(1, 4, dtype=np.float32), False, "sigmoid", 10.0, -2.0)
-    back = ClassEmbeddings.from_meta({"values": ["a"], "has_none": False, **json.loads(json.dumps(classes.scoring_meta()))},
-                                     classes.matrix)
+def test_scoring_is_saved_and_read_back(tmp_path):
+    from mmbalance.io.store import RunStore
+    from mmbalance.operators.models import load_models, save_model
+
+    classes = ClassEmbeddings(("a",), np.eye(1, 4, dtype=np.float32), False, "sigmoid", 10.0, -2.0, {"vocabulary": "v"})
+    save_model(RunStore(str(tmp_path)), "g", classes)
+    back = load_models(RunStore(str(tmp_path)))["g"]
     assert (back.values, back.scoring, back.logit_scale, back.logit_bias) == (("a",), "sigmoid", 10.0, -2.0)
-    old = ClassEmbeddings.from_meta({"values": ["a"], "has_none": False}, classes.matrix)  # runs before scoring existed
+    assert back.meta["vocabulary"] == "v" and np.array_equal(back.matrix, classes.matrix)
+    old = ClassEmbeddings.from_files(classes.matrix, {"values": ["a"], "has_none": False})  # runs before scoring existed
     assert old.scoring == "softmax"
     with pytest.raises(ValueError, match="needs the model's logit_scale"):
         ClassEmbeddings(("a",), classes.matrix, False, "sigmoid")

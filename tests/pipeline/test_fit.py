@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from corpora import write_with_flipped_byte
 
-from mmbalance.operators.cluster import fixed_size_list, unit_rows
+from mmbalance.operators.arrays import fixed_size_list, unit_rows
 from mmbalance.pipeline.fit import fit_models, read_eval_sample
 from mmbalance.pipeline.rows import SAMPLE_IMAGE
 from mmbalance.io.store import RunStore
