@@ -47,7 +47,9 @@ import pyarrow.compute as pc  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmbalance.data import SHIPPED, load_vocabulary  # noqa: E402
-from mmbalance.operators.lexicon import LexiconTagger, MetadataMatcher, normalise  # noqa: E402
+from mmbalance.operators.lexicon import LexiconTagger  # noqa: E402
+from mmbalance.operators.metaclip import MetadataMatcher  # noqa: E402
+from mmbalance.operators.phrases import normalise  # noqa: E402
 
 pa.set_cpu_count(1)
 pa.set_io_thread_count(1)

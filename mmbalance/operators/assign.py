@@ -11,8 +11,10 @@ import pyarrow as pa
 
 from mmbalance.operators.cluster.index import assign, cluster_tags, level_ids
 from mmbalance.operators.cluster.vectors import EmbeddingSpec
+from mmbalance.operators.audit import sample_uids
 from mmbalance.operators.tag import AUDIT_UIDS_PER_VALUE, combine_tags
-from mmbalance.operators.zero_shot import class_probabilities, embedding_matrix, hard_tags, sample_uids
+from mmbalance.operators.tag_sources import source_kind
+from mmbalance.operators.zero_shot import class_probabilities, embedding_matrix, hard_tags
 from mmbalance.schemas.contract import InputError, fired_column, source_column, tag_column
 from mmbalance.schemas.recipe import Recipe
 
@@ -29,7 +31,7 @@ def zero_shot_tags(spec, classes, table: pa.Table, columns: dict[str, str], sour
     per_source: dict[str, pa.Array] = {}
     probs: dict[str, np.ndarray] = {}
     for source in spec.sources:
-        if source != "zero_shot":
+        if source_kind(source).at == "scan":  # kept by the scan for this combination
             per_source[source] = sources.column(source_column(spec.name, source)).combine_chunks()
     for side in zs.sides:
         emb, valid = embedding_matrix(table.column(columns[side]))

@@ -1,6 +1,7 @@
 """MetaCLIP balancing over metadata entries (docs/algorithms.md section 4), its arithmetic in one place.
 
-A caption matches many entries (``lexicon.MetadataMatcher`` gives the entry ids per row). Counts are
+A caption matches many entries (``MetadataMatcher``: the entry ids per row, whole-word matching of
+``phrases``). Counts are
 per entry and shard, stored sparse (a shard matches few of 500k entries) and merged by summing;
 entry e keeps a row with p_e = t / max(c_e, t), and a row matching entries E is kept with
 1 - prod_{e in E} (1 - p_e): a tail entry (p_e = 1) keeps it for sure. The same cap over the values
@@ -9,13 +10,57 @@ of a hard tag (one value a row) is p_v = t / max(c_v, t).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmbalance.data import load_lines
 from mmbalance.operators.arrays import one_array
+from mmbalance.operators.phrases import PhraseMatcher, uncovered
+
+
+class MetadataMatcher:
+    """A user's entry list matched in captions: multi-hot entry ids per caption, counts per shard.
+
+    Entry ids are 0-based positions in the list (blank lines skipped by ``from_file``). As in
+    MetaCLIP every occurrence counts, including entries inside longer ones ("new york" and "york"
+    in "new york city") unless ``longest_only``. Entries that normalise alike ("t-shirt",
+    "t shirt") all fire together.
+    """
+
+    def __init__(self, entries: Sequence[str], longest_only: bool = False):
+        self.entries = list(entries)
+        self.longest_only = longest_only
+        self.matcher = PhraseMatcher(self.entries)
+
+    @classmethod
+    def from_file(cls, path, longest_only: bool = False) -> "MetadataMatcher":
+        return cls(load_lines(path), longest_only)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.entries)
+
+    def match(self, captions: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.ListArray:
+        """list<int32> per caption: the distinct entry ids it matches, ascending (empty if none)."""
+        enc = self.matcher.encode(captions)
+        m = self.matcher.find(enc)
+        if self.longest_only:
+            m = m.take(uncovered(m.start, m.length, np.zeros(len(m.start), np.int64), len(enc.ids)))
+        t_off, t_ids = self.matcher.terminal_offsets, self.matcher.terminal_phrases
+        lo, hi = t_off[m.node], t_off[m.node + 1]
+        reps = hi - lo
+        row = np.repeat(m.row, reps)
+        entry = t_ids[np.repeat(lo - np.concatenate([[0], np.cumsum(reps)[:-1]]), reps) + np.arange(reps.sum())]
+        pairs = np.unique(row * max(self.num_entries, 1) + entry)
+        n = enc.num_rows
+        rows = pairs // max(self.num_entries, 1)
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
+        values = (pairs % max(self.num_entries, 1)).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 
 
 def entry_count_table(entries: pa.ChunkedArray | pa.Array, weights: np.ndarray | None = None) -> pa.Table:

@@ -1,9 +1,9 @@
 """Tagging: attributes s and concept labels y as string tags, from columns and captions.
 
-Each attribute/label names one or more sources (``column``, ``caption``); with several, they are
-combined by the recipe's rule and ``fired.<name>`` records which sources tagged the row. Per-shard
-audit counts (prevalence per source, agreement) and a seeded uid sample per value merge across
-shards by summing, for the report's tagging audit.
+Each attribute/label names one or more sources (``tag_sources``: the one registry of them); with
+several, they are combined by the recipe's rule (``combine``) and ``fired.<name>`` records which
+sources tagged the row. Per-shard audit counts (prevalence per source, agreement) and a seeded uid
+sample per value merge across shards by summing, for the report's tagging audit (``audit``).
 """
 
 from __future__ import annotations
@@ -15,37 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmbalance.data import load_vocabulary
-from mmbalance.operators.lexicon import (
-    CAPTION_SOURCE, LexiconAttribute, LexiconTagger, MetadataMatcher, coverage_report, merge_coverage, source_tag_column,
-)
-from mmbalance.operators.zero_shot import SourceTags, audit_counts, combine_sources, merge_audit, merge_uid_samples, sample_uids
+from mmbalance.operators.audit import audit_counts, merge_audit, merge_uid_samples, sample_uids
+from mmbalance.operators.combine import SourceTags, combine_sources
+from mmbalance.operators.coverage import coverage_report, merge_coverage
+from mmbalance.operators.tag_sources import SOURCES, source_kind, string_column
 from mmbalance.schemas.contract import UTILITY_COLUMN, entries_column, fired_column, source_column, tag_column, tags_schema
-from mmbalance.schemas.recipe import AttributeSpec, LabelSpec, Recipe, RecipeError
+from mmbalance.schemas.recipe import Recipe, RecipeError
 
 AUDIT_UIDS_PER_VALUE = 5
-
-
-def _string_column(table: pa.Table, column: str) -> pa.Array:
-    arr = table.column(column).combine_chunks()
-    return arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
-
-
-def _blank_to_null(values: pa.Array) -> pa.Array:
-    # an empty string carries no value: treat it as null, like a missing tag
-    return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-
-
-def _caption_tagger(spec: AttributeSpec | LabelSpec) -> LexiconTagger:
-    try:
-        vocab = load_vocabulary(spec.caption.vocabulary)
-    except (ValueError, OSError) as err:
-        raise RecipeError(f"{spec.name}.caption.vocabulary: {err}") from None
-    values = list(spec.values) if spec.values else list(vocab.values)
-    missing = [v for v in values if not vocab.lexicon.get(v)]
-    if missing:
-        raise RecipeError(f"{spec.name}.caption.vocabulary '{spec.caption.vocabulary}' has no words for values {missing}")
-    lexicon = LexiconAttribute(spec.name, tuple(values), {v: vocab.lexicon[v] for v in values}, spec.caption.multiple)
-    return LexiconTagger([lexicon], negation_window=spec.caption.negation_window, longest_only=spec.caption.longest_only)
 
 
 def combine_tags(spec, per_source: dict[str, pa.Array], probs: dict[str, np.ndarray] | None = None,
@@ -61,16 +38,9 @@ def combine_tags(spec, per_source: dict[str, pa.Array], probs: dict[str, np.ndar
         tag, bits = combine_sources(sources, spec.combine, values)
         fired = pa.array(bits, pa.int32())
     audit = None
-    if "caption" in spec.sources or spec.deferred:  # inferred tags are audited; given columns are facts
+    if any(source_kind(s).inferred for s in spec.sources):  # inferred tags are audited; given columns are facts
         audit = audit_counts({**{n: per_source[n] for n in names}, "combined": tag} if len(names) > 1 else per_source)
     return tag, fired, audit
-
-
-def _metadata_matcher(spec: LabelSpec) -> MetadataMatcher:
-    try:
-        return MetadataMatcher.from_file(spec.metadata.entries, spec.metadata.longest_only)
-    except OSError as err:
-        raise RecipeError(f"{spec.name}.metadata.entries: cannot read {spec.metadata.entries} ({err.strerror or err})") from None
 
 
 def check_vocabularies(recipe: Recipe, captions: bool = True) -> None:
@@ -97,34 +67,29 @@ class RowTagger:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.specs = [*recipe.attributes, *recipe.labels]
-        self.caption = {s.name: _caption_tagger(s) for s in self.specs if "caption" in s.sources}
-        self.metadata = {s.name: _metadata_matcher(s) for s in self.specs if s.is_metadata}
+        for spec in self.specs:  # an unregistered source is an error before any tagger is built
+            for source in spec.sources:
+                source_kind(source)
+        # built once per process, source by source (caption lexicons compile here)
+        self.taggers = {(spec.name, name): kind.tagger(spec, recipe)
+                        for name, kind in SOURCES.items() if kind.at == "scan"
+                        for spec in self.specs if name in spec.sources}
 
     def _source_tags(self, table: pa.Table, spec, coverage: dict[str, Any] | None = None) -> dict[str, pa.Array]:
-        out = {}
-        for source in spec.sources:
-            if source == "zero_shot":
-                continue  # from embeddings, after the scan (see mmbalance/pipeline/fit.py)
-            if source == "column":
-                out["column"] = _blank_to_null(_string_column(table, spec.source_column))
-            else:
-                captions = table.column(self.recipe.input.columns.caption)
-                tagged, cover = self.caption[spec.name].tag_with_coverage(captions, coverage=coverage is not None)
-                out["caption"] = tagged.column(source_tag_column(spec.name, CAPTION_SOURCE)).combine_chunks()
-                if coverage is not None:
-                    coverage[spec.name] = cover[spec.name]
-        return out
+        """Each scan-time source's tags (``assign`` sources come later, from embeddings)."""
+        return {source: self.taggers[(spec.name, source)].tags(table, coverage)
+                for source in spec.sources if source_kind(source).at == "scan"}
 
     def __call__(self, table: pa.Table, rows: np.ndarray) -> tuple[pa.Table, dict[str, Any]]:
-        uids = _string_column(table, self.recipe.input.columns.uid)
+        uids = string_column(table, self.recipe.input.columns.uid)
         data: dict[str, pa.Array] = {"row": pa.array(rows, pa.int64()), "uid": uids}
         audit: dict[str, Any] = {}
         coverage: dict[str, Any] = {}  # caption-source coverage per spec, carried in the audit
         for spec in self.specs:
-            if spec.is_metadata:
-                data[entries_column(spec.name)] = self.metadata[spec.name].match(table.column(self.recipe.input.columns.caption))
-                continue
             per_source = self._source_tags(table, spec, coverage)
+            if spec.is_metadata:  # every entry a row matches: a list, not one tag
+                data[entries_column(spec.name)] = per_source["metadata"]
+                continue
             if spec.name in coverage:
                 audit.setdefault(spec.name, {})["coverage"] = coverage[spec.name]
             if spec.deferred:
@@ -167,8 +132,3 @@ def coverage_section(audit: dict[str, Any], top: int = 50) -> dict[str, Any]:
     """The report's ``coverage``: per caption-sourced attribute/label, the share of captions tagged
     and the ``top`` most frequent untagged nouns (from the merged audits)."""
     return {name: coverage_report(item["coverage"], top) for name, item in audit.items() if "coverage" in item}
-
-
-def tag_rows(table: pa.Table, recipe: Recipe, rows: np.ndarray) -> pa.Table:
-    """The tags table of ``table``; ``rows`` are the source row indices of its rows."""
-    return RowTagger(recipe)(table, rows)[0]

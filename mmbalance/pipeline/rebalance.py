@@ -36,7 +36,7 @@ from mmbalance.operators.dedup import bucket_bounds
 from mmbalance.operators.report import balance_of_sizes, build_report, family_leakage
 from mmbalance.operators.solve import CorpusStats, solve
 from mmbalance.operators import tag as tag_op
-from mmbalance.operators.zero_shot import summarise_audit
+from mmbalance.operators.audit import summarise_audit
 from mmbalance.pipeline import fit, plan, resume, stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints

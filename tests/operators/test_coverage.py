@@ -10,9 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from mmbalance.data import load_lines
-from mmbalance.operators.lexicon import (
-    LexiconAttribute, LexiconTagger, coverage_report, merge_coverage, misra_gries, source_tag_column,
-)
+from mmbalance.operators.coverage import coverage_report, merge_coverage, misra_gries
+from mmbalance.operators.lexicon import LexiconAttribute, LexiconTagger, source_tag_column
 
 STOP = set(load_lines("stop_words"))
 

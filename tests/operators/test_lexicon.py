@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 
 from mmbalance.data import SHIPPED, load_lines, load_vocabulary
-from mmbalance.operators.lexicon import LexiconAttribute, LexiconTagger, MetadataMatcher, hits_column, source_tag_column
-from mmbalance.operators.metaclip import capped_entries, entry_count_table, keep_probability, merge_entry_counts
+from mmbalance.operators.lexicon import LexiconAttribute, LexiconTagger, hits_column, source_tag_column
+from mmbalance.operators.metaclip import (MetadataMatcher, capped_entries, entry_count_table, keep_probability,
+                                          merge_entry_counts)
 
 GENDER = source_tag_column("perceived_gender", "caption")
 AGE = source_tag_column("age_group", "caption")
