@@ -32,7 +32,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmbalance.operators.embed import EmbedColumns, decode_image, embed_table, load_model  # noqa: E402
+from mmbalance.operators.embed.images import decode_image  # noqa: E402
+from mmbalance.operators.embed.model import load_model  # noqa: E402
+from mmbalance.operators.embed.stage import EmbedColumns, embed_table  # noqa: E402
 from mmbalance.schemas.embed import EmbedSpec  # noqa: E402
 
 TINY = {

@@ -91,7 +91,11 @@ def embed_spec(model: str, device: str, precision: str, batch_size: int, threads
 def section_embed(args, sizes: dict, device: str) -> dict:
     from bench_embed import jpeg_pool
 
-    from mmbalance.operators.embed import EmbedColumns, ImageSource, _decode_one, _prepare_tensors, embed_table, load_model
+    from mmbalance.io.images import ImageSource
+    from mmbalance.operators.embed.gpu_decode import prepare_tensors
+    from mmbalance.operators.embed.images import decode_one
+    from mmbalance.operators.embed.model import load_model
+    from mmbalance.operators.embed.stage import EmbedColumns, embed_table
 
     bs = sizes["batch_size"]
     pool = jpeg_pool(sizes["jpeg_pool"], sizes["long_side"])
@@ -109,7 +113,7 @@ def section_embed(args, sizes: dict, device: str) -> dict:
 
     def tensor_decode():
         for b in batches:
-            ok, _, pixels, _ = _prepare_tensors(bundle, source, b, "image", {"decode": 0.0})
+            ok, _, pixels, _ = prepare_tensors(bundle, source, b, "image", {"decode": 0.0})
             assert ok.all() and pixels.shape[0] == len(b)
 
     tensor_decode()  # warm: nvJPEG handles, allocator
@@ -117,7 +121,7 @@ def section_embed(args, sizes: dict, device: str) -> dict:
     out["decode"] = {"tensor_path_images_per_s": rate(len(items), seconds), "images": len(items),
                      "path": "nvJPEG + tensor resize on CUDA" if bundle.device == "cuda" else "libjpeg-turbo + tensor resize on CPU"}
     pil_items = items[: max(bs, len(items) // 4)]
-    seconds = timed(lambda: list(bundle.pool("decode").map(lambda it: _decode_one(bundle, source, it, "image"), pil_items)))
+    seconds = timed(lambda: list(bundle.pool("decode").map(lambda it: decode_one(bundle, source, it, "image"), pil_items)))
     out["decode"]["pil_path_images_per_s"] = rate(len(pil_items), seconds)
 
     # model only: uint8 batches already on the device

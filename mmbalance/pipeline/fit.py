@@ -140,7 +140,7 @@ def encode_prompts(recipe: Recipe, spec) -> "ClassEmbeddings":
     """Prompt-ensemble embeddings of a zero-shot attribute/label, from the text tower of the model
     that made the embeddings (computed once per run, on this process's CPU)."""
     from mmbalance.data import load_vocabulary
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
     from mmbalance.operators.zero_shot import model_scoring, vocabulary_embeddings
     from mmbalance.schemas.embed import EmbedSpec
 

@@ -403,7 +403,7 @@ def load_tags(ctx: RunContext, store: RunStore, shard_id: str) -> pa.Table:
 @functools.lru_cache(maxsize=2)
 def embed_bundle(spec_json: str):
     """One model per worker process (an actor in Ray): loading is the expensive part."""
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
     from mmbalance.schemas.embed import EmbedSpec
 
     spec = EmbedSpec.model_validate_json(spec_json)
@@ -419,10 +419,10 @@ def embed_record(recipe: Recipe, check_only: bool = False) -> dict[str, Any]:
 
         return npz_info(spec.npz)
     if check_only:
-        from mmbalance.operators.embed import preprocess_config
+        from mmbalance.operators.embed.model import preprocess_config
 
         return {"source": "check", "model": spec.model, "preprocess": preprocess_config(spec)}
-    from mmbalance.operators.embed import model_info
+    from mmbalance.operators.embed.model import model_info
 
     return model_info(spec)
 
@@ -446,12 +446,12 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
                                       ctx.recipe.execution.batch_rows, spec.on_image_error, spec.on_missing_caption,
                                       verify, fmt)
     elif check:
-        from mmbalance.operators.embed import EmbedColumns, check_shard
+        from mmbalance.operators.embed.stage import EmbedColumns, check_shard
 
         batches = check_shard(fs, task["path"], relpath, spec, info["preprocess"], EmbedColumns.from_recipe(ctx.recipe),
                               ctx.recipe.execution.batch_rows, valid_rows, verify, fmt)
     else:
-        from mmbalance.operators.embed import EmbedColumns, embed_shard
+        from mmbalance.operators.embed.stage import EmbedColumns, embed_shard
 
         bundle = embed_bundle(spec.model_dump_json())
         batches = embed_shard(fs, task["path"], relpath, bundle, EmbedColumns.from_recipe(ctx.recipe),

@@ -15,16 +15,10 @@ pytest.importorskip("open_clip")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmbalance.operators.embed import (  # noqa: E402
-    REJECT_REASON,
-    EmbedColumns,
-    ImageError,
-    ImageSource,
-    decode_image,
-    embed_shard,
-    embed_table,
-    load_model,
-)
+from mmbalance.io.images import ImageError, ImageSource  # noqa: E402
+from mmbalance.operators.embed.images import decode_image  # noqa: E402
+from mmbalance.operators.embed.model import load_model  # noqa: E402
+from mmbalance.operators.embed.stage import EmbedColumns, embed_shard, embed_table  # noqa: E402
 from corpora import TINY_OPEN_CLIP, write_with_flipped_byte  # noqa: E402
 
 from mmbalance.schemas.contract import InputError  # noqa: E402
@@ -450,7 +444,7 @@ def test_tensor_geometry_matches_open_clip_pil_transform():
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from mmbalance.operators.embed import Preprocessor
+    from mmbalance.operators.embed.model import Preprocessor
 
     for cfg in (PreprocessCfg(size=224), PreprocessCfg(size=(160, 192), resize_mode="squash")):
         pre = Preprocessor(dataclasses.asdict(cfg))
@@ -509,7 +503,7 @@ def test_image_decode_rules(tiny_dir):
 def test_weights_kind_of_each_model_and_pretrained_pair():
     """A checkpoint file or 'random' with an hf-hub: model is that file or a random init of the hub's
     architecture, never the hub's own weights loaded silently instead."""
-    from mmbalance.operators.embed import classify_pretrained
+    from mmbalance.operators.embed.model import classify_pretrained
 
     assert classify_pretrained("hf-hub:org/model", None) == "hub"
     assert classify_pretrained("hf-hub:org/model", "hf-hub:org/model") == "hub"

@@ -19,7 +19,9 @@ pytest.importorskip("open_clip")
 from PIL import Image  # noqa: E402
 
 from corpora import TINY_OPEN_CLIP  # noqa: E402
-from mmbalance.operators.embed import EmbedColumns, _decode_jpegs_on_device, embed_table, load_model  # noqa: E402
+from mmbalance.operators.embed.gpu_decode import _decode_jpegs_on_device  # noqa: E402
+from mmbalance.operators.embed.model import load_model  # noqa: E402
+from mmbalance.operators.embed.stage import EmbedColumns, embed_table  # noqa: E402
 from mmbalance.schemas.embed import EmbedSpec  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -182,16 +182,17 @@ def test_npz_path_works_without_torch(tmp_path):
         sys.modules["torch"] = None  # any 'import torch' now raises ImportError
         import json
         import pyarrow.fs as pafs
-        from mmbalance.operators import precomputed, embed
+        from mmbalance.operators import precomputed
+        from mmbalance.operators.embed import images, model
         from mmbalance.schemas.embed import EmbedSpec, NpzSpec
         parts = list(precomputed.npz_sidecar_batches(pafs.LocalFileSystem(), {str(tmp_path / '00000000.parquet')!r},
                                                      "00000000.parquet", NpzSpec(variant="l14"), "uid", 4))
         import io
         from PIL import Image
         buf = io.BytesIO(); Image.new("CMYK", (5, 4)).save(buf, format="JPEG")
-        mode = embed.decode_image(buf.getvalue()).mode
+        mode = images.decode_image(buf.getvalue()).mode
         try:
-            embed.load_model(EmbedSpec(pretrained="random"))
+            model.load_model(EmbedSpec(pretrained="random"))
             err = None
         except ImportError as e:
             err = str(e)

@@ -26,7 +26,7 @@ def tiny_siglip_dir(directory):
 
 @pytest.fixture(scope="module")
 def siglip(tmp_path_factory):
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
 
     bundle = load_model({"model": f"local-dir:{tiny_siglip_dir(tmp_path_factory.mktemp('siglip'))}", "pretrained": "random"})
     with torch.no_grad():  # a trained-looking head: a scale and bias other than the init values
@@ -76,7 +76,7 @@ def test_siglip_run_through_the_model_bundle(siglip):
 def test_clip_keeps_softmax_and_sigmoid_needs_a_bias(tmp_path):
     from corpora import tiny_open_clip_dir
 
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
 
     bundle = load_model({"model": f"local-dir:{tiny_open_clip_dir(tmp_path / 'clip')}", "pretrained": "random"})
     try:

@@ -46,7 +46,7 @@ def _sbcl_counts(sizes: dict[str, int], m0: int) -> dict[str, int]:
 def test_subclasses_of_a_zero_shot_label(tmp_path):
     pytest.importorskip("open_clip")
     from mmbalance.data import load_vocabulary
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
     from mmbalance.operators.zero_shot import vocabulary_embeddings
     from mmbalance.schemas.embed import EmbedSpec
 

@@ -19,7 +19,7 @@ pytest.importorskip("open_clip")
 
 def _class_matrix(model_dir) -> np.ndarray:
     from mmbalance.data import load_vocabulary
-    from mmbalance.operators.embed import load_model
+    from mmbalance.operators.embed.model import load_model
     from mmbalance.operators.zero_shot import vocabulary_embeddings
     from mmbalance.schemas.embed import EmbedSpec
 

@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format
+from mmbalance.operators.export.base import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format
 
 
 @register_format("bigvision")
@@ -39,7 +39,7 @@ class BigVisionExporter(Exporter):
                 continue
             d = int(rows.domain[i])
             image = f"{rows.key[i]}.{ext[i]}"
-            self.store._write_bytes(("images", image), data[i])
+            self.store.write_bytes("images", image, data=data[i])
             n = 1 if self.ctx.options.copies == "once" else int(rows.repeats[i])
             for c in range(n):
                 key = rows.key[i] if self.ctx.options.copies == "once" else copy_key(rows.key[i], c)
@@ -75,7 +75,7 @@ class BigVisionExporter(Exporter):
                 f"fopen_keys={{'image': {images!r}}}), pp=PP, "
                 f"shuffle_buffer_size={self.ctx.options.bigvision.shuffle_buffer_size})  # {n} examples"
             )
-        self.store._write_bytes(("config_snippet.py",), ("\n".join(lines) + "\n").encode("utf-8"))
+        self.store.write_bytes("config_snippet.py", data=("\n".join(lines) + "\n").encode("utf-8"))
         summary = {
             "dir": self.ctx.dest_path(self.dir),
             "data": {d.dir: weights[d.name] for d, _ in live},

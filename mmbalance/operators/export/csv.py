@@ -13,7 +13,7 @@ import shlex
 from collections import Counter
 from typing import Any
 
-from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, register_format, resolve_image_path
+from mmbalance.operators.export.base import ExportContext, Exporter, OpenOutput, Rows, register_format
 
 
 @register_format("csv")
@@ -38,9 +38,9 @@ class CsvExporter(Exporter):
     def _filepath(self, rows: Rows, i: int, ext: str | None) -> str:
         value = rows.image[i]  # type: ignore[index]
         if isinstance(value, str):  # the corpus holds paths: use them
-            return resolve_image_path(self.ctx, rows.shard, value)
+            return rows.images.resolve(value)  # type: ignore[union-attr]
         name = f"{rows.key[i]}.{ext}"
-        self.store._write_bytes(("images", name), value)
+        self.store.write_bytes("images", name, data=value)
         self.images += 1
         if self.ctx.options.csv.absolute_paths:
             return self.ctx.dest_path(self.dir, "images", name)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mmbalance.operators.export import ExportContext, Exporter, Rows, register_format
+from mmbalance.operators.export.base import ExportContext, Exporter, Rows, register_format
 from mmbalance.schemas.contract import InputError
 
 UID_DTYPE = np.dtype("u8,u8")
@@ -76,7 +76,7 @@ class DatacompExporter(Exporter):
             raise ValueError("datacomp export: two kept uids map to the same 128-bit value")
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        self.store._write_bytes(("uids.npy",), buf.getvalue())
+        self.store.write_bytes("uids.npy", data=buf.getvalue())
         summary: dict[str, Any] = {"file": self.ctx.dest_path(self.dir, "uids.npy"), "uids": int(arr.size),
                                    "distinct_uids": self.distinct, "hashed_uids": len(self.mapped["uid"]),
                                    "listed": "once per kept uid" if self.listed_once else "repeats times per kept uid"}

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, register_format
+from mmbalance.operators.export.base import ExportContext, Exporter, OpenOutput, Rows, register_format
 from mmbalance.io.store import parquet_options
 
 LOADER = '''"""Load the mmbalance mixture with Hugging Face datasets (written by mmbalance export).
@@ -85,7 +85,7 @@ class HfExporter(Exporter):
                 continue
             d = int(rows.domain[i])
             name = f"images/{rows.key[i]}.{ext[i]}"
-            self.store._write_bytes((self.ctx.domains[d].dir, name), data[i])
+            self.store.write_bytes(self.ctx.domains[d].dir, name, data=data[i])
             col = cols.setdefault(d, {f.name: [] for f in METADATA_SCHEMA})
             col["file_name"].append(name)
             col["text"].append(rows.caption[i])  # type: ignore[index]
@@ -116,7 +116,7 @@ class HfExporter(Exporter):
                 "examples": [self.counts[j] for j, _ in live], "repeats": [self.repeats[j] for j, _ in live],
                 "copies": self.ctx.options.copies, "seed": self.ctx.seed, "stopping_strategy": "all_exhausted"}
         self.store.write_json("interleave.json", obj=spec)
-        self.store._write_bytes(("load_mixture.py",), LOADER.encode())
+        self.store.write_bytes("load_mixture.py", data=LOADER.encode())
         summary = {"dir": self.ctx.dest_path(self.dir), **spec, "skipped": dict(sorted(self.skipped.items()))}
         return json.loads(json.dumps(summary))
 

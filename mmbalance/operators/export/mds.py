@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mmbalance.operators.export import OpenOutput
+from mmbalance.operators.export.base import OpenOutput
 
 # encodings this writer supports: name -> fixed size in bytes (None: variable)
 ENCODINGS: dict[str, int | None] = {"str": None, "bytes": None, "int": 8, "int64": 8, "float64": 8, "json": None}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from mmbalance.operators.export import ExportContext, Exporter, Rows, register_format
+from mmbalance.operators.export.base import ExportContext, Exporter, Rows, register_format
 from mmbalance.operators.export.mds import MDSShardWriter
 
 COLUMNS = {"key": "str", "uid": "str", "caption": "str", "image": "bytes", "ext": "str", "domain": "str",

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mmbalance.operators.export import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format, trainer_url
+from mmbalance.operators.export.base import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format, trainer_url
 from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation
 
 
@@ -236,7 +236,7 @@ class WebdatasetExporter(Exporter):
         self.store.write_json("wids.json", obj={"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                                 "name": "mmbalance", "shardlist": all_shards})
         weights = np.concatenate(per_sample) if per_sample else np.empty(0)
-        self.store._write_bytes(("wids-weights.npy",), _npy_bytes(weights / weights.sum() if weights.size else weights))
+        self.store.write_bytes("wids-weights.npy", data=_npy_bytes(weights / weights.sum() if weights.size else weights))
         summary["wids"] = self.ctx.dest_path(self.dir, "wids.json")
         summary["wids_weights"] = self.ctx.dest_path(self.dir, "wids-weights.npy")
         return summary

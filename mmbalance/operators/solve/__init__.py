@@ -1,7 +1,8 @@
 """The solve step: merged statistics in, a small solution out; applying it is a per-shard map.
 
 Every balancing method plugs in the same way: a solver function registered under the recipe's
-``balance.method`` takes ``CorpusStats`` and returns a ``Solution``. A solution maps a row's tags
+``balance.method`` (``@register``, in any module of this package) takes ``CorpusStats`` and returns
+a ``Solution``. A solution maps a row's tags
 (and utility) to its weight and round-trips through JSON, so the weigh stage on any worker, or a
 rerun after a crash, applies exactly what was solved.
 """
@@ -118,7 +119,7 @@ def register(method: str) -> Callable[[SolverFn], SolverFn]:
 
 
 def _solve_step(step, stats: CorpusStats) -> Solution:
-    _load_solvers()
+    load_solvers()
     try:
         solver = SOLVERS[step.method]
     except KeyError:
@@ -222,13 +223,13 @@ def solve_none(step, stats: CorpusStats) -> Solution:
     return LookupSolution("none", [], {}, [1.0], default=1.0, diagnostics={"note": "every valid row kept once"})
 
 
-_SOLVER_MODULES = ("cap", "m4.solver", "reweigh", "rake", "waterfill", "rnb")
-
-
-def _load_solvers() -> None:
-    """Import the solver modules, which register themselves: at the first solve, not on import, so
-    a worker that only applies a solution (the weigh stage) does not load scipy (~0.4 s, ~50 MB)."""
+def load_solvers() -> dict[str, SolverFn]:
+    """Import every module of this package once: solver modules register themselves
+    (``@register(method)``), so a new method needs no list edited here. At the first solve, not on
+    import: a worker that only applies a solution (the weigh stage) does not load scipy (~0.4 s, ~50 MB)."""
     import importlib
+    import pkgutil
 
-    for name in _SOLVER_MODULES:
-        importlib.import_module(f"mmbalance.operators.solve.{name}")
+    for module in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+        importlib.import_module(module.name)
+    return SOLVERS

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpora import record_edit, write_with_flipped_byte
-from mmbalance.operators.export import export_run, safe_dir_names, sample_key, sniff_image
+from mmbalance.operators.export import export_run
+from mmbalance.operators.export.base import safe_dir_names, sample_key, sniff_image
 from mmbalance.operators.export.datacomp import uid_array, uid_pair
 from mmbalance.operators.export.webdataset import realised_shares, upsampling_factors
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
@@ -505,9 +506,9 @@ def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not an mmbalance run"):
         export_run(str(tmp_path), ["csv"])
     with pytest.raises(InputError, match="unknown export format"):
-        from mmbalance.operators.export import _format_dirs
+        from mmbalance.operators.export import format_dirs
 
-        _format_dirs(["tarball"])
+        format_dirs(["tarball"])
 
 
 def _simulate_epochs(summary: dict, epochs: int, seed: int = 0) -> dict[str, np.ndarray]:
