@@ -41,7 +41,7 @@ from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import check_output_location, discover_shards, inspect_shards
 from mmbalance.io.store import RunStore
-from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError, tag_column
+from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError, add_reasons, tag_column
 from mmbalance.schemas.evaluate import EvalRecipe
 
 SCHEMA = "mmbalance.evaluate/1"
@@ -393,9 +393,7 @@ def _locked(eval_path: str, store: RunStore, recipe: EvalRecipe, options: Evalua
     for name, checkpoint, sub, info, plans, embedded in models:
         t1 = time.perf_counter()
         kept = embedded.subset(np.array([k in common for k in embedded.keys], bool))
-        reasons = dict(scanned.rejected)
-        for reason, count in embedded.rejected.items():
-            reasons[reason] = reasons.get(reason, 0) + count
+        reasons = add_reasons(dict(scanned.rejected), embedded.rejected)
         if len(embedded.keys) > len(kept.keys):
             reasons["not embedded by every compared model"] = len(embedded.keys) - len(kept.keys)
         eval_doc = {"path": eval_path, "shards": len(scanned.shards), "rows": scanned.rows,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mmbalance.schemas.contract import add_reasons
 from mmbalance.schemas.recipe import Recipe
 
 ACCOUNTING = ("rows_in", "rows_out", "rejected", "reasons", "seconds")
@@ -239,10 +240,7 @@ def stage_statistics(stage_name: str, summaries: list[dict[str, Any]], wall_seco
     key = BY_NAME[stage_name].key
     seconds = [float(s.get("seconds", 0.0)) for s in summaries]
     rates = [s["rows_in"] / t for s, t in zip(summaries, seconds) if t > 0]
-    reasons: dict[str, int] = {}
-    for s in summaries:
-        for k, v in (s.get("reasons") or {}).items():
-            reasons[k] = reasons.get(k, 0) + int(v)
+    reasons = add_reasons({}, *(s.get("reasons") for s in summaries))
     order = sorted(range(len(summaries)), key=lambda i: (-seconds[i], str(summaries[i].get(key))))
     return {
         "units": len(summaries),

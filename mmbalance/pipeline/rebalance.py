@@ -44,7 +44,7 @@ from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import (check_local_out, check_output_location, discover_shards, effective_recipe,
                                       expected_embedding_dim, inspect_shards)
 from mmbalance.io.store import RunStore, UnitCheck
-from mmbalance.schemas.contract import InputError, tag_column
+from mmbalance.schemas.contract import InputError, add_reasons, tag_column
 from mmbalance.schemas.recipe import Recipe
 from mmbalance.io.storage import configure_storage, ensure_bucket
 
@@ -727,14 +727,11 @@ class Rebalancer:
     def _report(self, run, scans, before, after, vocab, solution, dups) -> dict[str, Any]:
         ids = [s["shard_id"] for s in scans]
         embeds = self._summaries("embed", ids) if self.recipe.embed is not None else []
-        reasons: dict[str, int] = defaultdict(int)
-        for s in [*scans, *embeds]:
-            for k, v in s["reasons"].items():
-                reasons[k] += v
+        reasons = add_reasons({}, *(s["reasons"] for s in [*scans, *embeds]))
         # duplicates counted where they were rejected: a copy the embed stage rejected counts once
         n_dups = sum(s["rejected"] for s in self._summaries("signatures", ids))
         if n_dups:
-            reasons["duplicate uid"] += n_dups
+            add_reasons(reasons, {"duplicate uid": n_dups})
         input_rows = sum(s["rows_in"] for s in scans)
         rejected = sum(s["rejected"] for s in scans) + sum(s["rejected"] for s in embeds) + n_dups
         manifest_rows = input_rows - rejected

@@ -30,7 +30,8 @@ from mmbalance.pipeline.rows import (  # noqa: F401 - SAMPLE_* are used through 
     embedding_columns,
 )
 from mmbalance.io.store import RunStore, resolve_filesystem
-from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, entries_column, tag_column, tags_schema
+from mmbalance.schemas.contract import (REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, add_reasons, entries_column, tag_column,
+                                        tags_schema)
 from mmbalance.schemas.recipe import Recipe
 from mmbalance.io.storage import configure_storage
 
@@ -154,8 +155,7 @@ def scan_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
                 candidates = _sample_candidates(ctx, table, tags, keep)
                 if candidates is not None:
                     samples.append(candidates)
-            for k, v in result.reason_counts.items():
-                reasons[k] = reasons.get(k, 0) + v
+            add_reasons(reasons, result.reason_counts)
             rows_in += table.num_rows
             valid += len(keep)
     all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)

@@ -6,7 +6,6 @@ model, and duplicates counted as the run counts them (a copy rejected for its im
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict
 from typing import Any
 
 import pyarrow.compute as pc
@@ -14,6 +13,7 @@ import pyarrow.compute as pc
 from mmbalance.io.source import read_source, shard_info
 from mmbalance.pipeline.rebalance import RunOptions, rebalance
 from mmbalance.io.store import RunStore, resolve_filesystem
+from mmbalance.schemas.contract import add_reasons
 from mmbalance.schemas.recipe import Recipe
 
 STATUS = "status"  # img2dataset's download status column
@@ -25,12 +25,9 @@ def validate_corpus(shard_dir: str, recipe: Recipe, examples: int = 5, show_prog
     with tempfile.TemporaryDirectory(prefix=".mmbalance-validate-") as scratch:
         result = rebalance(shard_dir, scratch, recipe, RunOptions(executor="local", stop_after="dedup", show_progress=show_progress))
         scans, embeds = result.report["scans"], result.report["embeds"]
-        reasons: dict[str, int] = defaultdict(int)
-        for s in [*scans, *embeds]:
-            for k, v in s["reasons"].items():
-                reasons[k] += v
+        reasons = add_reasons({}, *(s["reasons"] for s in [*scans, *embeds]))
         if result.report["duplicates"]:
-            reasons["duplicate uid"] += result.report["duplicates"]
+            add_reasons(reasons, {"duplicate uid": result.report["duplicates"]})
         store = RunStore(scratch)
         samples: list[dict[str, Any]] = []
         for stage in ("validate", "embed"):

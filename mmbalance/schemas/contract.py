@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -45,6 +46,14 @@ STATUS_MESSAGE = "error_message"  # img2dataset's reason for a status other than
 
 def entries_column(name: str) -> str:
     return f"entries.{name}"
+
+
+def add_reasons(total: dict[str, int], *parts: Mapping[str, int] | None) -> dict[str, int]:
+    """Rejected rows by reason (the accounting every unit returns) summed into ``total``, in place."""
+    for part in parts:
+        for reason, rows in (part or {}).items():
+            total[reason] = total.get(reason, 0) + int(rows)
+    return total
 
 
 def source_column(name: str, source: str) -> str:
