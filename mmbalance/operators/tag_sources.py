@@ -7,7 +7,7 @@ are inferred (audited: prevalence, agreement, sample uids) or given facts. ``tag
 the assign step dispatch through ``source_kind``; a source nobody registered is a RecipeError,
 never another source's tagger.
 
-Adding a source: its name in ``schemas/recipe.py`` (``TagSource``, with its settings section) and
+Adding a source: its name in ``schemas/tags.py`` (``TagSource``, with its settings section) and
 one ``@register_source`` class here (docs/architecture.md, "Extending"); tests/operators/test_tag.py
 checks the two lists agree.
 """

@@ -21,15 +21,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mmbalance.schemas.balance import StrictModel, check_shares
 from mmbalance.schemas.embed import EmbedSpec
-from mmbalance.schemas.recipe import (
-    AttributeSpec,
-    ColumnMap,
-    InputSpec,
-    LabelSpec,
-    Recipe,
-    RecipeError,
-    format_error,
-)
+from mmbalance.schemas.recipe import ColumnMap, InputSpec, Recipe, RecipeError, format_error
+from mmbalance.schemas.tags import AttributeSpec, LabelSpec
 
 
 

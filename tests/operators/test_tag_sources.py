@@ -12,7 +12,8 @@ import pytest
 
 from mmbalance.operators.tag import RowTagger
 from mmbalance.operators.tag_sources import SOURCES, register_source, source_kind
-from mmbalance.schemas.recipe import AttributeSpec, Recipe, RecipeError, TagSource, parse_recipe
+from mmbalance.schemas.recipe import Recipe, RecipeError, parse_recipe
+from mmbalance.schemas.tags import AttributeSpec, TagSource
 
 
 def test_the_recipe_names_exactly_the_registered_sources():
