@@ -46,6 +46,8 @@ from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import Recipe
 
 RUN_FORMAT = 3  # 2: content fingerprints per shard, done markers record their outputs; 3: whole-file checksums
+# what makes a run directory the same run (run.json): another value refuses it, or --update/--overwrite
+RUN_IDENTITY = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
 
 
 @dataclass
@@ -148,12 +150,10 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, c
             raise
         store.clear()
         return PreviousRun()
-    keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
-    same = all(previous.get(k) == run.get(k) for k in keys)
-    if same:
+    if all(previous.get(k) == run.get(k) for k in RUN_IDENTITY):
         return PreviousRun()
     if not overwrite:
-        changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
+        changed = [k for k in RUN_IDENTITY[1:] if previous.get(k) != run.get(k)]
         if changed == ["input_fingerprint"] and previous.get("format") == run.get("format") and store.exists("shards.json"):
             previous_shards = store.read_json("shards.json")
             changes = resume.input_changes(previous_shards, contents)
@@ -242,11 +242,11 @@ class Rebalancer:
         if store.exists("run.json"):
             try:
                 recorded = store.read_json("run.json")
-                same = all(recorded.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+                # the plan loads no model: it takes the embedding identity to be the recorded one
+                as_run = {**run, "embed_identity": recorded.get("embed_identity")}
+                same = all(recorded.get(k) == as_run.get(k) for k in RUN_IDENTITY)
                 status = "resume" if same else "start over (--overwrite)"
                 if not same and not self.options.overwrite:
-                    # the plan loads no model: it takes the embedding identity to be the recorded one
-                    as_run = {**run, "embed_identity": recorded.get("embed_identity")}
                     previous = _check_previous_run(store, as_run, False, self.shard_fingerprints,
                                                    {s.relpath: s.shard_id for s in shards}, self.options.update)
                     status = (f"update ({previous.changes.summary()} shards: rescanned, with what depends on them)"

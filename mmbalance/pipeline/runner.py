@@ -86,7 +86,7 @@ class RunState:
                 out.append(summary)
             return out
 
-        return self.memo(f"summaries:{name}", read)
+        return self.memo(_summaries_key(name), read)
 
     def valid_rows(self) -> int:
         """Rows the scan kept (--plan before the scans are done: every input row)."""
@@ -96,6 +96,10 @@ class RunState:
     def seconds_until_now(self, name: str) -> dict[str, float]:
         """Every stage's wall seconds so far, the running one's up to now."""
         return {**self.stage_seconds, name: round(time.perf_counter() - self.stage_started, 3)}
+
+
+def _summaries_key(name: str) -> str:
+    return f"summaries:{name}"
 
 
 class Runner:
@@ -118,7 +122,7 @@ class Runner:
         """Run the stage's tasks that are not verifiably done; progress counts finished and skipped work."""
         state, store = self.state, self.state.store
         start = state.stage_started
-        state.forget(f"summaries:{declared.name}")
+        state.forget(_summaries_key(declared.name))
         tasks = declared.tasks(state)
         checks = store.check_units(declared.name, [t.key for t in tasks], [identity_of(declared, t) for t in tasks])
         self.repair(resume.damages(declared.name, checks))

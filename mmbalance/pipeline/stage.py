@@ -206,8 +206,8 @@ class UnitStage(Stage):
     key_field: ClassVar[str] = "shard_id"  # the summary field that names the unit
 
     def tasks(self, state: RunState) -> list:
-        """The stage's units as typed tasks (their identity values included): what the run does and
-        what ``--plan`` counts (through ``units``/``identity_values``, which this is built from)."""
+        """The stage's units as typed tasks (their identity values included), built from ``keys``,
+        ``unit_rows`` and ``identity_values``: what ``--plan`` counts without building them."""
         identity = self.identity_values(state)
         return [self.task_type(shard=s, rows=rows, **identity, **self.task_fields(state, s))
                 for s, rows in zip(state.shards, self.unit_rows(state))]

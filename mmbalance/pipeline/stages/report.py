@@ -14,10 +14,6 @@ from mmbalance.pipeline.stages.weigh import AFTER, AFTER_ENTRIES, MANIFEST
 from mmbalance.schemas.recipe import Recipe
 
 EXPORTED = Output("export/*")
-MERGED_AFTER = Output("after/merged.parquet")
-REPORT = Output("report.json")
-STAGE_STATS = Output("stats/stages.json")
-HTML = Output("report.html")
 
 
 class Export(GlobalStage):
@@ -40,6 +36,11 @@ class Export(GlobalStage):
         formats = self.formats(state.recipe)
         exported = export_run(state.store.uri, formats, state.recipe.export)
         return {"dest": state.recipe.export.dest, "formats": formats, "mixture": exported.get("mixture")}
+
+
+MERGED_AFTER = Output("after/merged.parquet")
+REPORT = Output("report.json")
+STAGE_STATS = Output("stats/stages.json")
 
 
 class Report(GlobalStage):
@@ -93,6 +94,9 @@ def stage_stats(state, seconds: dict[str, float]) -> dict[str, Any]:
             continue
         out[declared.name] = stage_statistics(declared.key_field, state.summaries(declared.name), seconds.get(declared.name))
     return out
+
+
+HTML = Output("report.html")
 
 
 class Html(GlobalStage):
