@@ -234,6 +234,7 @@ def report_cmd(
     """Write OUT/report.html (self-contained, plots embedded) from a finished run and print its path."""
 
     def go():
+        import mmbalance.pipeline.stages  # noqa: F401 - the stages say which marker records a run file: reads are checked
         from mmbalance.operators.report_html import write_html_report
 
         if "://" not in out and not Path(out).is_dir():
@@ -283,6 +284,7 @@ def export_cmd(
     """Write trainer-ready files (open_clip TSV/webdataset + command line, big_vision, HF, DataComp) from a run, without recomputing."""
 
     def go():
+        import mmbalance.pipeline.stages  # noqa: F401 - the stages say which marker records a run file: reads are checked
         from mmbalance.operators.export import _load_run, export_run
         from mmbalance.schemas.export import ExportOptions
 
