@@ -118,13 +118,13 @@ def output_checks(out: Path, recipe_path: Path) -> dict:
     import pyarrow.parquet as pq
     import xxhash
 
-    from mmbalance.pipeline import plan
+    from mmbalance.pipeline import stages
     from mmbalance.io.store import OUTPUTS_KEY, RunStore
     from mmbalance.io.recipes import load_recipe
 
     store = RunStore(str(out))
     recipe = load_recipe(recipe_path)
-    units = {s.name: sorted(store.done_keys(s.name)) for s in plan.active_stages(recipe)}
+    units = {s.name: sorted(store.done_keys(s.name)) for s in stages.active_stages(recipe)}
     files = sorted({rel for name, keys in units.items() for key in keys
                     for rel in (store.read_marker(name, key) or {}).get(OUTPUTS_KEY, {})})
     total = sum((out / rel).stat().st_size for rel in files)

@@ -3,7 +3,7 @@ data (time, inertia), assignment rows/s vs a bare scan of the embedding column f
 sample rows/s, and our cosine silhouette vs sklearn's (plus sklearn's import cost). Assignment and
 sampling time what a pipeline run calls (issue 22): the assign stage's ``operators.assign.assign_table``
 with the models ``operators.models.load_models`` reads, and the scan's sample candidates
-(``stages._sample_candidates``) cut to the sample by ``fit.merge_sample``. k-means quality against sklearn and faiss on held-out
+(``stages.scan.sample_candidates``) cut to the sample by ``fit.merge_sample``. k-means quality against sklearn and faiss on held-out
 corpora: benchmarks/bench_kmeans_quality.py.
 
     .venv/bin/python benchmarks/bench_cluster.py              # 200k x 512, k=256 (a few minutes)
@@ -44,7 +44,8 @@ from mmbalance.operators.cluster.select_k import silhouette_cosine
 from mmbalance.operators.hashing import sample_priority
 from mmbalance.operators.models import load_models, save_model
 from mmbalance.pipeline import fit as pipeline_fit
-from mmbalance.pipeline.stages import RunContext, _sample_candidates
+from mmbalance.pipeline.stage import RunContext
+from mmbalance.pipeline.stages.scan import sample_candidates
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.recipe import Recipe
 
@@ -87,7 +88,7 @@ class PipelineSample:
         self.ctx, self.parts, self.rows = ctx, [], 0
 
     def __call__(self, table: pa.Table) -> None:
-        cand = _sample_candidates(self.ctx, table, _tags(table, self.rows), np.arange(table.num_rows))
+        cand = sample_candidates(self.ctx, self.ctx.sample_threshold, table, _tags(table, self.rows), np.arange(table.num_rows))
         if cand is not None:
             self.parts.append(cand)
         self.rows += table.num_rows
@@ -232,7 +233,7 @@ def main() -> None:
             "parquet_bare_scan_rows_per_s": rows_bare / t_bare,
             "parquet_assign_rows_per_s": rows_op / t_op,
             "assign_over_scan_time": t_op / t_bare,
-            "sample_calls": "pipeline.stages._sample_candidates per batch, then pipeline.fit.merge_sample",
+            "sample_calls": "pipeline.stages.scan.sample_candidates per batch, then pipeline.fit.merge_sample",
             "sample_rows_per_s": n / (t_scan_sample + t_merge), "sample_merge_s": t_merge,
             "sample_size": ctx.recipe.sample_size(), "sample_rows": sample.num_rows,
             # RSS growth over each scan: assignment should match the bare scan (one batch); the

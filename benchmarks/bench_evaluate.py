@@ -8,7 +8,7 @@ matrix products).
 Generates an evaluation set once (JPEG bytes cycled from a pool of distinct photo-like images,
 captions, a perceived-gender column null on about half the rows, 8 occupations) and then, in fresh
 processes, alternating, ``--repeats`` times each:
-  embed     the embed stage: ``pipeline.stages.embed_shard_stage`` over every row of every shard, the
+  embed     the embed stage: ``pipeline.stages.embed.Embed`` over every row of every shard, the
             function ``mmbalance rebalance`` runs, model load included (images/s, wall clock);
   evaluate  ``mmbalance evaluate`` in-process (``pipeline.evaluate.evaluate``, executor local): scan,
             model load, the same embed stage, prompts, every figure with 1000 bootstrap resamples,
@@ -20,7 +20,6 @@ depend on them. Writes JSON into benchmarks/results/ with the command that produ
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -96,11 +95,12 @@ def recipe(args, workdir: Path) -> dict:
 
 def run_embed(args, workdir: Path) -> dict:
     """The embed stage alone, as a rebalance runs it (LocalExecutor over the shards, every row valid)."""
-    from mmbalance.pipeline import stages
     from mmbalance.pipeline.executor import LocalExecutor
     from mmbalance.pipeline.shards import discover_shards
     from mmbalance.io.store import RunStore
     from mmbalance.schemas.evaluate import parse_eval_recipe
+    from mmbalance.pipeline.stage import RunContext
+    from mmbalance.pipeline.stages.embed import Embed, EmbedTask, embed_bundle
     from mmbalance.schemas.recipe import InputSpec, Recipe
 
     spec = parse_eval_recipe(recipe(args, workdir)).model.embed_spec()
@@ -115,12 +115,12 @@ def run_embed(args, workdir: Path) -> dict:
         n = pq.ParquetFile(s.path).metadata.num_rows
         rows += n
         store.write_table("tags", f"{s.shard_id}.parquet", table=pa.table({"row": pa.array(np.arange(n), pa.int64())}))
-    ctx = stages.RunContext(str(source), str(out), corpus, (), ())
+    ctx = RunContext(str(source), str(out), corpus, (), ())
     t0 = time.perf_counter()
-    info = stages.embed_bundle(spec.model_dump_json()).info  # the model load, as the stage's first unit pays it
+    info = embed_bundle(spec.model_dump_json()).info  # the model load, as the stage's first unit pays it
     info = {k: v for k, v in info.items() if k not in ("precision", "device", "image_decode")}
-    tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "embed_info": info} for s in shards]
-    done = list(LocalExecutor().map(functools.partial(stages.embed_shard_stage, ctx), tasks))
+    tasks = [EmbedTask(shard=s, rows=pq.ParquetFile(s.path).metadata.num_rows, embed_info=info) for s in shards]
+    done = list(LocalExecutor().map(Embed().function(ctx), tasks))
     wall = time.perf_counter() - t0
     assert sum(d["rows_out"] for d in done) == rows
     return {"role": "embed", "images": rows, "seconds": round(wall, 3), "images_per_s": round(rows / wall, 2)}

@@ -4,7 +4,7 @@
     .venv/bin/python deploy/lock.py --check    # exit 1 if either file is out of date (no writing)
 
 Each file is pip's own resolution (``pip install --dry-run --report``, from PyPI only, this machine's
-pip configuration ignored) of what the image needs: the base dependencies and the ``jobs`` extra
+pip configuration ignored) of what the image needs: the base dependencies, the ``jobs`` and ``s3`` extras
 (CPU), plus ``embed`` and the GPU faiss build in place of faiss-cpu (CUDA). Every distribution the
 development environment has installed is pinned to its version there (the versions the test suite ran
 with, local ``+cu...`` labels dropped); the rest resolves to the newest release that fits. Ray is the
@@ -42,7 +42,7 @@ def image_requirements(kind: str) -> list[str]:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project, extras = pyproject["project"], pyproject["project"]["optional-dependencies"]
     # the build backend too: the image builds mmbalance with --no-build-isolation, from pinned setuptools
-    reqs = [*project["dependencies"], *extras["jobs"], f"ray[default,data]=={RAY_VERSION}", *pyproject["build-system"]["requires"]]
+    reqs = [*project["dependencies"], *extras["jobs"], *extras["s3"], f"ray[default,data]=={RAY_VERSION}", *pyproject["build-system"]["requires"]]
     if kind == "cuda":
         sys.path.insert(0, str(ROOT))
         from mmbalance.faiss_build import CPU_REQUIREMENT, GPU_REQUIREMENT

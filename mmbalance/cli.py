@@ -208,6 +208,7 @@ def report_cmd(
     """Write OUT/report.html (self-contained, plots embedded) from a finished run and print its path."""
 
     def go():
+        import mmbalance.pipeline.stages  # noqa: F401 - the stages say which marker records a run file: reads are checked
         from mmbalance.operators.report_html import write_html_report
 
         if "://" not in out and not Path(out).is_dir():
@@ -257,7 +258,8 @@ def export_cmd(
     """Write trainer-ready files (open_clip TSV/webdataset + command line, big_vision, HF, DataComp) from a run, without recomputing."""
 
     def go():
-        from mmbalance.operators.export import load_run, export_run
+        import mmbalance.pipeline.stages  # noqa: F401 - the stages say which marker records a run file: reads are checked
+        from mmbalance.operators.export import export_run, load_run
         from mmbalance.schemas.export import ExportOptions
 
         _, info, _, _ = load_run(out)

@@ -23,6 +23,7 @@ from mmbalance.operators.report import association_gaps, concept_balance
 from mmbalance.operators.html import fmt
 from mmbalance.io.source import has_page_checksums, read_source, shard_info
 from mmbalance.pipeline.shards import discover_shards
+from mmbalance.pipeline.stages import STAGES, stage
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import tag_column
 from mmbalance.schemas.recipe import Recipe
@@ -270,8 +271,6 @@ def _signature_prevalence(table: pa.Table, weight: str) -> dict[str, dict[str, A
 def _stage_progress(store: RunStore) -> tuple[dict[str, int], dict[str, list[dict[str, Any]]]]:
     """Finished units per declared stage (from the done markers, in stage order) and the units a
     deferred run recorded as failed (execution.on_unit_error: defer)."""
-    from mmbalance.pipeline.plan import STAGES
-
     done: dict[str, int] = {}
     failed: dict[str, list[dict[str, Any]]] = {}
     for declared in STAGES:
@@ -297,7 +296,6 @@ def inspect_run(store: RunStore, console: Console) -> dict[str, Any]:
     done, failed = _stage_progress(store)
     summary["done"], summary["failed"] = done, failed
     if done:
-        from mmbalance.pipeline.plan import stage
 
         shards = run.get("shards")
         console.print("finished units: " + ", ".join(

@@ -128,7 +128,7 @@ def record_edit(run: Path, relative: str) -> None:
     recorded file against its marker, and would call the edit damage)."""
     import json
 
-    from mmbalance.pipeline.plan import owner
+    from mmbalance.pipeline.stages import owner
     from mmbalance.io.store import OUTPUTS_KEY, RunStore, file_record
 
     stage, key = owner(relative)

@@ -31,10 +31,6 @@ LAYERS = {
     "jobs": 4, "cli": 4, "console": 4, "inspect": 4,
 }
 
-# The one known exception, until the stage-objects branch lands: io/store.py asks
-# pipeline/plan.py which stage owns an output (``owner``); that branch moves the declaration down.
-KNOWN_UPWARD = {("mmbalance.io.store", "mmbalance.pipeline.plan")}
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -79,7 +75,7 @@ def layer_violations() -> list[str]:
             for reached in _targets(target, names):
                 layer = _layer(reached)
                 assert layer is not None, f"{reached}: not assigned to a layer (add it to LAYERS)"
-                if layer > own and (name, reached) not in KNOWN_UPWARD:
+                if layer > own:
                     found.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name} imports {reached} (a higher layer)")
     return found
 
@@ -114,13 +110,6 @@ def test_layers_only_point_down():
 
 def test_no_module_uses_another_modules_private_names():
     assert private_violations() == []
-
-
-def test_the_known_exception_is_still_needed():
-    """When the stage-objects branch removes io/store.py's import of the plan, drop KNOWN_UPWARD."""
-    still = {(name, reached) for name, path in MODULES.items() for _, target, names in _imports(path)
-             for reached in _targets(target, names) if (name, reached) in KNOWN_UPWARD}
-    assert still == KNOWN_UPWARD
 
 
 @pytest.mark.parametrize("source, expect", [

@@ -26,7 +26,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,31 @@ import pyarrow.parquet as pq
 import xxhash
 
 from mmbalance.io.storage import RunLockedError, display_uri, object_store_lock, resolve_filesystem  # noqa: F401
+
+OwnerLookup = Callable[[str], "tuple[str, str] | None"]
+
+
+def _no_owner(relative: str) -> None:
+    return None
+
+
+_owner_lookup: OwnerLookup = _no_owner
+
+
+def use_owners(lookup: OwnerLookup) -> None:
+    """Which done marker records a run file: (stage, unit key) of a path under OUT, or None. The
+    stages declare what they write, above this layer; their registry (mmbalance.pipeline.stages)
+    hands the lookup down when it loads, so the store imports nothing above it. Every process that
+    reads a run (the driver, a worker running a stage, ``mmbalance export``/``report``/``inspect``)
+    loads the registry first; until then no file has a record to check."""
+    global _owner_lookup
+    _owner_lookup = lookup
+
+
+def owner_of(relative: str) -> tuple[str, str] | None:
+    """(stage, unit key) of the done marker that records ``relative`` (see ``use_owners``)."""
+    return _owner_lookup(relative)
+
 
 OUTPUTS_KEY = "_outputs"  # in a done marker: {relative path: file record} of what the unit wrote
 CHECKSUM = "xxh3_64"  # whole-file, streamed (benchmarks/bench_checksums.py: as fast as CRC32C or faster, zlib CRC-32 3-6x slower)
@@ -211,10 +236,8 @@ class RunStore:
         return data
 
     def recorded(self, relative: str) -> dict[str, Any] | None:
-        """The record of ``relative`` in the done marker of the unit that wrote it (see plan.owner)."""
-        from mmbalance.pipeline.plan import owner
-
-        unit = owner(relative)
+        """The record of ``relative`` in the done marker of the unit that wrote it (see ``use_owners``)."""
+        unit = owner_of(relative)
         if unit is None:
             return None
         marker = self.read_marker(*unit)

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from mmbalance.operators.stats import group_totals
-from mmbalance.schemas.contract import tag_column
+from mmbalance.schemas.contract import add_reasons, tag_column
 from mmbalance.schemas.recipe import Recipe
 
 
@@ -295,4 +295,62 @@ def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[
     if solution and any(step.method == "m4" for step in recipe.balance_steps()):
         views = {"before": (before_f, "count"), "after_expected": (after_f, "w_sum"), "after_realized": (after_f, "rep_sum")}
         report["constraint_families"] = constraint_families(recipe, views, vocab, solution, embedding_sums)
+    return report
+
+
+def run_report(recipe: Recipe, run: dict[str, Any], *, scans: list[dict[str, Any]], embeds: list[dict[str, Any]],
+               signatures: list[dict[str, Any]], weighs: list[dict[str, Any]], assigns: list[dict[str, Any]],
+               before: pa.Table, after: pa.Table, vocab: dict[str, list[str]], solution: dict[str, Any],
+               fit: dict[str, Any] | None = None, sample: pa.Table | None = None,
+               entries: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """A run's report.json (less the stage statistics and timings the runner adds): row accounting
+    from the stages' unit summaries (the scan's, embed's and signatures' rejects; duplicates counted
+    where they were rejected, so a copy the embed stage rejected counts once), the metrics before and
+    after, the fit, leakage probes on the fit ``sample`` under the solution's weights, concept balance
+    of metadata labels (``entries``: per label the entry counts before and the weights after), the
+    tagging audit and caption coverage."""
+    from mmbalance.operators.audit import summarise_audit
+    from mmbalance.operators.solve.m4.solution import merge_embedding_sums
+    from mmbalance.operators.tag import coverage_section, merge_audits
+
+    reasons = add_reasons({}, *(s["reasons"] for s in [*scans, *embeds]))
+    n_dups = sum(s["rejected"] for s in signatures)
+    if n_dups:
+        add_reasons(reasons, {"duplicate uid": n_dups})
+    input_rows = sum(s["rows_in"] for s in scans)
+    rejected = sum(s["rejected"] for s in scans) + sum(s["rejected"] for s in embeds) + n_dups
+    manifest_rows = input_rows - rejected
+    report = {
+        "input": {"uri": run["input"], "shards": run["shards"], "fingerprint": run["input_fingerprint"]},
+        "rows": {"input": input_rows, "manifest": manifest_rows, "rejected": rejected,
+                 "rejected_by_reason": dict(sorted(reasons.items()))},
+        "method": recipe.balance_method(),
+        "solution": solution.get("diagnostics", {}),
+        "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
+    }
+    sums = merge_embedding_sums([s.get("embedding_sums") for s in weighs])
+    report.update(build_report(recipe, before, after, vocab, report["solution"], embedding_sums=sums))
+    if report["weights"]["rows"] != manifest_rows:
+        raise RuntimeError(f"row accounting broken: {manifest_rows} manifest rows, {report['weights']['rows']} weighed")
+    if fit:
+        report["fit"] = fit
+    if sample is not None:
+        from mmbalance.operators.leakage import leakage_report
+        from mmbalance.operators.solve import solution_from_dict
+
+        weights = solution_from_dict(solution).weights(sample)
+        report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
+        if "constraint_families" in report:
+            family_leakage(report["constraint_families"], report["leakage"])
+    for name, (before_sizes, after_sizes) in (entries or {}).items():  # concept balance over metadata entries
+        for view, sizes in (("before", before_sizes), ("after_expected", after_sizes)):
+            report[view]["concept_balance"][name] = balance_of_sizes(sizes)
+    audit = merge_audits([s.get("audit") or {} for s in [*scans, *assigns]])
+    if audit:
+        report["audit"] = {
+            name: {**summarise_audit(item["counts"]), "sample_uids": {v: [u for _, u in items] for v, items in item["uids"].items()}}
+            for name, item in audit.items() if "counts" in item
+        }
+    if coverage := coverage_section(audit):  # caption sources: share tagged, untagged nouns
+        report["coverage"] = coverage
     return report

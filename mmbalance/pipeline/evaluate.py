@@ -16,7 +16,6 @@ differences (docs/algorithms.md section 9).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -35,11 +34,12 @@ from mmbalance.operators.evaluate.scoring import build_plans
 from mmbalance.io.source import read_source
 from mmbalance.operators.validate import validate_rows
 from mmbalance.operators.zero_shot import model_scoring
-from mmbalance.pipeline import stages
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.shards import check_output_location, discover_shards, inspect_shards
+from mmbalance.pipeline.stage import RunContext
+from mmbalance.pipeline.stages.embed import Embed, EmbedTask, embed_bundle
 from mmbalance.io.store import RunStore
 from mmbalance.schemas.contract import REJECTS_SCHEMA, InputError, add_reasons, tag_column
 from mmbalance.schemas.evaluate import EvalRecipe
@@ -168,7 +168,7 @@ def label_values(recipe: EvalRecipe, scanned: ScannedSet) -> dict[str, list[str]
 def load_bundle(spec):
     """The embed stage's cached model for this spec; any failure is one line naming what to change."""
     try:
-        return stages.embed_bundle(spec.model_dump_json())
+        return embed_bundle(spec.model_dump_json())
     except ImportError:
         raise
     except Exception as err:  # noqa: BLE001 - a bad name, file, checkpoint or config: the user's to fix
@@ -200,17 +200,16 @@ def embed_set(store: RunStore, eval_path: str, recipe: EvalRecipe, scanned: Scan
             store.write_table("tags", f"{shard_id}.parquet", table=tags)
     store.write_json(RECORD, obj=record)
     corpus = recipe.corpus_recipe().model_copy(update={"embed": spec})
-    ctx = stages.RunContext(eval_path, store.uri, corpus, (), ())
-    tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "embed_info": info, stages.UNIT: s.shard_id}
-             for s in scanned.shards]
+    ctx = RunContext(eval_path, store.uri, corpus, (), ())
     rows = {s.shard_id: scanned.tags[s.shard_id].num_rows for s in scanned.shards}
-    done = store.verified_keys("embed", [t["shard_id"] for t in tasks])
-    todo = [t for t in tasks if t["shard_id"] not in done]
-    resources = {"actors": spec.actors, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus} if isinstance(executor, RayExecutor) else {}
+    tasks = [EmbedTask(shard=s, rows=rows[s.shard_id], embed_info=info) for s in scanned.shards]
+    done = store.verified_keys("embed", [t.key for t in tasks])
+    todo = [t for t in tasks if t.key not in done]
+    stage = Embed()
     start = time.perf_counter()
     with StageProgress("embed", len(tasks), sum(rows.values()), enabled=show_progress) as bar:
         bar.skip(len(tasks) - len(todo), sum(rows[k] for k in done))
-        for summary in executor.map(functools.partial(stages.embed_shard_stage, ctx), todo, **resources):
+        for summary in executor.map(stage.function(ctx), todo, **stage.resources.executor_options(corpus)):
             bar.advance(1, rows.get(summary["shard_id"], 0))
     return time.perf_counter() - start
 

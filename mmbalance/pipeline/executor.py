@@ -1,21 +1,23 @@
 """Execution backends for per-shard work: a plain local loop, or Ray tasks on a local or remote cluster.
 
-Both run the same picklable function over the same JSON-able task descriptions and yield each
-task's JSON-able summary as it finishes; outputs are written by the function itself, keyed by shard.
+Both run the same picklable function over the same picklable tasks (a stage's typed tasks) and yield
+each task's result (a unit's summary) as it finishes; outputs are written by the function itself,
+keyed by shard.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from mmbalance.errors import sigterm_exits
 
-TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
+TaskFn = Callable[[Any], Any]
 
 
 class LocalExecutor:
@@ -101,27 +103,25 @@ def group_tasks(sizes: list[int], slots: int, rows_per_group: int) -> list[list[
     return groups
 
 
+def _packed(value: Any) -> str:
+    """A task or a result as a Ray Data cell: pickled (typed tasks), as text."""
+    return base64.b64encode(pickle.dumps(value)).decode()
+
+
+def _unpacked(cell: Any) -> Any:
+    return pickle.loads(base64.b64decode(str(cell)))
+
+
 class _TaskBatchRunner:
-    """Ray Data batch function: each row carries one task as JSON. Bad input (InputError,
-    RecipeError) comes back as data, so the driver can say it in one line: Ray would wrap the
-    exception in its own error types and tracebacks."""
+    """Ray Data batch function: each row carries one task. Bad input (InputError, RecipeError) comes
+    back as data (``_run_one``), so the driver can say it in one line: Ray would wrap the exception
+    in its own error types and tracebacks."""
 
     def __init__(self, fn: TaskFn):
         self.fn = fn
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        from mmbalance.schemas.contract import InputError
-        from mmbalance.schemas.recipe import RecipeError
-
-        out = []
-        for t in batch["task"]:
-            try:
-                out.append(json.dumps({"ok": self.fn(json.loads(str(t)))}))
-            except (InputError, RecipeError) as err:
-                out.append(json.dumps({"input_error": str(err), "type": type(err).__name__}))
-            except OSError as err:  # the output filesystem (full, read-only): one line, no Ray wrapping
-                out.append(json.dumps({"os_error": str(err), "errno": err.errno}))
-        return {"result": out}
+        return {"result": [_packed(_run_one(self.fn, _unpacked(t))) for t in batch["task"]]}
 
 
 class RayExecutor:
@@ -173,14 +173,14 @@ class RayExecutor:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI draws one bar per stage itself
         ctx.print_on_execution_start = False
-        items = [{"task": json.dumps(t)} for t in tasks]
+        items = [{"task": _packed(t)} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             _TaskBatchRunner, fn_constructor_kwargs={"fn": fn}, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=num_gpus or None,
         )
         for row in ds.iter_rows():
-            yield _unwrap(json.loads(row["result"]))
+            yield _unwrap(_unpacked(row["result"]))
 
     def _task_map(self, fn: TaskFn, tasks: list[dict[str, Any]], cpus: float, sizes: list[int] | None):
         import ray

@@ -335,8 +335,7 @@ def stratified_sample(ctx, store: RunStore, spec: SubclassSpec, shards, dups, si
         missing = np.setdiff1d(rows, have)
         if len(missing):
             read_shards += 1
-            task = {"shard_id": shard.shard_id, "path": shard.path, "relpath": shard.relpath}
-            for batch_rows, table in embedding_batches(ctx, store, task, missing):
+            for batch_rows, table in embedding_batches(ctx, store, shard, missing):
                 want = np.isin(batch_rows, missing)
                 if not want.any():
                     continue

@@ -1,55 +1,53 @@
-"""The rebalance run: wiring of the stages, resume, and the run record.
+"""The rebalance run: discovery and inspection of the input, the run record and what an earlier run
+in OUT holds, the lock, the executor; then the stages (pipeline/runner.py, pipeline/stages/).
 
     discover + inspect (footers, schemas)      every shard checked before work starts
     scan        per shard   validate, tag, uid hashes        -> tags/, uids/, rejects/validate/
+    embed       per shard   open_clip or .npz embeddings     -> embeddings/, rejects/embed/
     dedup       per bucket  duplicate uids across shards     -> dedup/
+    fit         global      the fit sample, models           -> fit/, models/
+    assign      per shard   cluster and zero-shot tags       -> assign/
     signatures  per shard   counts of first-occurrence rows  -> signatures/, rejects/dedup/
     solve       global      merged signatures -> solution    -> solve/solution.json
     weigh       per shard   weights, stochastic rounding     -> manifest/, after/
+    export      global      trainer formats                  -> export/
     report      global      metrics before and after         -> report.json, stats/
-
-A per-shard stage skips every shard whose done marker exists, so a rerun after a crash redoes only
-unfinished shards; all randomness is a pure function of (seed, shard id, row), so results match.
+    html        global      the report as a page             -> report.html
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
-import math
 import platform
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-from rich.markup import escape
 
 import mmbalance
-from mmbalance.operators import stats as stats_op
-from mmbalance.operators.dedup import bucket_bounds
-from mmbalance.operators.report import balance_of_sizes, build_report, family_leakage
-from mmbalance.operators.solve import CorpusStats, solve
+from mmbalance.io.storage import configure_storage, ensure_bucket
+from mmbalance.io.store import RunStore
 from mmbalance.operators import tag as tag_op
-from mmbalance.operators.audit import summarise_audit
-from mmbalance.pipeline import fit, plan, resume, stages
+from mmbalance.pipeline import fit, resume
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints
-from mmbalance.pipeline.progress import StageProgress
+from mmbalance.pipeline.plan import plan_run
+from mmbalance.pipeline.runner import Runner, RunState
 from mmbalance.pipeline.shards import (check_local_out, check_output_location, discover_shards, effective_recipe,
                                       expected_embedding_dim, inspect_shards)
-from mmbalance.io.store import RunStore, UnitCheck
-from mmbalance.schemas.contract import InputError, add_reasons, tag_column
+from mmbalance.pipeline.stage import RunContext
+from mmbalance.pipeline.stages import STAGES, active_stages
+from mmbalance.pipeline.stages.embed import embed_record
+from mmbalance.pipeline.stages.scan import row_tagger
+from mmbalance.schemas.contract import InputError
 from mmbalance.schemas.recipe import Recipe
-from mmbalance.io.storage import configure_storage, ensure_bucket
 
 RUN_FORMAT = 3  # 2: content fingerprints per shard, done markers record their outputs; 3: whole-file checksums
-SAMPLE_METHODS = {"rnb"}  # balance methods that read the embedding sample
+# what makes a run directory the same run (run.json): another value refuses it, or --update/--overwrite
+RUN_IDENTITY = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
 
 
 @dataclass
@@ -109,7 +107,7 @@ def _untouched(store: RunStore, previous_shards: list[dict], relpaths: list[str]
         return False
     for rel in relpaths:
         for shard_id in {old_ids.get(rel), current_ids.get(rel)} - {None}:
-            if any(store.exists("_done", st.name, f"{shard_id}.json") for st in plan.STAGES if st.unit == "shard"):
+            if any(store.exists("_done", st.name, f"{shard_id}.json") for st in STAGES if st.unit == "shard"):
                 return False
     return True
 
@@ -152,12 +150,10 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, c
             raise
         store.clear()
         return PreviousRun()
-    keys = ("format", "recipe_fingerprint", "input_fingerprint", "embed_identity")
-    same = all(previous.get(k) == run.get(k) for k in keys)
-    if same:
+    if all(previous.get(k) == run.get(k) for k in RUN_IDENTITY):
         return PreviousRun()
     if not overwrite:
-        changed = [k for k in ("recipe_fingerprint", "input_fingerprint", "embed_identity") if previous.get(k) != run.get(k)]
+        changed = [k for k in RUN_IDENTITY[1:] if previous.get(k) != run.get(k)]
         if changed == ["input_fingerprint"] and previous.get("format") == run.get("format") and store.exists("shards.json"):
             previous_shards = store.read_json("shards.json")
             changes = resume.input_changes(previous_shards, contents)
@@ -176,86 +172,6 @@ def _check_previous_run(store: RunStore, run: dict[str, Any], overwrite: bool, c
     return PreviousRun()
 
 
-class KeptRows:
-    """The kept rows' tags shard by shard (valid, first occurrence, embedded): for solvers that need
-    every row, e.g. M4 with a per-row utility baseline. One shard in memory at a time."""
-
-    def __init__(self, ctx: stages.RunContext, store: RunStore, shards, dups: dict[int, dict[str, list]], executor=None):
-        self.ctx, self.store, self.shards, self.dups = ctx, store, shards, dups
-        self.executor = executor or LocalExecutor()
-
-    def blocks(self) -> "ShardBlocks":
-        return ShardBlocks(self)
-
-    def tables(self, columns: list[str]):
-        for shard in self.shards:
-            dup_rows = self.dups.get(shard.index, {}).get("rows", [])
-            yield stages.kept_tags(self.ctx, self.store, shard.shard_id, dup_rows).select(columns)
-
-
-class ShardBlocks:
-    """M4 streaming blocks kept per shard under OUT/solve/stream/ and reduced by the run's executor:
-    every dual evaluation is one map (a Ray task per shard) and a sum of per-signature vectors."""
-
-    def __init__(self, rows: KeptRows):
-        self.rows = rows
-        self.calls = 0
-
-    def _map(self, fn, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return {r["shard_id"]: r for r in self.rows.executor.map(functools.partial(fn, self.rows.ctx), tasks)}
-
-    def build(self, keys) -> tuple[int, float]:
-        store = self.rows.store
-        store.write_table("solve", "stream", "keys.parquet", table=keys.to_arrow())
-        tasks = [{"shard_id": s.shard_id, "dup_rows": self.rows.dups.get(s.index, {}).get("rows", [])} for s in self.rows.shards]
-        done = self._map(stages.stream_block_build, tasks)
-        ids = [s.shard_id for s in self.rows.shards]
-        return sum(done[i]["rows"] for i in ids), sum(done[i]["sum_u"] for i in ids)
-
-    def build_rows(self, keys, spec) -> dict[str, float]:
-        """Row blocks with projected embeddings (M4 embedding moments), one task per shard."""
-        store = self.rows.store
-        store.write_table("solve", "stream", "keys.parquet", table=keys.to_arrow())
-        meta, arrays = spec.to_files()
-        store.write_json("solve", "stream", "spec.json", obj=meta)
-        store.write_bytes("solve", "stream", "spec.npz", data=stages.npz_bytes(**arrays))
-        tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "rows_spec": True,
-                  "dup_rows": self.rows.dups.get(s.index, {}).get("rows", [])} for s in self.rows.shards]
-        done = self._map(stages.stream_block_build, tasks)
-        ids = [s.shard_id for s in self.rows.shards]
-        return {k: sum(done[i][k] for i in ids) for k in ("rows", "sum_u", "sum_omega", "sum_omega_u")}
-
-    def iter_blocks(self):
-        for shard in self.rows.shards:
-            yield stages.read_npz(self.rows.store, "solve", "stream", f"{shard.shard_id}.npz")
-
-    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
-        store = self.rows.store
-        self.calls += 1
-        t_file = None
-        if t is not None:  # the dual shifts (or, with embedding moments, a dict of arrays)
-            t_file = f"t-{self.calls:06d}.npz"
-            payload = t if isinstance(t, dict) else {"t": np.asarray(t, np.float64)}
-            store.write_bytes("solve", "stream", t_file, data=stages.npz_bytes(**payload))
-        tasks = [{"shard_id": s.shard_id, "kind": kind, "t_file": t_file, "params": params, "call": self.calls}
-                 for s in self.rows.shards]
-        done = self._map(stages.stream_block_reduce, tasks)
-        total = None
-        for shard in self.rows.shards:  # a fixed order: the same sums on every rerun
-            name = done[shard.shard_id]["part"]
-            part = stages.read_npz(store, "solve", "stream", name)["part"]
-            store.fs.delete_file(store.path("solve", "stream", name))
-            total = part if total is None else total + part
-        if t_file:
-            store.fs.delete_file(store.path("solve", "stream", t_file))
-        return total if total is not None else np.zeros((3 if kind == "aggregate" else 1, int(params["S"])))
-
-    def close(self) -> None:
-        store = self.rows.store
-        if store.exists("solve", "stream"):
-            store.fs.delete_dir(store.path("solve", "stream"))
-
-
 class Rebalancer:
     def __init__(self, input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None):
         configure_storage(recipe.storage)
@@ -265,76 +181,6 @@ class Rebalancer:
         self.store = RunStore(out)
         self.stage_seconds: dict[str, float] = {}
         self.shard_fingerprints: dict[str, str] = {}
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _run_stage(self, name: str, executor, ctx: stages.RunContext, tasks: list[dict[str, Any]], keys: list[str],
-                   rows: list[int]) -> None:
-        """Run the declared stage's tasks that are not verifiably done (marker readable, outputs
-        intact, and the task's identity values, e.g. the solution digest, equal to the marker's);
-        progress counts finished and skipped work."""
-        declared = plan.stage(name)
-        fn = functools.partial(getattr(stages, declared.function), ctx)
-        identity, resources = declared.identity, declared.resources(self.recipe)
-        defer = self.recipe.execution.on_unit_error == "defer"
-        if defer:
-            fn = functools.partial(stages.deferring, name, fn)
-        start = time.perf_counter()
-        if identity:
-            tasks = [{**t, stages.IDENTITY: list(identity)} for t in tasks]
-        expect = [{k: t[k] for k in identity} for t in tasks]
-        checks = self.store.check_units(name, keys, expect)
-        self._repair(resume.damages(name, checks))
-        done = {k for k, c in checks.items() if c.status == "done"}
-        todo = [{**t, stages.UNIT: k} for t, k in zip(tasks, keys) if k not in done]
-        skipped_rows = sum(r for k, r in zip(keys, rows) if k in done)
-        row_of = dict(zip(keys, rows))
-        failed: list[dict[str, Any]] = []
-        with StageProgress(name, total_units=len(tasks), total_rows=sum(rows), enabled=self.options.show_progress) as bar:
-            bar.skip(len(tasks) - len(todo), skipped_rows)
-            for summary in executor.map(fn, todo, sizes=[row_of[t[stages.UNIT]] for t in todo], **resources):
-                if "_failed" in summary:
-                    failed.append(summary)
-                    continue
-                bar.advance(1, row_of.get(summary[declared.key], 0))
-                if self.options.on_progress:
-                    self.options.on_progress(name, summary)
-        self.stage_seconds[name] = round(time.perf_counter() - start, 3)
-        if not failed and defer and self.store.exists("_failed", name):  # records of units since redone or renamed
-            self.store.fs.delete_dir(self.store.path("_failed", name))
-        if failed:
-            failed.sort(key=lambda f: f["_failed"])
-            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-            raise InputError(f"{failed[0]['reason']}{more}: {len(failed)} of {len(tasks)} {name} units failed, the others "
-                             f"finished; recorded in {self.store.uri_of('_failed', name)}; rerun to retry only those")
-
-    def _repair(self, damaged: list[resume.Damage]) -> None:
-        """Damaged outputs: their units and every unit downstream of them are redone (markers deleted)."""
-        if not damaged:
-            return
-        closure = resume.invalidate(self.store, self.recipe, damaged)
-        if self.options.show_progress:
-            from rich.console import Console
-
-            follow = ", ".join(f"{st} {'all' if plan.ALL in ks else len(ks)}" for st, ks in closure.items())
-            for d in damaged:
-                Console(stderr=True, soft_wrap=True, highlight=False).print(
-                    f"[yellow]{escape(d.line(self.store))}[/yellow]: redone" + (f" with what read it ({follow})" if follow else ""))
-
-    def _global_check(self, name: str) -> bool:
-        """Is the global stage's unit done (its damaged outputs are repaired like a unit's)?"""
-        check = self.store.check_unit(name, plan.stage(name).done_key)
-        self._repair(resume.damages(name, {plan.stage(name).done_key: check}))
-        return check.status == "done"
-
-    def _summaries(self, stage: str, keys: list[str]) -> list[dict[str, Any]]:
-        out = []
-        for key in keys:
-            summary = self.store.done_summary(stage, key)
-            if summary is None:
-                raise RuntimeError(f"stage {stage}: {key} did not finish")
-            out.append(summary)
-        return out
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -360,7 +206,7 @@ class Rebalancer:
             for c in item.layout.columns:
                 if c not in layout_columns:
                     layout_columns.append(c)
-        stages.row_tagger(recipe)  # compile caption lexicons now: a bad vocabulary fails before any work
+        row_tagger(recipe)  # compile caption lexicons now: a bad vocabulary fails before any work
         tag_op.check_vocabularies(recipe, captions=False)  # and the zero-shot ones, read otherwise only at the fit
         dims = {}
         for role in ("image_embedding", "text_embedding"):
@@ -385,56 +231,22 @@ class Rebalancer:
         return run, shards, layout_columns, dims
 
     def plan(self) -> dict[str, Any]:
-        """What a run would do, from the declaration and what is verifiably done in OUT: damaged
-        outputs (listed first: their units and what read them are redone), then per stage the units
-        done and to do, the resources, and the expected output size (from the outputs of the units
-        already done). Writes nothing."""
-        recipe, store = self.recipe, self.store
-        run, shards, _, _ = self._prepare()
+        """What a run would do (see pipeline/plan.py). Writes nothing."""
+        run, shards, layout_columns, dims = self._prepare()
         status, previous = self._plan_status(run, shards)
-        fresh = not status.startswith(("resume", "update"))
-        ids, rows = [s.shard_id for s in shards], [s.num_rows for s in shards]
-        threshold = fit.sample_threshold(recipe, run["input_rows"])
-        checks = {} if fresh else self._plan_checks(ids, threshold)
-        damaged = [d for name, found in checks.items() for d in resume.damages(name, found)]
-        units = sorted({(d.stage, d.key) for d in damaged})
-        if previous.changes:
-            units += resume.update_units(previous.previous_shards, shards, previous.changes)[1]
-        closure = resume.affected(units, recipe)
-        done_by_stage = {name: {k for k, c in found.items() if c.status == "done" and k not in closure.get(name, set())}
-                         if plan.ALL not in closure.get(name, set()) else set() for name, found in checks.items()}
-        summaries = {k: store.done_summary("scan", k) for k in done_by_stage.get("scan", set())}
-        valid = sum(v["rows_out"] for v in summaries.values()) if len(summaries) == len(ids) else None
-        buckets = max(1, math.ceil((valid if valid is not None else run["input_rows"]) / recipe.execution.dedup_bucket_rows))
-        out_rows = []
-        for declared in plan.active_stages(recipe):
-            entry: dict[str, Any] = {"stage": declared.name, "unit": declared.unit, "resources": declared.resources_text}
-            if declared.unit == "global":
-                done = declared.done_key in done_by_stage.get(declared.name, set()) if declared.name in ("fit", "solve") else False
-                entry.update(units=1, done=int(done), to_do=int(not done), rows_to_do=None,
-                             note="" if declared.name in ("fit", "solve") else "rewritten by every run")
-            else:
-                keys = ids if declared.unit == "shard" else [f"{b:05d}-of-{buckets:05d}" for b in range(buckets)]
-                unit_rows = rows if declared.unit == "shard" else [run["input_rows"] // buckets] * buckets
-                done = done_by_stage.get(declared.name, set()) & set(keys)
-                entry.update(units=len(keys), done=len(done), to_do=len(keys) - len(done),
-                             rows_to_do=sum(r for k, r in zip(keys, unit_rows) if k not in done), note="")
-                entry["expected_output_bytes"] = self._expected_bytes(declared.name, keys, unit_rows, done)
-            out_rows.append(entry)
-        return {"out": store.uri, "input": self.input_uri, "status": status, "shards": len(shards),
-                "input_rows": run["input_rows"], "stages": out_rows,
-                "damaged": [{"stage": d.stage, "unit": d.key, "file": store.path(d.file), "reason": d.reason} for d in damaged]}
+        state = self._state(run, shards, layout_columns, dims)
+        return plan_run(state, status, previous, fresh=not status.startswith(("resume", "update")))
 
     def _plan_status(self, run: dict[str, Any], shards) -> tuple[str, PreviousRun]:
         store, status, previous = self.store, "new run", PreviousRun()
         if store.exists("run.json"):
             try:
                 recorded = store.read_json("run.json")
-                same = all(recorded.get(k) == run.get(k) for k in ("format", "recipe_fingerprint", "input_fingerprint"))
+                # the plan loads no model: it takes the embedding identity to be the recorded one
+                as_run = {**run, "embed_identity": recorded.get("embed_identity")}
+                same = all(recorded.get(k) == as_run.get(k) for k in RUN_IDENTITY)
                 status = "resume" if same else "start over (--overwrite)"
                 if not same and not self.options.overwrite:
-                    # the plan loads no model: it takes the embedding identity to be the recorded one
-                    as_run = {**run, "embed_identity": recorded.get("embed_identity")}
                     previous = _check_previous_run(store, as_run, False, self.shard_fingerprints,
                                                    {s.relpath: s.shard_id for s in shards}, self.options.update)
                     status = (f"update ({previous.changes.summary()} shards: rescanned, with what depends on them)"
@@ -448,56 +260,13 @@ class Rebalancer:
                       f"its progress so far (it would {status.split(' (')[0]})")
         return status, previous
 
-    def _plan_checks(self, ids: list[str], threshold: int | None) -> dict[str, dict[str, UnitCheck]]:
-        """Every unit of every active stage checked as a run would (outputs read in full)."""
-        recipe, store = self.recipe, self.store
-        checks: dict[str, dict[str, UnitCheck]] = {}
-        digests: dict[str, Any] = {}
-        for name in ("fit", "solve"):
-            if name in {s.name for s in plan.active_stages(recipe)}:
-                checks[name] = {plan.stage(name).done_key: store.check_unit(name, plan.stage(name).done_key)}
-        if checks.get("solve", {}).get("solution", UnitCheck("missing")).status == "done":
-            digests["solution_digest"] = hashlib.sha256(
-                json.dumps(store.read_json("solve", "solution.json"), sort_keys=True).encode()).hexdigest()[:16]
-        if checks.get("fit", {}).get("models", UnitCheck("missing")).status == "done":
-            digests["models_digest"] = fit.models_digest(store)
-        for declared in plan.active_stages(recipe):
-            if declared.unit == "global":
-                continue
-            keys = ids if declared.unit == "shard" else sorted(store.done_keys(declared.name))
-            wanted = [k for k in declared.identity if k != "sample_threshold"]
-            if any(k not in digests for k in wanted):
-                checks[declared.name] = {k: UnitCheck("changed") for k in keys}  # what they depend on is not there yet
-                continue
-            found = store.check_units(declared.name, keys, [{k: digests[k] for k in wanted}] * len(keys))
-            if "sample_threshold" in declared.identity:  # a higher recorded threshold is narrowed, not rescanned
-                for key, check in found.items():
-                    recorded = (store.read_marker(declared.name, key) or {}).get("sample_threshold") if check.status == "done" else None
-                    if check.status == "done" and threshold is not None and not (isinstance(recorded, int) and recorded >= threshold):
-                        found[key] = UnitCheck("changed")
-            checks[declared.name] = found
-        return checks
-
-    def _expected_bytes(self, stage: str, keys: list[str], unit_rows: list[int], done: set[str]) -> int | None:
-        """The stage's output size: the recorded outputs of the units done, scaled by rows to the rest."""
-        written = rows_done = 0
-        for key, n in zip(keys, unit_rows):
-            if key in done:
-                marker = self.store.read_marker(stage, key) or {}
-                written += sum(r["size"] for r in marker.get("_outputs", {}).values() if r)
-                rows_done += n
-        if not done:
-            return None
-        total_rows = sum(unit_rows)
-        return int(written * total_rows / rows_done) if rows_done else written
-
     def _locked_run(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int]) -> RunResult:
         recipe, store = self.recipe, self.store
         if recipe.embed is not None:
             from mmbalance.schemas.embed import embedding_identity
 
             # loads the model once here: a bad tag, path or a missing torch fails before any work
-            run["embed"] = stages.embed_record(recipe, check_only=self.options.stop_after == "dedup")
+            run["embed"] = embed_record(recipe, check_only=self.options.stop_after == "dedup")
             run["embed_identity"] = embedding_identity(run["embed"])
         previous = _check_previous_run(store, run, self.options.overwrite, self.shard_fingerprints,
                                        {s.relpath: s.shard_id for s in shards}, self.options.update)
@@ -511,265 +280,47 @@ class Rebalancer:
             store.write_json("shards.json", obj=[{**s.to_dict(), "fingerprint": self.shard_fingerprints[s.relpath]}
                                                  for s in shards])
 
-        ctx = stages.RunContext(
-            input_uri=self.input_uri,
-            out=store.uri,
-            recipe=recipe,
-            source_columns=tuple(layout_columns),
-            embedding_dims=tuple(sorted(dims.items())),
-            sample_threshold=fit.sample_threshold(recipe, run["input_rows"]),
-        )
         executor_kind = self.options.executor or recipe.execution.executor
         if executor_kind == "local":
-            return self._stages(ctx, shards, LocalExecutor(), run)
+            return self._stages(self._state(run, shards, layout_columns, dims, LocalExecutor()))
         with ray_session(
             self.options.address or recipe.execution.address,
             self.options.num_cpus or recipe.execution.num_cpus,
             recipe.execution.object_store_memory_mb,
         ) as embedded:
-            return self._stages(ctx, shards, RayExecutor(settle_workers=embedded), run)
+            return self._stages(self._state(run, shards, layout_columns, dims, RayExecutor(settle_workers=embedded)))
 
-    def _stages(self, ctx: stages.RunContext, shards, executor, run: dict[str, Any]) -> RunResult:
-        recipe, store = self.recipe, self.store
-        ids = [s.shard_id for s in shards]
-        rows = [s.num_rows for s in shards]
+    def _state(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int], executor=None) -> RunState:
+        ctx = RunContext(
+            input_uri=self.input_uri,
+            out=self.store.uri,
+            recipe=self.recipe,
+            source_columns=tuple(layout_columns),
+            embedding_dims=tuple(sorted(dims.items())),
+            sample_threshold=fit.sample_threshold(self.recipe, run["input_rows"]),
+        )
+        return RunState(self.recipe, self.store, ctx, shards, run, active_stages(self.recipe), self.options, executor,
+                        stage_seconds=dict(self.stage_seconds))
 
-        # scan
-        scan_tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "num_rows": s.num_rows,
-                       "sample_threshold": ctx.sample_threshold, "format": s.format} for s in shards]
-        self._run_stage("scan", executor, ctx, scan_tasks, ids, rows)
-        scans = self._summaries("scan", ids)
-        valid_rows = sum(s["rows_out"] for s in scans)
+    def _stages(self, state: RunState) -> RunResult:
+        Runner(state).run(stop_after=self.options.stop_after)
+        if self.options.stop_after:  # validation: what the run would reject up to there
+            return RunResult(state.store.uri, validation_counts(state), dict(state.stage_seconds))
+        report = state.results["report"]
+        return RunResult(state.store.uri, report, dict(report["stage_seconds"]))
 
-        # embed: open_clip on an actor pool (the model loads once per actor), or DataComp .npz
-        if recipe.embed is not None:
-            embed_tasks = [{**{k: v for k, v in t.items() if k != "sample_threshold"}, "embed_info": run["embed"]} for t in scan_tasks]
-            self._run_stage("embed", executor, ctx, embed_tasks, ids, [s["rows_out"] for s in scans])
 
-        # dedup: buckets sized so one bucket's hashes fit comfortably in a worker
-        buckets = max(1, math.ceil(valid_rows / recipe.execution.dedup_bucket_rows))
-        bucket_keys = [f"{b:05d}-of-{buckets:05d}" for b in range(buckets)]
-        dedup_tasks = [
-            {"bucket": b, "buckets": buckets, "lo": str(lo), "hi": str(hi), "shard_ids": ids}
-            for b, (lo, hi) in enumerate(bucket_bounds(buckets))
-        ]
-        per_bucket_rows = [valid_rows // buckets] * buckets
-        self._run_stage("dedup", executor, ctx, dedup_tasks, bucket_keys, per_bucket_rows)
-        dups = self._duplicates(bucket_keys, shards)
-        if self.options.stop_after == "dedup":  # validation: what the run would reject up to here
-            embeds = self._summaries("embed", ids) if recipe.embed is not None else []
-            # a copy the embed stage rejects is rejected once, as the signatures stage counts it
-            n_dups = sum(len(set(dups[s.index]["rows"]) - set(stages.embed_rejected_rows(ctx, store, s.shard_id).tolist()))
-                         for s in shards if s.index in dups)
-            return RunResult(store.uri, {"scans": scans, "embeds": embeds, "duplicates": n_dups}, dict(self.stage_seconds))
+def validation_counts(state: RunState) -> dict[str, Any]:
+    """The scan's and the embed stage's unit summaries and the duplicates, counted as the run counts
+    them: a copy the embed stage rejects is rejected once."""
+    from mmbalance.pipeline.rows import embed_rejected_rows
+    from mmbalance.pipeline.stages.dedup import duplicates
 
-        # fit (global, on the sample) and assign (per shard): clusters and subclasses as labels
-        fit_info = self._fit(ctx, executor, shards, dups, valid_rows) if recipe.needs_sample() else {}
-
-        # signatures
-        def with_dups(task: dict[str, Any], shard) -> dict[str, Any]:
-            d = dups.get(shard.index, {"rows": [], "first_shard": [], "first_row": []})
-            return {**task, "dup_rows": d["rows"], "dup_first_shard": d["first_shard"], "dup_first_row": d["first_row"]}
-
-        sig_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath}, s) for s in shards]
-        self._run_stage("signatures", executor, ctx, sig_tasks, ids, rows)
-
-        # solve (global, small)
-        t = time.perf_counter()
-        executor.settle()  # timed: waiting for workers to exit is the stage's cost
-        before = stats_op.merge((store.read_table("signatures", f"{i}.parquet") for i in ids), ctx.tag_columns)
-        vocab = self._vocabulary(before)
-        entry_counts = {spec.name: self._merged_entries("entries", spec.name, ids) for spec in recipe.metadata_labels()}
-        wants_sample = any(st.method in SAMPLE_METHODS for st in recipe.balance_steps())
-        eval_paths = [st.eval_path for st in recipe.balance_steps() if getattr(st, "eval_path", None)]
-        corpus = CorpusStats(recipe, before, vocab, total_rows=int(pa.compute.sum(before.column("count")).as_py() or 0),
-                             sample=store.read_table("fit", "sample.parquet") if wants_sample and store.exists("fit", "sample.parquet") else None,
-                             eval_sample=fit.read_eval_sample(eval_paths[0], recipe, dict(ctx.embedding_dims)) if eval_paths else None,
-                             entry_counts=entry_counts,
-                             hierarchies={c.name: store.read_json("models", f"{c.name}.json")["parents"]
-                                          for c in recipe.clusters if c.levels},
-                             rows=KeptRows(ctx, store, shards, dups, executor)
-                             if recipe.input.columns.utility or recipe.embedding_moments() else None,
-                             embedding_bases=fit.load_embedding_bases(store) if recipe.embedding_moments() else {})
-        # a solution whose marker is missing or whose file changed is solved again (deterministic):
-        # never a hand-edited or damaged solution applied to the unfinished shards only
-        if not self._global_check("solve"):
-            try:
-                solution = solve(corpus)
-            except ValueError as err:  # solvers raise ValueError for what the recipe asks and the data can't give
-                raise InputError(f"solve: {err}") from None
-            store.take_written()  # not the M4 streaming blocks: they are deleted
-            store.write_table("signatures", "merged.parquet", table=before)
-            store.write_json("solve", "solution.json", obj=solution.to_dict())
-            store.mark_done("solve", "solution", {"rows_in": corpus.total_rows})
-        solution_json = json.dumps(store.read_json("solve", "solution.json"), sort_keys=True)
-        digest = hashlib.sha256(solution_json.encode()).hexdigest()[:16]
-        self.stage_seconds["solve"] = round(time.perf_counter() - t, 3)
-
-        # weigh
-        weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "solution_digest": digest}, s)
-                       for s in shards]
-        self._run_stage("weigh", executor, ctx, weigh_tasks, ids, rows)
-
-        # report
-        t = time.perf_counter()
-        executor.settle()  # timed: waiting for workers to exit is the stage's cost
-        store.forget("report", "report")  # rewritten by every run: its marker goes last, after report.json
-        after = stats_op.merge((store.read_table("after", f"{i}.parquet") for i in ids), ctx.tag_columns)
-        store.take_written()
-        store.write_table("after", "merged.parquet", table=after)
-        report_outputs = store.take_written()
-        report = self._report(run, scans, before, after, vocab, json.loads(solution_json), dups)
-        if fit_info:
-            report["fit"] = fit_info
-        if recipe.attributes and recipe.report.leakage and store.exists("fit", "sample.parquet"):
-            from mmbalance.operators.leakage import leakage_report
-            from mmbalance.operators.solve import solution_from_dict
-
-            sample = store.read_table("fit", "sample.parquet")
-            weights = solution_from_dict(json.loads(solution_json)).weights(sample)
-            report["leakage"] = leakage_report(sample, recipe, vocab, weights, recipe.report.leakage_rows, recipe.sample.seed)
-            if "constraint_families" in report:
-                family_leakage(report["constraint_families"], report["leakage"])
-        for spec in recipe.metadata_labels():  # concept balance over metadata entries, before and after
-            before_sizes = entry_counts[spec.name]
-            after_sizes = self._merged_entries("after_entries", spec.name, ids, size=len(before_sizes))
-            for view, sizes in (("before", before_sizes), ("after_expected", after_sizes)):
-                report[view]["concept_balance"][spec.name] = balance_of_sizes(sizes)
-        derived = self._summaries("assign", ids) if recipe.needs_derive() else []
-        audit = tag_op.merge_audits([s.get("audit") or {} for s in [*scans, *derived]])
-        if audit:
-            report["audit"] = {
-                name: {**summarise_audit(item["counts"]), "sample_uids": {v: [u for _, u in items] for v, items in item["uids"].items()}}
-                for name, item in audit.items() if "counts" in item
-            }
-        if coverage := tag_op.coverage_section(audit):  # caption sources: share tagged, untagged nouns
-            report["coverage"] = coverage
-        self.stage_seconds["report"] = round(time.perf_counter() - t, 3)
-
-        # export: trainer formats from the manifest (rewritten whole each run: byte-identical)
-        formats = [f for f in recipe.export.formats if f != "parquet"]
-        if formats:
-            from mmbalance.operators.export import export_run
-
-            t = time.perf_counter()
-            exported = export_run(store.uri, formats, recipe.export)
-            report["export"] = {"dest": recipe.export.dest, "formats": formats, "mixture": exported.get("mixture")}
-            self.stage_seconds["export"] = round(time.perf_counter() - t, 3)
-        report["stage_seconds"] = dict(self.stage_seconds)
-        report["stages"] = self._stage_stats(ids, bucket_keys)
-        store.write_json("stats", "stages.json", obj=report["stages"])
-        store.write_json("report.json", obj=report)
-        store.mark_done("report", "report", {"rows_in": report["rows"]["input"]}, {**report_outputs, **store.take_written()})
-        if self.options.html_report and recipe.report.html:
-            from mmbalance.operators.report_html import write_html_report
-
-            write_html_report(store.uri)
-        return RunResult(store.uri, report, dict(self.stage_seconds))
-
-    def _fit(self, ctx: stages.RunContext, executor, shards, dups, valid_rows: int) -> dict[str, Any]:
-        recipe, store = self.recipe, self.store
-        t = time.perf_counter()
-        executor.settle()  # timed: waiting for workers to exit is the stage's cost
-        info = store.done_summary("fit", "models") if self._global_check("fit") else None
-        if info is None:
-            store.take_written()
-            n_dups = sum(len(d["rows"]) for d in dups.values())
-            sample = fit.merge_sample(store, shards, dups, recipe.sample_size(), embedded=recipe.embed is not None)
-            if sample is None:
-                if recipe.needs_derive():
-                    raise InputError("the fit sample is empty: no valid rows to cluster or tag")
-                info = {"sample_rows": 0}
-            else:
-                sample, info = fit.fit_models(recipe, store, sample, shards, dups, valid_rows - n_dups, ctx=ctx)
-                store.write_table("fit", "sample.parquet", table=sample)
-            store.mark_done("fit", "models", info)
-        self.stage_seconds["fit"] = round(time.perf_counter() - t, 3)
-        if recipe.needs_derive():
-            digest = fit.models_digest(store)
-            tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "models_digest": digest} for s in shards]
-            self._run_stage("assign", executor, ctx, tasks, [s.shard_id for s in shards], [s.num_rows for s in shards])
-        return info
-
-    def _merged_entries(self, directory: str, name: str, ids: list[str], size: int | None = None) -> np.ndarray:
-        """Global per-entry counts (or weights) of a metadata label from its per-shard sparse tables."""
-        from mmbalance.operators.metaclip import merge_entry_counts
-
-        tables = [self.store.read_table(directory, name, f"{i}.parquet") for i in ids]
-        entries = size if size is not None else self._entry_count(name)
-        return merge_entry_counts(tables, entries)
-
-    def _entry_count(self, name: str) -> int:
-        from mmbalance.data import load_lines
-
-        spec = next(lab for lab in self.recipe.metadata_labels() if lab.name == name)
-        return len(load_lines(spec.metadata.entries))
-
-    def _duplicates(self, bucket_keys: list[str], shards) -> dict[int, dict[str, list]]:
-        """Duplicate rows per shard index. Memory grows with the number of duplicates, not rows."""
-        by_shard: dict[int, dict[str, list]] = defaultdict(lambda: {"rows": [], "first_shard": [], "first_row": []})
-        for key in bucket_keys:
-            table = self.store.read_table("dedup", f"bucket-{key}.parquet")
-            for s, r, fs, fr in zip(*(table.column(c).to_pylist() for c in ("shard_index", "row", "first_shard_index", "first_row"))):
-                entry = by_shard[s]
-                entry["rows"].append(r)
-                entry["first_shard"].append(shards[fs].relpath)
-                entry["first_row"].append(fr)
-        return dict(by_shard)
-
-    def _vocabulary(self, before: pa.Table) -> dict[str, list[str]]:
-        vocab = {a.name: list(a.values) for a in self.recipe.attributes}
-        declared = {lab.name: lab.values for lab in self.recipe.labels}
-        for name in self.recipe.label_names():
-            vocab[name] = list(declared[name]) if declared.get(name) else stats_op.vocabulary(before, tag_column(name))
-        return vocab
-
-    def _report(self, run, scans, before, after, vocab, solution, dups) -> dict[str, Any]:
-        ids = [s["shard_id"] for s in scans]
-        embeds = self._summaries("embed", ids) if self.recipe.embed is not None else []
-        reasons = add_reasons({}, *(s["reasons"] for s in [*scans, *embeds]))
-        # duplicates counted where they were rejected: a copy the embed stage rejected counts once
-        n_dups = sum(s["rejected"] for s in self._summaries("signatures", ids))
-        if n_dups:
-            add_reasons(reasons, {"duplicate uid": n_dups})
-        input_rows = sum(s["rows_in"] for s in scans)
-        rejected = sum(s["rejected"] for s in scans) + sum(s["rejected"] for s in embeds) + n_dups
-        manifest_rows = input_rows - rejected
-        report = {
-            "input": {"uri": run["input"], "shards": run["shards"], "fingerprint": run["input_fingerprint"]},
-            "rows": {
-                "input": input_rows,
-                "manifest": manifest_rows,
-                "rejected": rejected,
-                "rejected_by_reason": dict(sorted(reasons.items())),
-            },
-            "method": self.recipe.balance_method(),
-            "solution": solution.get("diagnostics", {}),
-            "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
-        }
-        from mmbalance.operators.solve.m4.solution import merge_embedding_sums
-
-        sums = merge_embedding_sums([s.get("embedding_sums") for s in self._summaries("weigh", ids)])
-        report.update(build_report(self.recipe, before, after, vocab, report["solution"], embedding_sums=sums))
-        if report["weights"]["rows"] != manifest_rows:
-            raise RuntimeError(f"row accounting broken: {manifest_rows} manifest rows, {report['weights']['rows']} weighed")
-        return report
-
-    def _stage_stats(self, ids: list[str], bucket_keys: list[str]) -> dict[str, Any]:
-        """Per declared stage: units, the merged accounting (rows in/out/rejected, reasons), summed task
-        seconds, wall seconds, and the per-unit distribution; global stages: wall seconds."""
-        out: dict[str, Any] = {}
-        if "inspect" in self.stage_seconds:
-            out["inspect"] = {"wall_seconds": self.stage_seconds["inspect"]}
-        for declared in plan.active_stages(self.recipe):
-            if declared.unit == "global":
-                if declared.name in self.stage_seconds:
-                    out[declared.name] = {"wall_seconds": self.stage_seconds[declared.name]}
-                continue
-            keys = bucket_keys if declared.unit == "bucket" else ids
-            out[declared.name] = plan.stage_statistics(declared.name, self._summaries(declared.name, keys),
-                                                       self.stage_seconds.get(declared.name))
-        return out
+    dups = duplicates(state)
+    n_dups = sum(len(set(dups[s.index]["rows"]) - set(embed_rejected_rows(state.ctx, state.store, s.shard_id).tolist()))
+                 for s in state.shards if s.index in dups)
+    embeds = state.summaries("embed") if state.is_active("embed") else []
+    return {"scans": state.summaries("scan"), "embeds": embeds, "duplicates": n_dups}
 
 
 def rebalance(input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None) -> RunResult:

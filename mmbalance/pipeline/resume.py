@@ -1,7 +1,7 @@
 """What a rerun redoes beyond the unfinished units: damaged outputs and what read them, and the
 units a grown or changed corpus affects (``rebalance --update``).
 
-Both are derived from the stage declarations (``plan.downstream``): a unit whose output no longer
+Both are derived from the stage declarations (``downstream``): a unit whose output no longer
 matches its done marker is redone with every unit that read that output, directly or through
 others (a damaged ``fit/sample.parquet``: fit, assign, signatures, solve, weigh); an added, changed
 or removed shard redoes its own units and what reads them (dedup, the fit and the solve read every
@@ -16,9 +16,55 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from mmbalance.pipeline import plan
 from mmbalance.io.store import OUTPUTS_KEY, RunStore, UnitCheck
+from mmbalance.pipeline.stage import GlobalStage, Stage
 from mmbalance.schemas.recipe import Recipe
+
+ALL = "*"  # every unit of a stage
+
+
+def readers_of(stage_name: str) -> list[tuple[Stage, bool]]:
+    """The stages that read what ``stage_name`` writes, each with True when a unit reads only the
+    same shard's files (a shard stage reading another's output for its own shard), False when it
+    reads every unit's."""
+    from mmbalance.pipeline.stages import BY_NAME, STAGES
+
+    writer = BY_NAME[stage_name]
+    written = {id(o) for o in writer.writes}
+    out: list[tuple[Stage, bool]] = []
+    for reader in STAGES:
+        reads = [r for r in reader.output_reads() if id(r.output) in written]
+        if reader.name != stage_name and reads:
+            out.append((reader, all(not r.every and reader.unit == writer.unit == "shard" for r in reads)))
+    return out
+
+
+def downstream(units: list[tuple[str, str]], recipe: Recipe) -> dict[str, set[str]]:
+    """Every unit that read, directly or through others, what the ``units`` ((stage, key)) wrote,
+    derived from the declared reads and writes: {stage: {keys} or {ALL}}. A redone unit rewrites all
+    its outputs, so all of them count. The given units themselves are not included."""
+    from mmbalance.pipeline.stages import active_stages
+
+    active = {s.name for s in active_stages(recipe)}
+    found: dict[str, set[str]] = {}
+    todo = list(units)
+    while todo:
+        stage_name, key = todo.pop()
+        for reader, same in readers_of(stage_name):
+            if reader.name not in active:
+                continue
+            if isinstance(reader, GlobalStage):
+                target = reader.done_key
+                if target is None:
+                    continue  # rewritten by every run (export, html)
+            else:
+                target = key if same else ALL
+            have = found.setdefault(reader.name, set())
+            if ALL in have or target in have:
+                continue
+            have.add(target)
+            todo.append((reader.name, target))
+    return found
 
 
 @dataclass
@@ -39,7 +85,7 @@ def damages(stage: str, checks: dict[str, UnitCheck]) -> list[Damage]:
 
 def affected(units: list[tuple[str, str]], recipe: Recipe) -> dict[str, set[str]]:
     """The units downstream of ``units`` ((stage, key)), and those units themselves."""
-    closure = plan.downstream(units, recipe)
+    closure = downstream(units, recipe)
     for stage_name, key in units:
         closure.setdefault(stage_name, set()).add(key)
     return closure
@@ -49,7 +95,7 @@ def invalidate(store: RunStore, recipe: Recipe, damaged: list[Damage]) -> dict[s
     """Delete the done markers of every unit downstream of the damaged outputs, then of the damaged
     units themselves: the stages redo them as unfinished work."""
     units = sorted({(d.stage, d.key) for d in damaged})
-    closure = plan.downstream(units, recipe)
+    closure = downstream(units, recipe)
     forget_units(store, closure)
     for d in damaged:  # last: a run killed before this finds the damage, and so all of this, again
         store.forget(d.stage, d.key)
@@ -58,7 +104,7 @@ def invalidate(store: RunStore, recipe: Recipe, damaged: list[Damage]) -> dict[s
 
 def forget_units(store: RunStore, closure: dict[str, set[str]]) -> None:
     for stage_name, keys in closure.items():
-        if plan.ALL in keys:
+        if ALL in keys:
             if store.exists("_done", stage_name):
                 store.fs.delete_dir(store.path("_done", stage_name))
             continue
@@ -107,14 +153,16 @@ def input_changes(previous: list[dict[str, Any]], current: dict[str, str]) -> In
     return out
 
 
-def shard_stages() -> list[plan.Stage]:
-    return [s for s in plan.STAGES if s.unit == "shard"]
+def shard_stages() -> list[Stage]:
+    from mmbalance.pipeline.stages import STAGES
+
+    return [s for s in STAGES if s.unit == "shard"]
 
 
 def drop_shard(store: RunStore, shard_id: str) -> None:
     """Delete every output and marker of a shard that left the corpus (or whose id changed)."""
     for declared in shard_stages():
-        for pattern in declared.writes:
+        for pattern in (o.pattern for o in declared.writes):
             head, _, tail = pattern.partition("{label}/")
             if tail:  # entries/{label}/{shard}.parquet: one file per label directory
                 dirs = [f"{head}{d}/" for d in _subdirs(store, head.rstrip("/"))]
@@ -163,10 +211,10 @@ def apply_update(store: RunStore, recipe: Recipe, previous: list[dict[str, Any]]
 def narrow_samples(store: RunStore, shard_ids: list[str], threshold: int | None) -> int:
     """A grown corpus keeps fewer fit-sample candidates per shard (a lower priority threshold): cut
     each finished scan's candidates to it instead of rescanning the shard. The rows kept are exactly
-    those a fresh scan keeps, written the same way (stages.write_sample), so the files are identical.
+    those a fresh scan keeps, written the same way (``write_sample``), so the files are identical.
     A higher threshold (a shrunk corpus) cannot be narrowed to: those scans are redone. Returns how
     many shards were narrowed."""
-    from mmbalance.pipeline.stages import write_sample
+    from mmbalance.pipeline.stages.scan import write_sample
 
     if threshold is None:
         return 0

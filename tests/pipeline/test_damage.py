@@ -17,6 +17,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from typer.testing import CliRunner
 
 from mmbalance.cli import app
 from mmbalance.io.source import has_page_checksums
-from mmbalance.pipeline import plan
+from mmbalance.pipeline import plan, stages
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.io.recipes import load_recipe
 
@@ -162,7 +164,7 @@ def rerun_and_compare(baseline, out: Path, damaged: dict[str, str], kinds: list[
     options = RunOptions(executor=executor, show_progress=False, html_report=False, on_progress=lambda n, s: redone.append(n))
     rebalance(str(baseline["corpus"]), str(out), baseline["recipe"], options)
     assert run_outputs(out, markers=True) == run_outputs(baseline["clean"], markers=True)
-    per_unit = {k: v for k, v in to_do(planned).items() if plan.stage(k).unit != "global"}
+    per_unit = {k: v for k, v in to_do(planned).items() if stages.stage(k).unit != "global"}
     assert {s: redone.count(s) for s in set(redone)} == per_unit
     after = Rebalancer(str(baseline["corpus"]), str(out), baseline["recipe"], LOCAL).plan()
     assert not after["damaged"] and not to_do(after)
@@ -237,6 +239,20 @@ def test_readers_refuse_a_damaged_run_file_naming_it(baseline, tmp_path, reader,
     result = CliRunner().invoke(app, [a.format(out=out) for a in reader])
     line = one_line(result)
     assert f"{out}/{relative}: damaged run file" in line, line
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("reader", [["report"], ["export", "-f", "csv"]])
+def test_a_reader_in_a_fresh_process_checks_what_it_reads(baseline, tmp_path, reader):
+    """The store learns which marker records a file from the stages: a command that reads a run
+    without running one loads them first. The manifest is rewritten as a valid Parquet file, so only
+    its record in the done marker can tell."""
+    out = run_copy(baseline, tmp_path)
+    relative = per_shard_file(out, "manifest", 1)
+    pq.write_table(pq.read_table(out / relative).slice(1), out / relative)
+    proc = subprocess.run([sys.executable, "-m", "mmbalance.cli", reader[0], str(out), *reader[1:]], capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and f"{out}/{relative}: damaged run file" in proc.stderr, (proc.returncode, proc.stderr)
 
 
 def rewrite_manifest(out: Path, relative: str, edit) -> None:

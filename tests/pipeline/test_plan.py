@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from corpora import RECIPE_FROM_ISSUE
 
-from mmbalance.pipeline import plan, stages
+from mmbalance.pipeline import stages
+from mmbalance.pipeline.stage import GlobalStage, UnitStage
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.io.recipes import load_recipe
 
@@ -24,15 +25,14 @@ def test_architecture_doc_shows_the_declared_stage_table():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     found = re.search(r"<!-- stages:begin -->\n(.*?)<!-- stages:end -->", doc, re.S)
     assert found, "docs/architecture.md lacks the generated stage table"
-    assert found.group(1) == plan.markdown_table(), "regenerate the table with plan.markdown_table()"
+    assert found.group(1) == stages.markdown_table(), "regenerate the table with stages.markdown_table()"
 
 
-def test_every_per_unit_stage_names_a_function_of_the_stages_module():
-    for declared in plan.STAGES:
-        if declared.unit == "global":
-            assert declared.function is None
-        else:
-            assert callable(getattr(stages, declared.function)), declared.name
+def test_every_stage_is_one_object_that_runs_its_own_units():
+    for declared in stages.STAGES:
+        kind = GlobalStage if declared.unit == "global" else UnitStage
+        assert isinstance(declared, kind), declared.name
+        assert type(declared).run is not kind.run, f"{declared.name} does not define its work"
         assert declared.reads and declared.writes
 
 
@@ -53,7 +53,7 @@ def test_plan_of_a_new_run_writes_nothing_and_lists_every_unit(held_out_corpus, 
     assert not out.exists()
     rows = by_stage(planned)
     assert planned["status"] == "new run" and planned["input_rows"] == sum(3000 + 250 * i for i in range(4))
-    assert [r["stage"] for r in planned["stages"]] == [s.name for s in plan.active_stages(recipe)]
+    assert [r["stage"] for r in planned["stages"]] == [s.name for s in stages.active_stages(recipe)]
     assert rows["scan"] == {**rows["scan"], "units": 4, "done": 0, "to_do": 4, "rows_to_do": planned["input_rows"],
                             "expected_output_bytes": None}
 
