@@ -77,12 +77,12 @@ def test_validate_predicts_the_rejects_of_rebalance_without_loading_the_model(tm
     corpus = corpus_with_bad_images(tmp_path / "c")
     spec = recipe(tiny_open_clip_dir(tmp_path / "tiny"), status="status")
     result = rebalance(str(corpus), str(tmp_path / "o"), spec, LOCAL)
-    import mmbalance.operators.embed as embed
+    import mmbalance.operators.embed.model as embed_model
 
     def no_model(*args, **kwargs):
         raise AssertionError("validate loaded the model")
 
-    monkeypatch.setattr(embed, "load_model", no_model)
+    monkeypatch.setattr(embed_model, "load_model", no_model)
     summary = validate_corpus(str(corpus), spec, show_progress=False)
     rows = result.report["rows"]
     assert summary["rejected_by_reason"] == rows["rejected_by_reason"]
