@@ -1,10 +1,14 @@
 """A byte flipped anywhere in a run's outputs is found, redone with everything that read it, and the
 rerun ends byte-identical to the undamaged run; ``--plan`` lists the damaged units first.
 
-One baseline run (local) on a corpus sized so every kind of output is large enough for a flip in
-its middle to escape a check of its first and last 64 KiB (the old done markers'): per shard about
-0.9 MB of manifest and tags, 150 KB of assign, 280 KB of signatures; a 2.7 MB fit sample, a 260 KB
-centroid file, a 150 KB solution.
+One baseline run (local) on a corpus of 4 x 40,000 rows with long random uids and a camera label
+of 16,000 long random values, so that the outputs are several MB where that is cheap (measured,
+per shard: manifest 3.15 MB, tags 6.7 MB, signatures 3.65 MB; the fit sample 4.0 MB, the solution
+2.5 MB): a flip in them escapes a check of their first and last 64 KiB (the old done markers').
+Two kinds stay small: assign (151 KB a shard: a row number and three small cluster ids per row;
+several MB would take ~25x the rows) and the centroid file (262 KB: 1,024 x 64 float32; several
+MB would take ~12x the clustering and assign work); in them the flips at 50% (and the models' at
+30%) land where the old check never read. SIZE_FLOOR holds these sizes' floors.
 
 Each test damages a copy of the run. Plans are cheap (they read, run nothing): every kind x
 offset is planned. Reruns cost a run each, so they share flips. Locally: the per-shard kinds get
@@ -16,6 +20,7 @@ per-shard kinds (ray_flips: every per-shard kind at every offset), and one singl
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -39,6 +44,7 @@ from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.io.recipes import load_recipe
 
 SHARDS, ROWS = 4, 40_000
+UID_BYTES, CAMERA_VALUES, CAMERA_BYTES = 72, 16_000, 96
 OFFSETS = (0.1, 0.3, 0.5, 0.9)
 RECIPE = RECIPE_FROM_ISSUE.replace("  - {name: occupation, source: column, column: occupation}\n", """\
   - {name: occupation, source: column, column: occupation}
@@ -47,9 +53,15 @@ clusters:
   - {name: concept, embedding: image, k: 1024, levels: [128, 16], niter: 4, nredo: 1}
 sample: {size: 10000}
 report: {html: false, leakage: false}
-""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 30")
+""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 8").replace(
+    "  formats: [parquet]\n",  # uids longer than DataComp's 128-bit hex keys: list their SHA-256 keys
+    "  formats: [parquet]\n  datacomp: {non_hex_uids: sha256}\n")
 PER_SHARD = {"manifest": "manifest", "tags": "tags", "assign": "assign", "signatures": "signatures"}
 SINGLE = {"sample": "fit/sample.parquet", "solution": "solve/solution.json", "models": "models/concept.npy"}
+# what each kind's file (per-shard kinds: shard 1's) is at least, in bytes: the docstring's sizes
+MB = 1_000_000
+SIZE_FLOOR = {"manifest": 3 * MB, "tags": 6.5 * MB, "signatures": 3.5 * MB, "sample": 3.5 * MB, "solution": 2.5 * MB,
+              "assign": 150_000, "models": 260_000}
 OWNER = {"manifest": "weigh", "tags": "scan", "assign": "assign", "signatures": "signatures",
          "sample": "fit", "solution": "solve", "models": "fit"}
 # What a rerun redoes for one damaged unit of each kind, read off the stage table by hand (not
@@ -67,14 +79,22 @@ CASCADE = {
 LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)
 
 
+def random_bytes(rng: np.random.Generator, count: int, nbytes: int) -> list[bytes]:
+    return [bytes(r) for r in rng.integers(0, 256, size=(count, nbytes), dtype=np.uint8)]
+
+
+# long random camera values, base64: incompressible, and many (large signatures and solution)
+CAMERAS = ["cam-" + base64.urlsafe_b64encode(b).decode()
+           for b in random_bytes(np.random.default_rng(899), CAMERA_VALUES, CAMERA_BYTES)]
+
+
 def corpus_table(i: int) -> pa.Table:
-    """The held-out layout with random hex uids (incompressible: large manifests and tags) and a
-    4,000-value camera label (many signatures and solution entries)."""
+    """The held-out layout with long random uids (hex, as DataComp's export wants; incompressible:
+    large manifests, tags and fit sample) and the camera label."""
     table = held_out_table(ROWS, seed=500 + i, dim=64, fixed_size=True)
     rng = np.random.default_rng(900 + i)
-    raw = rng.integers(0, 256, size=(ROWS, 16), dtype=np.uint8)
-    table = table.set_column(0, "uid", pa.array([bytes(r).hex() for r in raw]))
-    return table.append_column("camera", pa.array([f"cam{c}" for c in rng.integers(0, 4000, ROWS)]))
+    table = table.set_column(0, "uid", pa.array([b.hex() for b in random_bytes(rng, ROWS, UID_BYTES)]))
+    return table.append_column("camera", pa.array([CAMERAS[c] for c in rng.integers(0, CAMERA_VALUES, ROWS)]))
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +107,12 @@ def baseline(tmp_path_factory):
     recipe = load_recipe(base / "r.yaml")
     rebalance(str(base / "corpus"), str(base / "clean"), recipe, LOCAL)
     yield {"base": base, "corpus": base / "corpus", "recipe": recipe, "clean": base / "clean"}
-    shutil.rmtree(base)  # pytest would keep it for three sessions
+    shutil.rmtree(base)  # ~200 MB: pytest would keep it for three sessions
 
 
 @pytest.fixture
 def out(baseline, tmp_path) -> Path:
-    """A copy of the baseline run for a test to damage, removed after it."""
+    """A copy of the baseline run for a test to damage, removed after it (~120 MB each)."""
     copy = tmp_path / "out"
     shutil.copytree(baseline["clean"], copy)
     yield copy
@@ -143,7 +163,7 @@ def to_do(planned: dict) -> dict[str, int]:
 @pytest.mark.parametrize("kind", list(PER_SHARD) + list(SINGLE))
 def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, out, kind, offset):
     relative = per_shard_file(out, kind, 1) if kind in PER_SHARD else SINGLE[kind]
-    assert (out / relative).stat().st_size > 2 * 65536  # a middle the old edge check missed
+    assert (out / relative).stat().st_size >= SIZE_FLOOR[kind] > 2 * 65536  # a middle the old edge check missed
     flip(out, relative, offset)
     planned = check_plan(baseline, out, {relative: OWNER[kind]})
     units = {row["stage"]: row["units"] for row in planned["stages"]}
