@@ -1,18 +1,26 @@
 """A byte flipped anywhere in a run's outputs is found, redone with everything that read it, and the
 rerun ends byte-identical to the undamaged run; ``--plan`` lists the damaged units first.
 
-One baseline run (local) on a corpus sized so every kind of output is large enough for a flip in
-its middle to escape a check of its first and last 64 KiB (the old done markers'): per shard about
-0.9 MB of manifest and tags, 150 KB of assign, 280 KB of signatures; a 2.7 MB fit sample, a 260 KB
-centroid file, a 150 KB solution. Each test damages a copy of it. Plans are cheap (they read, run
-nothing): every kind x offset is planned. Reruns cost a run each, so they share flips: the per-shard
-kinds get one rerun each with shard i flipped at offset i (every offset of the kind in one rerun),
-the single-file kinds (sample, solution, models) four reruns with the offsets rotated between them.
-All of them run locally; on Ray the largest cascade (tags) and one single-file rotation.
+One baseline run (local) on a corpus of 4 x 40,000 rows with long random uids and a camera label
+of 16,000 long random values, so that the outputs are several MB where that is cheap (measured,
+per shard: manifest 3.15 MB, tags 6.7 MB, signatures 3.65 MB; the fit sample 4.0 MB, the solution
+2.5 MB): a flip in them escapes a check of their first and last 64 KiB (the old done markers').
+Two kinds stay small: assign (151 KB a shard: a row number and three small cluster ids per row;
+several MB would take ~25x the rows) and the centroid file (262 KB: 1,024 x 64 float32; several
+MB would take ~12x the clustering and assign work); in them the flips at 50% (and the models' at
+30%) land where the old check never read. SIZE_FLOOR holds these sizes' floors.
+
+Each test damages a copy of the run. Plans are cheap (they read, run nothing): every kind x
+offset is planned. Reruns cost a run each, so they share flips. Locally: the per-shard kinds get
+one rerun each with shard i flipped at offset i, the single-file kinds (sample, solution, models)
+four reruns with the offsets rotated between them. On Ray: four reruns that each flip several
+per-shard kinds (ray_flips: every per-shard kind at every offset), and one single-file rotation
+(sample at 30%, solution at 50%, models at 90%).
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -36,6 +44,7 @@ from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.io.recipes import load_recipe
 
 SHARDS, ROWS = 4, 40_000
+UID_BYTES, CAMERA_VALUES, CAMERA_BYTES = 72, 16_000, 96
 OFFSETS = (0.1, 0.3, 0.5, 0.9)
 RECIPE = RECIPE_FROM_ISSUE.replace("  - {name: occupation, source: column, column: occupation}\n", """\
   - {name: occupation, source: column, column: occupation}
@@ -44,9 +53,15 @@ clusters:
   - {name: concept, embedding: image, k: 1024, levels: [128, 16], niter: 4, nredo: 1}
 sample: {size: 10000}
 report: {html: false, leakage: false}
-""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 30")
+""").replace("by: occupation", "by: camera").replace("cap: 1000", "cap: 8").replace(
+    "  formats: [parquet]\n",  # uids longer than DataComp's 128-bit hex keys: list their SHA-256 keys
+    "  formats: [parquet]\n  datacomp: {non_hex_uids: sha256}\n")
 PER_SHARD = {"manifest": "manifest", "tags": "tags", "assign": "assign", "signatures": "signatures"}
 SINGLE = {"sample": "fit/sample.parquet", "solution": "solve/solution.json", "models": "models/concept.npy"}
+# what each kind's file (per-shard kinds: shard 1's) is at least, in bytes: the docstring's sizes
+MB = 1_000_000
+SIZE_FLOOR = {"manifest": 3 * MB, "tags": 6.5 * MB, "signatures": 3.5 * MB, "sample": 3.5 * MB, "solution": 2.5 * MB,
+              "assign": 150_000, "models": 260_000}
 OWNER = {"manifest": "weigh", "tags": "scan", "assign": "assign", "signatures": "signatures",
          "sample": "fit", "solution": "solve", "models": "fit"}
 # What a rerun redoes for one damaged unit of each kind, read off the stage table by hand (not
@@ -64,14 +79,22 @@ CASCADE = {
 LOCAL = RunOptions(executor="local", show_progress=False, html_report=False)
 
 
+def random_bytes(rng: np.random.Generator, count: int, nbytes: int) -> list[bytes]:
+    return [bytes(r) for r in rng.integers(0, 256, size=(count, nbytes), dtype=np.uint8)]
+
+
+# long random camera values, base64: incompressible, and many (large signatures and solution)
+CAMERAS = ["cam-" + base64.urlsafe_b64encode(b).decode()
+           for b in random_bytes(np.random.default_rng(899), CAMERA_VALUES, CAMERA_BYTES)]
+
+
 def corpus_table(i: int) -> pa.Table:
-    """The held-out layout with random hex uids (incompressible: large manifests and tags) and a
-    4,000-value camera label (many signatures and solution entries)."""
+    """The held-out layout with long random uids (hex, as DataComp's export wants; incompressible:
+    large manifests, tags and fit sample) and the camera label."""
     table = held_out_table(ROWS, seed=500 + i, dim=64, fixed_size=True)
     rng = np.random.default_rng(900 + i)
-    raw = rng.integers(0, 256, size=(ROWS, 16), dtype=np.uint8)
-    table = table.set_column(0, "uid", pa.array([bytes(r).hex() for r in raw]))
-    return table.append_column("camera", pa.array([f"cam{c}" for c in rng.integers(0, 4000, ROWS)]))
+    table = table.set_column(0, "uid", pa.array([b.hex() for b in random_bytes(rng, ROWS, UID_BYTES)]))
+    return table.append_column("camera", pa.array([CAMERAS[c] for c in rng.integers(0, CAMERA_VALUES, ROWS)]))
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +106,17 @@ def baseline(tmp_path_factory):
     (base / "r.yaml").write_text(RECIPE)
     recipe = load_recipe(base / "r.yaml")
     rebalance(str(base / "corpus"), str(base / "clean"), recipe, LOCAL)
-    return {"base": base, "corpus": base / "corpus", "recipe": recipe, "clean": base / "clean"}
+    yield {"base": base, "corpus": base / "corpus", "recipe": recipe, "clean": base / "clean"}
+    shutil.rmtree(base)  # ~200 MB: pytest would keep it for three sessions
 
 
-def run_copy(baseline, tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    shutil.copytree(baseline["clean"], out)
-    return out
+@pytest.fixture
+def out(baseline, tmp_path) -> Path:
+    """A copy of the baseline run for a test to damage, removed after it (~120 MB each)."""
+    copy = tmp_path / "out"
+    shutil.copytree(baseline["clean"], copy)
+    yield copy
+    shutil.rmtree(copy)
 
 
 def per_shard_file(run: Path, kind: str, shard: int) -> str:
@@ -134,18 +161,16 @@ def to_do(planned: dict) -> dict[str, int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("kind", list(PER_SHARD) + list(SINGLE))
-def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, tmp_path, kind, offset):
-    out = run_copy(baseline, tmp_path)
+def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, out, kind, offset):
     relative = per_shard_file(out, kind, 1) if kind in PER_SHARD else SINGLE[kind]
-    assert (out / relative).stat().st_size > 2 * 65536  # a middle the old edge check missed
+    assert (out / relative).stat().st_size >= SIZE_FLOOR[kind] > 2 * 65536  # a middle the old edge check missed
     flip(out, relative, offset)
     planned = check_plan(baseline, out, {relative: OWNER[kind]})
     units = {row["stage"]: row["units"] for row in planned["stages"]}
     assert to_do(planned) == expected_to_do([kind], units)
 
 
-def test_cli_plan_prints_the_damaged_unit_first(baseline, tmp_path):
-    out = run_copy(baseline, tmp_path)
+def test_cli_plan_prints_the_damaged_unit_first(baseline, out, tmp_path):
     relative = per_shard_file(out, "tags", 2)
     flip(out, relative, 0.5)
     (tmp_path / "r.yaml").write_text(RECIPE)
@@ -170,19 +195,26 @@ def rerun_and_compare(baseline, out: Path, damaged: dict[str, str], kinds: list[
     assert not after["damaged"] and not to_do(after)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", list(PER_SHARD))
-def test_rerun_redoes_each_offset_of_a_per_shard_kind_byte_identical(baseline, tmp_path, kind):
-    out = run_copy(baseline, tmp_path)
+def per_shard_flips(out: Path, flips: list[tuple[str, int, float]]) -> tuple[dict[str, str], list[str]]:
+    """Flip each (kind, shard, offset); returns the damaged files ({file: owning stage}) and their kinds."""
     damaged = {}
-    for shard, offset in enumerate(OFFSETS):  # shard i flipped at offset i: every offset in one rerun
+    for kind, shard, offset in flips:
         relative = per_shard_file(out, kind, shard)
         flip(out, relative, offset)
         damaged[relative] = OWNER[kind]
-    rerun_and_compare(baseline, out, damaged, [kind] * SHARDS)
+    return damaged, [kind for kind, _, _ in flips]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", list(PER_SHARD))
+def test_rerun_redoes_each_offset_of_a_per_shard_kind_byte_identical(baseline, out, kind):
+    # shard i flipped at offset i: every offset in one rerun
+    damaged, kinds = per_shard_flips(out, [(kind, shard, offset) for shard, offset in enumerate(OFFSETS)])
+    rerun_and_compare(baseline, out, damaged, kinds)
 
 
 def single_file_flips(out: Path, rotation: int) -> tuple[dict[str, str], list[str]]:
+    """The j-th of SINGLE flipped at offset (rotation + j) of OFFSETS."""
     damaged = {}
     for j, (kind, relative) in enumerate(SINGLE.items()):
         flip(out, relative, OFFSETS[(rotation + j) % len(OFFSETS)])
@@ -192,27 +224,49 @@ def single_file_flips(out: Path, rotation: int) -> tuple[dict[str, str], list[st
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("rotation", range(len(OFFSETS)))
-def test_rerun_redoes_the_sample_solution_and_models_at_every_offset_byte_identical(baseline, tmp_path, rotation):
-    out = run_copy(baseline, tmp_path)
+def test_rerun_redoes_the_sample_solution_and_models_at_every_offset_byte_identical(baseline, out, rotation):
     damaged, kinds = single_file_flips(out, rotation)
     rerun_and_compare(baseline, out, damaged, kinds)
 
 
+RAY_KINDS = ("manifest", "assign", "signatures", "tags")
+
+
+def ray_flips(rotation: int) -> list[tuple[str, int, float]]:
+    """Rotation r flips shard s's kind (s + r) of RAY_KINDS at offset s of OFFSETS: over the four
+    rotations each kind meets each offset. The odd rotations leave tags out, so they redo only
+    what the other damage needs (a selective rerun on Ray); the even ones flip instead, besides
+    their own, the tags the next rotation leaves out (another shard's file: each flip is found
+    on its own)."""
+    flips = []
+    for shard, offset in enumerate(OFFSETS):
+        kind, next_kind = (RAY_KINDS[(shard + rotation + i) % len(RAY_KINDS)] for i in (0, 1))
+        if rotation % 2 == 0:
+            flips.append((kind, shard, offset))
+            if next_kind == "tags":
+                flips.append(("tags", shard, offset))
+        elif kind != "tags":
+            flips.append((kind, shard, offset))
+    return flips
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("case", ["tags", "single-files"])
-def test_rerun_on_ray_redoes_damage_byte_identical(baseline, tmp_path, ray_cluster, case):
-    out = run_copy(baseline, tmp_path)
-    if case == "tags":
-        damaged = {}
-        for shard, offset in enumerate(OFFSETS):
-            relative = per_shard_file(out, "tags", shard)
-            flip(out, relative, offset)
-            damaged[relative] = "scan"
-        rerun_and_compare(baseline, out, damaged, ["tags"] * SHARDS, executor="ray")
-    else:
-        damaged, kinds = single_file_flips(out, 1)
-        rerun_and_compare(baseline, out, damaged, kinds, executor="ray")
+@pytest.mark.parametrize("rotation", range(len(OFFSETS)))
+def test_rerun_on_ray_redoes_per_shard_damage_byte_identical(baseline, out, ray_cluster, rotation):
+    damaged, kinds = per_shard_flips(out, ray_flips(rotation))
+    rerun_and_compare(baseline, out, damaged, kinds, executor="ray")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_rerun_on_ray_redoes_the_sample_solution_and_models_byte_identical(baseline, out, ray_cluster):
+    """Apart from the per-shard kinds: a damaged fit output leaves assign's identity (the models'
+    digest) unknown, so --plan marks every assign unit to do without reading, or listing, their
+    damage (a damaged solution likewise hides a damaged manifest); the rerun would repair them all
+    the same."""
+    damaged, kinds = single_file_flips(out, 1)
+    rerun_and_compare(baseline, out, damaged, kinds, executor="ray")
 
 
 # -- readers of a finished run ------------------------------------------------------------------
@@ -232,8 +286,7 @@ def one_line(result) -> str:
     (["inspect", "{out}"], "signatures/merged.parquet"),
     (["report", "{out}"], "report.json"),
 ])
-def test_readers_refuse_a_damaged_run_file_naming_it(baseline, tmp_path, reader, damaged_file):
-    out = run_copy(baseline, tmp_path)
+def test_readers_refuse_a_damaged_run_file_naming_it(baseline, out, reader, damaged_file):
     relative = per_shard_file(out, "manifest", 2) if damaged_file == "manifest" else damaged_file
     flip(out, relative, 0.5)
     result = CliRunner().invoke(app, [a.format(out=out) for a in reader])
@@ -243,11 +296,10 @@ def test_readers_refuse_a_damaged_run_file_naming_it(baseline, tmp_path, reader,
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("reader", [["report"], ["export", "-f", "csv"]])
-def test_a_reader_in_a_fresh_process_checks_what_it_reads(baseline, tmp_path, reader):
+def test_a_reader_in_a_fresh_process_checks_what_it_reads(baseline, out, reader):
     """The store learns which marker records a file from the stages: a command that reads a run
     without running one loads them first. The manifest is rewritten as a valid Parquet file, so only
     its record in the done marker can tell."""
-    out = run_copy(baseline, tmp_path)
     relative = per_shard_file(out, "manifest", 1)
     pq.write_table(pq.read_table(out / relative).slice(1), out / relative)
     proc = subprocess.run([sys.executable, "-m", "mmbalance.cli", reader[0], str(out), *reader[1:]], capture_output=True,
@@ -270,8 +322,7 @@ def rewrite_manifest(out: Path, relative: str, edit) -> None:
     ("repeats", lambda w, r: (w, np.where(np.arange(len(r)) == 7, r + 5, r)), "is not weight"),
     ("negative repeats", lambda w, r: (w, np.where(np.arange(len(r)) == 7, -1, r)), "is not weight"),
 ])
-def test_export_refuses_impossible_weights_and_repeats_naming_file_and_row(baseline, tmp_path, what, edit, needle):
-    out = run_copy(baseline, tmp_path)
+def test_export_refuses_impossible_weights_and_repeats_naming_file_and_row(baseline, out, what, edit, needle):
     relative = per_shard_file(out, "manifest", 0)
 
     def change(table: pa.Table) -> pa.Table:
@@ -285,8 +336,7 @@ def test_export_refuses_impossible_weights_and_repeats_naming_file_and_row(basel
     assert f"{out}/{relative} row {row}: " in line and needle in line, line
 
 
-def test_export_refuses_a_manifest_listing_a_row_twice(baseline, tmp_path):
-    out = run_copy(baseline, tmp_path)
+def test_export_refuses_a_manifest_listing_a_row_twice(baseline, out):
     relative = per_shard_file(out, "manifest", 3)
     rewrite_manifest(out, relative, lambda t: pa.concat_tables([t, t.slice(10, 1)]))
     line = one_line(CliRunner().invoke(app, ["export", str(out), "-f", "datacomp"]))
@@ -305,8 +355,7 @@ def test_every_parquet_file_the_run_writes_carries_page_checksums(baseline):
             assert has_page_checksums(handle) in (True, None), path  # None: a file of zero rows
 
 
-def test_plan_during_a_live_run_says_another_run_holds_the_lock(baseline, tmp_path):
-    out = run_copy(baseline, tmp_path)
+def test_plan_during_a_live_run_says_another_run_holds_the_lock(baseline, out):
     fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running rebalance holds
