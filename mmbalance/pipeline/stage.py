@@ -233,11 +233,13 @@ class UnitStage(Stage):
         raise NotImplementedError
 
     def plan_checks(self, state: RunState) -> dict[str, UnitCheck]:
-        """--plan: every unit checked as the run would (outputs read in full); all "changed" while an
-        identity value is not known yet (what it comes from is not done)."""
+        """--plan: every unit checked as the run would (outputs read in full). While an identity value
+        is not known yet (what it comes from is to be redone) every unit is "changed", except one whose
+        outputs are damaged: it stays "damaged", so the plan names every damaged file at once."""
         keys, identity = self.keys(state), self.identity_values(state)
         if any(v is None for v in identity.values()):
-            return {k: UnitCheck("changed") for k in keys}
+            found = state.store.check_units(self.name, keys)
+            return {k: c if c.status == "damaged" else UnitCheck("changed") for k, c in found.items()}
         return state.store.check_units(self.name, keys, [identity] * len(keys))
 
     def function(self, ctx: RunContext, defer: bool = False):

@@ -170,6 +170,22 @@ def test_plan_lists_a_damaged_output_first_with_what_read_it(baseline, out, kind
     assert to_do(planned) == expected_to_do([kind], units)
 
 
+@pytest.mark.timeout(300)
+def test_plan_names_every_damaged_file_when_upstream_damage_hides_their_identity(baseline, out):
+    """A damaged sample/models/solution leaves assign's and weigh's identity unknown (what it comes
+    from is redone): their units are to do anyway, and the plan still names their damaged files."""
+    damaged = {}
+    for j, kind in enumerate(PER_SHARD):  # shard j's kind j, besides every single file
+        relative = per_shard_file(out, kind, j)
+        flip(out, relative, OFFSETS[j])
+        damaged[relative] = OWNER[kind]
+    more, kinds = single_file_flips(out, 0)
+    damaged.update(more)
+    planned = check_plan(baseline, out, damaged)
+    units = {row["stage"]: row["units"] for row in planned["stages"]}
+    assert to_do(planned) == expected_to_do([*PER_SHARD, *kinds], units)
+
+
 def test_cli_plan_prints_the_damaged_unit_first(baseline, out, tmp_path):
     relative = per_shard_file(out, "tags", 2)
     flip(out, relative, 0.5)
