@@ -130,6 +130,14 @@ def tree_sample(proc: psutil.Process, kinds: dict[int, str], cpu: dict[int, floa
     return rss, pss, by_kind
 
 
+def stage_in_progress(out: Path) -> str | None:
+    """The stage whose done markers were written last (the one running, or the one just finished)."""
+    try:
+        return max((d for d in (out / "_done").iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime).name
+    except (OSError, ValueError):
+        return None
+
+
 def cpu_by_kind(kinds: dict[int, str], cpu: dict[int, float]) -> dict[str, float]:
     """CPU seconds (user + system) per process kind, each process as last sampled (up to 0.1 s short
     for one that exited between samples): unlike wall time, little moved by other jobs' load."""
@@ -150,16 +158,17 @@ def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
     ps = psutil.Process(proc.pid)
     peak = peak_pss = 0
     peak_by_kind: dict[str, int] = {}
+    peak_stage = None
     kinds: dict[int, str] = {}
     cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample():
-        nonlocal peak, peak_pss, peak_by_kind
+        nonlocal peak, peak_pss, peak_by_kind, peak_stage
         while not stop.is_set():
             rss, pss, by_kind = tree_sample(ps, kinds, cpu)
             if rss > peak:
-                peak, peak_by_kind = rss, by_kind
+                peak, peak_by_kind, peak_stage = rss, by_kind, stage_in_progress(out)
             peak_pss = max(peak_pss, pss)
             time.sleep(0.1)
 
@@ -188,6 +197,7 @@ def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
         "peak_rss_mb_process_tree": round(peak / 2**20, 1),
         "peak_pss_mb_process_tree": round(peak_pss / 2**20, 1),
         "peak_rss_mb_by_process_kind": {k: round(v / 2**20, 1) for k, v in sorted(peak_by_kind.items())},
+        "peak_rss_after_stage": peak_stage,
         "cpu_seconds_by_process_kind": cpu_by_kind(kinds, cpu),
         "processes_by_kind": dict(sorted(collections.Counter(kinds.values()).items())),
         "loadavg_1_5_15_before": load_before,
@@ -282,6 +292,7 @@ def main() -> None:
             "peak_rss_mb_process_tree": "largest sum of RSS over the rebalance process and all its children (Ray), sampled every 0.1 s",
             "peak_pss_mb_process_tree": "the same for PSS (shared pages split between the processes that map them)",
             "peak_rss_mb_by_process_kind": "that peak's RSS by process: driver, ray worker, ray daemon, other (the watchdog)",
+            "peak_rss_after_stage": "the stage whose done markers were written last at that peak (running, or just finished)",
             "cpu_seconds_by_process_kind": "user + system CPU seconds per process kind over the run (psutil, every 0.1 s)",
             "peak_rss_ratio_largest_vs_smallest": "peak RSS at the largest corpus / at the smallest, per executor (flat: about 1)",
             "loadavg_1_5_15": "os.getloadavg() before and after each measurement; compare figures only at similar load",

@@ -63,7 +63,9 @@ with ray_session(num_cpus=2) as embedded:
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_embedded_ray_runs_every_stage_on_one_pool_without_monitors_and_releases_it():
-    out = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True, env=ENV, timeout=170)
+    # 3 threads: not what Ray would give a 1-CPU worker itself, so seeing it proves the inheritance
+    env = {**ENV, "OMP_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True, env=env, timeout=170)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["embedded"] is True
@@ -71,7 +73,7 @@ def test_embedded_ray_runs_every_stage_on_one_pool_without_monitors_and_releases
     first = got["maps"][0]["workers"]
     assert 1 <= len(first) <= 2  # one worker per CPU at most
     assert all(m["workers"] == first for m in got["maps"])  # the same processes: no worker start per stage
-    assert got["environment"] == ["1"] * len(got["environment"]) and got["environment"]  # inherited, no runtime_env
+    assert got["environment"] == ["3"] * len(got["environment"]) and got["environment"]  # inherited, no runtime_env
     assert got["alive_after_release"] == []  # release() ended the pool and waited for it
     commands = got["processes"]
     assert any("raylet" in c for c in commands), commands  # the listing does see Ray's daemons
