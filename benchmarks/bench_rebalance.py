@@ -18,6 +18,8 @@ from the page cache. Then one more run per executor under py-spy (``run_profile.
 by process, by the driver's stage, top functions), at the largest size unless ``--profile-rows``.
 The load average is recorded before and after each measurement: on a shared machine the figures
 are only comparable at similar load. Writes benchmarks/results/rebalance.json.
+``--base-source DIR --repeat N``: an A/B against another revision's tree (``git archive REV | tar -x
+-C DIR``), the two alternating, N runs each, with medians.
 
     python benchmarks/bench_rebalance.py --rows 1000000 4000000 --executors ray local
 """
@@ -42,7 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_profile import profile_run  # noqa: E402
+from run_profile import profile_run, scan_cpu_profile  # noqa: E402
 
 RECIPE = """\
 input:
@@ -147,9 +149,12 @@ def cpu_by_kind(kinds: dict[int, str], cpu: dict[int, float]) -> dict[str, float
     return {k: round(v, 2) for k, v in sorted(out.items())}
 
 
-def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
+def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str, source: Path | None = None) -> dict:
+    """One timed run; ``source``: the mmbalance source tree to run (another revision's, for an A/B)."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     cmd = [sys.executable, "-m", "mmbalance.cli", "rebalance", str(corpus), "--out", str(out),
            "--recipe", str(recipe), "--executor", executor, "-q"]
     load_before = load()
@@ -205,6 +210,23 @@ def run_rebalance(corpus: Path, out: Path, recipe: Path, executor: str) -> dict:
     }
 
 
+def medians(runs: list[dict]) -> list[dict]:
+    """Per executor and source: the median summed stage seconds and stage seconds over the repeats."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r["executor"], r["source"]) for r in runs):
+        same = [r for r in runs if (r["executor"], r["source"]) == key]
+        stages = sorted({k for r in same for k in r["stage_seconds"]})
+        out.append({"executor": key[0], "source": key[1], "runs": len(same),
+                    "summed_stage_seconds": round(statistics.median(r["summed_stage_seconds"] for r in same), 3),
+                    "stage_seconds": {k: round(statistics.median(r["stage_seconds"].get(k, 0.0) for r in same), 3) for k in stages},
+                    "cpu_seconds_by_process_kind": {k: round(statistics.median(r["cpu_seconds_by_process_kind"].get(k, 0.0) for r in same), 2)
+                                                    for k in sorted({k for r in same for k in r["cpu_seconds_by_process_kind"]})},
+                    "peak_rss_mb_process_tree": max(r["peak_rss_mb_process_tree"] for r in same)})
+    return out
+
+
 def corpus_options(parser: argparse.ArgumentParser, result: str) -> None:
     """The corpus and output options this benchmark shares with bench_checksums.py."""
     parser.add_argument("--rows-per-shard", type=int, default=25_000)
@@ -239,12 +261,16 @@ def main() -> None:
     parser.add_argument("--executors", nargs="+", default=["local", "ray"])
     parser.add_argument("--profile-rows", type=int, default=None, help="profile the runs at this size (default: the largest)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--base-source", type=Path, default=None,
+                        help="A/B: also run this mmbalance source tree (git archive REV | tar -x -C DIR), alternating with this one")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per executor (and per source)")
     corpus_options(parser, "rebalance.json")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.work / "recipe.yaml"
     recipe.write_text(RECIPE)
+    sources = [("this tree", None)] + ([(f"base {args.base_source}", args.base_source)] if args.base_source else [])
     results = []
     for rows in args.rows:
         corpus = bench_corpus(args.work, rows, args.dim, args.rows_per_shard)
@@ -255,25 +281,33 @@ def main() -> None:
         entry["rebalance"] = []
         for executor in args.executors:
             threads = executor != "local"  # the local executor runs on one core
-            read = dataset_read(corpus, threads)  # back to back with the run
-            res = run_rebalance(corpus, args.work / f"out-{rows}-{executor}", recipe, executor)
-            res["baseline_read"] = read
-            res["throughput_vs_baseline_read"] = round(res["rows_per_s"] / read["rows_per_s"], 3)
-            if threads:
-                res["read_over_stages"] = round(read["seconds"] / res["summed_stage_seconds"], 3)
-            else:
-                res["stages_over_one_thread_read"] = round(res["summed_stage_seconds"] / read["seconds"], 3)
-            res["scan_over_stages"] = round(entry["single_stream_scan"]["seconds"] / res["summed_stage_seconds"], 3)
-            entry["rebalance"].append(res)
-            print(json.dumps(res), flush=True)
+            for rep in range(args.repeat):
+                # an A/B alternates which tree runs first, so a drift in the machine's load favours neither
+                order = sources if rep % 2 == 0 else sources[::-1]
+                for label, source in order:
+                    read = dataset_read(corpus, threads)  # back to back with the run
+                    res = {"source": label, **run_rebalance(corpus, args.work / f"out-{rows}-{executor}", recipe, executor, source)}
+                    res["baseline_read"] = read
+                    res["throughput_vs_baseline_read"] = round(res["rows_per_s"] / read["rows_per_s"], 3)
+                    if threads:
+                        res["read_over_stages"] = round(read["seconds"] / res["summed_stage_seconds"], 3)
+                    else:
+                        res["stages_over_one_thread_read"] = round(res["summed_stage_seconds"] / read["seconds"], 3)
+                    res["scan_over_stages"] = round(entry["single_stream_scan"]["seconds"] / res["summed_stage_seconds"], 3)
+                    entry["rebalance"].append(res)
+                    print(json.dumps(res), flush=True)
+        if len(sources) > 1 or args.repeat > 1:
+            entry["medians"] = medians(entry["rebalance"])
         if rows == (args.profile_rows or max(args.rows)) and not args.no_profile:
             entry["profile"] = [profile_run(corpus, recipe, args.work / f"profile-{rows}-{executor}", executor)
                                 for executor in args.executors]
+            entry["scan_cpu_profile"] = scan_cpu_profile(corpus, recipe)
         results.append(entry)
         print(json.dumps({"rows": rows, "single_stream_scan": entry["single_stream_scan"]}), flush=True)
     by_exec = {}
     for executor in args.executors:
-        peaks = [next(r for r in e["rebalance"] if r["executor"] == executor)["peak_rss_mb_process_tree"] for e in results]
+        peaks = [next(r for r in e["rebalance"] if r["executor"] == executor and r["source"] == "this tree")["peak_rss_mb_process_tree"]
+                 for e in results]
         if len(peaks) > 1:
             by_exec[executor] = round(peaks[-1] / peaks[0], 3)
     payload = {
@@ -286,7 +320,10 @@ def main() -> None:
             "single_stream_scan": "the old baseline: ParquetFile.iter_batches file by file, 16,384-row batches, one stream",
             "scan_over_stages": "single_stream_scan.seconds / summed_stage_seconds (the old figure, issue 13)",
             "profile": "one more run per executor under py-spy (run_profile.py): CPU seconds by process kind and by the "
-                       "driver's stage, seconds spent importing, top functions; stage_seconds_under_profiler are slowed by it",
+                       "driver's stage, seconds spent importing, top functions; stage_seconds_under_profiler are slowed by it. "
+                       "py-spy counts a thread that waits for a core as busy: on a loaded machine trust the shares less",
+            "scan_cpu_profile": "4 scan units in one process under cProfile with a CPU clock (load does not move the shares), "
+                                "beside a plain read of the same shards' mapped columns (read_cpu_s_same_rows)",
             "summed_stage_seconds": "sum of report.json stage_seconds: inspect, every stage's wall time, report, export",
             "throughput_vs_baseline_read": "whole command (process start, Ray start/stop included) rows/s over the baseline read's",
             "peak_rss_mb_process_tree": "largest sum of RSS over the rebalance process and all its children (Ray), sampled every 0.1 s",
@@ -297,6 +334,8 @@ def main() -> None:
             "peak_rss_ratio_largest_vs_smallest": "peak RSS at the largest corpus / at the smallest, per executor (flat: about 1)",
             "loadavg_1_5_15": "os.getloadavg() before and after each measurement; compare figures only at similar load",
             "stages": "per-unit distributions from stats/stages.json: seconds per unit p50/p95/max, slowest units",
+            "source": "which mmbalance ran: this tree, or --base-source (an A/B, alternating which runs first)",
+            "medians": "with --repeat or --base-source: per executor and source, medians over the runs (peak RSS: the largest)",
         },
         **provenance(args.note),
         "results": results,

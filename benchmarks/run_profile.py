@@ -93,6 +93,55 @@ def summarise(raw: Path, top: int = 20) -> dict:
     }
 
 
+def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20) -> dict:
+    """The scan's own work by CPU time (cProfile with a CPU clock, so other jobs' load does not move
+    the shares, unlike sampled wall time): ``shards`` scan units in this process, after one untimed
+    unit (imports, caches), beside a plain read of the same shards' mapped columns."""
+    import cProfile
+    import dataclasses
+    import pstats
+    import time
+
+    import pyarrow.parquet as pq
+
+    from mmbalance.io.recipes import load_recipe
+    from mmbalance.pipeline import fit
+    from mmbalance.pipeline.shards import discover_shards
+    from mmbalance.pipeline.stage import RunContext, run_unit
+    from mmbalance.pipeline.stages import STAGES
+    from mmbalance.pipeline.stages.scan import ScanTask
+
+    spec = load_recipe(recipe)
+    _, found = discover_shards(str(corpus))
+    found = [dataclasses.replace(s, num_rows=pq.ParquetFile(corpus / s.relpath).metadata.num_rows) for s in found]
+    columns = tuple(c for c in spec.input.columns.model_dump().values() if isinstance(c, str))
+    columns += tuple(a.source_column for a in [*spec.attributes, *spec.labels] if "column" in a.sources)
+    dims = tuple((c, pq.ParquetFile(corpus / found[0].relpath).schema_arrow.field(c).type.list_size)
+                 for c in (spec.input.columns.image_embedding, spec.input.columns.text_embedding) if c)
+    scan = next(s for s in STAGES if s.name == "scan")
+    with tempfile.TemporaryDirectory() as out:
+        ctx = RunContext(str(corpus), out, spec, tuple(dict.fromkeys(columns)), dims,
+                         fit.sample_threshold(spec, sum(s.num_rows for s in found)))
+        tasks = [ScanTask(shard=s, rows=s.num_rows, sample_threshold=ctx.sample_threshold) for s in found[:shards + 1]]
+        run_unit(scan, ctx, False, tasks[0])
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
+        for task in tasks[1:]:
+            run_unit(scan, ctx, False, task)
+        profile.disable()
+    started = time.process_time()
+    for task in tasks[1:]:
+        for _ in pq.ParquetFile(corpus / task.shard.relpath).iter_batches(spec.execution.batch_rows, columns=list(ctx.source_columns)):
+            pass
+    read_cpu = time.process_time() - started
+    stats = pstats.Stats(profile)
+    total = sum(tt for _, _, tt, _, _ in stats.stats.values())
+    rows = [(ct, f"{name} ({Path(file).name}:{line})") for (file, line, name), (_, _, _, ct, _) in stats.stats.items()]
+    return {"rows": sum(t.rows for t in tasks[1:]), "scan_cpu_s": round(total, 3), "read_cpu_s_same_rows": round(read_cpu, 3),
+            "top_cumulative": [{"function": f, "cpu_s": round(ct, 3), "share": round(ct / total, 3)}
+                               for ct, f in sorted(rows, reverse=True)[:top]]}
+
+
 def profile_run(corpus: Path, recipe: Path, out: Path, executor: str, top: int = 20) -> dict:
     """One rebalance run under py-spy (not the timed one: sampling costs CPU)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
