@@ -25,7 +25,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def settle(self) -> None:
+    def release(self) -> None:
         """Nothing runs beside the driver."""
 
     def map(self, fn: TaskFn, tasks: list[dict[str, Any]], **resources: Any) -> Iterator[dict[str, Any]]:
@@ -128,26 +128,51 @@ class RayExecutor:
     """Plain Ray tasks with a bounded number in flight, results as they finish. Small tasks (e.g.
     shards of a few thousand rows) are grouped so that one Ray task does several: on a small
     machine a Ray task costs milliseconds of scheduling and a Ray Data job per stage seconds.
-    Work that loads a model once per process runs on a pool of actors (Ray Data)."""
+    Work that loads a model once per process runs on a pool of actors (Ray Data).
+
+    ``pool`` (the embedded Ray): the groups run on one long-lived worker per CPU instead, started
+    when the executor is made and kept for every per-unit stage (and M4's streamed evaluations),
+    so no stage waits for workers to start (~0.6 s each on 2 busy cores, and they exit when idle
+    there) nor the driver for them to exit. ``release`` ends them when no per-unit work follows."""
 
     name = "ray"
     ROWS_PER_GROUP = 250_000  # rows one Ray task handles when the tasks are small
 
-    def __init__(self, num_cpus_per_task: float = 1.0, settle_workers: bool = False):
+    def __init__(self, num_cpus_per_task: float = 1.0, pool: bool = False):
         self.num_cpus_per_task = num_cpus_per_task
-        self.settle_workers = settle_workers
+        self.use_pool = pool
+        self._pool: list = []
         self._worker_pids: set[int] = set()
+        if pool:
+            self._start_pool()
 
-    def settle(self, timeout_s: float = 3.0) -> None:
-        """Before work in the driver (fit, solve, report) on the embedded Ray: wait until the workers
-        of the stages before have exited (its idle workers are ended, see ray_session), so their
-        memory is free before the driver's grows. Only where the driver shares the workers' machine."""
-        if not self.settle_workers or not self._worker_pids:
+    def _slots(self, cpus: float) -> int:
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-3)))
+
+    def _start_pool(self) -> None:
+        """One worker per task slot, each holding its CPU: nothing else asks for CPUs while it lives
+        (an actor-pool stage ends it first), so no task can starve behind it (stack-notes). A worker
+        killed mid-task is restarted and its task retried, as Ray retries a task."""
+        import ray
+
+        worker = ray.remote(num_cpus=self.num_cpus_per_task, max_restarts=-1, max_task_retries=3)(UnitWorker)
+        self._pool = [worker.remote() for _ in range(self._slots(self.num_cpus_per_task))]
+
+    def release(self, timeout_s: float = 3.0) -> None:
+        """No per-unit work follows (the driver's last global stages): end the pool's workers and wait
+        until they have exited, so their memory is free before the driver's grows."""
+        if not self._pool:
             return
         import time
 
         import psutil
+        import ray
 
+        for actor in self._pool:
+            ray.kill(actor)
+        self._pool = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in self._worker_pids):
             time.sleep(0.02)
@@ -166,6 +191,7 @@ class RayExecutor:
         if not actors:
             yield from self._task_map(fn, tasks, cpus, sizes)
             return
+        self.release()  # the pool holds every CPU: an actor pool's stage starts it again after
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the stage bars
@@ -185,24 +211,35 @@ class RayExecutor:
     def _task_map(self, fn: TaskFn, tasks: list[dict[str, Any]], cpus: float, sizes: list[int] | None):
         import ray
 
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-3)))
+        if self.use_pool and not self._pool:
+            self._start_pool()
+        slots = len(self._pool) if self._pool else self._slots(cpus)
         groups = group_tasks(sizes if sizes is not None else [1] * len(tasks), slots,
                              self.ROWS_PER_GROUP if sizes is not None else 1)
-        # retried if a worker dies; SPREAD: shards are independent, so use every node of a cluster
-        remote = ray.remote(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")(run_units)
         fn_ref = ray.put(fn)
+        if self._pool:
+            # two groups queued per worker: it starts the next as soon as it returns one
+            workers = [w for w in self._pool for _ in range(2)]
+            submit = lambda group, worker: worker.run_units.remote(fn_ref, [tasks[i] for i in group])  # noqa: E731
+        else:
+            # retried if a worker dies; SPREAD: shards are independent, so use every node of a cluster
+            remote = ray.remote(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")(run_units)
+            workers = [None] * (2 * slots)  # bounded: the driver never holds every result at once
+            submit = lambda group, _: remote.remote(fn_ref, [tasks[i] for i in group])  # noqa: E731
         pending = iter(groups)
-        in_flight: list = []
+        in_flight: dict = {}  # ref -> the worker it was given to (None: any)
         try:
             while True:
-                while len(in_flight) < 2 * slots:  # bounded: the driver never holds every result at once
+                while workers:
                     group = next(pending, None)
                     if group is None:
                         break
-                    in_flight.append(remote.remote(fn_ref, [tasks[i] for i in group]))
+                    worker = workers.pop()
+                    in_flight[submit(group, worker)] = worker
                 if not in_flight:
                     return
-                ready, in_flight = ray.wait(in_flight, num_returns=1)
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                workers.append(in_flight.pop(ready[0]))
                 done = ray.get(ready[0])
                 self._worker_pids.add(done["pid"])
                 for result in done["results"]:
@@ -211,11 +248,22 @@ class RayExecutor:
             # SIGTERM or Ctrl-C: the run ends and ray.shutdown stops what is in flight. Cancelling a
             # task that is completing at that moment trips a Ray CHECK that aborts the driver
             # (task_manager.cc "Tried to complete task that was not pending"; 2 runs in 10)
-            in_flight = []
+            in_flight = {}
             raise
         finally:
             for ref in in_flight:  # an error or a closed generator: stop what is still running
                 ray.cancel(ref, force=False)
+
+
+class UnitWorker:
+    """A pool worker (a Ray actor): groups of units, one after another, in one process for the run.
+    Loads what every per-unit stage's function needs when it starts, before its first group."""
+
+    def __init__(self):
+        import mmbalance.pipeline.stages  # noqa: F401
+
+    def run_units(self, fn: TaskFn, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        return run_units(fn, tasks)
 
 
 # Outlives the driver for one reason: the driver's Ray processes get SIGKILL with it (PDEATHSIG),
@@ -332,6 +380,21 @@ def _quiet_default_auth_notice():
 
 
 @contextlib.contextmanager
+def _environment(**values: str):
+    """These environment variables set while the block runs (for the processes it starts)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None):
     """Connect to a cluster (``address`` or RAY_ADDRESS), or start a local Ray for this run and stop it
     afterwards, also on SIGTERM or Ctrl-C, so no processes are left behind; a watchdog process ends
@@ -342,14 +405,17 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
         yield False
         return
     target = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
     watchdog = None
     if target:
-        ray.init(address=target, log_to_driver=False, runtime_env=env, logging_level=logging.WARNING)
+        ray.init(address=target, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+                 logging_level=logging.WARNING)
     else:
         watchdog = _start_ray_watchdog()
         try:
-            with _without_head_monitors(), _quiet_default_auth_notice():
+            # the workers inherit the raylet's environment, which is this one: a runtime_env would
+            # start every worker through Ray's setup_worker.py, which imports Ray twice (~1 s a worker)
+            with _without_head_monitors(), _quiet_default_auth_notice(), _environment(OMP_NUM_THREADS=threads):
                 ray.init(
                     address="local",
                     logging_level=logging.WARNING,
@@ -357,10 +423,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
                     include_dashboard=False,
                     log_to_driver=False,
                     object_store_memory=(object_store_mb or 512) * 1024 * 1024,
-                    runtime_env=env,
                     # no idle workers kept: between per-shard stages the driver works alone (fit,
                     # solve, report) and two idle workers held ~550 MB. A worker idle for 0.5 s ends:
-                    # back-to-back task maps (M4's streamed dual evaluations) keep theirs warm
+                    # back-to-back task maps keep theirs warm. The rebalance's per-unit stages run on
+                    # the executor's own pool of workers instead (RayExecutor(pool=True)).
                     _system_config={"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 500,
                                     "kill_idle_workers_interval_ms": 50, "enable_worker_prestart": False},
                 )

@@ -288,7 +288,7 @@ class Rebalancer:
             self.options.num_cpus or recipe.execution.num_cpus,
             recipe.execution.object_store_memory_mb,
         ) as embedded:
-            return self._stages(self._state(run, shards, layout_columns, dims, RayExecutor(settle_workers=embedded)))
+            return self._stages(self._state(run, shards, layout_columns, dims, RayExecutor(pool=embedded)))
 
     def _state(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int], executor=None) -> RunState:
         ctx = RunContext(

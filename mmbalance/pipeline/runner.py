@@ -108,11 +108,14 @@ class Runner:
         self.options = state.options
 
     def run(self, stop_after: str | None = None) -> None:
-        for declared in self.state.stages:
+        stages = self.state.stages
+        for i, declared in enumerate(stages):
             self.state.stage_started = time.perf_counter()
             if isinstance(declared, UnitStage):
                 self.run_units(declared)
             else:
+                if not any(isinstance(s, UnitStage) for s in stages[i:]):
+                    self.state.executor.release()  # timed: ending the idle workers is the stage's cost
                 self.run_global(declared)
             self.state.completed.add(declared.name)
             if declared.name == stop_after:
@@ -158,7 +161,6 @@ class Runner:
         last. Its result (or, when skipped, its marker's summary) is what later stages read."""
         state, store = self.state, self.state.store
         start = state.stage_started
-        state.executor.settle()  # timed: waiting for workers to exit is the stage's cost
         key = declared.done_key
         if key and not declared.rerun:
             check = store.check_unit(declared.name, key)

@@ -1,5 +1,5 @@
-"""The embedded Ray's footprint: what a worker imports, which daemons start, and that the driver's
-global steps begin only after the per-shard workers have exited."""
+"""The embedded Ray's footprint: what a worker imports, which daemons start, that one pool of workers
+serves every per-unit stage, and that the driver's last global steps begin only after it has exited."""
 
 from __future__ import annotations
 
@@ -41,15 +41,20 @@ def daemons():
     return names
 
 with ray_session(num_cpus=2) as embedded:
-    executor = RayExecutor(settle_workers=embedded)
-    results = list(executor.map(dict, [{"i": i} for i in range(6)], sizes=[1] * 6))
+    executor = RayExecutor(pool=embedded)
+    maps = []
+    for stage in range(3):  # three per-unit stages, back to back
+        results = list(executor.map(dict, [{"i": i} for i in range(6)], sizes=[1] * 6))
+        maps.append({"results": sorted(r["i"] for r in results), "workers": sorted(executor._worker_pids)})
+    workers = [p for p in psutil.Process().children(recursive=True) if "UnitWorker" in " ".join(p.cmdline())]
+    environment = [p.environ().get("OMP_NUM_THREADS") for p in workers]
     pids = set(executor._worker_pids)
-    executor.settle(timeout_s=20)
+    executor.release()
     print(json.dumps({
         "embedded": embedded,
-        "results": sorted(r["i"] for r in results),
-        "workers": len(pids),
-        "alive_after_settle": [p for p in pids if psutil.pid_exists(p)],
+        "maps": maps,
+        "environment": environment,
+        "alive_after_release": [p for p in pids if psutil.pid_exists(p)],
         "processes": daemons(),
     }))
 """
@@ -57,14 +62,19 @@ with ray_session(num_cpus=2) as embedded:
 
 @pytest.mark.ray
 @pytest.mark.timeout(180)
-def test_embedded_ray_runs_without_monitors_and_settles_its_workers():
-    out = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True, env=ENV, timeout=170)
+def test_embedded_ray_runs_every_stage_on_one_pool_without_monitors_and_releases_it():
+    # 3 threads: not what Ray would give a 1-CPU worker itself, so seeing it proves the inheritance
+    env = {**ENV, "OMP_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True, env=env, timeout=170)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["embedded"] is True
-    assert got["results"] == list(range(6))
-    assert got["workers"] >= 1
-    assert got["alive_after_settle"] == []  # idle workers exit, and settle() waited for them
+    assert [m["results"] for m in got["maps"]] == [list(range(6))] * 3
+    first = got["maps"][0]["workers"]
+    assert 1 <= len(first) <= 2  # one worker per CPU at most
+    assert all(m["workers"] == first for m in got["maps"])  # the same processes: no worker start per stage
+    assert got["environment"] == ["3"] * len(got["environment"]) and got["environment"]  # inherited, no runtime_env
+    assert got["alive_after_release"] == []  # release() ended the pool and waited for it
     commands = got["processes"]
     assert any("raylet" in c for c in commands), commands  # the listing does see Ray's daemons
     # a fixed one-node Ray has nothing to autoscale, and no one reads forwarded logs

@@ -109,7 +109,8 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def _stage_workers(proc: subprocess.Popen) -> list[psutil.Process]:
     """Ray workers of this CLI's embedded Ray that are running a per-shard task right now
-    (Ray sets a busy worker's title to ``ray::<task>``; the CLI's per-shard tasks are run_units)."""
+    (Ray sets a busy worker's title to ``ray::<task>``, an actor's to ``ray::<class>.<method>``; the
+    CLI's per-shard work runs in its pool's ``UnitWorker.run_units``)."""
     found = []
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -120,7 +121,7 @@ def _stage_workers(proc: subprocess.Popen) -> list[psutil.Process]:
             title = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::run_units"):
+        if title.startswith("ray::") and title.split()[0].endswith("run_units"):
             found.append(child)
     return found
 
