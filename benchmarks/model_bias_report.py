@@ -1,0 +1,118 @@
+"""Tables and data-side figures for bench_model_bias.py: what the balanced data holds (from the
+run's report and the corpus's ground truth) and what the models trained on it show (mean and
+95% t-interval across training seeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# figure key -> column title; the model figures come from the evaluation of each checkpoint
+MODEL_FIGURES = {
+    "accuracy": "occupation acc", "cue_accuracy": "cue acc", "rb": "RB", "ab": "AB occupation",
+    "ab_scene": "AB scene (latent)", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10",
+    "ndkl": "NDKL", "i2t_r@1": "I->T R@1", "t2i_r@1": "T->I R@1", "i2t_r@5": "I->T R@5", "t2i_r@5": "T->I R@5",
+}
+TABLE_COLUMNS = ("accuracy", "rb", "ab", "ab_scene", "maxskew@10", "ndkl", "i2t_r@1", "t2i_r@1")
+
+
+def _gap(shares: dict[str, float], overall: float) -> float:
+    return max(abs(v - overall) for v in shares.values()) if shares else 0.0
+
+
+def data_side(run_dir: Path, corpus: Path) -> dict:
+    """Retention, the report's RB/AB before and after, and the ground-truth association the
+    balanced data still holds with the occupation and with the latent scene (realised repeats)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    report = json.loads((run_dir / "report.json").read_text())
+    truth = pq.read_table(corpus, columns=["uid", "gender", "occupation", "scene"])
+    manifest = pa.concat_tables([pq.read_table(p, columns=["uid", "repeats"]) for p in sorted((run_dir / "manifest").glob("*.parquet"))])
+    joined = truth.join(manifest, "uid")
+    rep = np.asarray(joined.column("repeats").to_numpy(zero_copy_only=False), dtype=np.float64)
+    woman = np.asarray([g == "woman" for g in joined.column("gender").to_pylist()])
+
+    def shares(column: str) -> dict[str, float]:
+        values = np.asarray(joined.column(column).to_pylist())
+        return {v: float(rep[(values == v) & woman].sum() / rep[values == v].sum()) for v in sorted(set(values)) if rep[values == v].sum() > 0}
+
+    overall = float(rep[woman].sum() / rep.sum())
+    by_occ, by_scene = shares("occupation"), shares("scene")
+    sol = report.get("solution") or {}
+    return {
+        "rows": int(len(rep)), "kept_rows": int((rep > 0).sum()), "samples": int(rep.sum()),
+        "retention": float(rep.sum() / len(rep)),
+        "solver_status": sol.get("status") or sol.get("outcome"),
+        "largest_feasible_retention": sol.get("largest_feasible_retention"),
+        "report_rb_before": report["before"]["rb"], "report_ab_before": report["before"]["ab"],
+        "report_rb_after": report["after_realized"]["rb"], "report_ab_after": report["after_realized"]["ab"],
+        "woman_share": overall,
+        "ab_occupation": _gap(by_occ, overall), "ab_scene": _gap(by_scene, overall),
+        "woman_share_by_occupation": by_occ, "woman_share_by_scene": by_scene,
+    }
+
+
+def _interval(values: list[float]) -> dict:
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "values": v.tolist()}
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
+    return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "values": v.tolist()}
+
+
+def figures_of(run: dict) -> dict:
+    """The evaluation figures of one checkpoint: ``mmbalance evaluate``'s when present, else numpy's."""
+    return run.get("evaluate") or run["numpy"]
+
+
+def aggregate(runs: dict) -> dict:
+    by_config: dict[str, list[dict]] = {}
+    for run in runs.values():
+        by_config.setdefault(run["config"], []).append(run)
+    table = {}
+    for config, members in by_config.items():
+        row = {k: _interval([figures_of(r)[k] for r in members]) for k in MODEL_FIGURES if k in figures_of(members[0])}
+        row["seeds"] = len(members)
+        row["train_seconds"] = _interval([r["train_seconds"] for r in members])
+        if "loop" in members[0]:
+            row["mixer_share"] = _interval([r["loop"]["mixer_share"] for r in members])
+            row["loop_seconds"] = _interval([r["loop"]["seconds"] for r in members])
+        table[config] = row
+    return table
+
+
+def _fmt(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    if "ci95" not in cell:
+        return f"{cell['mean']:.3f}"
+    return f"{cell['mean']:.3f} ± {cell['mean'] - cell['ci95'][0]:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The README/doc tables (model figures: mean ± 95% CI half-width across seeds): (a)-(d) with
+    the balanced data's retention and association beside them, then the R&B arms (e)."""
+    head = ["config", "retention", "data AB occ", "data AB scene", *[MODEL_FIGURES[k] for k in TABLE_COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    arms = []
+    for config, row in result["table"].items():
+        if config.startswith("rnb_"):
+            arms.append((config, row))
+            continue
+        data = result["data"][config]
+        lines.append("| " + " | ".join([config, f"{data['retention']:.2f}", f"{data['ab_occupation']:.3f}",
+                                          f"{data['ab_scene']:.3f}", *[_fmt(row.get(k)) for k in TABLE_COLUMNS]]) + " |")
+    if arms:
+        head = ["R&B arm", *[MODEL_FIGURES[k] for k in TABLE_COLUMNS], "loop s", "mixer share of loop time"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for config, row in arms:
+            lines.append("| " + " | ".join([config.removeprefix("rnb_"), *[_fmt(row.get(k)) for k in TABLE_COLUMNS],
+                                              _fmt(row.get("loop_seconds")), _fmt(row.get("mixer_share"))]) + " |")
+    return "\n".join(lines)
