@@ -312,6 +312,53 @@ def export_cmd(
     _guarded(go, debug)
 
 
+# -- evaluate (issue 20) ----------------------------------------------------------------------------
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    paths: list[str] = typer.Argument(None, metavar="EVAL_PATH|CHECKPOINT", help="EVAL_PATH (Parquet file or directory; default: the recipe's eval.path), then with --compare the checkpoints (PATH or NAME=PATH)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Evaluation recipe (YAML): model, eval columns, attributes, labels, prompts."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory: evaluate.json, evaluate.html, embeddings/, prompts.parquet, rejects/."),
+    compare: bool = typer.Option(False, "--compare", help="Evaluate each checkpoint after EVAL_PATH with the recipe's model and put them side by side (differences against the first, paired intervals)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local | ray | auto (overrides execution.executor)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Clear OUT first."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Write evaluate.html."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Bias (RB, AB, MaxSkew, NDKL) and quality (zero-shot accuracy, recall) of a trained checkpoint, with bootstrap intervals."""
+
+    def go():
+        from mmbalance.pipeline.evaluate import EvaluateOptions, evaluate, model_names
+        from mmbalance.schemas.evaluate import load_eval_recipe
+
+        spec = load_eval_recipe(recipe)
+        items = list(paths or [])
+        if compare and len(items) < 2:
+            _fail("--compare needs EVAL_PATH and at least one checkpoint: mmbalance evaluate EVAL_PATH --compare A B ...")
+        if not compare and len(items) > 1:
+            _fail(f"one EVAL_PATH expected, got {len(items)} paths (to compare checkpoints pass --compare)")
+        source = items[0] if items else spec.eval.path
+        if not source:
+            _fail("no evaluation set: give EVAL_PATH or eval.path in the recipe")
+        if executor not in (None, "ray", "local", "auto"):
+            _fail(f"--executor must be local, ray or auto, got {executor!r}")
+        options = EvaluateOptions(executor=executor, address=address, num_cpus=num_cpus, overwrite=overwrite, html=html,
+                                  show_progress=not quiet, checkpoints=model_names(items[1:]) if compare else None)
+        doc = evaluate(source, out, spec, options)
+        if quiet:
+            return
+        from mmbalance.operators.evaluate.render import print_comparison, print_evaluation
+
+        (print_comparison if compare else print_evaluation)(doc)
+        typer.echo(f"evaluation: {out}/evaluate.json, {out}/evaluate.html")
+
+    _guarded(go, debug)
+
+
 def main() -> None:
     if not os.environ.get("RAY_ADDRESS") and "--address" not in sys.argv:
         # an embedded local Ray stays on loopback (set before Ray is imported); a cluster driver must not

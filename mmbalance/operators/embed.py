@@ -288,10 +288,12 @@ def classify_pretrained(model: str, pretrained: str | None) -> str:
     """'local-dir' | 'hub' | 'random' | 'file' | 'tag' for a (model, pretrained) pair."""
     if model.startswith("local-dir:"):
         return "file" if pretrained not in (None, RANDOM_INIT) else ("random" if pretrained == RANDOM_INIT else "local-dir")
-    if model.startswith("hf-hub:") or (pretrained or "").startswith("hf-hub:"):
-        return "hub"
-    if pretrained == RANDOM_INIT:
+    if pretrained == RANDOM_INIT:  # also for an hf-hub: model: its architecture, freshly initialised
         return "random"
+    if (pretrained or "").startswith("hf-hub:") or (model.startswith("hf-hub:") and pretrained is None):
+        return "hub"
+    if model.startswith("hf-hub:"):  # the hub's architecture with weights from a file (a fine-tune)
+        return "file"
     if pretrained and ("://" in pretrained or os.sep in pretrained or os.path.exists(pretrained)
                        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))):
         return "file"

@@ -629,13 +629,18 @@ def render_html(store: RunStore) -> str:
     body = "".join(f'<section id="{k}"><h2>{t}</h2>{b}</section>' for k, t, b in sections)
     legend = ('<p class="muted">after (E): expected weights; after (repeats): the realised resample. '
               'RB, AB, Gini, top-1% share: lower is more balanced; arrows compare after (E) with before.</p>')
+    return html_page(f"mmbalance report: {_e(report['method'])}, {fmt(rows['input'])} rows", "mmbalance rebalance report", sub,
+                     f'{_summary(report)}{legend}<section id="glance"><h2>At a glance</h2>{glance}</section>{nav}{body}')
+
+
+def html_page(title: str, heading: str, sub: str, main: str) -> str:
+    """The page around a report's sections (title, heading and sub line are HTML already)."""
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>mmbalance report: {_e(report['method'])}, {fmt(rows['input'])} rows</title><style>{_CSS}</style></head><body>"
-        f'<header><h1>mmbalance rebalance report</h1><div class="sub">{sub}</div></header><main>'
-        f'{_summary(report)}{legend}<section id="glance"><h2>At a glance</h2>{glance}</section>{nav}{body}'
-        "</main></body></html>\n"
+        f"<title>{title}</title><style>{_CSS}</style></head><body>"
+        f'<header><h1>{heading}</h1><div class="sub">{sub}</div></header><main>'
+        f"{main}</main></body></html>\n"
     )
 
 

@@ -499,15 +499,25 @@ RecipeLoader = StrictLoader
 _DuplicateKey = DuplicateKeyError
 
 
-def recipe_from_yaml(text: str, source: str) -> Recipe:
+def recipe_mapping(text: str, source: str) -> dict[str, Any] | None:
+    """A recipe file's YAML (the strict loader's rules), which must be a mapping."""
     data = load_strict(text, source, RecipeError)
     if data is not None and not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return parse_recipe(data, source)
+    return data
+
+
+def recipe_from_yaml(text: str, source: str) -> Recipe:
+    return parse_recipe(recipe_mapping(text, source), source)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Load a recipe from a local path or a pyarrow filesystem URI (s3://bucket/recipe.yaml)."""
+    return recipe_from_yaml(read_recipe_text(path), str(path))
+
+
+def read_recipe_text(path: str | Path) -> str:
+    """A recipe file's text from a local path or a pyarrow filesystem URI; unreadable: RecipeError."""
     path = str(path)
     try:
         if "://" in path:
@@ -520,7 +530,7 @@ def load_recipe(path: str | Path) -> Recipe:
             text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
-    return recipe_from_yaml(text, path)
+    return text
 
 
 EXAMPLE_RECIPE = """\

@@ -504,3 +504,19 @@ def test_image_decode_rules(tiny_dir):
     (d / "open_clip_config.json").write_text(json.dumps(longest))
     with pytest.raises(ValueError, match="resize_mode 'longest'.*use image_decode: pil or auto"):
         load_model(EmbedSpec(model=f"local-dir:{d}", pretrained="random", image_decode="torch"))
+
+
+def test_weights_kind_of_each_model_and_pretrained_pair():
+    """A checkpoint file or 'random' with an hf-hub: model is that file or a random init of the hub's
+    architecture, never the hub's own weights loaded silently instead."""
+    from mmbalance.operators.embed import classify_pretrained
+
+    assert classify_pretrained("hf-hub:org/model", None) == "hub"
+    assert classify_pretrained("hf-hub:org/model", "hf-hub:org/model") == "hub"
+    assert classify_pretrained("hf-hub:org/model", "logs/run/checkpoints/epoch_3.pt") == "file"
+    assert classify_pretrained("hf-hub:org/model", "random") == "random"
+    assert classify_pretrained("ViT-B-32", "hf-hub:org/model") == "hub"
+    assert classify_pretrained("ViT-B-32", "laion2b_s34b_b79k") == "tag"
+    assert classify_pretrained("ViT-B-32", "s3://bucket/epoch_3.pt") == "file"
+    assert classify_pretrained("local-dir:/m", "epoch_3.pt") == "file"
+    assert classify_pretrained("local-dir:/m", None) == "local-dir"
