@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from model_bias_report import aggregate, data_side, markdown_table  # noqa: E402
+from model_bias_report import (  # noqa: E402
+    aggregate, check_against_numpy, data_side, evaluate_figures, evaluate_recipe, markdown_table)
 
 from mmbalance.synth_images import synth_image_corpus  # noqa: E402
 
@@ -152,14 +153,6 @@ def run_jobs(jobs: list[Job], parallel: int, env: dict) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} ({job.seconds:.0f} s)", flush=True)
 
 
-def evaluator_available() -> bool:
-    """``mmbalance evaluate`` exists in this checkout (issue 20, section 1)."""
-    from mmbalance.cli import app
-
-    return any(getattr(c, "name", None) == "evaluate" or getattr(c.callback, "__name__", "") == "evaluate"
-               for c in app.registered_commands)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="work directory (corpus, runs, checkpoints)")
@@ -252,39 +245,33 @@ def run(out: Path, s: Settings, a) -> None:
             deps = ["rebalance:none"] + (["rebalance:rnb"] if arm == "offline" else [])
             jobs.append(Job(f"train:{name}", argv, deps, out / "logs" / f"train-{name}.log"))
             checkpoints[name] = (f"rnb_{arm}", seed, out / "loop" / name / "checkpoints" / "final.pt")
-    use_cli = evaluator_available()
     for name, (_, _, ckpt) in checkpoints.items():
         jobs.append(Job(f"check:{name}", [py, str(HERE / "model_bias_metrics.py"), "--model-dir", str(model_dir),
                                           "--checkpoint", str(ckpt), "--eval", str(eval_path),
-                                          "--out", str(out / "eval" / name / "numpy.json")],
+                                          "--out", str(out / "check" / name / "numpy.json")],
                         [f"train:{name}"], out / "logs" / f"check-{name}.log"))
-        if use_cli:
-            from model_bias_report import evaluate_recipe
-
-            erecipe = out / "eval" / name / "eval.yaml"
-            erecipe.parent.mkdir(parents=True, exist_ok=True)
-            erecipe.write_text(evaluate_recipe(model_dir, ckpt, eval_path))
-            jobs.append(Job(f"eval:{name}", [*mmb, "evaluate", str(eval_path), "--recipe", str(erecipe),
-                                             "--out", str(out / "eval" / name)], [f"train:{name}"], out / "logs" / f"eval-{name}.log"))
+        erecipe = out / "eval-recipes" / f"{name}.yaml"
+        erecipe.parent.mkdir(parents=True, exist_ok=True)
+        erecipe.write_text(evaluate_recipe(model_dir, ckpt, eval_path))
+        jobs.append(Job(f"eval:{name}", [*mmb, "evaluate", str(eval_path), "--recipe", str(erecipe), "--out",
+                                         str(out / "eval" / name)], [f"train:{name}"], out / "logs" / f"eval-{name}.log"))
     run_jobs(jobs, s.jobs, env)
 
     runs = {}
     for name, (config, seed, _) in checkpoints.items():
         rdir = out / "eval" / name
-        numpy_figures = json.loads((rdir / "numpy.json").read_text())
-        entry = {"config": config, "seed": seed, "numpy": numpy_figures,
+        numpy_figures = json.loads((out / "check" / name / "numpy.json").read_text())
+        figures = evaluate_figures(json.loads((rdir / "evaluate.json").read_text()))
+        entry = {"config": config, "seed": seed, "evaluate": figures, "numpy": numpy_figures,
+                 "evaluate_vs_numpy_max_diff": check_against_numpy(figures, numpy_figures),
                  "train_seconds": round(next(j.seconds for j in jobs if j.name == f"train:{name}"), 1)}
-        if use_cli:
-            from model_bias_report import evaluate_figures
-
-            entry["evaluate"] = evaluate_figures(json.loads((rdir / "evaluate.json").read_text()))
         loop = out / "loop" / name / "loop.json"
         if loop.exists():
             entry["loop"] = json.loads(loop.read_text())
         runs[name] = entry
     result = {
         "command": "python " + shlex.join(["benchmarks/bench_model_bias.py", *sys.argv[1:]]),
-        "evaluator": "mmbalance evaluate (numpy recomputation beside it)" if use_cli else "numpy (benchmarks/model_bias_metrics.py)",
+        "evaluator": "mmbalance evaluate; benchmarks/model_bias_metrics.py recomputes the figures in numpy beside it",
         "settings": asdict(s),
         "model": TINY_MODEL,
         "machine": machine(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmbalance.synth_images import CAPTION_TEMPLATES, NEUTRAL_CAPTION, OCCUPATIONS, caption
+from mmbalance.synth_images import OCCUPATIONS, gender_prompts, label_prompts
 
 GENDERS = ("woman", "man")
 
@@ -61,10 +61,10 @@ def embed_eval(model, model_dir: str, table) -> dict[str, np.ndarray]:
     occ = list(OCCUPATIONS)
     return {
         "image": np.concatenate(images),
-        "label": ensemble([[caption(t, o) for t in (NEUTRAL_CAPTION, "a {o}.", "{o}.")] for o in occ]),
+        "label": ensemble([label_prompts()[o] for o in occ]),
         # [occupation, gender] -> prompts templated with both
-        "attribute": np.stack([ensemble([[caption(t, o, g) for t in CAPTION_TEMPLATES] for g in GENDERS]) for o in occ]),
-        "captions": text(sorted(set(table.column("caption").to_pylist()))),
+        "attribute": np.stack([ensemble([[t.format(o=o) for t in gender_prompts()[g]] for g in GENDERS]) for o in occ]),
+        "captions": text([c for c in table.column("caption").to_pylist() if c is not None]),
     }
 
 
@@ -80,7 +80,7 @@ def max_skew_ndkl(ranked_attr: np.ndarray, pool_share: np.ndarray, k: int) -> tu
     return float(np.max(skew)), float(np.sum(disc * kl) / np.sum(disc))
 
 
-def metrics(emb: dict[str, np.ndarray], table, ks: tuple[int, ...] = (10, 50)) -> dict:
+def metrics(emb: dict[str, np.ndarray], table, ks: tuple[int, ...] = (10, 100)) -> dict:
     """RB, AB (per occupation and per latent scene), MaxSkew@k and NDKL of occupation queries over
     the cued (gender-balanced) images, occupation accuracy, cue accuracy, caption recall."""
     occ_names = list(OCCUPATIONS)
@@ -114,14 +114,15 @@ def metrics(emb: dict[str, np.ndarray], table, ks: tuple[int, ...] = (10, 50)) -
                 for j in range(len(occ_names))]
         out[f"maxskew@{k}"] = float(np.mean([v[0] for v in vals]))
         out["ndkl"] = float(np.mean([v[1] for v in vals]))
-    caps = sorted(set(table.column("caption").to_pylist()))
-    cap_idx = np.array([caps.index(c) for c in table.column("caption").to_pylist()])
-    sim = img @ emb["captions"].T
+    # recall over the captioned pairs (captions are unique): rank of the partner, 0 = first
+    paired = np.flatnonzero([c is not None for c in table.column("caption").to_pylist()])
+    sim = img[paired] @ emb["captions"].T
+    own = np.diag(sim)
+    i2t_rank = np.sum(sim > own[:, None], axis=1)
+    t2i_rank = np.sum(sim > own[None, :], axis=0)
     for k in (1, 5):
-        top_t = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-        out[f"i2t_r@{k}"] = float(np.mean(np.any(top_t == cap_idx[:, None], axis=1)))
-        top_i = np.argsort(-sim.T, axis=1, kind="stable")[:, :k]
-        out[f"t2i_r@{k}"] = float(np.mean(np.any(cap_idx[top_i] == np.arange(len(caps))[:, None], axis=1)))
+        out[f"i2t_r@{k}"] = float(np.mean(i2t_rank < k))
+        out[f"t2i_r@{k}"] = float(np.mean(t2i_rank < k))
     return out
 
 

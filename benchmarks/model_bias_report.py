@@ -67,18 +67,13 @@ def _interval(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "values": v.tolist()}
 
 
-def figures_of(run: dict) -> dict:
-    """The evaluation figures of one checkpoint: ``mmbalance evaluate``'s when present, else numpy's."""
-    return run.get("evaluate") or run["numpy"]
-
-
 def aggregate(runs: dict) -> dict:
     by_config: dict[str, list[dict]] = {}
     for run in runs.values():
         by_config.setdefault(run["config"], []).append(run)
     table = {}
     for config, members in by_config.items():
-        row = {k: _interval([figures_of(r)[k] for r in members]) for k in MODEL_FIGURES if k in figures_of(members[0])}
+        row = {k: _interval([r['evaluate'][k] for r in members]) for k in MODEL_FIGURES if k in members[0]['evaluate']}
         row["seeds"] = len(members)
         row["train_seconds"] = _interval([r["train_seconds"] for r in members])
         if "loop" in members[0]:
@@ -116,3 +111,60 @@ def markdown_table(result: dict) -> str:
             lines.append("| " + " | ".join([config.removeprefix("rnb_"), *[_fmt(row.get(k)) for k in TABLE_COLUMNS],
                                               _fmt(row.get("loop_seconds")), _fmt(row.get("mixer_share"))]) + " |")
     return "\n".join(lines)
+
+
+def evaluate_recipe(model_dir: Path, checkpoint: Path, eval_path: Path, bootstrap: int = 1000) -> str:
+    """The ``mmbalance evaluate`` recipe for one checkpoint: gender predicted with prompts about the
+    image's occupation, occupation and the latent scene as labels (the scene only groups AB; the
+    model never saw scene words, so its zero-shot scene figures mean nothing and are not reported)."""
+    import yaml
+
+    from mmbalance.synth_images import SCENES, gender_prompts, label_prompts
+
+    doc = {
+        "model": {"name": f"local-dir:{model_dir}", "checkpoint": str(checkpoint), "device": "cpu", "batch_size": 512},
+        "eval": {"path": str(eval_path), "columns": {"uid": "uid", "image": "image", "caption": "caption"}},
+        "attributes": [{"name": "gender", "column": "gender", "values": ["woman", "man"],
+                        "prompts": gender_prompts("{occupation}")}],
+        "labels": [{"name": "occupation", "column": "occupation", "values": list(label_prompts()), "prompts": label_prompts()},
+                   {"name": "scene", "column": "scene", "values": list(SCENES), "prompts": ["a photo of a {scene}."]}],
+        "bootstrap": {"samples": bootstrap, "confidence": 0.95},
+        "retrieval": {"k": [10, 100], "recall_k": [1, 5]},
+        "execution": {"executor": "local"},
+        "seed": 0,
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def evaluate_figures(doc: dict) -> dict:
+    """The benchmark's figures from one ``evaluate.json`` (value, and the within-set bootstrap ``ci``
+    under ``<key>_ci``): the same keys as model_bias_metrics.metrics, so the two can be compared."""
+    g = doc["attributes"]["gender"]
+    occ_ab, ret = g["ab"]["occupation"], g["retrieval"]["occupation"]
+    rec = doc.get("retrieval") or {}
+    picks = {
+        "accuracy": doc["labels"]["occupation"]["accuracy"], "cue_accuracy": g["accuracy"], "rb": g["rb"],
+        "woman_share": g["share"]["woman"], "ab": occ_ab, "ab_scene": g["ab"]["scene"],
+        "maxskew@10": ret["max_skew"]["10"], "maxskew@100": ret["max_skew"]["100"], "ndkl": ret["ndkl"],
+        **{f"{short}_r@{k}": rec[side][f"recall@{k}"] for short, side in (("i2t", "image_to_text"), ("t2i", "text_to_image"))
+           for k in (1, 5) if side in rec},
+    }
+    out: dict = {}
+    for key, fig in picks.items():
+        out[key] = fig["value"]
+        out[f"{key}_ci"] = fig["ci"]
+    shares = {j: v["share"]["woman"]["value"] for j, v in occ_ab["by_label"].items()}
+    out["woman_share_by_occupation"] = shares
+    out["woman_share_by_scene"] = {j: v["share"]["woman"]["value"] for j, v in g["ab"]["scene"]["by_label"].items()}
+    from mmbalance.synth_images import OCCUPATIONS
+
+    planted = [p for _, p in OCCUPATIONS.values()]
+    model = [shares[o] for o in OCCUPATIONS]
+    out["skew_correlation"] = float(np.corrcoef(planted, model)[0, 1]) if np.std(model) > 0 else 0.0
+    return out
+
+
+def check_against_numpy(evaluate: dict, numpy_figures: dict) -> float:
+    """Largest |difference| between evaluate's figures and the numpy recomputation (shared keys)."""
+    keys = [k for k, v in numpy_figures.items() if isinstance(v, float) and isinstance(evaluate.get(k), (int, float))]
+    return max((abs(evaluate[k] - numpy_figures[k]) for k in keys), default=float("nan"))

@@ -44,7 +44,7 @@ SCENES: dict[str, tuple[int, int, int]] = {
 SCENE_GIVEN_GENDER = {"woman": (0.35, 0.30, 0.20, 0.15), "man": (0.15, 0.20, 0.30, 0.35)}
 GLYPH_COLOURS = ((235, 70, 70), (245, 205, 60), (70, 210, 225), (120, 230, 90), (250, 140, 40), (205, 95, 225),
                  (240, 150, 190), (170, 120, 250))
-CUE_COLOURS = {"woman": (250, 250, 250), "man": (15, 15, 15)}
+CUE_COLOURS = {"woman": (245, 245, 245), "man": (15, 15, 15), None: (130, 130, 130)}
 SIZE = 32
 CAPTION_TEMPLATES = ("a photo of a {g} {o}.", "a {g} working as {a} {o}.", "a {g} {o} at work.", "{o}, {g}.")
 NEUTRAL_CAPTION = "a photo of {a} {o}."
@@ -52,6 +52,21 @@ NEUTRAL_CAPTION = "a photo of {a} {o}."
 
 def caption(template: str, occupation: str, gender: str | None = None) -> str:
     return template.format(g=gender, o=occupation, a="an" if occupation[0] in "aeiou" else "a")
+
+
+# zero-shot prompts for the evaluation (the training captions' own forms): per occupation, and per
+# gender templated with the image's occupation ({o}), as ``mmbalance evaluate`` fills them
+LABEL_TEMPLATES = (NEUTRAL_CAPTION, "{a} {o} at work.", "{o}.")
+GENDER_TEMPLATES = ("a photo of a {g} {o}.", "a {g} {o} at work.", "{o}, {g}.")
+
+
+def label_prompts() -> dict[str, list[str]]:
+    return {o: [caption(t, o) for t in LABEL_TEMPLATES] for o in OCCUPATIONS}
+
+
+def gender_prompts(placeholder: str = "{o}") -> dict[str, list[str]]:
+    """Per gender, templates naming the occupation by ``placeholder`` (``{occupation}`` for evaluate)."""
+    return {g: [t.replace("{g}", g).replace("{o}", placeholder) for t in GENDER_TEMPLATES] for g in ("woman", "man")}
 
 
 def _shape(draw, occupation: int, cx: float, cy: float, r: float, fill) -> None:
@@ -91,11 +106,8 @@ def render(occupation: int, scene: int, cue: str | None, rng: np.random.Generato
     # colour narrows the occupation down, the shape decides it
     colour = GLYPH_COLOURS[(occupation + int(rng.integers(2))) % len(GLYPH_COLOURS)]
     _shape(draw, occupation, cx, cy, r, colour)
-    top = cy - r - 2
-    if cue == "woman":
-        draw.polygon([(cx - 3.5, top), (cx + 3.5, top), (cx, top - 4.5)], fill=CUE_COLOURS[cue])
-    elif cue == "man":
-        draw.rectangle((cx - 3.5, top - 3, cx + 3.5, top), fill=CUE_COLOURS[cue])
+    top = cy - r - 2  # every person wears the mark; its shade is the gender cue, mid grey when hidden
+    draw.rectangle((cx - 4, top - 3, cx + 4, top), fill=CUE_COLOURS[cue])
     pixels = np.asarray(img, dtype=np.float64) + rng.normal(0, 8, (SIZE, SIZE, 3))
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG")
@@ -137,18 +149,23 @@ def train_table(rows: int, seed: int, cue_rate: float = 0.5, uid_offset: int = 0
 
 
 def eval_table(seed: int, neutral: int = 48, cued: int = 16) -> pa.Table:
-    """Per occupation x scene: ``neutral`` cue-less images (gender null, caption without gender)
-    and ``cued`` images of each gender (caption with it). Gender, occupation and scene are
-    independent here: the set itself carries no association."""
+    """Per occupation x scene: ``neutral`` cue-less images (gender null) and ``cued`` images of each
+    gender. Gender, occupation and scene are independent here: the set itself carries no
+    association. Captions (for image<->text recall) only where they are unique: one image per
+    occupation x {woman, man, neutral}, the others null; with duplicates a pair's rank among
+    identical captions would be a tie-break."""
     rng = np.random.default_rng([seed, 23])
     names, scenes = list(OCCUPATIONS), list(SCENES)
     rows: dict[str, list] = {"uid": [], "caption": [], "image": [], "gender": [], "occupation": [], "scene": []}
+    seen: set[str] = set()
     for o, name in enumerate(names):
         for s, scene in enumerate(scenes):
             for g in [None] * neutral + ["woman"] * cued + ["man"] * cued:
                 rows["uid"].append(f"e{seed:03d}-{len(rows['uid']):06d}")
                 rows["image"].append(render(o, s, g, rng))
-                rows["caption"].append(caption(NEUTRAL_CAPTION if g is None else CAPTION_TEMPLATES[0], name, g))
+                text = caption(NEUTRAL_CAPTION if g is None else CAPTION_TEMPLATES[0], name, g)
+                rows["caption"].append(None if text in seen else text)
+                seen.add(text)
                 rows["gender"].append(g)
                 rows["occupation"].append(name)
                 rows["scene"].append(scene)
