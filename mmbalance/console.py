@@ -44,7 +44,8 @@ def print_summary(report: dict[str, Any], out: str, console: Console | None = No
     console.print(f"largest repeat count: {weights['max_repeats']}")
     families = report.get("constraint_families") or []
     if families:
-        ftable = Table(title="M4 constraint families (worst |moment| / carrying weight)")
+        ftable = Table(title="M4 constraint families (worst |moment| / carrying weight; per label: |P(s|y) - pi|; "
+                             "embedding: |moment| / (sd W))")
         ftable.add_column("family", min_width=14)  # wraps on narrow terminals; the figures never do
         for col in ("n", "tol", "binding", "before", "after", "leakage"):
             ftable.add_column(col, justify="right", no_wrap=True, min_width=len(col))

@@ -145,8 +145,10 @@ DEMO_RECIPE = {
     "balance": [
         {"method": "cap", "by": "concept", "cap": 500},
         {"method": "m4", "targets": {"gender": {"woman": 0.5, "man": 0.5}},
-         "associate": [["gender", "occupation"], ["gender", "concept"]],
-         "tolerance": {"representation": 0.002, "association": 0.005}, "retention": 0.6, "on_infeasible": "max_retention"},
+         "associate": [["gender", "occupation"], ["gender", "concept"], ["gender", "embedding.image"]],
+         "tolerance": {"representation": 0.002, "association": 0.005, "association_per_label": 0.05,
+                       "association_embedding": 0.005},
+         "retention": 0.6, "on_infeasible": "max_retention"},
     ],
     "export": {"seed": 0, "formats": ["parquet"]},
 }

@@ -164,21 +164,49 @@ def _moment_matrix(frame: pl.DataFrame, weight: str, attr: str, values: list[str
     return (mass - pi[:, None] * mass.sum(axis=0)[None, :]) / total
 
 
+def _conditional_gaps(frame: pl.DataFrame, weight: str, attr: str, values: list[str], pi: np.ndarray, label: str,
+                      pooled: list[str]) -> np.ndarray:
+    """|P_w(s = v | y = j) - pi_v| over attribute-carrying rows, per value v and label group j (each
+    label value, the ``pooled`` ones as one group), for groups with positive weight: (m, groups)."""
+    s_col, y_col = tag_column(attr), tag_column(label)
+    carrying = frame.filter(pl.col(s_col).is_not_null() & pl.col(y_col).is_not_null())
+    if not carrying.height:
+        return np.zeros((len(values), 0))
+    group = pl.when(pl.col(y_col).is_in(pooled)).then(pl.lit("\0pooled")).otherwise(pl.col(y_col)).alias("__g")
+    joint = carrying.with_columns(group).group_by(["__g", s_col]).agg(pl.col(weight).sum().alias("w"))
+    groups = sorted(set(joint["__g"].to_list()))
+    index = {g: i for i, g in enumerate(groups)}
+    mass = np.zeros((len(values), len(groups)))
+    v_index = {v: k for k, v in enumerate(values)}
+    for g, v, w in joint.iter_rows():
+        mass[v_index[v], index[g]] += w
+    total = mass.sum(axis=0)
+    keep = total > 0
+    return np.abs(mass[:, keep] / total[keep] - pi[:, None])
+
+
 def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str]], vocab: dict[str, list[str]],
-                        solution: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per M4 step and constraint family (an attribute's representation, or attribute x label set):
-    how many constraints, how many sit at their tolerance under the final expected weights, and
-    the worst moment |sum_w (s_k - pi_k) y_r| / W in each view. At thousands of cluster labels this
-    is the summary a reader can take in; the solver section keeps the individual constraints."""
+                        solution: dict[str, Any], embedding_sums: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per M4 step and constraint family (an attribute's representation, attribute x label set,
+    per-label parity of attribute x label set, attribute x embedding): how many constraints, how
+    many sit at their tolerance under the final expected weights, and the worst moment in each
+    view: |sum_w (s_k - pi_k) y_r| / W (representation, association), the worst conditional gap
+    |P_w(s = v | y = j) - pi_v| (per label), the worst |E_w[(s_v - pi_v) z_k]| / (sd_k W) (embedding;
+    from ``embedding_sums``, the weigh stage's per-value sums of z under the manifest weights). At thousands of cluster labels this is the summary a
+    reader can take in; the solver section keeps the individual constraints."""
     steps = solution.get("steps") or [solution]
     attrs = {a.name: a for a in recipe.attributes}
     out: list[dict[str, Any]] = []
     for index, (spec, diag) in enumerate(zip(recipe.balance_steps(), steps)):
         if spec.method != "m4" or "pi" not in diag:
             continue
-        families: list[tuple[str, str | None, float]] = [(a, None, spec.tolerance.representation) for a in spec.targets]
-        families += [(a, lab, spec.tolerance.association) for a, lab in dict.fromkeys(map(tuple, spec.associate))]
-        for attr, label, eps in families:
+        tol = spec.tolerance
+        labelled = [(a, lab) for a, lab in dict.fromkeys(map(tuple, spec.associate)) if not lab.startswith("embedding.")]
+        families: list[tuple[str, str | None, float, str]] = [(a, None, tol.representation, "representation") for a in spec.targets]
+        families += [(a, lab, tol.association, "association") for a, lab in labelled if tol.association is not None]
+        families += [(a, lab, tol.association_per_label, "association_per_label") for a, lab in labelled
+                     if tol.association_per_label is not None]
+        for attr, label, eps, kind in families:
             values = list(attrs[attr].values)
             # with hold_labels an untargeted attribute is centred per pair (the solver's pi_by_pair)
             shares = diag.get("pi_by_pair", {}).get(f"{attr} x {label}") or diag["pi"].get(attr, {})
@@ -186,12 +214,22 @@ def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str
             label_values = list(vocab.get(label, [])) if label else []
             entry: dict[str, Any] = {
                 "step": index, "family": f"{attr} x {label}" if label else f"{attr} representation",
-                "kind": "association" if label else "representation", "attribute": attr, "label": label,
+                "kind": kind, "attribute": attr, "label": label,
                 "tolerance": float(eps), "constraints": len(values) * (len(label_values) if label else 1),
             }
+            pooled: list[str] = []
+            if kind == "association_per_label":
+                info = diag.get("per_label", {}).get(f"{attr} x {label}", {})
+                pooled = list(info.get("pooled_values", []))
+                entry.update(family=f"{attr} | {label} (per label)", bounded_values=info.get("bounded_values"),
+                             pooled_values=pooled, min_support=info.get("min_support"),
+                             constraints=len(values) * ((info.get("bounded_values") or 0) + (1 if pooled else 0)))
             worst: dict[str, float] = {}
             for view, (frame, weight) in views.items():
-                moments = _moment_matrix(frame, weight, attr, values, pi, label, label_values)
+                if kind == "association_per_label":
+                    moments = _conditional_gaps(frame, weight, attr, values, pi, label, pooled)
+                else:
+                    moments = _moment_matrix(frame, weight, attr, values, pi, label, label_values)
                 worst[view] = float(np.abs(moments).max()) if moments.size else 0.0
                 if view == "after_expected":
                     # at the bound up to the solver's precision: the constraints that bind
@@ -199,7 +237,32 @@ def constraint_families(recipe: Recipe, views: dict[str, tuple[pl.DataFrame, str
                     entry["over_tolerance"] = int((np.abs(moments) > eps * (1 + 1e-6) + 1e-9).sum())
             entry["worst_moment"] = worst
             out.append(entry)
+        for fam in diag.get("embedding", {}).get("families", []):
+            sums = (embedding_sums or {}).get(f"{fam['attribute']} x embedding.{fam['side']}")
+            if sums:  # measured where the weights are applied (the weigh stage); absent outside a run
+                out.append(_embedding_family(index, fam, sums))
     return out
+
+
+def _embedding_family(step: int, fam: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
+    """An embedding family's entry: |E_w[(s_v - pi_v) z_k]| / (sd_k E_w[carrying]) per view, from the
+    per-value sums of z and of the weight (``RowMomentSolution.embedding_sums`` over every shard)."""
+    eps = float(fam["tolerance"])
+    entry: dict[str, Any] = {
+        "step": step, "family": f"{fam['attribute']} x embedding.{fam['side']} ({fam['components']} PCs)",
+        "kind": "embedding", "attribute": fam["attribute"], "label": f"embedding.{fam['side']}", "tolerance": eps,
+        "constraints": fam["constraints"], "components": fam["components"], "worst_moment": {},
+    }
+    pi, sd = np.asarray(fam["pi"], np.float64), np.asarray(fam["sd"], np.float64)
+    for view in ("before", "after_expected", "after_realized"):
+        z, mass = np.asarray(sums["z"][view], np.float64), np.asarray(sums["mass"][view], np.float64)
+        total = mass.sum()
+        moments = (z - pi[:, None] * z.sum(axis=0)[None, :]) / (sd[None, :] * total) if total > 0 else np.zeros_like(z)
+        entry["worst_moment"][view] = float(np.abs(moments).max()) if moments.size else 0.0
+        if view == "after_expected":
+            entry["at_tolerance"] = int((np.abs(moments) >= eps * (1 - 1e-6) - 1e-12).sum()) if eps > 0 else int(moments.size)
+            entry["over_tolerance"] = int((np.abs(moments) > eps * (1 + 1e-6) + 1e-9).sum())
+    return entry
 
 
 def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> None:
@@ -207,14 +270,18 @@ def family_leakage(families: list[dict[str, Any]], leakage: dict[str, Any]) -> N
     for fam in families:
         if fam["label"] is None:
             continue
-        probe = leakage.get(fam["attribute"], {}).get(f"dataset_{fam['label']}") or leakage.get(fam["attribute"], {}).get("dataset")
+        probes = leakage.get(fam["attribute"], {})
+        if fam["kind"] == "embedding":  # the embedding's own probe
+            probe = probes.get(f"embedding_{fam['label'].split('.', 1)[1]}")
+        else:
+            probe = probes.get(f"dataset_{fam['label']}") or probes.get("dataset")
         if probe and probe.get("before") and probe.get("after"):
             fam["leakage"] = {view: {"accuracy": probe[view]["accuracy"], "majority_rate": probe[view]["majority_rate"]}
                               for view in ("before", "after")}
 
 
 def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[str, list[str]],
-                 solution: dict[str, Any] | None = None) -> dict[str, Any]:
+                 solution: dict[str, Any] | None = None, embedding_sums: dict[str, Any] | None = None) -> dict[str, Any]:
     before_f, after_f = pl.from_arrow(before), pl.from_arrow(after)
     rows = int(before_f["count"].sum()) if before_f.height else 0
     report = {
@@ -225,5 +292,5 @@ def build_report(recipe: Recipe, before: pa.Table, after: pa.Table, vocab: dict[
     }
     if solution and any(step.method == "m4" for step in recipe.balance_steps()):
         views = {"before": (before_f, "count"), "after_expected": (after_f, "w_sum"), "after_realized": (after_f, "rep_sum")}
-        report["constraint_families"] = constraint_families(recipe, views, vocab, solution)
+        report["constraint_families"] = constraint_families(recipe, views, vocab, solution, embedding_sums)
     return report

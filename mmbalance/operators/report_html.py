@@ -488,9 +488,11 @@ def _families_section(report: dict[str, Any]) -> str:
         ])
     return (_table(["family", "step", "constraints", "tolerance", "binding (at tolerance)", "over tolerance",
                     "worst |moment| before", "after (E)", "after (repeats)", "leakage from labels (accuracy)"], rows)
-            + '<p class="muted">moment = sum_w (s_k - pi_k) y_r / W over rows carrying the attribute; binding: at its '
-              "tolerance under the final expected weights; leakage: a probe predicting the attribute from this label set, "
-              "before and after.</p>")
+            + '<p class="muted">moment = sum_w (s_k - pi_k) y_r / W over rows carrying the attribute; per label: the '
+              "worst |P_w(s = k | y = r) - pi_k| over label values (those under min_support pooled); embedding: "
+              "|sum_w (s_k - pi_k) z_j| / (sd_j W) over principal components z_j; binding: at its "
+              "tolerance under the final expected weights; leakage: a probe predicting the attribute from this label set "
+              "(or embedding), before and after.</p>")
 
 
 def _balance_section(report: dict[str, Any], plots: list[str]) -> str:

@@ -55,9 +55,10 @@ def manifest_table(uids: pa.Array, weights: np.ndarray, repeats: np.ndarray, sha
     )
 
 
-def weigh_tags(tags: pa.Table, solution, seed: int, shard_id: str, shard: str) -> pa.Table:
-    """Plain-function form: a tags table in, its manifest rows out."""
-    weights = solution.weights(tags)
+def weigh_tags(tags: pa.Table, solution, seed: int, shard_id: str, shard: str, projected: np.ndarray | None = None) -> pa.Table:
+    """Plain-function form: a tags table in, its manifest rows out (``projected``: the rows'
+    embeddings on the principal components, for a solution with embedding moments)."""
+    weights = solution.weights(tags) if projected is None else solution.weights(tags, projected=projected)
     if np.any(weights < 0) or not np.all(np.isfinite(weights)):
         raise ValueError(f"{shard}: solution '{solution.method}' produced a negative or non-finite weight")
     rows = tags.column("row").to_numpy()

@@ -260,6 +260,8 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         for name, level in zip(spec.level_names(), _level_ids(ids, parents)):
             sample = sample.append_column(tag_column(name), _cluster_tags(level))
         info[spec.name] = {k: v for k, v in meta.items() if k not in ("embedding", "parents")}
+    for side, components in recipe.embedding_moments().items():
+        info[f"pca_{side}"] = fit_embedding_basis(store, sample, side, components, recipe.sample.seed)
     # labels tagged only in the fit (clusters and their levels, zero-shot): no per-row tag before assignment
     made_here = {n for c in recipe.clusters for n in (c.name, *c.level_names())} | {t.name for t in recipe.deferred_tags()}
     for spec in recipe.subclasses:
@@ -294,6 +296,39 @@ def fit_models(recipe: Recipe, store: RunStore, sample: pa.Table, shards, dups, 
         info[spec.name] = {"subclasses": int(model.counts.sum()), "classes": len(model.classes), "m0": spec.m0,
                            "class_sizes_exact": exact, **strata}
     return sample, info
+
+
+def fit_embedding_basis(store: RunStore, sample: pa.Table, side: str, components: int, seed: int) -> dict[str, Any]:
+    """Principal components of the sample's unit-norm ``side`` embeddings for M4's embedding moments
+    (docs/algorithms.md section 8), saved as models/pca_<side>.npy (mean, then components) and .json."""
+    from mmbalance.operators.pca import fit_pca
+    from mmbalance.pipeline.rows import SAMPLE_IMAGE, SAMPLE_TEXT
+
+    column = SAMPLE_IMAGE if side == "image" else SAMPLE_TEXT
+    if column not in sample.column_names:
+        raise InputError(f"balance.associate names embedding.{side} but the fit sample has no {side} embeddings")
+    matrix, valid = cluster.embedding_matrix(sample.column(column))
+    try:
+        basis = fit_pca(matrix, valid, components, side)
+    except ValueError as err:
+        raise InputError(f"{err}; raise sample.size") from None
+    meta = {"kind": "pca", "name": f"pca_{side}", "side": side, "components": basis.k, "sd": basis.sd.tolist(),
+            "sample_seed": seed, **basis.meta}
+    _save_array(store, f"pca_{side}", basis.stacked(), meta)
+    return {k: v for k, v in meta.items() if k not in ("sd", "kind", "name")}
+
+
+def load_embedding_bases(store: RunStore) -> dict[str, Any]:
+    """The fitted principal components by embedding side (``operators.pca.PcaBasis``)."""
+    from mmbalance.operators.pca import PcaBasis
+
+    bases = {}
+    for name in store.list_files("models", suffix=".json"):
+        meta = store.read_json("models", name)
+        if meta.get("kind") == "pca":
+            stacked = np.load(io.BytesIO(store.read_bytes("models", name.replace(".json", ".npy"))))
+            bases[meta["side"]] = PcaBasis.from_stacked(meta["side"], stacked, np.asarray(meta["sd"]), meta)
+    return bases
 
 
 def subclass_caps(sizes: dict[str, int], m0: int, points_per_subclass: int, budget: int) -> tuple[dict[str, int], int]:
@@ -402,6 +437,8 @@ def load_models(store: RunStore) -> dict[str, Any]:
             # the search index is built once per process (on a GPU when faiss sees one) and reused per batch
             models[meta["name"]] = ("cluster", centroids, [np.asarray(p, np.int64) for p in meta.get("parents", [])],
                                     cluster.cluster_index(centroids))
+        elif meta["kind"] == "pca":  # M4's embedding moments read it at the solve, not the assign stage
+            continue
         elif meta["kind"] == "zero_shot":
             from mmbalance.operators.zero_shot import ClassEmbeddings
 

@@ -187,25 +187,38 @@ class ShardBlocks:
         ids = [s.shard_id for s in self.rows.shards]
         return sum(done[i]["rows"] for i in ids), sum(done[i]["sum_u"] for i in ids)
 
-    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
-        import io
+    def build_rows(self, keys, spec) -> dict[str, float]:
+        """Row blocks with projected embeddings (M4 embedding moments), one task per shard."""
+        store = self.rows.store
+        store.write_table("solve", "stream", "keys.parquet", table=keys.to_arrow())
+        meta, arrays = spec.to_files()
+        store.write_json("solve", "stream", "spec.json", obj=meta)
+        store.write_bytes("solve", "stream", "spec.npz", data=stages.npz_bytes(**arrays))
+        tasks = [{"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "rows_spec": True,
+                  "dup_rows": self.rows.dups.get(s.index, {}).get("rows", [])} for s in self.rows.shards]
+        done = self._map(stages.stream_block_build, tasks)
+        ids = [s.shard_id for s in self.rows.shards]
+        return {k: sum(done[i][k] for i in ids) for k in ("rows", "sum_u", "sum_omega", "sum_omega_u")}
 
+    def iter_blocks(self):
+        for shard in self.rows.shards:
+            yield stages.read_npz(self.rows.store, "solve", "stream", f"{shard.shard_id}.npz")
+
+    def reduce(self, kind: str, t, params: dict[str, Any]) -> np.ndarray:
         store = self.rows.store
         self.calls += 1
         t_file = None
-        if t is not None:
+        if t is not None:  # the dual shifts (or, with embedding moments, a dict of arrays)
             t_file = f"t-{self.calls:06d}.npz"
-            buf = io.BytesIO()
-            np.savez(buf, t=np.asarray(t, np.float64))
-            store.write_bytes("solve", "stream", t_file, data=buf.getvalue())
+            payload = t if isinstance(t, dict) else {"t": np.asarray(t, np.float64)}
+            store.write_bytes("solve", "stream", t_file, data=stages.npz_bytes(**payload))
         tasks = [{"shard_id": s.shard_id, "kind": kind, "t_file": t_file, "params": params, "call": self.calls}
                  for s in self.rows.shards]
         done = self._map(stages.stream_block_reduce, tasks)
         total = None
         for shard in self.rows.shards:  # a fixed order: the same sums on every rerun
             name = done[shard.shard_id]["part"]
-            with np.load(io.BytesIO(store.read_bytes("solve", "stream", name))) as data:
-                part = data["part"]
+            part = stages.read_npz(store, "solve", "stream", name)["part"]
             store.fs.delete_file(store.path("solve", "stream", name))
             total = part if total is None else total + part
         if t_file:
@@ -478,7 +491,9 @@ class Rebalancer:
                              entry_counts=entry_counts,
                              hierarchies={c.name: store.read_json("models", f"{c.name}.json")["parents"]
                                           for c in recipe.clusters if c.levels},
-                             rows=KeptRows(ctx, store, shards, dups, executor) if recipe.input.columns.utility else None)
+                             rows=KeptRows(ctx, store, shards, dups, executor)
+                             if recipe.input.columns.utility or recipe.embedding_moments() else None,
+                             embedding_bases=fit.load_embedding_bases(store) if recipe.embedding_moments() else {})
         # a solution whose marker is missing or whose file changed is solved again (deterministic):
         # never a hand-edited or damaged solution applied to the unfinished shards only
         if store.verified_summary("solve", "solution") is None:
@@ -494,7 +509,8 @@ class Rebalancer:
         self.stage_seconds["solve"] = round(time.perf_counter() - t, 3)
 
         # weigh
-        weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "solution_digest": digest}, s) for s in shards]
+        weigh_tasks = [with_dups({"shard_id": s.shard_id, "relpath": s.relpath, "path": s.path, "solution_digest": digest}, s)
+                       for s in shards]
         self._run_stage("weigh", executor, ctx, weigh_tasks, ids, rows)
 
         # report
@@ -632,7 +648,10 @@ class Rebalancer:
             "solution": solution.get("diagnostics", {}),
             "vocabulary_sizes": {k: len(v) for k, v in vocab.items()},
         }
-        report.update(build_report(self.recipe, before, after, vocab, report["solution"]))
+        from mmbalance.operators.solve.row_solution import merge_embedding_sums
+
+        sums = merge_embedding_sums([s.get("embedding_sums") for s in self._summaries("weigh", ids)])
+        report.update(build_report(self.recipe, before, after, vocab, report["solution"], embedding_sums=sums))
         if report["weights"]["rows"] != manifest_rows:
             raise RuntimeError(f"row accounting broken: {manifest_rows} manifest rows, {report['weights']['rows']} weighed")
         return report

@@ -308,7 +308,9 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
     shard_id = task["shard_id"]
     solution = _load_solution(ctx.out, task["solution_digest"])
     tags = kept_tags(ctx, store, shard_id, task["dup_rows"])
-    manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"])
+    bases = getattr(solution, "embedding_sides", None)  # M4 embedding moments: weights need each row's z
+    z = kept_projections(ctx, store, task, tags.column("row").to_numpy(), bases) if bases else None
+    manifest = weigh.weigh_tags(tags, solution, ctx.recipe.export.seed, shard_id, task["relpath"], projected=z)
     weights = manifest.column("weight").to_numpy()
     repeats = manifest.column("repeats").to_numpy()
     store.write_table("manifest", f"{shard_id}.parquet", table=manifest)
@@ -325,6 +327,8 @@ def weigh_shard(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
         "weight_sum": float(weights.sum()),
         "repeats_sum": int(repeats.sum()),
     }
+    if z is not None:  # exact embedding moments for the report, before and after
+        summary["embedding_sums"] = solution.embedding_sums(tags, z, weights, repeats)
     _mark_done(store, "weigh", shard_id, summary, task)
     return summary
 
@@ -465,7 +469,7 @@ def embed_shard_stage(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
 # -- the M4 streaming path: row blocks per shard, reduced once per dual evaluation --------------
 
 
-def _npz_bytes(**arrays) -> bytes:
+def npz_bytes(**arrays) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -473,37 +477,69 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _npz(store: RunStore, *parts: str) -> dict[str, np.ndarray]:
+def read_npz(store: RunStore, *parts: str) -> dict[str, np.ndarray]:
     import io
 
     with np.load(io.BytesIO(store.read_bytes(*parts))) as data:
         return {k: data[k] for k in data.files}
 
 
+def kept_projections(ctx: RunContext, store: RunStore, task: dict[str, Any], kept_rows: np.ndarray, bases) -> np.ndarray:
+    """z (kept rows, sum of components) of a shard's kept rows: each side's embedding projected on
+    its principal components, batch by batch as the embeddings are read (the solve's row blocks and
+    the weigh stage both come here, so they compute the same z)."""
+    from mmbalance.operators.solve.m4_rows import project_sides
+
+    valid = store.read_table("tags", f"{task['shard_id']}.parquet", columns=["row"]).column("row").to_numpy()
+    columns, dims = embedding_columns(ctx.recipe), dict(ctx.embedding_dims)
+    names = {"image": SAMPLE_IMAGE, "text": SAMPLE_TEXT}
+    parts, found = [], []
+    for rows, table in embedding_batches(ctx, store, task, valid):
+        keep = np.isin(rows, kept_rows)
+        if keep.any():
+            sub = table.filter(pa.array(keep))
+            emb = {b.side: embedding_matrix(sub.column(columns[names[b.side]]), dims.get(columns[names[b.side]])) for b in bases}
+            parts.append(project_sides(bases, emb, sub.num_rows))
+            found.append(rows[keep])
+    got = np.concatenate(found) if found else np.zeros(0, np.int64)
+    if not np.array_equal(got, np.asarray(kept_rows)):
+        raise RuntimeError(f"shard {task['shard_id']}: {len(kept_rows)} kept rows, embeddings found for {len(got)}")
+    return np.concatenate(parts) if parts else np.zeros((0, sum(b.k for b in bases)), np.float32)
+
+
 def stream_block_build(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
-    """(signature id, utility) of a shard's kept rows, saved as its block under solve/stream/."""
+    """A shard's kept rows as its block under solve/stream/: (signature id, utility), or with
+    ``rows_spec`` (M4 embedding moments) also the projected embeddings, class and prior weight."""
     import polars as pl
 
-    from mmbalance.operators.solve.m4 import signature_ids
+    from mmbalance.operators.solve.m4_stream import signature_ids
     from mmbalance.schemas.contract import UTILITY_COLUMN
 
     store = RunStore(ctx.out)
     shard_id = task["shard_id"]
     keys = pl.from_arrow(store.read_table("solve", "stream", "keys.parquet"))
     tags = kept_tags(ctx, store, shard_id, task["dup_rows"])
+    if task.get("rows_spec"):
+        from mmbalance.operators.solve.m4_rows import RowSpec, block_totals, row_block
+
+        spec = RowSpec.from_files(store.read_json("solve", "stream", "spec.json"), read_npz(store, "solve", "stream", "spec.npz"))
+        z = kept_projections(ctx, store, task, tags.column("row").to_numpy(), spec.bases)
+        block = row_block(tags, keys, spec, z=z)
+        store.write_bytes("solve", "stream", f"{shard_id}.npz", data=npz_bytes(**block))
+        return {"shard_id": shard_id, **block_totals(block)}
     sig, u = signature_ids(tags.select(keys.columns + [UTILITY_COLUMN]), keys)
-    store.write_bytes("solve", "stream", f"{shard_id}.npz", data=_npz_bytes(sig=sig, u=u))
+    store.write_bytes("solve", "stream", f"{shard_id}.npz", data=npz_bytes(sig=sig, u=u))
     return {"shard_id": shard_id, "rows": int(len(u)), "sum_u": float(u.sum())}
 
 
 def stream_block_reduce(ctx: RunContext, task: dict[str, Any]) -> dict[str, Any]:
-    """One shard's per-signature sums for one dual evaluation, written beside its block."""
-    from mmbalance.operators.solve.m4 import block_sums
+    """One shard's sums for one dual evaluation, written beside its block."""
+    from mmbalance.operators.solve.m4_stream import reduce_block
 
     store = RunStore(ctx.out)
-    block = _npz(store, "solve", "stream", f"{task['shard_id']}.npz")
-    t = _npz(store, "solve", "stream", task["t_file"])["t"] if task["t_file"] else None
-    part = block_sums(block["sig"], block["u"], task["kind"], t, task["params"])
+    block = read_npz(store, "solve", "stream", f"{task['shard_id']}.npz")
+    payload = read_npz(store, "solve", "stream", task["t_file"]) if task["t_file"] else None
+    part = reduce_block(block, task["kind"], payload, task["params"])
     name = f"part-{task['call']:06d}-{task['shard_id']}.npz"
-    store.write_bytes("solve", "stream", name, data=_npz_bytes(part=part))
+    store.write_bytes("solve", "stream", name, data=npz_bytes(part=part))
     return {"shard_id": task["shard_id"], "part": name}

@@ -46,19 +46,32 @@ def _check_shares(targets: dict[str, dict[str, float]], key: str) -> dict[str, d
     return targets
 
 
+EMBEDDING_LABELS = ("embedding.image", "embedding.text")  # [attribute, embedding.<side>] in associate
+
+
 class M4Tolerance(StrictModel):
-    """Bounds on the moments of docs/algorithms.md section 1, as shares of the carrying rows' weight."""
+    """Bounds on the moments of docs/algorithms.md sections 1 and 8.
+
+    ``representation`` and ``association`` are shares of the carrying rows' weight (None turns the
+    global association bound off); ``association_per_label`` bounds |P_w(s = v | y = j) - pi_v| for
+    every label value j (a share of the value's own carrying weight); ``association_embedding``
+    bounds the attribute's moment against each principal component z_k of an embedding in units of
+    sd(z_k) times the carrying weight."""
 
     representation: float = Field(default=0.01, ge=0.0, le=1.0)
-    association: float = Field(default=0.01, ge=0.0, le=1.0)
+    association: float | None = Field(default=0.01, ge=0.0, le=1.0)
+    association_per_label: float | None = Field(default=None, ge=0.0, le=1.0)
+    association_embedding: float = Field(default=0.01, ge=0.0)
 
 
 class M4Balance(StrictModel):
     """M4 moment matching (docs/algorithms.md section 1, our formulation), solved exactly in the dual.
 
     ``targets`` gives first-order constraints per attribute; ``associate`` lists [attribute, label]
-    pairs for second-order constraints (proxies are more labels). An attribute that is associated
-    but has no target is held at its observed prevalence.
+    pairs for second-order constraints (proxies are more labels), and [attribute, embedding.image]
+    or [attribute, embedding.text] for moments against an embedding's principal components (the
+    per-row streaming path). An attribute that is associated but has no target is held at its
+    observed prevalence.
     """
 
     method: Literal["m4"]
@@ -82,6 +95,10 @@ class M4Balance(StrictModel):
     # among rows carrying both it and the label: with the KL objective, eps = 0 and no budget this
     # is Kamiran-Calders reweighing over those rows (null labels included), label marginals held
     hold_labels: bool = False
+    # per-label parity: label values with fewer attribute-carrying rows are pooled into one bound per label
+    min_support: int = Field(default=50, ge=1)
+    # embedding moments: top principal components of each associated embedding (all d when d is smaller)
+    embedding_components: int = Field(default=64, ge=1)
 
     @field_validator("targets")
     @classmethod
@@ -92,9 +109,19 @@ class M4Balance(StrictModel):
     def _consistent(self) -> "M4Balance":
         if not self.targets and not self.associate:
             raise ValueError("m4 needs balance.targets or balance.associate (no constraint to enforce)")
+        labels = [lab for _, lab in self.associate if lab not in EMBEDDING_LABELS]
+        if labels and self.tolerance.association is None and self.tolerance.association_per_label is None:
+            raise ValueError("balance.tolerance: association and association_per_label are both off, so the "
+                             f"[attribute, label] pairs ({labels[0]}, ...) bound nothing; set one of them")
         if self.budget and self.retention > self.max_weight:
             raise ValueError(f"balance.retention {self.retention} exceeds balance.max_weight {self.max_weight}")
         return self
+
+
+def embedding_pairs(step) -> list[tuple[str, str]]:
+    """(attribute, side) of a step's [attribute, embedding.<side>] pairs, in order."""
+    pairs = [(a, lab.split(".", 1)[1]) for a, lab in getattr(step, "associate", None) or [] if lab in EMBEDDING_LABELS]
+    return list(dict.fromkeys(pairs))
 
 
 class ReweighBalance(StrictModel):

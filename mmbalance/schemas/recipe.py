@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 
-from mmbalance.schemas.balance import BalanceSpec, NoBalance, StrictModel, balance_methods
+from mmbalance.schemas.balance import EMBEDDING_LABELS, BalanceSpec, NoBalance, StrictModel, balance_methods, embedding_pairs
 from mmbalance.schemas.embed import EmbedSpec
 from mmbalance.schemas.export import ExportFormat, ExportOptions
 from mmbalance.schemas.yaml_loader import DuplicateKeyError, StrictLoader, load_strict
@@ -359,8 +359,12 @@ class Recipe(StrictModel):
     def _check_balance_names(self) -> None:
         if isinstance(self.balance, list) and not self.balance:
             raise ValueError("balance: an empty list of steps (use {method: none})")
-        for i, step in enumerate(self.balance_steps()):
+        steps = self.balance_steps()
+        for i, step in enumerate(steps):
             self._check_step_names(step, "balance" if not isinstance(self.balance, list) else f"balance.{i}")
+            if embedding_pairs(step) and i < len(steps) - 1:
+                raise ValueError(f"balance.{i}: embedding moments weigh every row on its own, so their m4 step "
+                                 "must be the last balance step")
 
     def _check_step_names(self, step, prefix: str) -> None:
         """Every attribute or label a balance step names must exist, so typos fail before any work."""
@@ -388,6 +392,12 @@ class Recipe(StrictModel):
             need("label", f"{prefix}.label", step.label)
         for i, pair in enumerate(getattr(step, "associate", None) or []):
             need("attribute", f"{prefix}.associate.{i}", pair[0])
+            if pair[1] in EMBEDDING_LABELS:
+                side = pair[1].split(".", 1)[1]
+                if not (self.embed is not None or getattr(self.input.columns, f"{side}_embedding")):
+                    raise ValueError(f"{prefix}.associate.{i} names {pair[1]} but input.columns.{side}_embedding is not set "
+                                     "(and no embed step makes it)")
+                continue
             need("label", f"{prefix}.associate.{i}", pair[1])
         for name in getattr(step, "label_targets", None) or {}:
             need("label", f"{prefix}.label_targets", name)
@@ -414,15 +424,24 @@ class Recipe(StrictModel):
         """Tags computed after the scan from embeddings: clusters, subclasses, zero-shot."""
         return bool(self.clusters or self.subclasses or self.deferred_tags())
 
+    def embedding_moments(self) -> dict[str, int]:
+        """Embedding sides that M4 steps bound moments against, with the principal components to fit."""
+        sides: dict[str, int] = {}
+        for step in self.balance_steps():
+            for _, side in embedding_pairs(step):
+                sides[side] = max(sides.get(side, 0), step.embedding_components)
+        return sides
+
     def sample_size(self) -> int:
         """Rows in the fit sample: ``sample.size`` when something is fitted on it, else only what
         the leakage probes read (a smaller sample keeps the scan cheap)."""
-        fitted = self.needs_derive() or any(s.method == "rnb" for s in self.balance_steps())
+        fitted = self.needs_derive() or any(s.method == "rnb" for s in self.balance_steps()) or bool(self.embedding_moments())
         return self.sample.size if fitted else min(self.sample.size, self.report.leakage_rows)
 
     def needs_sample(self) -> bool:
         leakage = bool(self.attributes) and self.report.leakage
-        return bool(self.needs_derive() or leakage or any(s.method == "rnb" for s in self.balance_steps()))
+        return bool(self.needs_derive() or leakage or any(s.method == "rnb" for s in self.balance_steps())
+                    or self.embedding_moments())
 
     def attribute_targets(self) -> dict[str, dict[str, float]]:
         """Target shares per attribute value: from the balance step, else uniform over values."""

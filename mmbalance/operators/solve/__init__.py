@@ -37,8 +37,13 @@ class CorpusStats:
     entry_counts: dict[str, np.ndarray] = field(default_factory=dict)
     # cluster hierarchies by name: parents[l][i] = level-(l+2) cluster of level-(l+1) cluster i
     hierarchies: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    # the kept rows' tags, shard by shard, for methods that need every row (M4 with per-row utility)
+    # the kept rows' tags, shard by shard, for methods that need every row (M4 with per-row utility
+    # or embedding moments)
     rows: "RowStream | None" = None
+    # principal components per embedding side (fitted on the sample) for M4's embedding moments
+    embedding_bases: dict[str, Any] = field(default_factory=dict)
+    # the earlier balance steps' weights when a per-row step comes last in a composition
+    prior: "LookupSolution | None" = None
 
 
 class RowStream(Protocol):
@@ -138,6 +143,17 @@ def solve(stats: CorpusStats) -> Solution:
         if "utility_sum" in sig.column_names:
             util = np.asarray(sig.column("utility_sum").to_numpy(), dtype=np.float64) * weight
             weighted = weighted.set_column(sig.schema.get_field_index("utility_sum"), "utility_sum", pa.array(util))
+        if i == len(steps) - 1 and _per_row(step):
+            # embedding moments are solved over rows: the earlier steps' weights enter as each row's prior
+            prior = LookupSolution("prior", tag_columns, {c: sig.column(c).to_pylist() for c in tag_columns},
+                                   weight.tolist(), None)
+            part = _solve_step(step, replace(stats, signatures=weighted, prior=prior))
+            kept = float((count * weight).sum())
+            diagnostics.append({"step": i, "method": step.method, **part.diagnostics,
+                                "retention_so_far": part.diagnostics.get("retention", 0.0) * kept / count.sum() if count.sum() else 0.0})
+            part.method = "+".join(st.method for st in steps)
+            part.diagnostics = {"steps": diagnostics}
+            return part
         # per-row streaming would ignore the earlier steps' weights: later steps see signatures only
         part = _solve_step(step, replace(stats, signatures=weighted, rows=None))
         weight = weight * part.weights(sig.select(tag_columns))
@@ -151,6 +167,13 @@ def solve(stats: CorpusStats) -> Solution:
         default=None,
         diagnostics={"steps": diagnostics},
     )
+
+
+def _per_row(step) -> bool:
+    """A step solved over rows whatever the signatures (M4 with embedding moments)."""
+    from mmbalance.schemas.balance import embedding_pairs
+
+    return bool(embedding_pairs(step))
 
 
 @dataclass
@@ -218,6 +241,10 @@ class SampleBaselineSolution:
 
 
 def solution_from_dict(data: dict[str, Any]) -> Solution:
+    if data.get("kind") == "row_moments":
+        from mmbalance.operators.solve.row_solution import RowMomentSolution
+
+        return RowMomentSolution.from_dict(data)
     if data.get("kind") == "sample_baseline":
         return SampleBaselineSolution(**{k: v for k, v in data.items() if k != "kind"})
     if data.get("kind") == "lookup":

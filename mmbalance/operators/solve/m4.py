@@ -44,15 +44,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import polars as pl
 import scipy.sparse as sp
 from scipy.optimize import linprog, minimize
 from scipy.special import xlogy
 
 from mmbalance.operators.solve import CorpusStats, LookupSolution, SampleBaselineSolution, register
 from mmbalance.operators.solve.m4_newton import projected_residual, newton_solve
+from mmbalance.operators.solve.m4_problem import (  # noqa: F401 - the problem's names stay importable from here
+    Coordinate, Coordinates, MomentProblem, _codes, build_problem)
+from mmbalance.operators.solve.m4_stream import (  # noqa: F401 - the stream's names too
+    LocalBlocks, SampleStream, block_sums, signature_ids)
 from mmbalance.schemas.balance import M4Balance
-from mmbalance.schemas.contract import tag_column
 
 FEASIBILITY_TOL = 1e-9  # largest constraint violation, as a share of the carrying weight, we call feasible
 KKT_TOL = 1e-13  # natural-residual target of the Newton polish (duals and moments are O(1))
@@ -63,51 +65,20 @@ DENSE_PATH_SIGNATURES = 20_000  # above this many signatures (or streaming) the 
 
 
 @dataclass
-class MomentProblem:
-    """The compressed problem; ``weight`` is counts / n so every quantity is O(1) whatever n is."""
-
-    weight: np.ndarray  # (S,) share of rows per signature, sums to 1
-    rows: int  # n
-    eta: np.ndarray  # (S,) baseline keep rate in [0, Q]
-    B: sp.csr_matrix  # (S, K) b_sj (zero on rows not carrying the coordinate's attribute)
-    A: sp.csr_matrix  # (S, G) 1 where the signature carries attribute group g
-    group: np.ndarray  # (K,) attribute group of each coordinate
-    eps: np.ndarray  # (K,) tolerance of each coordinate
-    max_weight: float  # Q
-    budget: float | None  # target of sum_s weight_s q_s (the retention); None: no budget
-    objective: str = "l2"
-    # per-row baselines (utility per sample): q, f and curvature are per-signature means over rows
-    stream: "SampleStream | None" = None
-    # held masses (equalities with free duals): sum_s weight_s q_s H_sh = hold_target_h
-    H: sp.csr_matrix | None = None
-    hold_target: np.ndarray | None = None
-
-    @property
-    def holds(self) -> int:
-        return 0 if self.H is None else self.H.shape[1]
-
-    @property
-    def K(self) -> int:
-        return self.B.shape[1]
-
-    @property
-    def G(self) -> int:
-        return self.A.shape[1]
-
-
-@dataclass
 class DualResult:
     x: np.ndarray  # (mu+ [K], mu- [K], gamma [1 if budget])
     q: np.ndarray  # (S,) primal weights
     dual_value: float  # per row
     primal_value: float  # per row
     kkt_residual: float
-    moments: np.ndarray  # (K,) sum_s w_s q_s b_sj
+    moments: np.ndarray  # (K,) sum_s w_s q_s b_s,col(j)
     carrying: np.ndarray  # (G,) sum_s w_s q_s a_sg
-    violation: np.ndarray  # (K,) max(0, |moment| - eps * carrying) / carrying
+    violation: np.ndarray  # (K,) max(0, |moment| - eps * scale mass) / carrying
     budget_residual: float
     infeasible_certificate: bool  # dual value exceeded every feasible primal value
     info: dict[str, Any] = field(default_factory=dict)
+    scale_mass: np.ndarray | None = None  # (P,) sum_s w_s q_s E_sp: the carrying weights, then per-label masses
+    sum_q2: float | None = None  # sum_i w_i q_i^2 over rows (the per-row path), for the ESS
 
     @property
     def max_violation(self) -> float:
@@ -115,162 +86,35 @@ class DualResult:
         return max(v, abs(self.budget_residual))
 
 
-def block_sums(sig: np.ndarray, u: np.ndarray, kind: str, t: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
-    """Per-signature sums over one block of rows (signature id, utility): ``eta`` (1, S) the
-    baselines, ``worst`` (1, S) the largest objective term on [0, Q], ``aggregate`` (3, S) q, f and
-    -dq/dt at dual shifts ``t``. Summing the blocks' results gives the corpus's."""
-    S, Q, objective = int(params["S"]), float(params["max_weight"]), params["objective"]
-    mean_u, retention = float(params["mean_u"]), float(params["retention"])
-    eta = np.clip(retention * u / mean_u, 0.0, Q) if mean_u > 0 else np.full(len(u), min(retention, Q))
-    if kind == "eta":
-        return np.bincount(sig, weights=eta, minlength=S)[None, :]
-    if kind == "worst":
-        if objective == "l2":
-            w = 0.5 * np.maximum(eta, Q - eta) ** 2
-        else:
-            w = np.maximum(eta, np.where(eta > 0, xlogy(Q, Q) - xlogy(Q, eta) - Q + eta, 0.0))
-        return np.bincount(sig, weights=w, minlength=S)[None, :]
-    z = eta - t[sig]
-    if objective == "l2":
-        q = np.clip(z, 0.0, Q)
-        f = 0.5 * (q - eta) ** 2
-        c = ((z > 0.0) & (z < Q)).astype(np.float64)
-    else:
-        with np.errstate(divide="ignore"):
-            log_eta = np.log(eta)
-        logq = np.minimum(log_eta - t[sig], math.log(Q))
-        q = np.exp(logq)
-        with np.errstate(invalid="ignore"):
-            f = np.where(q > 0, q * (logq - log_eta), 0.0) - q + eta
-        c = np.where(log_eta - t[sig] < math.log(Q), q, 0.0)
-    return np.stack([np.bincount(sig, weights=x, minlength=S) for x in (q, f, c)])
-
-
-def signature_ids(table, keys: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(signature id, utility) of a table of kept rows, by their tag columns."""
-    from mmbalance.schemas.contract import UTILITY_COLUMN
-
-    frame = pl.from_arrow(table)
-    keyed = keys.with_row_index("__sig")
-    sig = frame.select(keys.columns).join(keyed, on=keys.columns, how="left", nulls_equal=True, maintain_order="left")["__sig"]
-    if sig.null_count():
-        raise RuntimeError("m4 streaming: a row's tags are not in the signature table")
-    return sig.to_numpy().astype(np.int32), frame[UTILITY_COLUMN].to_numpy().astype(np.float64)
-
-
-class LocalBlocks:
-    """Row blocks on this machine's disk, reduced in this process: for a RowStream that cannot run
-    the reductions itself (the pipeline's can: one Ray task per shard per dual evaluation)."""
-
-    def __init__(self, rows):
-        self.rows_stream = rows
-        self.dir: str | None = None
-        self.files: list[str] = []
-
-    def build(self, keys: pl.DataFrame) -> tuple[int, float]:
-        import tempfile
-
-        from mmbalance.schemas.contract import UTILITY_COLUMN
-
-        self.dir = tempfile.mkdtemp(prefix="mmbalance-m4-stream-")
-        n, total_u = 0, 0.0
-        for i, table in enumerate(self.rows_stream.tables(keys.columns + [UTILITY_COLUMN])):
-            sig, u = signature_ids(table, keys)
-            path = f"{self.dir}/{i:06d}.npz"
-            np.savez(path, sig=sig, u=u)
-            self.files.append(path)
-            n, total_u = n + len(u), total_u + float(u.sum())
-        return n, total_u
-
-    def reduce(self, kind: str, t: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
-        total = None
-        for path in self.files:
-            with np.load(path) as block:
-                part = block_sums(block["sig"], block["u"], kind, t, params)
-            total = part if total is None else total + part
-        return total if total is not None else np.zeros((3 if kind == "aggregate" else 1, int(params["S"])))
-
-    def close(self) -> None:
-        import shutil
-
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class SampleStream:
-    """The streaming path: every row keeps its own baseline eta_i = clip(retention u_i / mean u, 0, Q).
-
-    One pass over the kept rows stores (signature id, utility) per shard as blocks (12 bytes a row);
-    each dual evaluation is then a map-reduce over the blocks (``block_sums``), one block in memory
-    at a time: q, f and the curvature come back as per-signature sums, so the dual still has 2K+1
-    variables. The RowStream may supply its own blocks (``blocks()``), e.g. one Ray task per shard.
-    """
-
-    def __init__(self, rows, keys: pl.DataFrame, counts: np.ndarray, retention: float, max_weight: float):
-        self.blocks = rows.blocks() if hasattr(rows, "blocks") else LocalBlocks(rows)
-        self.counts = counts
-        self.S = len(counts)
-        n, total_u = self.blocks.build(keys)
-        self.rows = n
-        self.mean_u = total_u / n if n else 0.0
-        self.retention = retention
-        self.max_weight = max_weight
-
-    def with_retention(self, retention: float) -> "SampleStream":
-        clone = object.__new__(SampleStream)
-        clone.__dict__.update(self.__dict__)
-        clone.retention = retention
-        return clone
-
-    def _params(self, objective: str) -> dict[str, Any]:
-        return {"S": self.S, "max_weight": self.max_weight, "objective": objective, "mean_u": self.mean_u,
-                "retention": self.retention}
-
-    def _mean(self, total: np.ndarray) -> np.ndarray:
-        return np.divide(total, self.counts, out=np.zeros(self.S), where=self.counts > 0)
-
-    def mean_eta(self) -> np.ndarray:
-        return self._mean(self.blocks.reduce("eta", None, self._params("l2"))[0])
-
-    def worst(self, objective: str) -> np.ndarray:
-        """Per-signature mean of the largest objective term a row can have on [0, Q]."""
-        return self._mean(self.blocks.reduce("worst", None, self._params(objective))[0])
-
-    def aggregate(self, t: np.ndarray, objective: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-signature means of q, f and -dq/dt at dual shifts ``t`` (one pass over the rows)."""
-        sums = self.blocks.reduce("aggregate", np.asarray(t, np.float64), self._params(objective))
-        return self._mean(sums[0]), self._mean(sums[1]), self._mean(sums[2])
-
-    def close(self) -> None:
-        self.blocks.close()
-
-
 class _Dual:
-    """Evaluations of the dual: t = N T x with N = [B, -A, H, 1] (sparse) and T small and dense.
-    x = (mu+ [K], mu- [K], nu [holds, free], gamma [1 if budget, free])."""
+    """Evaluations of the dual: t = N T x with N = [B, -E, H, 1] (sparse; E = [A | L] the scale
+    columns) and T sparse. x = (mu+ [K], mu- [K], nu [holds, free], gamma [1 if budget, free])."""
 
     def __init__(self, p: MomentProblem):
         self.p = p
-        K, G, S, R = p.K, p.G, p.B.shape[0], p.holds
+        K, G, P, S, R, Kb = p.K, p.G, p.P, p.B.shape[0], p.holds, p.Kb
         self.hold = slice(2 * K, 2 * K + R)
         self.nx = 2 * K + R + (1 if p.budget is not None else 0)
-        blocks = [p.B, -p.A] + ([p.H] if R else []) + [sp.csr_matrix(np.ones((S, 1)))]
+        self.signature_shifts = Kb + P + R + 1  # shift rows over signatures; embedding moments follow
+        blocks = [p.B, -p.E] + ([p.H] if R else []) + [sp.csr_matrix(np.ones((S, 1)))]
         self.N = sp.hstack(blocks, format="csr")
         # shift rows every carrying signature touches (-A per group, the budget's 1): kept dense and
         # out of the sparse curvature product, where they would make every row of N count
-        self.dense_rows = np.concatenate([K + np.arange(G), [K + G + R]]).astype(np.int64)
+        self.dense_rows = np.concatenate([Kb + np.arange(G), [Kb + P + R]]).astype(np.int64)
         self.dense_cols = np.column_stack([-p.A.toarray(), np.ones(S)])
-        # T maps the duals to shifts per column of N; sparse (a dual has at most two shift rows)
+        # T maps the duals to shifts per column of N; sparse (a dual has at most two shift rows: its
+        # moment's column and its scale column)
         k = np.arange(K)
-        rows = [k, k, K + p.group, K + p.group, K + G + np.arange(R)]
+        col, scale = p.column, Kb + p.scale
+        rows = [col, col, scale, scale, Kb + P + np.arange(R)]
         cols = [k, K + k, k, K + k, 2 * K + np.arange(R)]
-        vals = [np.ones(K), -np.ones(K), p.eps, p.eps, np.ones(R)]  # e_g = sum_{j in g} eps_j (mu+_j + mu-_j)
+        vals = [np.ones(K), -np.ones(K), p.eps, p.eps, np.ones(R)]  # e_p = sum_{j: scale j = p} eps_j (mu+_j + mu-_j)
         if p.budget is not None:
-            rows.append(np.array([K + G + R]))
+            rows.append(np.array([Kb + P + R]))
             cols.append(np.array([2 * K + R]))
             vals.append(np.ones(1))
         T = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                          shape=(K + G + R + 1, self.nx))
+                          shape=(self.signature_shifts + p.Kz, self.nx))
         T.eliminate_zeros()  # eps = 0: the dual has no tolerance row
         self.T = self.Ts = T
         self.NT = self.N.T.tocsr()
@@ -307,6 +151,15 @@ class _Dual:
                 f = np.where(q > 0, q * (logq - self.log_eta), 0.0) - q + p.eta
             curv = np.where(self.log_eta - t < self.log_q_max, q, 0.0)
         return q, f, curv, t
+
+    def sum_q2(self, x: np.ndarray) -> float | None:
+        """sum_i w_i q_i^2 over rows where that differs from the signatures' (the per-row path)."""
+        return None
+
+    def shift_sums(self, x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """N' (w q): the moment of every shift row (B columns, minus the scale masses, held masses,
+        the retention) at weights ``q``."""
+        return self.NT @ (self.p.weight * q)
 
     def value_grad(self, x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         self.evaluations += 1
@@ -348,6 +201,15 @@ class _Dual:
         return np.asarray(self.T.T @ (self.T.T @ Hz.T).T)
 
 
+def make_dual(p: MomentProblem) -> "_Dual":
+    """The dual over signatures, or, with embedding moments, over rows (``m4_embedding.RowDual``)."""
+    if p.embedding is not None:
+        from mmbalance.operators.solve.m4_embedding import RowDual
+
+        return RowDual(p)
+    return _Dual(p)
+
+
 def primal_upper_bound(p: MomentProblem) -> float:
     """Largest value the primal objective takes on [0, Q]^S: a dual value above it certifies infeasibility."""
     if p.stream is not None:
@@ -369,12 +231,13 @@ def _bounds(p: MomentProblem, dual: "_Dual", enforcement: float | None) -> tuple
     return lo, hi
 
 
-def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True) -> DualResult:
+def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bool = True,
+                  newton_iterations: int = 200) -> DualResult:
     """Maximise the dual. Up to MAX_POLISH_VARIABLES duals: L-BFGS-B, then a dense projected-Newton
     polish; above that (or when that does not reach the KKT target): the sparse projected
     semismooth Newton of ``m4_newton``, whose cost grows with the binding constraints, not K."""
     start = time.perf_counter()
-    dual = _Dual(p)
+    dual = make_dual(p)
     lo, hi = _bounds(p, dual, enforcement)
     bound = primal_upper_bound(p)
     certificate = False
@@ -393,6 +256,10 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if p.budget is not None:
         x[-1] = float(p.weight @ p.eta) - p.budget if p.objective == "l2" else 0.0
     info: dict[str, Any] = {"lbfgsb_iterations": 0, "polish_iterations": 0}
+    if p.embedding is not None and polish:  # start the passes over rows from the signature-level optimum
+        from mmbalance.operators.solve.m4_embedding import warm_start
+
+        x = np.clip(warm_start(p, x, enforcement), lo, hi)
     # L-BFGS-B needs tens to hundreds of dual evaluations: fine on small tables, but each is a pass
     # over every signature (or, streaming, every row), where Newton needs a handful
     small = dual.nx <= MAX_POLISH_VARIABLES and p.B.shape[0] <= DENSE_PATH_SIGNATURES and p.stream is None
@@ -409,7 +276,7 @@ def solve_moments(p: MomentProblem, enforcement: float | None = None, polish: bo
     if not certificate and polish:
         _, grad, _ = dual.value_grad(x)
         if not small or projected_residual(x, grad, lo, hi) > NEWTON_TOL:
-            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound)
+            x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, bound, max_iter=newton_iterations)
             certificate = certificate or newton.pop("certificate")
             info.update(newton)
     info["method"] = "lbfgsb+dense-newton" if small and "newton_iterations" not in info else "sparse-newton"
@@ -434,11 +301,13 @@ def dual_result(p: MomentProblem, dual: "_Dual", x: np.ndarray, lo: np.ndarray, 
     else:
         primal_value = float(p.weight @ objective_terms(p, q))
     wq = p.weight * q
-    moments = p.B.T @ wq
-    carrying = p.A.T @ wq
+    sums = dual.shift_sums(x, q)
+    moments = sums[p.column]
+    scale_mass = -sums[p.Kb : p.Kb + p.P]
+    carrying = scale_mass[: p.G]
     W = carrying[p.group]
     with np.errstate(divide="ignore", invalid="ignore"):
-        violation = np.where(W > 0, np.maximum(0.0, np.abs(moments) - p.eps * W) / W, 0.0)
+        violation = np.where(W > 0, np.maximum(0.0, np.abs(moments) - p.eps * scale_mass[p.scale]) / W, 0.0)
     budget_residual = float(wq.sum() - p.budget) if p.budget is not None else 0.0
     if p.budget is not None and p.budget > 0:
         budget_residual /= p.budget
@@ -449,7 +318,7 @@ def dual_result(p: MomentProblem, dual: "_Dual", x: np.ndarray, lo: np.ndarray, 
     return DualResult(
         x=x, q=q, dual_value=value, primal_value=primal_value, kkt_residual=kkt, moments=moments,
         carrying=carrying, violation=violation, budget_residual=budget_residual,
-        infeasible_certificate=certificate, info=info,
+        infeasible_certificate=certificate, info=info, scale_mass=scale_mass, sum_q2=dual.sum_q2(x),
     )
 
 
@@ -491,14 +360,19 @@ def _polish(dual: _Dual, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter
     return x, it
 
 
-def _constraint_rows(p: MomentProblem) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The moments as sparse rows over (q [S], W [G]): A_ub (2K) <= 0 and W_g - sum_s w_s a_sg q_s = 0 (G)."""
-    K, G = p.K, p.G
-    WB = (sp.diags(p.weight) @ p.B).T.tocsr()  # (K, S)
-    E = sp.csr_matrix((p.eps, (np.arange(K), p.group)), shape=(K, G))
-    A_ub = sp.vstack([sp.hstack([WB, -E]), sp.hstack([-WB, -E])], format="csr")
-    WA = (sp.diags(p.weight) @ p.A).T.tocsr()  # (G, S)
-    return A_ub, sp.hstack([-WA, sp.identity(G)], format="csr")
+def _moment_rows(M: sp.csr_matrix, p: MomentProblem) -> sp.csr_matrix:
+    """The 2K inequalities over (q [n], W [P]): +-M q - eps_j W_scale(j) <= 0 (M already weighted)."""
+    K, P = M.shape[0], p.P
+    scale_of = sp.csr_matrix((p.eps, (np.arange(K), p.scale)), shape=(K, P))
+    return sp.vstack([sp.hstack([M, -scale_of]), sp.hstack([-M, -scale_of])], format="csr")
+
+
+def signature_matrices(p: MomentProblem):
+    """(M, E, H, w, eta) of the compressed problem: the coordinates' moment rows (K, S), the scale
+    rows (P, S) and the held-mass rows (R, S), weighted, over signatures."""
+    W = sp.diags(p.weight)
+    H = (W @ p.H).T.tocsr() if p.holds else None
+    return (W @ p.B).T.tocsr()[p.column], (W @ p.E).T.tocsr(), H, p.weight, p.eta
 
 
 def max_feasible_retention(p: MomentProblem) -> float:
@@ -509,24 +383,35 @@ def max_feasible_retention(p: MomentProblem) -> float:
     at Q). The feasible retentions form an interval [0, r_max] (q = 0 is feasible and the set is
     convex), so the LP gives what bisection on the retention would, in one solve.
     Without a budget: the largest r <= 1 with H'wq = r * hold_target (1: feasible as asked).
+    With embedding moments the LP is over rows (``m4_embedding.max_feasible_retention_rows``).
     """
-    S, G, R = p.B.shape[0], p.G, p.holds
-    A_ub, A_carry = _constraint_rows(p)
+    if p.embedding is not None:
+        from mmbalance.operators.solve.m4_embedding import max_feasible_retention_rows
+
+        return max_feasible_retention_rows(p)
+    M, E, H, w, _ = signature_matrices(p)
+    return retention_lp(M, E, H, w, p)
+
+
+def retention_lp(M: sp.csr_matrix, E: sp.csr_matrix, H: sp.csr_matrix | None, w: np.ndarray, p: MomentProblem) -> float:
+    """The largest-retention LP over n variables q (signatures or rows): moment rows ``M`` (K, n) and
+    scale rows ``E`` (P, n) already weighted, held-mass rows ``H`` (R, n), retention weights ``w``."""
+    n, P, R = M.shape[1], E.shape[0], 0 if H is None else H.shape[0]
+    A_ub = _moment_rows(M, p)
     A_ub = sp.hstack([A_ub, sp.csr_matrix((A_ub.shape[0], 1))], format="csr")
-    eq = [sp.hstack([A_carry, sp.csr_matrix((G, 1))], format="csr")]
+    eq = [sp.hstack([-E, sp.identity(P), sp.csr_matrix((P, 1))], format="csr")]
     scale = 1.0 if p.budget is None else p.budget
     if p.budget is not None:  # sum w q = r
-        eq.append(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G)), sp.csr_matrix([[-1.0]])], format="csr"))
+        eq.append(sp.hstack([sp.csr_matrix(w[None, :]), sp.csr_matrix((1, P)), sp.csr_matrix([[-1.0]])], format="csr"))
     if R:  # H'wq = r * hold_target / scale
-        WH = (sp.diags(p.weight) @ p.H).T.tocsr()
-        eq.append(sp.hstack([WH, sp.csr_matrix((R, G)), sp.csr_matrix(-(p.hold_target / scale)[:, None])], format="csr"))
+        eq.append(sp.hstack([H, sp.csr_matrix((R, P)), sp.csr_matrix(-(p.hold_target / scale)[:, None])], format="csr"))
     A_eq = sp.vstack(eq, format="csr")
-    c = np.zeros(S + G + 1)
+    c = np.zeros(n + P + 1)
     c[-1] = -1.0
     upper = p.max_weight if p.budget is not None else 1.0
-    bounds = np.array([(0.0, p.max_weight)] * S + [(0.0, None)] * G + [(0.0, upper)], dtype=object)
+    bounds = [(0.0, p.max_weight)] * n + [(0.0, None)] * P + [(0.0, upper)]
     res = linprog(c, A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.zeros(A_eq.shape[0]),
-                  bounds=bounds.tolist(), method="highs")
+                  bounds=bounds, method="highs")
     if res.status != 0:
         raise ValueError(f"m4: the largest-feasible-retention LP did not finish ({res.message}); "
                          f"loosen balance.tolerance or set balance.enforcement for a best-effort solution")
@@ -534,26 +419,43 @@ def max_feasible_retention(p: MomentProblem) -> float:
 
 
 def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResult | None:
-    """The certified slow path: the compressed primal with Clarabel (interior point; a QP for L2,
-    exponential cones for KL), then the sparse Newton from its duals. None without Clarabel."""
+    """The certified slow path: the primal with Clarabel (interior point; a QP for L2, exponential
+    cones for KL) over signatures, or over rows with embedding moments while they fit, then the
+    sparse Newton from its duals. None without Clarabel."""
     try:
-        import clarabel
+        import clarabel  # noqa: F401
     except ImportError:
         return None
-    if p.stream is not None or enforcement is not None:
-        return None  # per-row baselines and bounded duals are dual-only formulations
+    if enforcement is not None:
+        return None  # bounded duals are a dual-only formulation
+    if p.embedding is not None:
+        from mmbalance.operators.solve.m4_embedding import row_matrices
+
+        matrices = row_matrices(p)
+        if matrices is None:
+            return None
+    elif p.stream is not None:
+        return None  # per-row baselines without embedding moments: a dual-only formulation
+    else:
+        matrices = signature_matrices(p)
+    return _clarabel_solve(p, *matrices)
+
+
+def _clarabel_solve(p: MomentProblem, M, E, H, w: np.ndarray, eta: np.ndarray) -> DualResult | None:
+    import clarabel
+
     start = time.perf_counter()
-    S, K, G, R = p.B.shape[0], p.K, p.G, p.holds
+    S, K, G, R = M.shape[1], p.K, p.P, p.holds  # S: the primal's q variables; G: the scale variables
     kl = p.objective == "kl"
     n = S + G + (S if kl else 0)  # q, W[, t]
-    A_ub, A_carry = _constraint_rows(p)
+    A_ub, A_carry = _moment_rows(M, p), sp.hstack([-E, sp.identity(G)], format="csr")
     pad = (lambda m: sp.hstack([m, sp.csr_matrix((m.shape[0], S))], format="csc")) if kl else (lambda m: m.tocsc())
     eq_rows, eq_b = [pad(A_carry)], [np.zeros(G)]
     if R:
-        eq_rows.append(pad(sp.hstack([(sp.diags(p.weight) @ p.H).T, sp.csr_matrix((R, G))])))
+        eq_rows.append(pad(sp.hstack([H, sp.csr_matrix((R, G))])))
         eq_b.append(p.hold_target)
     if p.budget is not None:
-        eq_rows.append(pad(sp.hstack([sp.csr_matrix(p.weight[None, :]), sp.csr_matrix((1, G))])))
+        eq_rows.append(pad(sp.hstack([sp.csr_matrix(w[None, :]), sp.csr_matrix((1, G))])))
         eq_b.append(np.array([p.budget]))
     box = sp.hstack([sp.vstack([-sp.identity(S), sp.identity(S)]), sp.csr_matrix((2 * S, n - S))], format="csc")
     blocks = eq_rows + [pad(A_ub), box]
@@ -567,13 +469,13 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
         val = np.where(rows % 3 == 0, 1.0, np.where(rows % 3 == 1, -1.0, 0.0))
         keep = val != 0
         blocks.append(sp.csc_matrix((val[keep], (rows[keep], col[keep])), shape=(3 * S, n)))
-        b = np.concatenate([b, np.where(rows % 3 == 2, p.eta[sig], 0.0)])
+        b = np.concatenate([b, np.where(rows % 3 == 2, eta[sig], 0.0)])
         cones += [clarabel.ExponentialConeT()] * S
         P = sp.csc_matrix((n, n))
-        c = np.concatenate([-p.weight, np.zeros(G), p.weight])
+        c = np.concatenate([-w, np.zeros(G), w])
     else:
-        P = sp.diags(np.concatenate([p.weight, np.zeros(G)])).tocsc()
-        c = np.concatenate([-p.weight * p.eta, np.zeros(G)])
+        P = sp.diags(np.concatenate([w, np.zeros(G)])).tocsc()
+        c = np.concatenate([-w * eta, np.zeros(G)])
     A = sp.vstack(blocks, format="csc")
     settings = clarabel.DefaultSettings()
     settings.verbose = False
@@ -590,9 +492,10 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
     z = np.asarray(sol.z)
     x = np.concatenate([z[n_eq : n_eq + 2 * K], z[G : G + R], z[G + R : G + R + (1 if p.budget is not None else 0)]])
     q = np.clip(np.asarray(sol.x)[:S], 0.0, p.max_weight)
-    dual = _Dual(p)
+    dual = make_dual(p)
     lo, hi = _bounds(p, dual, None)
     x = np.clip(x, lo, hi)
+    at_clarabel = x.copy()
     x, newton = newton_solve(dual, x, lo, hi, NEWTON_TOL, primal_upper_bound(p))
     newton.pop("certificate")
     info = {"method": "clarabel+sparse-newton", "clarabel_status": status, "clarabel_iterations": int(sol.iterations),
@@ -602,223 +505,13 @@ def primal_solve(p: MomentProblem, enforcement: float | None = None) -> DualResu
         polished.info["seconds"] = round(time.perf_counter() - start, 6)
         return polished
     info["method"] = "clarabel"
+    if p.embedding is not None:  # per-row weights come from duals: Clarabel's, in the closed form
+        best = min((polished, dual_result(p, dual, at_clarabel, lo, hi, False, dict(info))), key=lambda r: r.max_violation)
+        best.info["seconds"] = round(time.perf_counter() - start, 6)
+        return best
     plain = dual_result(p, dual, x, lo, hi, False, info, q=q)
     plain.info["seconds"] = round(time.perf_counter() - start, 6)
     return plain
-
-
-# -- from the recipe and the signature table --------------------------------------------------------
-
-
-@dataclass
-class Coordinate:
-    kind: str  # representation | association
-    attribute: str
-    value: str
-    label: str | None = None
-    label_value: str | None = None
-
-    def name(self) -> str:
-        base = f"{self.attribute}={self.value}"
-        return base if self.label is None else f"{base} x {self.label}={self.label_value}"
-
-
-class Coordinates:
-    """The constraint coordinates in blocks (one per attribute, one per associated pair), named on
-    demand: a million Coordinate objects would cost more than the solve."""
-
-    def __init__(self) -> None:
-        self.blocks: list[tuple[int, str, list[str], str | None, list[str] | None]] = []  # (start, ...)
-        self.size = 0
-        self.kept: np.ndarray | None = None  # coordinate ids kept after dropping untouched ones
-
-    def add(self, kind: str, attribute: str, values: list[str], label: str | None = None,
-            label_values: list[str] | None = None) -> None:
-        self.blocks.append((self.size, kind, attribute, values, label, label_values))
-        self.size += len(values) * (len(label_values) if label is not None else 1)
-
-    def keep(self, used: np.ndarray) -> None:
-        self.kept = np.asarray(used)
-
-    def __len__(self) -> int:
-        return self.size if self.kept is None else len(self.kept)
-
-    def __getitem__(self, j: int) -> Coordinate:
-        j = int(j if self.kept is None else self.kept[j])
-        starts = [b[0] for b in self.blocks]
-        start, kind, attribute, values, label, label_values = self.blocks[int(np.searchsorted(starts, j, side="right")) - 1]
-        local = j - start
-        if label is None:
-            return Coordinate(kind, attribute, values[local])
-        R = len(label_values)
-        return Coordinate(kind, attribute, values[local // R], label, label_values[local % R])
-
-
-def _codes(column: pl.Series, values: list[str]) -> np.ndarray:
-    """Index of each entry in ``values``; -1 for null, -2 for a value not in the list (vectorised)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.to_arrow()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(pa.string())
-    index = pc.index_in(arr, value_set=pa.array(values, arr.type))
-    out = index.fill_null(-2).to_numpy(zero_copy_only=False).astype(np.int64)
-    out[arr.is_null().to_numpy(zero_copy_only=False)] = -1
-    return out
-
-
-def build_problem(step: M4Balance, stats: CorpusStats, retention: float | None = None,
-                  stream: SampleStream | None = None) -> tuple[MomentProblem, pl.DataFrame, list[Coordinate], dict[str, Any]]:
-    """The compressed problem over signatures; returns it, the key frame and coordinate names."""
-    recipe = stats.recipe
-    attrs = {a.name: a for a in recipe.attributes}
-    label_names = recipe.label_names()
-    for name in step.targets:
-        if name not in attrs:
-            raise ValueError(f"balance.targets names '{name}', which is not an attribute (attributes: {sorted(attrs)})")
-    pairs: list[tuple[str, str]] = []
-    for a, lab in step.associate:
-        if a not in attrs:
-            raise ValueError(f"balance.associate pair [{a}, {lab}]: '{a}' is not an attribute (attributes: {sorted(attrs)})")
-        if lab not in label_names:
-            raise ValueError(f"balance.associate pair [{a}, {lab}]: '{lab}' is not a label (labels: {label_names})")
-        if (a, lab) not in pairs:
-            pairs.append((a, lab))
-    used_attrs = [a.name for a in recipe.attributes if a.name in step.targets or any(p[0] == a.name for p in pairs)]
-    used_labels = [lab for lab in label_names if any(p[1] == lab for p in pairs)]
-
-    frame = pl.from_arrow(stats.signatures)
-    use_utility = "utility_sum" in frame.columns
-    if use_utility:  # the baseline differs between full signatures: key on every tag column
-        key_cols = [c for c in frame.columns if c.startswith("tag.")]
-    else:
-        key_cols = [tag_column(n) for n in used_attrs + used_labels]
-        frame = frame.group_by(key_cols).agg(pl.col("count").sum()).sort(key_cols, nulls_last=True)
-    frame = frame.filter(pl.col("count") > 0)
-    counts = frame["count"].to_numpy().astype(np.float64)
-    n = int(counts.sum())
-    S = frame.height
-    weight = counts / n if n else counts
-    eta_target = step.retention if retention is None else retention
-    streaming = use_utility and n and step.utility == "sample" and (stream is not None or stats.rows is not None)
-    if streaming:
-        if stream is None:
-            stream = SampleStream(stats.rows, frame.select(key_cols), counts, eta_target, float(step.max_weight))
-        else:
-            stream = stream.with_retention(eta_target)
-        eta = stream.mean_eta()
-    elif use_utility and n:
-        u = frame["utility_sum"].to_numpy().astype(np.float64) / counts
-        mean_u = float(frame["utility_sum"].sum()) / n
-        eta = np.clip(eta_target * u / mean_u, 0.0, step.max_weight) if mean_u > 0 else np.full(S, eta_target)
-    else:
-        eta = np.full(S, min(eta_target, step.max_weight))
-
-    rows_i: list[np.ndarray] = []
-    cols_j: list[np.ndarray] = []
-    vals: list[np.ndarray] = []
-    coords = Coordinates()
-    eps: list[float] = []
-    groups: list[int] = []
-    a_cols = []
-    hold_cols: list[tuple[np.ndarray, np.ndarray, int]] = []  # (rows, held column, columns) per pair
-    notes: dict[str, Any] = {"pi": {}}
-    for g, name in enumerate(used_attrs):
-        values = list(attrs[name].values)
-        m = len(values)
-        code = _codes(frame[tag_column(name)], values)
-        if np.any(code == -2):
-            bad = frame[tag_column(name)][int(np.flatnonzero(code == -2)[0])]
-            raise ValueError(f"attribute '{name}' has value {bad!r}, not one of its values {values}")
-        carrying = np.flatnonzero(code >= 0)
-        a_cols.append(carrying)
-        carried = np.bincount(code[carrying], weights=counts[carrying], minlength=m)
-        if name in step.targets:
-            pi = np.array([float(step.targets[name].get(v, 0.0)) for v in values])
-            for k, v in enumerate(values):
-                if pi[k] > step.tolerance.representation and carried[k] == 0:
-                    raise ValueError(f"balance.targets.{name}.{v} is {pi[k]} but no row has {name}={v}")
-        else:  # association only: hold the attribute at its observed prevalence
-            pi = carried / carried.sum() if carried.sum() else np.full(m, 1.0 / m)
-        notes["pi"][name] = dict(zip(values, pi.tolist()))
-        centred = (code[carrying, None] == np.arange(m)[None, :]) - pi[None, :]  # (carrying, m)
-        if name in step.targets:
-            base = coords.size
-            rows_i.append(np.repeat(carrying, m))
-            cols_j.append(np.tile(base + np.arange(m), len(carrying)))
-            vals.append(centred.reshape(-1))
-            coords.add("representation", name, values)
-            eps += [step.tolerance.representation] * m
-            groups += [g] * m
-        for a_name, lab in pairs:
-            if a_name != name:
-                continue
-            label_values = list(stats.vocab.get(lab, []))
-            R = len(label_values)
-            label_code = _codes(frame[tag_column(lab)], label_values)
-            if np.any(label_code == -2):
-                bad = frame[tag_column(lab)][int(np.flatnonzero(label_code == -2)[0])]
-                raise ValueError(
-                    f"label '{lab}' has value {bad!r}, which is not one of its declared values ({len(label_values)}: "
-                    f"{label_values[:5]}{'...' if R > 5 else ''}); add it to the label's values or remove values: to use every value seen")
-            y = label_code[carrying]
-            has = y >= 0
-            pair_centred = centred
-            if step.hold_labels and name not in step.targets:
-                # Kamiran-Calders: prevalence among rows carrying both the attribute and the label,
-                # so that KL + hold_labels at eps = 0 is reweighing even with null labels
-                both = np.bincount(code[carrying][has], weights=counts[carrying][has], minlength=m)
-                pair_pi = both / both.sum() if both.sum() else pi
-                notes.setdefault("pi_by_pair", {})[f"{name} x {lab}"] = dict(zip(values, pair_pi.tolist()))
-                pair_centred = (code[carrying, None] == np.arange(m)[None, :]) - pair_pi[None, :]
-            base = coords.size
-            rows_i.append(np.repeat(carrying[has], m))
-            cols_j.append((base + np.arange(m)[None, :] * R + y[has, None]).reshape(-1))
-            vals.append(pair_centred[has].reshape(-1))
-            coords.add("association", name, values, lab, label_values)
-            eps += [step.tolerance.association] * (m * R)
-            groups += [g] * (m * R)
-            if step.hold_labels:  # each label value's mass among the rows carrying the attribute
-                present, column = np.unique(y[has], return_inverse=True)
-                hold_cols.append((carrying[has], column.reshape(-1), len(present)))
-    K = coords.size
-    if rows_i:
-        B = sp.csr_matrix(
-            (np.concatenate(vals).astype(np.float64), (np.concatenate(rows_i), np.concatenate(cols_j))), shape=(S, K)
-        )
-    else:
-        B = sp.csr_matrix((S, K))
-    B.eliminate_zeros()
-    # a coordinate no signature touches is 0 <= eps * W whatever q is: drop it
-    used = np.flatnonzero(np.diff(B.tocsc().indptr) > 0)
-    B = B[:, used].tocsr()
-    coords.keep(used)
-    A = sp.csr_matrix(
-        (np.ones(sum(len(c) for c in a_cols)), (np.concatenate(a_cols) if a_cols else np.zeros(0, np.int64),
-         np.concatenate([np.full(len(c), g) for g, c in enumerate(a_cols)]) if a_cols else np.zeros(0, np.int64))),
-        shape=(S, len(used_attrs)),
-    )
-    H = hold_target = None
-    if hold_cols:
-        offsets = np.cumsum([0] + [c[2] for c in hold_cols])
-        H = sp.csr_matrix(
-            (np.ones(sum(len(c[0]) for c in hold_cols)),
-             (np.concatenate([c[0] for c in hold_cols]), np.concatenate([c[1] + o for c, o in zip(hold_cols, offsets)]))),
-            shape=(S, int(offsets[-1])),
-        )
-        # held at the baseline: the mass the rows would have at their baseline keep rate
-        hold_target = H.T @ (weight * eta)
-    problem = MomentProblem(
-        H=H, hold_target=hold_target,
-        weight=weight, rows=n, eta=eta, B=B, A=A, group=np.array(groups, dtype=np.int64)[used],
-        eps=np.array(eps, dtype=np.float64)[used], max_weight=float(step.max_weight),
-        budget=float(eta_target) if step.budget else None, objective=step.objective,
-        stream=stream if streaming else None,
-    )
-    notes["utility"] = ("per row (streaming: one pass over the rows per dual evaluation)" if streaming
-                        else "per-signature mean (utility_sum / count)" if use_utility else None)
-    return problem, frame.select(key_cols), coords, notes
 
 
 def _with_retention(p: MomentProblem, step: M4Balance, stats: CorpusStats, retention: float) -> MomentProblem:
@@ -832,24 +525,31 @@ def _diagnostics(p: MomentProblem, r: DualResult, coords: Coordinates, step: M4B
     scale = max(1.0, float(np.max(r.x[: 2 * K]))) if K else 1.0
     binding_mask = (mu_plus > 1e-10 * scale) | (mu_minus > 1e-10 * scale)
     W = r.carrying[p.group] if K else np.zeros(0)
+    Ws = r.scale_mass[p.scale] if K else np.zeros(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(W > 0, r.moments / W, 0.0)
+        # per-label parity and embedding moments are bounded relative to their own scale
+        relative = np.where(Ws > 0, r.moments / Ws, 0.0)
 
     def row(j: int) -> dict[str, Any]:
         c = coords[j]
-        return {"constraint": c.name(), "kind": c.kind, "moment": float(share[j]), "tolerance": float(p.eps[j]),
-                "violation": float(r.violation[j]), "dual": float(mu_plus[j] - mu_minus[j]), "binding": bool(binding_mask[j])}
+        out = {"constraint": c.name(), "kind": c.kind, "moment": float(share[j]), "tolerance": float(p.eps[j]),
+               "violation": float(r.violation[j]), "dual": float(mu_plus[j] - mu_minus[j]), "binding": bool(binding_mask[j])}
+        if c.kind == "association_per_label":
+            out["conditional_gap"] = float(relative[j])  # P_w(s = v | y = j) - pi_v
+        return out
 
     # largest violation first, then the moment nearest its tolerance
-    order = np.lexsort((-np.abs(share) / np.maximum(p.eps, 1e-300), -r.violation)) if K else np.zeros(0, np.int64)
+    bound = np.maximum(p.eps * np.where(W > 0, Ws / np.where(W > 0, W, 1.0), 0.0), 1e-300) if K else np.zeros(0)
+    order = np.lexsort((-np.abs(share) / bound, -r.violation)) if K else np.zeros(0, np.int64)
     limit = 200
     n = p.rows
     wq = p.weight * r.q
     sum_q = float(wq.sum())
-    sum_q2 = float(p.weight @ (r.q**2))
+    # streaming: per-row squares where the pass summed them (else the per-signature mean's square)
+    sum_q2 = r.sum_q2 if r.sum_q2 is not None else float(p.weight @ (r.q**2))
     # summed excess over the tolerances (per row): what the bounded-dual variant penalises by V
-    Wg = r.carrying[p.group]
-    excess = float((np.maximum(0.0, r.moments - p.eps * Wg) + np.maximum(0.0, -r.moments - p.eps * Wg)).sum())
+    excess = float((np.maximum(0.0, r.moments - p.eps * Ws) + np.maximum(0.0, -r.moments - p.eps * Ws)).sum())
     penalty = float(enforcement * excess) if enforcement is not None else 0.0
     out = {
         "objective": step.objective,
@@ -957,6 +657,7 @@ def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys,
         "requested_retention": step.retention, "max_weight": step.max_weight, "budget": step.budget,
         "tolerance": step.tolerance.model_dump(), "enforcement": step.enforcement, "pi": notes["pi"],
         **({"pi_by_pair": notes["pi_by_pair"]} if "pi_by_pair" in notes else {}),
+        **{key: notes[key] for key in ("per_label", "embedding") if key in notes},
         "utility": notes["utility"], "rows": problem.rows,
     }
     if problem.rows == 0:
@@ -968,6 +669,10 @@ def _solve_m4(step: M4Balance, stats: CorpusStats, problem: MomentProblem, keys,
         problem, result, status, extra = _unsettled(step, stats, problem, result)
     diagnostics = {**base, "status": status, "feasible": status in ("optimal", "solved_at_largest_feasible_retention"), **extra}
     diagnostics.update(_diagnostics(problem, result, coords, step, step.enforcement))
+    if problem.embedding is not None:  # a weight per row from the duals and the row's embedding
+        from mmbalance.operators.solve.m4_embedding import row_solution
+
+        return row_solution(problem, result, key_columns, key_values, diagnostics)
     if problem.stream is not None:  # the weight is per row: keep the dual shifts, apply per row
         from mmbalance.schemas.contract import UTILITY_COLUMN
 
