@@ -117,6 +117,17 @@ def _encode(model, images, tokens):
     return F.normalize(y_img, dim=-1), F.normalize(y_txt, dim=-1), (pooled, y_img, pooled_t, y_txt)
 
 
+def domain_gradients(x_img, y_img, x_txt, y_txt, domain, m: int):
+    """(m, D): per domain, the sum over its samples of the gradient of both projections, outer(x, dL/dy)
+    flattened as the projection parameters are (width x embed_dim); their sum is the batch's gradient."""
+    import torch
+
+    with torch.no_grad():
+        onehot = torch.nn.functional.one_hot(domain, m).to(x_img.dtype)
+        return torch.cat([torch.einsum("bm,bi,bj->mij", onehot, x.detach(), y.grad).flatten(1)
+                          for x, y in ((x_img, y_img), (x_txt, y_txt))], 1)
+
+
 def _check_encode(model, preprocess, tokenizer, pool: Pool) -> None:
     """``_encode`` must give what open_clip's own encoders give (it re-traces them to keep x, y)."""
     import torch
@@ -179,17 +190,10 @@ def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, onlin
             model.train()
         if mixer is not None:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                d = torch.from_numpy(dom)
-                sums = []
-                for x, y in ((x_img, y_img), (x_txt, y_txt)):
-                    onehot = torch.nn.functional.one_hot(d, m).to(x.dtype)  # (B, m)
-                    # per-domain sum of outer(x_i, dy_i): einsum over the batch
-                    sums.append(torch.einsum("bm,bi,bj->mij", onehot, x.detach(), y.grad).flatten(1))
-                mixer.accumulate(torch.cat(sums, 1), np.bincount(dom, minlength=m))
-                if (step + 1) % cfg.round_steps == 0 and step + 1 < cfg.steps:
-                    p = mixer.step()
-                    result.mixtures.append(p.tolist())
+            mixer.accumulate(domain_gradients(x_img, y_img, x_txt, y_txt, torch.from_numpy(dom), m), np.bincount(dom, minlength=m))
+            if (step + 1) % cfg.round_steps == 0 and step + 1 < cfg.steps:
+                p = mixer.step()
+                result.mixtures.append(p.tolist())
             result.mixer_seconds += time.perf_counter() - t0
     result.seconds = time.perf_counter() - t_start
     model.eval()
