@@ -68,6 +68,43 @@ def embed_eval(model, model_dir: str, table) -> dict[str, np.ndarray]:
     }
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def embeddings_from_evaluate(eval_out: str | Path, table) -> dict[str, np.ndarray]:
+    """The embeddings ``mmbalance evaluate`` stored in ``eval_out`` (images and captions from
+    ``embeddings/``, float16; every filled prompt from ``prompts.parquet``), arranged as
+    ``embed_eval`` arranges its own: the metrics recomputed from exactly the vectors evaluate scored.
+    Ensembles as docs/algorithms.md section 9 defines them (unit prompts averaged, normalised, float32)."""
+    import pyarrow.parquet as pq
+
+    sides = sorted(Path(eval_out, "embeddings").glob("*.parquet"))
+    if len(sides) != 1:
+        raise ValueError(f"{eval_out}: expected the embeddings of one evaluation file, found {len(sides)}")
+    side = pq.read_table(sides[0])
+    order = np.argsort(np.asarray(side.column("row").to_pylist()))
+    if len(order) != table.num_rows:
+        raise ValueError(f"{eval_out}: {len(order)} embedded images for {table.num_rows} rows")
+    image = np.asarray(side.column("image_emb").to_pylist(), np.float64)[order]
+    texts = side.column("text_emb").to_pylist()
+    prompts = pq.read_table(Path(eval_out, "prompts.parquet")).to_pylist()
+
+    def ensemble(kind: str, name: str, value: str, condition: str | None = None) -> np.ndarray:
+        rows = [r["text_emb"] for r in prompts if (r["kind"], r["name"], r["value"], r["condition"]) == (kind, name, value, condition)]
+        return _unit(_unit(np.asarray(rows, np.float64)).mean(axis=0)).astype(np.float32).astype(np.float64)
+
+    occ = list(OCCUPATIONS)
+    captioned = [i for i, c in enumerate(table.column("caption").to_pylist()) if c is not None]
+    return {
+        "image": _unit(image),
+        "label": np.stack([ensemble("label", "occupation", o) for o in occ]),
+        "attribute": np.stack([np.stack([ensemble("attribute", "gender", g, o) for g in GENDERS]) for o in occ]),
+        "captions": _unit(np.asarray([texts[order[i]] for i in captioned], np.float64)),
+    }
+
+
 def max_skew_ndkl(ranked_attr: np.ndarray, pool_share: np.ndarray, k: int) -> tuple[float, float]:
     """MaxSkew@k and NDKL of one ranking (attribute index per ranked item) against the pool's shares."""
     onehot = np.eye(len(pool_share))[ranked_attr]
@@ -95,12 +132,24 @@ def metrics(emb: dict[str, np.ndarray], table, ks: tuple[int, ...] = (10, 100)) 
     by_occ = {o: float(np.mean(pred_gender[neutral & (occ == j)] == 0)) for j, o in enumerate(occ_names)}
     by_scene = {s: float(np.mean(pred_gender[neutral & (scene == j)] == 0)) for j, s in enumerate(scene_names)}
     planted = np.array([p for _, p in OCCUPATIONS.values()])
+    # what AB reads for this model's predictions with the labels shuffled among the neutral images:
+    # the floor a model with no association at all would show on a set of this size
+    rng = np.random.default_rng(0)
+    said_woman = pred_gender[neutral] == 0
+
+    def null_ab(labels: np.ndarray, k: int) -> float:
+        gaps = [max(abs(said_woman[perm == j].mean() - woman_share) for j in range(k))
+                for perm in (rng.permutation(labels) for _ in range(200))]
+        return float(np.mean(gaps))
+
     out = {
         "neutral_images": int(neutral.sum()),
         "woman_share": woman_share,
         "rb": abs(woman_share - 0.5),  # two values: |share_v - 0.5| is the same for both
         "ab": max(abs(v - woman_share) for v in by_occ.values()),
         "ab_scene": max(abs(v - woman_share) for v in by_scene.values()),
+        "ab_null": null_ab(occ[neutral], len(occ_names)),
+        "ab_scene_null": null_ab(scene[neutral], len(scene_names)),
         "woman_share_by_occupation": by_occ,
         "woman_share_by_scene": by_scene,
         "skew_correlation": float(np.corrcoef(planted, list(by_occ.values()))[0, 1]) if np.std(list(by_occ.values())) > 0 else 0.0,
@@ -144,9 +193,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--eval", required=True, help="eval.parquet from mmbalance.synth_images")
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--evaluate-dir", help="also recompute the figures from the embeddings mmbalance evaluate stored here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = evaluate(load_checkpoint(a.model_dir, a.checkpoint), a.model_dir, a.eval)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(a.eval)
+    own = embed_eval(load_checkpoint(a.model_dir, a.checkpoint), a.model_dir, table)
+    result = metrics(own, table)
+    if a.evaluate_dir:
+        theirs = embeddings_from_evaluate(a.evaluate_dir, table)
+        result["from_evaluate_embeddings"] = metrics(theirs, table)
+        result["embedding_max_abs_diff"] = {k: float(np.abs(own[k] - theirs[k]).max()) for k in ("image", "label", "attribute", "captions")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
 

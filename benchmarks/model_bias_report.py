@@ -12,10 +12,11 @@ import numpy as np
 # figure key -> column title; the model figures come from the evaluation of each checkpoint
 MODEL_FIGURES = {
     "accuracy": "occupation acc", "cue_accuracy": "cue acc", "rb": "RB", "ab": "AB occupation",
-    "ab_scene": "AB scene (latent)", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10",
+    "ab_scene": "AB scene (latent)", "ab_null": "AB occupation, labels shuffled",
+    "ab_scene_null": "AB scene, labels shuffled", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10",
     "ndkl": "NDKL", "i2t_r@1": "I->T R@1", "t2i_r@1": "T->I R@1", "i2t_r@5": "I->T R@5", "t2i_r@5": "T->I R@5",
 }
-TABLE_COLUMNS = ("accuracy", "rb", "ab", "ab_scene", "maxskew@10", "ndkl", "i2t_r@1", "t2i_r@1")
+TABLE_COLUMNS = ("accuracy", "cue_accuracy", "rb", "ab", "ab_scene", "maxskew@10", "ndkl", "i2t_r@1", "t2i_r@1")
 
 
 def _gap(shares: dict[str, float], overall: float) -> float:
@@ -67,13 +68,18 @@ def _interval(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "values": v.tolist()}
 
 
+def _figures(run: dict) -> dict:
+    """evaluate's figures, plus the shuffled-label floors only the numpy recomputation has."""
+    return {**{k: run["numpy"][k] for k in ("ab_null", "ab_scene_null") if k in run["numpy"]}, **run["evaluate"]}
+
+
 def aggregate(runs: dict) -> dict:
     by_config: dict[str, list[dict]] = {}
     for run in runs.values():
         by_config.setdefault(run["config"], []).append(run)
     table = {}
     for config, members in by_config.items():
-        row = {k: _interval([r['evaluate'][k] for r in members]) for k in MODEL_FIGURES if k in members[0]['evaluate']}
+        row = {k: _interval([_figures(r)[k] for r in members]) for k in MODEL_FIGURES if k in _figures(members[0])}
         row["seeds"] = len(members)
         row["train_seconds"] = _interval([r["train_seconds"] for r in members])
         if "loop" in members[0]:
@@ -110,6 +116,11 @@ def markdown_table(result: dict) -> str:
         for config, row in arms:
             lines.append("| " + " | ".join([config.removeprefix("rnb_"), *[_fmt(row.get(k)) for k in TABLE_COLUMNS],
                                               _fmt(row.get("loop_seconds")), _fmt(row.get("mixer_share"))]) + " |")
+    floors = [(row["ab_null"]["mean"], row["ab_scene_null"]["mean"]) for row in result["table"].values() if "ab_null" in row]
+    if floors:
+        lines += ["", f"AB of the same predictions with the labels shuffled (no association; this set's floor): "
+                      f"occupation {min(f[0] for f in floors):.3f}-{max(f[0] for f in floors):.3f}, "
+                      f"scene {min(f[1] for f in floors):.3f}-{max(f[1] for f in floors):.3f}."]
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ OCCUPATIONS: dict[str, tuple[float, float]] = {
 SCENES: dict[str, tuple[int, int, int]] = {
     "office": (70, 90, 150), "kitchen": (150, 110, 60), "garden": (60, 130, 70), "street": (115, 115, 115),
 }
-SCENE_GIVEN_GENDER = {"woman": (0.35, 0.30, 0.20, 0.15), "man": (0.15, 0.20, 0.30, 0.35)}
+SCENE_GIVEN_GENDER = {"woman": (0.30, 0.27, 0.23, 0.20), "man": (0.20, 0.23, 0.27, 0.30)}
 GLYPH_COLOURS = ((235, 70, 70), (245, 205, 60), (70, 210, 225), (120, 230, 90), (250, 140, 40), (205, 95, 225),
                  (240, 150, 190), (170, 120, 250))
 CUE_COLOURS = {"woman": (245, 245, 245), "man": (15, 15, 15), None: (130, 130, 130)}

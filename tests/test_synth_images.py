@@ -99,3 +99,18 @@ def test_eval_set_is_balanced_and_neutral_images_are_unlabelled():
 def test_bad_arguments(tmp_path, bad):
     with pytest.raises(ValueError):
         synth_image_corpus(tmp_path, **{"rows": 10, "shards": 1, **bad})
+
+
+def test_cli_writes_the_rendered_corpus_and_eval_set(tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    res = subprocess.run([sys.executable, "-m", "mmbalance.cli", "synth", str(tmp_path / "c"), "--rendered", "--rows", "40",
+                          "--shards", "2", "--eval-out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert pq.read_table(tmp_path / "c").num_rows == 40 and pq.read_table(tmp_path / "e" / "eval.parquet").num_rows > 0
+    bad = subprocess.run([sys.executable, "-m", "mmbalance.cli", "synth", str(tmp_path / "d"), "--eval-out", str(tmp_path / "f")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rendered" in bad.stderr
