@@ -73,6 +73,7 @@ class LoopConfig:
     seed: int = 0
     round_steps: int = 0          # R&B round length in steps; 0 = the mixture never changes
     lam: float = 3.0
+    device: str = "cpu"
 
 
 @dataclass
@@ -142,8 +143,7 @@ def _check_encode(model, preprocess, tokenizer, pool: Pool) -> None:
         raise RuntimeError("model_bias_loop._encode no longer matches open_clip's encoders (open_clip changed?)")
 
 
-def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, online: bool = False,
-          callback=None, every: int = 0) -> LoopResult:
+def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, online: bool = False) -> LoopResult:
     """Train a fresh model for ``cfg.steps`` batches drawn from ``pool`` with domain shares
     ``mixture`` (default uniform); with ``online`` the shares follow OnlineMixer every round."""
     import open_clip
@@ -157,6 +157,7 @@ def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, onlin
     tokenizer = open_clip.get_tokenizer(f"local-dir:{cfg.model_dir}")
     model.train()
     _check_encode(model, preprocess, tokenizer, pool)
+    model.to(cfg.device)
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(_param_groups(model, cfg.wd), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     m = len(pool.domains)
@@ -171,8 +172,8 @@ def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, onlin
         counts = rng.multinomial(cfg.batch_size, p)
         idx = np.concatenate([rng.choice(members[d], size=c) for d, c in enumerate(counts) if c > 0])
         dom = pool.domain[idx]
-        images = torch.stack([preprocess(pool.images[i]) for i in idx])
-        tokens = tokenizer([pool.captions[i] for i in idx])
+        images = torch.stack([preprocess(pool.images[i]) for i in idx]).to(cfg.device)
+        tokens = tokenizer([pool.captions[i] for i in idx]).to(cfg.device)
         f_img, f_txt, (x_img, y_img, x_txt, y_txt) = _encode(model, images, tokens)
         if mixer is not None:
             y_img.retain_grad()
@@ -184,19 +185,16 @@ def train(pool: Pool, cfg: LoopConfig, mixture: list[float] | None = None, onlin
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         result.losses.append(float(loss.detach()))
-        if callback is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
-            model.eval()
-            callback(step + 1, model)
-            model.train()
         if mixer is not None:
             t0 = time.perf_counter()
-            mixer.accumulate(domain_gradients(x_img, y_img, x_txt, y_txt, torch.from_numpy(dom), m), np.bincount(dom, minlength=m))
+            grads = domain_gradients(x_img, y_img, x_txt, y_txt, torch.from_numpy(dom).to(cfg.device), m)
+            mixer.accumulate(grads, np.bincount(dom, minlength=m))
             if (step + 1) % cfg.round_steps == 0 and step + 1 < cfg.steps:
                 p = mixer.step()
                 result.mixtures.append(p.tolist())
             result.mixer_seconds += time.perf_counter() - t0
     result.seconds = time.perf_counter() - t_start
-    model.eval()
+    model.eval().cpu()
     return result
 
 
@@ -221,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--round-steps", type=int, default=100)
     ap.add_argument("--lam", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     pool = pool_from_webdataset(a.export)
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"{a.mixture}: no target share for domains {missing}")
         mixture = [shares[d] for d in pool.domains]
     cfg = LoopConfig(model_dir=a.model_dir, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-                     seed=a.seed, round_steps=a.round_steps if a.arm == "online" else 0, lam=a.lam)
+                     seed=a.seed, round_steps=a.round_steps if a.arm == "online" else 0, lam=a.lam, device=a.device)
     result = train(pool, cfg, mixture=mixture, online=a.arm == "online")
     out = Path(a.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
