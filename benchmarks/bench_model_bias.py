@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from model_bias_report import (  # noqa: E402
-    aggregate, check_against_numpy, data_side, evaluate_figures, evaluate_recipe, markdown_table)
+    aggregate, check_against_numpy, data_side, evaluate_figures, evaluate_recipe, markdown_table, paired_differences, paired_table, update_docs)
 
 from mmbalance.synth_images import synth_image_corpus  # noqa: E402
 
@@ -57,11 +57,13 @@ class Settings:
     shards: int = 4
     cue_rate: float = 0.5
     seeds: int = 3
+    rnb_seeds: int = 2                # seeds of each R&B arm (e)
     steps: int = 1000
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
     jobs: int = 2
+    device: str = "cpu"               # cuda: training and evaluation on the GPU
     cap: int = 6400
     retention: float = 0.9            # M4 asks for this, takes the largest feasible below it
     tol_representation: float = 0.005
@@ -120,6 +122,7 @@ class Job:
     deps: list[str]
     log: Path
     seconds: float = 0.0
+    cpu_seconds: float = 0.0          # user + system time of the job's process (what a quiet machine needs)
     command: str = ""
 
 
@@ -139,18 +142,21 @@ def run_jobs(jobs: list[Job], parallel: int, env: dict) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
         time.sleep(0.2)
         for name, (job, proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # the exit status and the child's CPU time
+            if pid == 0:
                 continue
+            proc.returncode = os.waitstatus_to_exitcode(status)
             log.close()
             job.seconds = time.perf_counter() - t0
+            job.cpu_seconds = usage.ru_utime + usage.ru_stime
             del running[name]
             if proc.returncode != 0:
-                for other, p, _, _ in running.values():
+                for _, p, _, _ in running.values():
                     p.terminate()
                 tail = job.log.read_text()[-3000:]
                 sys.exit(f"bench_model_bias: job {name} failed (exit {proc.returncode}); log {job.log}:\n{tail}")
             done.add(name)
-            print(f"[{time.strftime('%H:%M:%S')}] done  {name} ({job.seconds:.0f} s)", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] done  {name} ({job.seconds:.0f} s, {job.cpu_seconds:.0f} s CPU)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="work directory (corpus, runs, checkpoints)")
     ap.add_argument("--json", help="write the results here (e.g. benchmarks/results/model_bias.json)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 rows, 40 steps, one seed")
+    ap.add_argument("--update-docs", action="store_true",
+                    help="write the tables into docs/model-bias.md and README.md (between their model-bias-table markers)")
     for f in Settings.__dataclass_fields__.values():
         if f.name in ("configs", "arms"):
             continue
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default=None, help=f"subset of {','.join(CONFIGS)} (default: all this checkout supports)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"R&B arms, subset of {','.join(ARMS)}; '' skips (e)")
     a = ap.parse_args(argv)
-    s = Settings(**({"rows": 2000, "shards": 2, "seeds": 1, "steps": 40, "warmup": 5, "cap": 200, "round_steps": 10}
+    s = Settings(**({"rows": 2000, "shards": 2, "seeds": 1, "rnb_seeds": 1, "steps": 40, "warmup": 5, "cap": 200, "round_steps": 10}
                     if a.quick else {}))
     for name in Settings.__dataclass_fields__:
         if name not in ("configs", "arms") and getattr(a, name) is not None:
@@ -198,7 +206,7 @@ def run(out: Path, s: Settings, a) -> None:
     synth_seconds = time.perf_counter() - t0
     eval_path = eval_dir / "eval.parquet"
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if s.device == "cpu" else {}),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     py = sys.executable
     mmb = [py, "-m", "mmbalance.cli"]
@@ -216,7 +224,7 @@ def run(out: Path, s: Settings, a) -> None:
             info = json.loads((out / "runs" / config / "export" / "webdataset" / "open_clip.json").read_text())
             return [py, "-m", "open_clip_train.main", "--model", f"local-dir:{model_dir}", *info["open_clip_args"],
                     "--batch-size", str(s.batch_size), "--epochs", "1", "--lr", str(s.lr), "--warmup", str(s.warmup),
-                    "--workers", "0", "--device", "cpu", "--precision", "fp32", "--logs", str(out / "train"),
+                    "--workers", "0", "--device", s.device, "--precision", "fp32", "--logs", str(out / "train"),
                     "--name", f"{config}-s{seed}", "--seed", str(seed), "--report-to", "", "--log-every-n-steps", "100"]
         return build
 
@@ -229,17 +237,17 @@ def run(out: Path, s: Settings, a) -> None:
                                                 "--recipe", str(rpath), "--executor", "local", "--quiet"],
                         ["train:none-s0"] if ckpt else [], out / "logs" / f"rebalance-{config}.log"))
     checkpoints: dict[str, tuple[str, int, Path]] = {}
-    for seed in range(s.seeds):
-        for config in s.configs:
+    for seed in range(max(s.seeds, s.rnb_seeds)):
+        for config in s.configs if seed < s.seeds else ():
             name = f"{config}-s{seed}"
             jobs.append(Job(f"train:{name}", train_argv(config, seed), [f"rebalance:{config}"], out / "logs" / f"train-{name}.log"))
             checkpoints[name] = (config, seed, out / "train" / name / "checkpoints" / "epoch_1.pt")
-        for arm in s.arms:
+        for arm in s.arms if seed < s.rnb_seeds else ():
             name = f"rnb_{arm}-s{seed}"
             argv = [py, str(HERE / "model_bias_loop.py"), "--export", str(out / "runs" / "none" / "export" / "webdataset"),
                     "--model-dir", str(model_dir), "--arm", arm, "--out", str(out / "loop" / name), "--steps", str(s.steps),
                     "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--warmup", str(s.warmup),
-                    "--round-steps", str(s.round_steps), "--lam", str(s.lam), "--seed", str(seed)]
+                    "--round-steps", str(s.round_steps), "--lam", str(s.lam), "--seed", str(seed), "--device", s.device]
             if arm == "offline":
                 argv += ["--mixture", str(out / "runs" / "rnb" / "export" / "mixture.json")]
             deps = ["rebalance:none"] + (["rebalance:rnb"] if arm == "offline" else [])
@@ -248,7 +256,7 @@ def run(out: Path, s: Settings, a) -> None:
     for name, (_, _, ckpt) in checkpoints.items():
         erecipe = out / "eval-recipes" / f"{name}.yaml"
         erecipe.parent.mkdir(parents=True, exist_ok=True)
-        erecipe.write_text(evaluate_recipe(model_dir, ckpt, eval_path))
+        erecipe.write_text(evaluate_recipe(model_dir, ckpt, eval_path, device=s.device))
         jobs.append(Job(f"eval:{name}", [*mmb, "evaluate", str(eval_path), "--recipe", str(erecipe), "--out",
                                          str(out / "eval" / name)], [f"train:{name}"], out / "logs" / f"eval-{name}.log"))
         # the numpy recomputation: from evaluate's stored embeddings, and from its own forward pass
@@ -286,15 +294,29 @@ def run(out: Path, s: Settings, a) -> None:
         "train_commands": {j.name.removeprefix("train:"): j.command for j in jobs if j.name.startswith("train:")},
         "runs": runs,
         "table": aggregate(runs),
+        "paired": paired_differences(runs),
+        "cpu_seconds": {"jobs_total": round(sum(j.cpu_seconds for j in jobs), 1), "driver": round(_own_cpu(), 1),
+                        **{j.name: round(j.cpu_seconds, 1) for j in jobs}},
         "seconds": {"synth": round(synth_seconds, 1),
                     **{j.name: round(j.seconds, 1) for j in jobs if not j.name.startswith(("check:", "eval:"))},
                     "evaluate_total": round(sum(j.seconds for j in jobs if j.name.startswith(("check:", "eval:"))), 1),
                     "total_wall": round(time.perf_counter() - t_start, 1)},
     }
     print(markdown_table(result))
+    print()
+    print(paired_table(result))
     print(f"total {result['seconds']['total_wall']:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    if a.update_docs:
+        update_docs(result, HERE.parent / "docs" / "model-bias.md", HERE.parent / "README.md")
+
+
+def _own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # synth and the tables, in this process
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> dict:

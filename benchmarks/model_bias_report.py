@@ -13,10 +13,12 @@ import numpy as np
 MODEL_FIGURES = {
     "accuracy": "occupation acc", "cue_accuracy": "cue acc", "rb": "RB", "ab": "AB occupation",
     "ab_scene": "AB scene (latent)", "ab_null": "AB occupation, labels shuffled",
-    "ab_scene_null": "AB scene, labels shuffled", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10",
+    "ab_scene_null": "AB scene, labels shuffled", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10", "maxskew@100": "MaxSkew@100",
     "ndkl": "NDKL", "i2t_r@1": "I->T R@1", "t2i_r@1": "T->I R@1", "i2t_r@5": "I->T R@5", "t2i_r@5": "T->I R@5",
 }
-TABLE_COLUMNS = ("accuracy", "cue_accuracy", "rb", "ab", "ab_scene", "maxskew@10", "ndkl", "i2t_r@1", "t2i_r@1")
+TABLE_COLUMNS = ("accuracy", "cue_accuracy", "rb", "ab", "skew_correlation", "ab_scene", "maxskew@10", "maxskew@100", "ndkl",
+                 "i2t_r@1", "t2i_r@1")
+README_COLUMNS = ("accuracy", "cue_accuracy", "rb", "ab", "ab_scene", "maxskew@100", "ndkl", "i2t_r@1")
 
 
 def _gap(shares: dict[str, float], overall: float) -> float:
@@ -89,6 +91,60 @@ def aggregate(runs: dict) -> dict:
     return table
 
 
+PAIRED = ("rb", "ab", "ab_scene", "maxskew@100", "ndkl", "accuracy", "cue_accuracy")
+
+
+def paired_differences(runs: dict) -> dict:
+    """Per configuration, the same-seed difference to its baseline (``none``; for the R&B arms,
+    ``rnb_uniform``): mean, t-interval and how many seeds moved down, for the headline figures."""
+    by = {(r["config"], r["seed"]): _figures(r) for r in runs.values()}
+    out: dict = {}
+    for config in sorted({c for c, _ in by}):
+        base = "rnb_uniform" if config.startswith("rnb_") else "none"
+        if config == base:
+            continue
+        seeds = sorted(seed for c, seed in by if c == config and (base, seed) in by)
+        if not seeds:
+            continue
+        out[config] = {"baseline": base, "seeds": seeds}
+        for k in PAIRED:
+            diffs = [by[(config, seed)][k] - by[(base, seed)][k] for seed in seeds]
+            out[config][k] = {**_interval(diffs), "seeds_lower": int(sum(d < 0 for d in diffs))}
+    return out
+
+
+def paired_table(result: dict) -> str:
+    """Same-seed differences to the baseline: mean (seeds in which the figure went down / seeds)."""
+    rows = result.get("paired", {})
+    head = ["config", "vs", *[MODEL_FIGURES[k] for k in PAIRED]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config, row in rows.items():
+        cells = [f"{row[k]['mean']:+.3f} ({row[k]['seeds_lower']}/{len(row['seeds'])})" for k in PAIRED]
+        lines.append("| " + " | ".join([config.removeprefix("rnb_"), row["baseline"].removeprefix("rnb_"), *cells]) + " |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- model-bias-table -->", "<!-- /model-bias-table -->"
+
+
+def _replace_between(path: Path, body: str) -> None:
+    text = path.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    path.write_text(text[:start] + "\n" + body + "\n" + text[end:])
+
+
+def update_docs(result: dict, doc: Path, readme: Path) -> None:
+    """The full tables (and the same-seed differences) into the doc, the short one into the README."""
+    settings = result["settings"]
+    cpu = result["cpu_seconds"]["jobs_total"] + result["cpu_seconds"]["driver"]
+    where = (f"{settings['seeds']} seeds ({settings['rnb_seeds']} for the R&B arms), {settings['steps']} steps of "
+             f"{settings['batch_size']}, {settings['rows']:,} rows; wall {result['seconds']['total_wall'] / 60:.1f} min with "
+             f"{settings['jobs']} jobs at a time, {cpu / 60:.1f} CPU-minutes in all; `{result['command']}`")
+    _replace_between(doc, f"Mean ± 95% t-interval half-width across seeds; {where}.\n\n{markdown_table(result)}\n\n"
+                          f"Same-seed differences (seeds in which the figure went down):\n\n{paired_table(result)}")
+    _replace_between(readme, f"{markdown_table(result, README_COLUMNS)}\n\n({where}; docs/model-bias.md has every column.)")
+
+
 def _fmt(cell: dict | None) -> str:
     if not cell:
         return "-"
@@ -97,10 +153,10 @@ def _fmt(cell: dict | None) -> str:
     return f"{cell['mean']:.3f} ± {cell['mean'] - cell['ci95'][0]:.3f}"
 
 
-def markdown_table(result: dict) -> str:
+def markdown_table(result: dict, columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     """The README/doc tables (model figures: mean ± 95% CI half-width across seeds): (a)-(d) with
     the balanced data's retention and association beside them, then the R&B arms (e)."""
-    head = ["config", "retention", "data AB occ", "data AB scene", *[MODEL_FIGURES[k] for k in TABLE_COLUMNS]]
+    head = ["config", "retention", "data AB occ", "data AB scene", *[MODEL_FIGURES[k] for k in columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     arms = []
     for config, row in result["table"].items():
@@ -109,13 +165,13 @@ def markdown_table(result: dict) -> str:
             continue
         data = result["data"][config]
         lines.append("| " + " | ".join([config, f"{data['retention']:.2f}", f"{data['ab_occupation']:.3f}",
-                                          f"{data['ab_scene']:.3f}", *[_fmt(row.get(k)) for k in TABLE_COLUMNS]]) + " |")
+                                          f"{data['ab_scene']:.3f}", *[_fmt(row.get(k)) for k in columns]]) + " |")
     if arms:
-        head = ["R&B arm", *[MODEL_FIGURES[k] for k in TABLE_COLUMNS], "loop s", "mixer share of loop time"]
+        head = ["R&B arm", *[MODEL_FIGURES[k] for k in columns], "mixer share of loop time"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for config, row in arms:
-            lines.append("| " + " | ".join([config.removeprefix("rnb_"), *[_fmt(row.get(k)) for k in TABLE_COLUMNS],
-                                              _fmt(row.get("loop_seconds")), _fmt(row.get("mixer_share"))]) + " |")
+            lines.append("| " + " | ".join([config.removeprefix("rnb_"), *[_fmt(row.get(k)) for k in columns],
+                                              _fmt(row.get("mixer_share"))]) + " |")
     floors = [(row["ab_null"]["mean"], row["ab_scene_null"]["mean"]) for row in result["table"].values() if "ab_null" in row]
     if floors:
         lines += ["", f"AB of the same predictions with the labels shuffled (no association; this set's floor): "
@@ -124,7 +180,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_recipe(model_dir: Path, checkpoint: Path, eval_path: Path, bootstrap: int = 1000) -> str:
+def evaluate_recipe(model_dir: Path, checkpoint: Path, eval_path: Path, bootstrap: int = 1000, device: str = "cpu") -> str:
     """The ``mmbalance evaluate`` recipe for one checkpoint: gender predicted with prompts about the
     image's occupation, occupation and the latent scene as labels (the scene only groups AB; the
     model never saw scene words, so its zero-shot scene figures mean nothing and are not reported)."""
@@ -133,7 +189,7 @@ def evaluate_recipe(model_dir: Path, checkpoint: Path, eval_path: Path, bootstra
     from mmbalance.synth_images import SCENES, gender_prompts, label_prompts
 
     doc = {
-        "model": {"name": f"local-dir:{model_dir}", "checkpoint": str(checkpoint), "device": "cpu", "batch_size": 512},
+        "model": {"name": f"local-dir:{model_dir}", "checkpoint": str(checkpoint), "device": device, "batch_size": 512},
         "eval": {"path": str(eval_path), "columns": {"uid": "uid", "image": "image", "caption": "caption"}},
         "attributes": [{"name": "gender", "column": "gender", "values": ["woman", "man"],
                         "prompts": gender_prompts("{occupation}")}],
