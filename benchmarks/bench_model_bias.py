@@ -34,7 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from model_bias_report import (  # noqa: E402
-    aggregate, check_against_numpy, data_side, evaluate_figures, evaluate_recipe, markdown_table, paired_differences, paired_table, update_docs)
+    aggregate, check_against_numpy, check_markers, data_side, evaluate_figures, evaluate_recipe, markdown_table,
+    paired_differences, paired_table, update_docs)
 
 from mmbalance.synth_images import synth_image_corpus  # noqa: E402
 
@@ -49,6 +50,7 @@ TINY_MODEL = {
 }
 CONFIGS = ("none", "cap", "m4", "m4_parity")
 ARMS = ("uniform", "offline", "online")
+DOCS = (HERE.parent / "docs" / "model-bias.md", HERE.parent / "README.md")  # what --update-docs writes
 
 
 @dataclass
@@ -189,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
               "moments (tolerance.association_per_label, associate: [gender, embedding.image]), which this "
               "checkout lacks; merge the m4-parity branch or pass --configs none,cap,m4", file=sys.stderr)
         sys.exit(2)
+    if a.update_docs:
+        try:
+            check_markers(*DOCS)
+        except ValueError as exc:
+            sys.exit(f"bench_model_bias: error: {exc}")
     run(Path(a.out).resolve(), s, a)
 
 
@@ -309,7 +316,7 @@ def run(out: Path, s: Settings, a) -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
     if a.update_docs:
-        update_docs(result, HERE.parent / "docs" / "model-bias.md", HERE.parent / "README.md")
+        update_docs(result, *DOCS)
 
 
 def _own_cpu() -> float:

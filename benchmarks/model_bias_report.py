@@ -127,7 +127,16 @@ def paired_table(result: dict) -> str:
 BEGIN, END = "<!-- model-bias-table -->", "<!-- /model-bias-table -->"
 
 
+def check_markers(*paths: Path) -> None:
+    """Raise ValueError naming the file that lacks the table markers (checked before a long run)."""
+    for path in paths:
+        text = path.read_text()
+        if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+            raise ValueError(f"{path}: needs one {BEGIN} line followed by one {END} line, where the table goes")
+
+
 def _replace_between(path: Path, body: str) -> None:
+    check_markers(path)
     text = path.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     path.write_text(text[:start] + "\n" + body + "\n" + text[end:])
