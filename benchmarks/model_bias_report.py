@@ -13,7 +13,8 @@ import numpy as np
 MODEL_FIGURES = {
     "accuracy": "occupation acc", "cue_accuracy": "cue acc", "rb": "RB", "ab": "AB occupation",
     "ab_scene": "AB scene (latent)", "ab_null": "AB occupation, labels shuffled",
-    "ab_scene_null": "AB scene, labels shuffled", "skew_correlation": "corr(share, planted)", "maxskew@10": "MaxSkew@10", "maxskew@100": "MaxSkew@100",
+    "ab_scene_null": "AB scene, labels shuffled", "skew_correlation": "corr(share, planted)",
+    "maxskew@10": "MaxSkew@10", "maxskew@100": "MaxSkew@100",
     "ndkl": "NDKL", "i2t_r@1": "I->T R@1", "t2i_r@1": "T->I R@1", "i2t_r@5": "I->T R@5", "t2i_r@5": "T->I R@5",
 }
 TABLE_COLUMNS = ("accuracy", "cue_accuracy", "rb", "ab", "skew_correlation", "ab_scene", "maxskew@10", "maxskew@100", "ndkl",
