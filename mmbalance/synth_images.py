@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmbalance.pipeline.store import parquet_options
+from mmbalance.io.store import parquet_options
 
 # occupation -> (share of the corpus, P(woman | occupation)); names are values of the shipped
 # occupation vocabulary, so caption tagging finds them
