@@ -125,13 +125,28 @@ def synth(
     seed: int = typer.Option(0, "--seed"),
     dim: int = typer.Option(64, "--dim", help="Embedding dimension."),
     images: bool = typer.Option(True, "--images/--no-images", help="Include small PNG image bytes."),
+    rendered: bool = typer.Option(False, "--rendered", help="The model-bias corpus instead: rendered images whose pixels carry "
+                                  "the gender cue, occupation and a latent scene; captions, no embeddings (docs/model-bias.md)."),
+    eval_out: Optional[Path] = typer.Option(None, "--eval-out", help="With --rendered: also write the evaluation set (eval.parquet) here."),
+    cue_rate: float = typer.Option(0.5, "--cue-rate", help="With --rendered: share of persons whose gender cue is visible."),
 ) -> None:
     """Generate a deterministic demo corpus with planted gender-occupation association."""
-    from mmbalance.synth import synth_corpus
-
     if rows < 0 or shards < 1 or dim < 2:
         _fail("need --rows >= 0, --shards >= 1, --dim >= 2")
-    synth_corpus(out_dir, rows, shards, seed=seed, dim=dim, images=images)
+    if not rendered:
+        if eval_out is not None:
+            _fail("--eval-out needs --rendered")
+        from mmbalance.synth import synth_corpus
+
+        synth_corpus(out_dir, rows, shards, seed=seed, dim=dim, images=images)
+    else:
+        from mmbalance.synth_images import synth_image_corpus
+
+        if not 0.0 <= cue_rate <= 1.0:
+            _fail("--cue-rate must be within [0, 1]")
+        synth_image_corpus(out_dir, rows, shards, seed=seed, cue_rate=cue_rate, eval_dir=eval_out)
+        if eval_out is not None:
+            typer.echo(f"wrote the evaluation set to {eval_out / 'eval.parquet'}")
     typer.echo(f"wrote {rows} rows in {shards} shards to {out_dir}")
 
 

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmbalance"
 LAYERS = {
     "schemas": 0, "data": 0,
     "io": 1, "errors": 1, "faiss_build": 1,
-    "operators": 2, "mixer": 2, "synth": 2,
+    "operators": 2, "mixer": 2, "synth": 2, "synth_images": 2,
     "pipeline": 3,
     "jobs": 4, "cli": 4, "console": 4, "inspect": 4,
 }
