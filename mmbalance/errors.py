@@ -36,13 +36,22 @@ def _exit_on_sigterm(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """Inside: SIGTERM raises SystemExit(128 + 15) in the main thread (elsewhere Python cannot
-    install handlers; nothing changes); the previous handler is restored on the way out."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
+def sigterm_handler(handler=None) -> Iterator[None]:
+    """Inside: ``handler`` answers SIGTERM in the main thread (None: whatever is installed stays);
+    on the way out the handler from before is put back, also where code inside replaced it (ray.init
+    does). Elsewhere nothing changes: Python installs handlers only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_exits() -> contextlib.AbstractContextManager[None]:
+    """Inside: SIGTERM raises SystemExit(128 + 15) in the main thread."""
+    return sigterm_handler(_exit_on_sigterm)

@@ -15,7 +15,7 @@ import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mmbalance.errors import sigterm_exits
+from mmbalance.errors import sigterm_exits, sigterm_handler
 
 TaskFn = Callable[[Any], Any]
 
@@ -404,7 +404,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
     if ray.is_initialized():  # inside a Ray job, or a caller's session: theirs to manage
         yield False
         return
-    with _sigterm_handler_restored():
+    with sigterm_handler():  # ray.init installs handlers for its node (they exit 1) and leaves them behind
         yield from _session(ray, address, num_cpus, object_store_mb)
 
 
@@ -453,43 +453,21 @@ def _session(ray, address: str | None, num_cpus: int | None, object_store_mb: in
 
 
 @contextlib.contextmanager
-def _sigterm_handler_restored() -> Iterator[None]:
-    """ray.init installs SIGTERM handlers for the node it starts (they kill its processes and exit 1)
-    and leaves them installed after ray.shutdown, where a later SIGTERM would call a stopped node's:
-    what was installed before the session is put back after it."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-@contextlib.contextmanager
 def _shutdown_after_interrupt() -> Iterator[None]:
     """Ray's shutdown after SIGTERM or Ctrl-C: a second SIGTERM does not cut it short, and what Ray's
     core prints about the work it abandons (e.g. "Failed to push error to driver" for a pool worker's
     group) goes nowhere: the run's one line says what happened and that a rerun resumes."""
     import signal
     import sys
-    import threading
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_main else None
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        yield
+        with sigterm_handler(signal.SIG_IGN):
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
