@@ -267,6 +267,7 @@ def export_cmd(
     epoch_size: Optional[int] = typer.Option(None, "--epoch-size", help="Samples per epoch (--train-num-samples); default the manifest's repeats."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per webdataset tar (default: sized so an epoch's domain shares stay within --max-share-deviation)."),
     max_share_deviation: Optional[float] = typer.Option(None, "--max-share-deviation", help="Per-epoch domain share standard deviation the tar size is chosen for (default 0.01)."),
+    min_shard_size: Optional[int] = typer.Option(None, "--min-shard-size", help="Fewest samples per webdataset tar when sized from the bound (default 100: a tar is a request)."),
     copies: Optional[str] = typer.Option(None, "--copies", help="repeats (default): every row drawn in proportion to its repeats | once: each row once, domain mixing only."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -297,6 +298,8 @@ def export_cmd(
             data["webdataset"] = {**(data.get("webdataset") or {}), "shard_size": shard_size}
         if max_share_deviation is not None:
             data["webdataset"] = {**(data.get("webdataset") or {}), "max_share_deviation": max_share_deviation}
+        if min_shard_size is not None:
+            data["webdataset"] = {**(data.get("webdataset") or {}), "min_shard_size": min_shard_size}
         try:
             opts = ExportOptions.model_validate(data)
             opts.domain.column_name()

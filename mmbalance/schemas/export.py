@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmbalance.schemas.balance import StrictModel
 
@@ -51,12 +51,23 @@ class WebdatasetOptions(StrictModel):
     open_clip's ``--dataset-resampled`` draws whole tars with replacement, so an epoch's domain
     shares are noisy by about ``sqrt(t (1 - t) s / N)`` (t: share, s: samples per tar, N:
     ``--train-num-samples``). Without ``shard_size`` every tar holds the largest size up to
-    ``max_shard_size`` that keeps that standard deviation within ``max_share_deviation``.
+    ``max_shard_size`` that keeps that standard deviation within ``max_share_deviation``, but never
+    fewer than ``min_shard_size`` samples: every tar is a request to write and one per draw to read,
+    so an epoch too short for the bound (under ~250,000 samples at the defaults) gets tars of
+    ``min_shard_size`` and ``open_clip.json`` states the larger deviation they give.
     """
 
     shard_size: int | None = Field(default=None, gt=0)  # samples per tar; None: sized from the bound
     max_shard_size: int = Field(default=10_000, gt=0)
+    # ~5-10 MB of web images: a request's fixed latency stays a small part of its transfer
+    min_shard_size: int = Field(default=100, gt=0)
     max_share_deviation: float = Field(default=0.01, gt=0, lt=1)  # per-epoch share standard deviation
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> WebdatasetOptions:
+        if self.min_shard_size > self.max_shard_size:
+            raise ValueError(f"webdataset.min_shard_size {self.min_shard_size} exceeds max_shard_size {self.max_shard_size}")
+        return self
 
 
 class BigVisionOptions(StrictModel):

@@ -109,6 +109,14 @@ class _DomainTars:
         return f"{self.dirname}/{self.dirname}-{{00000..{n - 1:05d}}}.tar"
 
 
+def _bound_note(source: str, min_shard_size: int) -> str:
+    if source == "min_shard_size":
+        return (f"tars of min_shard_size ({min_shard_size}) samples exceed the bound at this epoch size: "
+                "raise --epoch-size, or lower webdataset.min_shard_size (smaller tars, more requests per epoch)")
+    return ("even one-sample tars exceed the bound: an epoch this short cannot hold the shares closer "
+            "(sampling alone gives sqrt(t (1 - t) / N)); raise --epoch-size or max_share_deviation")
+
+
 def upsampling_factors(targets: list[float], samples: list[int]) -> list[float]:
     """open_clip per-shard weights giving domain shares ``targets``: f_i = t_i / n_i, max 1."""
     raw = [t / n if n > 0 else 0.0 for t, n in zip(targets, samples)]
@@ -123,8 +131,8 @@ def realised_shares(factors: list[float], samples: list[int]) -> list[float]:
 
 
 def plan_shard_size(ctx: ExportContext) -> tuple[int, list[float]]:
-    """Samples per tar (the option, or the largest within the share-deviation bound) and the
-    domain shares the tars are sized for."""
+    """Samples per tar (the option, or the largest within the share-deviation bound but at least
+    ``min_shard_size``) and the domain shares the tars are sized for."""
     opts = ctx.options.webdataset
     if ctx.options.copies == "repeats":
         mass = [float(d.repeats) for d in ctx.domains]
@@ -134,7 +142,17 @@ def plan_shard_size(ctx: ExportContext) -> tuple[int, list[float]]:
     shares = [m / total if total else 0.0 for m in mass]
     if opts.shard_size is not None:
         return opts.shard_size, shares
-    return shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size), shares
+    return shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size, opts.min_shard_size), shares
+
+
+def shard_size_source(ctx: ExportContext, size: int, shares: list[float]) -> str:
+    """Which setting fixed the tar size: ``option``, ``max_share_deviation`` or ``min_shard_size``
+    (the bound alone would have asked for smaller tars)."""
+    opts = ctx.options.webdataset
+    if opts.shard_size is not None:
+        return "option"
+    unfloored = shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size)
+    return "min_shard_size" if unfloored < size else "max_share_deviation"
 
 
 @register_format("webdataset", "wids")
@@ -145,7 +163,8 @@ class WebdatasetExporter(Exporter):
         super().__init__(ctx, store)
         if not ctx.caption_column or not ctx.image_column:
             raise ValueError("webdataset export needs captions and image bytes (input.columns.caption/image)")
-        self.shard_size, _ = plan_shard_size(ctx)
+        self.shard_size, shares = plan_shard_size(ctx)
+        self.shard_size_from = shard_size_source(ctx, self.shard_size, shares)
         repeats = ctx.options.copies == "repeats"
         self.tars = [_DomainTars(store, d.dir, balanced_sizes(d.repeats if repeats else d.kept, self.shard_size), self.shard_size)
                      for d in ctx.domains]
@@ -200,14 +219,14 @@ class WebdatasetExporter(Exporter):
         epoch = {
             "train_num_samples": self.ctx.epoch_size,
             "shard_size": self.shard_size,
-            "shard_size_from": "option" if opts.shard_size is not None else "max_share_deviation",
+            "shard_size_from": self.shard_size_from,
+            "min_shard_size": opts.min_shard_size,
             "max_share_deviation": opts.max_share_deviation,
             "share_deviation": {d.name: round(sd, 9) for (d, _), sd in zip(live, sds)},
             "max_expected_share_deviation": round(max(sds, default=0.0), 9),
             "within_bound": max(sds, default=0.0) <= opts.max_share_deviation,
             **({} if max(sds, default=0.0) <= opts.max_share_deviation or opts.shard_size is not None else {
-                "note": "even one-sample tars exceed the bound: an epoch this short cannot hold the shares closer "
-                        "(sampling alone gives sqrt(t (1 - t) / N)); raise --epoch-size or max_share_deviation"}),
+                "note": _bound_note(self.shard_size_from, opts.min_shard_size)}),
             "meaning": "standard deviation of a domain's share of one open_clip --dataset-resampled epoch of "
                        "train_num_samples samples (whole tars drawn with replacement by factor); an upper estimate",
         }

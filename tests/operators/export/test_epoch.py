@@ -42,3 +42,11 @@ def test_one_domain_and_degenerate_inputs():
     assert shard_size_for([1.0], 100, 0.01, 10_000) == 10_000  # one domain: its share never moves
     assert balanced_sizes(0, 7) == [] and balanced_sizes(10, 4) == [4, 3, 3]
     assert share_deviation([0], [3], [0.0], 10, 1) == ([0.0], [0.0])
+
+
+def test_min_size_floors_the_tar_size_and_max_size_still_caps_it():
+    shares = [0.5, 0.5]
+    assert shard_size_for(shares, 10_000, 0.01, 10_000) == 4  # 1e-4 * 10,000 / 0.25
+    assert shard_size_for(shares, 10_000, 0.01, 10_000, min_size=100) == 100
+    assert shard_size_for(shares, 10**8, 0.01, 10_000, min_size=100) == 10_000  # the bound allows more: the cap
+    assert shard_size_for(shares, 10**6, 0.01, 10_000, min_size=100) == 400  # the floor does not bind

@@ -558,8 +558,10 @@ def test_stated_epoch_deviation_matches_resampled_epochs(run_dir, exported):
 
 def test_default_tar_size_keeps_epoch_shares_within_the_bound(run_dir, tmp_path):
     """Without shard_size the tars are sized from the epoch: at 20,000 samples per epoch and the
-    default bound 0.01, every domain's stated deviation is within it, and 100 simulated epochs agree."""
-    result = export_run(str(run_dir), ["webdataset"], ExportOptions(dest=str(tmp_path / "o"), domain={"by": "occupation"}, epoch_size=20_000))
+    default bound 0.01 (no floor on the tar size), every domain's stated deviation is within it, and
+    100 simulated epochs agree."""
+    result = export_run(str(run_dir), ["webdataset"], ExportOptions(dest=str(tmp_path / "o"), domain={"by": "occupation"}, epoch_size=20_000,
+                                                                     webdataset={"min_shard_size": 1}))
     epoch = result["webdataset"]["epoch"]
     assert epoch["shard_size_from"] == "max_share_deviation" and epoch["within_bound"]
     assert 1 < epoch["shard_size"] < 100 and epoch["max_expected_share_deviation"] <= epoch["max_share_deviation"] == 0.01
@@ -568,6 +570,32 @@ def test_default_tar_size_keeps_epoch_shares_within_the_bound(run_dir, tmp_path)
     assert worst < 1.35 * epoch["max_expected_share_deviation"]  # 100 epochs: sd known to ~7%; 5 standard errors
     mixture = json.loads((tmp_path / "o" / "mixture.json").read_text())
     assert mixture["open_clip"]["webdataset"]["epoch"] == epoch
+
+
+def test_a_short_epoch_gets_min_shard_size_tars_not_a_tar_per_few_samples(run_dir, tmp_path):
+    """Issue 23: an epoch too short for the deviation bound used to get tars of a few samples (2,151
+    tars for 10,713 rows, one request each on an object store). By default no tar is sized below
+    min_shard_size (100); open_clip.json says the floor set the size, states the larger deviation,
+    and that figure matches simulated open_clip epochs."""
+    result = export_run(str(run_dir), ["webdataset"], ExportOptions(dest=str(tmp_path / "o"), domain={"by": "occupation"}))
+    summary = result["webdataset"]
+    epoch = summary["epoch"]
+    assert epoch["shard_size"] == epoch["min_shard_size"] == 100 and epoch["shard_size_from"] == "min_shard_size"
+    assert not epoch["within_bound"] and "min_shard_size" in epoch["note"]
+    for name, d in summary["domains"].items():
+        assert d["shards"] == -(-d["samples"] // 100), name  # ceil(samples / 100) tars, not samples / 1
+    assert sum(d["shards"] for d in summary["domains"].values()) < sum(d["samples"] for d in summary["domains"].values()) / 20
+    unfloored = export_run(str(run_dir), ["webdataset"], ExportOptions(dest=str(tmp_path / "u"), domain={"by": "occupation"},
+                                                                        webdataset={"min_shard_size": 1}))["webdataset"]
+    assert unfloored["epoch"]["shard_size"] < 10 and unfloored["epoch"]["shard_size_from"] == "max_share_deviation"
+    shares = _simulate_epochs(summary, 400)
+    for d, s in shares.items():
+        assert 0.75 < s.std(ddof=1) / epoch["share_deviation"][d] < 1.25, (d, s.std(ddof=1), epoch["share_deviation"][d])
+
+
+def test_min_shard_size_above_max_shard_size_is_refused():
+    with pytest.raises(ValueError, match="min_shard_size 500 exceeds max_shard_size 400"):
+        ExportOptions(webdataset={"min_shard_size": 500, "max_shard_size": 400})
 
 
 def test_parquet_files_the_export_writes_carry_page_checksums(exported, run_dir):
