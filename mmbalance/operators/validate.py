@@ -27,6 +27,8 @@ class ValidationResult:
 
 def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     """Rows of a 2-D float16/float32 matrix that hold a NaN or inf (exponent bits all ones)."""
+    if values.dtype == np.float32:  # numpy's vectorised isfinite: ~2x the bit test, no uint32 temporary
+        return ~np.isfinite(values).all(axis=1)
     utype, mask = _NONFINITE_MASKS[values.dtype.itemsize]
     bits = values.view(utype)
     return ((bits & mask) == mask).any(axis=1)
@@ -78,7 +80,9 @@ def all_zero_rows(column: pa.Array, dim: int) -> np.ndarray:
         if column.type.list_size != dim:
             return out
         flat = column.values.slice(column.offset * dim, n * dim).to_numpy(zero_copy_only=False)
-        return ~_nonzero(flat.reshape(n, dim)).any(axis=1) & ~is_null
+        matrix = flat.reshape(n, dim)
+        # float32 truthiness is != 0 for either sign of zero: any() needs no boolean temporary
+        return ~(matrix.any(axis=1) if matrix.dtype == np.float32 else _nonzero(matrix).any(axis=1)) & ~is_null
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero((lengths == dim) & ~is_null)
     if len(rows) == 0:

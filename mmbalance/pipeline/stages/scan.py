@@ -62,13 +62,16 @@ class Scan(UnitStage):
         rows_in = valid = 0
         reasons: dict[str, int] = {}
         hashes, hash_rows, audits, samples = [], [], [], []
+        heavy = heavy_columns(ctx.recipe)
         with store.table_writer("tags", f"{shard.shard_id}.parquet", schema=tags_schema(ctx.recipe)) as tags_out, \
                 store.table_writer("rejects", "validate", f"{shard.shard_id}.parquet", schema=REJECTS_SCHEMA) as rejects_out:
             for table in read_source(fs, shard.path, shard.relpath, list(ctx.source_columns), ctx.recipe.execution.batch_rows,
                                      ctx.recipe.input.format, ctx.recipe.execution.verify_checksums):
                 result = validate.validate_rows(table, ctx.recipe, dims, shard.relpath, rows_in)
                 keep = np.flatnonzero(result.valid)
-                tags, audit = tagger(table.take(keep), keep + rows_in)
+                # scan-time taggers read no embedding or image: copy only the columns they may read
+                light = table.drop_columns([c for c in heavy if c in table.column_names])
+                tags, audit = tagger(light if len(keep) == light.num_rows else light.take(keep), keep + rows_in)
                 tags_out.write_table(tags)
                 if result.rejects.num_rows:
                     rejects_out.write_table(result.rejects)
@@ -108,6 +111,15 @@ def _row_tagger(recipe_json: str) -> tag.RowTagger:
 def row_tagger(recipe: Recipe) -> tag.RowTagger:
     """One tagger per process and recipe: caption lexicons compile once, not per shard."""
     return _row_tagger(recipe.model_dump_json())
+
+
+def heavy_columns(recipe: Recipe) -> list[str]:
+    """Source columns no scan-time tagger reads (embeddings, image bytes): the rows kept for tagging
+    are taken without them."""
+    cols = recipe.input.columns
+    read = {cols.uid, cols.caption, cols.status, cols.utility}
+    read |= {t.source_column for t in [*recipe.attributes, *recipe.labels] if "column" in t.sources}
+    return [c for c in (cols.image_embedding, cols.text_embedding, cols.image) if c and c not in read]
 
 
 def sample_candidates(ctx: RunContext, threshold: int, table: pa.Table, tags: pa.Table, keep: np.ndarray) -> pa.Table | None:
