@@ -36,6 +36,14 @@ def test_export_command(tmp_path):
     assert sized.exit_code == 0, sized.output
     epoch = json.loads((tmp_path / "run" / "export" / "mixture.json").read_text())["open_clip"]["webdataset"]["epoch"]
     assert epoch["max_share_deviation"] == 0.2 and epoch["within_bound"] and epoch["shard_size_from"] == "max_share_deviation"
+    floored = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "webdataset", "--domain", "occupation",
+                                  "--min-shard-size", "50", "--epoch-size", "200"])
+    assert floored.exit_code == 0, floored.output
+    epoch = json.loads((tmp_path / "run" / "export" / "mixture.json").read_text())["open_clip"]["webdataset"]["epoch"]
+    assert epoch["shard_size"] == epoch["min_shard_size"] == 50 and epoch["shard_size_from"] == "min_shard_size"
+    inverted = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "webdataset", "--domain", "occupation",
+                                   "--min-shard-size", "20000"])
+    assert inverted.exit_code == 2 and "min_shard_size 20000 exceeds max_shard_size 10000" in inverted.output
     bad = runner.invoke(app, ["export", str(tmp_path / "run"), "-f", "csv", "--domain", "nope"])
     assert bad.exit_code == 2 and "tag.nope" in bad.output
     none = runner.invoke(app, ["export", str(tmp_path / "run")])
