@@ -276,7 +276,10 @@ def export_cmd(
     def go():
         import mmbalance.pipeline.stages  # noqa: F401 - the stages say which marker records a run file: reads are checked
         from mmbalance.operators.export import export_run, load_run
+        from pydantic import ValidationError
+
         from mmbalance.schemas.export import ExportOptions
+        from mmbalance.schemas.recipe import format_error
 
         _, info, _, _ = load_run(out)
         section = dict((info.get("recipe") or {}).get("export") or {})
@@ -303,8 +306,10 @@ def export_cmd(
         try:
             opts = ExportOptions.model_validate(data)
             opts.domain.column_name()
+        except ValidationError as err:
+            _fail(format_error("export options", err))
         except ValueError as err:
-            _fail(f"export options: {str(err).splitlines()[0] if 'validation' not in str(err) else err}")
+            _fail(f"export options: {str(err).splitlines()[0]}")
         result = export_run(out, names, opts)
         mix = result["mixture"]
         typer.echo(f"mixture: {len(mix['domains'])} domains, epoch size {mix['epoch_size']}")

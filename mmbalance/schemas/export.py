@@ -66,7 +66,7 @@ class WebdatasetOptions(StrictModel):
     @model_validator(mode="after")
     def _sizes_ordered(self) -> WebdatasetOptions:
         if self.min_shard_size > self.max_shard_size:
-            raise ValueError(f"webdataset.min_shard_size {self.min_shard_size} exceeds max_shard_size {self.max_shard_size}")
+            raise ValueError(f"min_shard_size {self.min_shard_size} exceeds max_shard_size {self.max_shard_size}")
         return self
 
 
