@@ -404,9 +404,11 @@ class RunStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """One writer per run directory. A kernel lock (flock) on local disks: released even on kill -9;
-        on S3 a lock object written with a conditional put (``mmbalance.io.storage``)."""
+        on S3 a lock object written with a conditional put (``mmbalance.io.storage``). A writer
+        interrupted inside (SIGTERM, Ctrl-C) leaves no temporaries: a worker process ended mid-write
+        (Ray ends them without their cleanup) leaves its own, swept here before the lock is let go."""
         if not isinstance(self.fs, pafs.LocalFileSystem):
-            with object_store_lock(self.uri, self.root):
+            with object_store_lock(self.uri, self.root), self._swept_on_interrupt():
                 yield
             return
         import fcntl
@@ -418,9 +420,19 @@ class RunStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunLockedError(f"{self.uri}: another mmbalance run is writing to this directory") from None
-            yield
+            with self._swept_on_interrupt():
+                yield
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _swept_on_interrupt(self) -> Iterator[None]:
+        try:
+            yield
+        except (SystemExit, KeyboardInterrupt):
+            with contextlib.suppress(OSError):  # the interrupt is what the caller must see
+                self.sweep_temporaries()
+            raise
 
     def locked_by_another(self) -> bool:
         """Is a run writing here now (its lock held)? Creates nothing; False where there is no lock file."""

@@ -450,6 +450,19 @@ def _session(ray, address: str | None, num_cpus: int | None, object_store_mb: in
                 ray.shutdown()
             if watchdog is not None:
                 _stop_ray_watchdog(watchdog)
+                if interrupted:  # our Ray's processes gone before the caller cleans up after them
+                    _wait_for_children(5.0)
+
+
+def _wait_for_children(timeout: float) -> None:
+    """Wait (at most ``timeout`` s) for this process's children (an embedded Ray's processes after
+    its shutdown) to exit."""
+    import psutil
+
+    try:
+        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=timeout)
+    except psutil.Error:
+        pass
 
 
 @contextlib.contextmanager

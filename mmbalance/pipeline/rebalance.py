@@ -283,19 +283,12 @@ class Rebalancer:
         executor_kind = self.options.executor or recipe.execution.executor
         if executor_kind == "local":
             return self._stages(self._state(run, shards, layout_columns, dims, LocalExecutor()))
-        try:
-            with ray_session(
-                self.options.address or recipe.execution.address,
-                self.options.num_cpus or recipe.execution.num_cpus,
-                recipe.execution.object_store_memory_mb,
-            ) as embedded:
-                return self._stages(self._state(run, shards, layout_columns, dims, RayExecutor(pool=embedded)))
-        except (SystemExit, KeyboardInterrupt):
-            # a worker stopped mid-write leaves its temporary behind (Ray ends workers without their
-            # cleanup); the lock is still ours, so the run directory is left as a rerun would find it
-            _wait_for_children(5.0)
-            store.sweep_temporaries()
-            raise
+        with ray_session(
+            self.options.address or recipe.execution.address,
+            self.options.num_cpus or recipe.execution.num_cpus,
+            recipe.execution.object_store_memory_mb,
+        ) as embedded:
+            return self._stages(self._state(run, shards, layout_columns, dims, RayExecutor(pool=embedded)))
 
     def _state(self, run: dict[str, Any], shards, layout_columns: list[str], dims: dict[str, int], executor=None) -> RunState:
         ctx = RunContext(
@@ -328,17 +321,6 @@ def validation_counts(state: RunState) -> dict[str, Any]:
                  for s in state.shards if s.index in dups)
     embeds = state.summaries("embed") if state.is_active("embed") else []
     return {"scans": state.summaries("scan"), "embeds": embeds, "duplicates": n_dups}
-
-
-def _wait_for_children(timeout: float) -> None:
-    """Wait (at most ``timeout`` s) for this process's children, e.g. an embedded Ray's workers
-    after its shutdown, to exit."""
-    import psutil
-
-    try:
-        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=timeout)
-    except psutil.Error:
-        pass
 
 
 def rebalance(input_uri: str, out: str, recipe: Recipe, options: RunOptions | None = None) -> RunResult:
