@@ -23,15 +23,21 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def shard_size_for(shares: Sequence[float], epoch_size: int, max_deviation: float, max_size: int,
-                   min_size: int = 1) -> int:
+def shard_size_for(shares: Sequence[float], epoch_size: int, max_deviation: float, max_size: int) -> int:
     """The largest tar size (samples, at most ``max_size``) whose per-epoch share deviation stays
-    within ``max_deviation`` for every domain: s = eps^2 N / max_d t_d (1 - t_d); never below
-    ``min_size`` (an epoch too short for the bound gets ``min_size`` tars, not a request per few samples)."""
+    within ``max_deviation`` for every domain: s = eps^2 N / max_d t_d (1 - t_d)."""
     spread = max((t * (1.0 - t) for t in shares), default=0.0)
     if spread <= 0.0:
         return max_size
-    return int(max(1, min_size, min(max_size, math.floor(max_deviation**2 * epoch_size / spread))))
+    return int(max(1, min(max_size, math.floor(max_deviation**2 * epoch_size / spread))))
+
+
+def tar_size(shares: Sequence[float], epoch_size: int, max_deviation: float, min_size: int, max_size: int) -> tuple[int, str]:
+    """``shard_size_for``, but never below ``min_size`` (an epoch too short for the bound gets
+    ``min_size`` tars, not a request per few samples), and which limit set it:
+    ``max_share_deviation`` or ``min_shard_size``."""
+    bound = shard_size_for(shares, epoch_size, max_deviation, max_size)
+    return (min_size, "min_shard_size") if bound < min_size else (bound, "max_share_deviation")
 
 
 def balanced_sizes(samples: int, size: int) -> list[int]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mmbalance.operators.export.base import ExportContext, Exporter, OpenOutput, Rows, copy_key, register_format, trainer_url
-from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation
+from mmbalance.operators.export.epoch import balanced_sizes, share_deviation, tar_size
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -130,29 +130,20 @@ def realised_shares(factors: list[float], samples: list[int]) -> list[float]:
     return [m / total if total else 0.0 for m in mass]
 
 
-def plan_shard_size(ctx: ExportContext) -> tuple[int, list[float]]:
+def plan_shard_size(ctx: ExportContext) -> tuple[int, str]:
     """Samples per tar (the option, or the largest within the share-deviation bound but at least
-    ``min_shard_size``) and the domain shares the tars are sized for."""
+    ``min_shard_size``) and which setting fixed it: ``option``, ``max_share_deviation`` or
+    ``min_shard_size`` (the bound alone would have asked for smaller tars)."""
     opts = ctx.options.webdataset
+    if opts.shard_size is not None:
+        return opts.shard_size, "option"
     if ctx.options.copies == "repeats":
         mass = [float(d.repeats) for d in ctx.domains]
     else:
         mass = [d.target_share if d.kept else 0.0 for d in ctx.domains]
     total = sum(mass)
     shares = [m / total if total else 0.0 for m in mass]
-    if opts.shard_size is not None:
-        return opts.shard_size, shares
-    return shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size, opts.min_shard_size), shares
-
-
-def shard_size_source(ctx: ExportContext, size: int, shares: list[float]) -> str:
-    """Which setting fixed the tar size: ``option``, ``max_share_deviation`` or ``min_shard_size``
-    (the bound alone would have asked for smaller tars)."""
-    opts = ctx.options.webdataset
-    if opts.shard_size is not None:
-        return "option"
-    unfloored = shard_size_for(shares, ctx.epoch_size, opts.max_share_deviation, opts.max_shard_size)
-    return "min_shard_size" if unfloored < size else "max_share_deviation"
+    return tar_size(shares, ctx.epoch_size, opts.max_share_deviation, opts.min_shard_size, opts.max_shard_size)
 
 
 @register_format("webdataset", "wids")
@@ -163,8 +154,7 @@ class WebdatasetExporter(Exporter):
         super().__init__(ctx, store)
         if not ctx.caption_column or not ctx.image_column:
             raise ValueError("webdataset export needs captions and image bytes (input.columns.caption/image)")
-        self.shard_size, shares = plan_shard_size(ctx)
-        self.shard_size_from = shard_size_source(ctx, self.shard_size, shares)
+        self.shard_size, self.shard_size_from = plan_shard_size(ctx)
         repeats = ctx.options.copies == "repeats"
         self.tars = [_DomainTars(store, d.dir, balanced_sizes(d.repeats if repeats else d.kept, self.shard_size), self.shard_size)
                      for d in ctx.domains]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation
+from mmbalance.operators.export.epoch import balanced_sizes, shard_size_for, share_deviation, tar_size
 
 
 def test_equal_tars_give_the_binomial_closed_form():
@@ -47,6 +47,6 @@ def test_one_domain_and_degenerate_inputs():
 def test_min_size_floors_the_tar_size_and_max_size_still_caps_it():
     shares = [0.5, 0.5]
     assert shard_size_for(shares, 10_000, 0.01, 10_000) == 4  # 1e-4 * 10,000 / 0.25
-    assert shard_size_for(shares, 10_000, 0.01, 10_000, min_size=100) == 100
-    assert shard_size_for(shares, 10**8, 0.01, 10_000, min_size=100) == 10_000  # the bound allows more: the cap
-    assert shard_size_for(shares, 10**6, 0.01, 10_000, min_size=100) == 400  # the floor does not bind
+    assert tar_size(shares, 10_000, 0.01, 100, 10_000) == (100, "min_shard_size")
+    assert tar_size(shares, 10**8, 0.01, 100, 10_000) == (10_000, "max_share_deviation")  # the bound allows more: the cap
+    assert tar_size(shares, 10**6, 0.01, 100, 10_000) == (400, "max_share_deviation")  # the floor does not bind
