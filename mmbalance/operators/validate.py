@@ -134,7 +134,9 @@ def invalid_utf8_rows(column: pa.Array) -> np.ndarray:
     return bad
 
 
-def _text_columns(recipe: Recipe) -> list[str]:
+def text_columns(recipe: Recipe) -> list[str]:
+    """The mapped string columns rows are checked in and tags are read from: uid, caption, status and
+    every attribute or label read from a column."""
     cols = recipe.input.columns
     names = [cols.uid, cols.caption, cols.status]
     names += [t.source_column for t in [*recipe.attributes, *recipe.labels] if "column" in t.sources]
@@ -153,7 +155,7 @@ def validate_rows(
     cols = recipe.input.columns
     reasons = _Reasons(n)
     # invalid UTF-8 first: no later check (or polars, or a trainer) can read such a value
-    for name in _text_columns(recipe):
+    for name in text_columns(recipe):
         arr = one_array(table.column(name))
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             reasons.flag(invalid_utf8_rows(arr), f"column '{name}' is not valid UTF-8")

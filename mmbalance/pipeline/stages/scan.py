@@ -117,8 +117,7 @@ def heavy_columns(recipe: Recipe) -> list[str]:
     """Source columns no scan-time tagger reads (embeddings, image bytes): the rows kept for tagging
     are taken without them."""
     cols = recipe.input.columns
-    read = {cols.uid, cols.caption, cols.status, cols.utility}
-    read |= {t.source_column for t in [*recipe.attributes, *recipe.labels] if "column" in t.sources}
+    read = {*validate.text_columns(recipe), cols.utility}
     return [c for c in (cols.image_embedding, cols.text_embedding, cols.image) if c and c not in read]
 
 
