@@ -14,7 +14,10 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[dev,embed]"
+# within the deploy images' pins (deploy/requirements-cpu.txt): the tests, the benchmarks and
+# scripts/test_images.sh's reference run use the versions the images run, not whatever PyPI released
+# since the lock (a newer polars made a host run and a cluster job of the same recipe differ)
+.venv/bin/pip install -q -e ".[dev,embed]" -c deploy/requirements-cpu.txt
 # img2dataset for tests/test_img2dataset.py, without its pins (pandas<3 would replace ours); its
 # other dependencies are in the dev extra
 .venv/bin/pip install -q --no-deps img2dataset==1.47.0

@@ -45,6 +45,8 @@ missing() {  # missing TOOL: skipped on a workstation without podman; any other 
 log_tail() { [ -f "$1" ] && tail -n "${2:-25}" "$1" | sed 's/^/    | /' >&2; }
 
 PY=$ROOT/.venv/bin/python
+VERSIONS_PY='import importlib.metadata as m, platform
+print("python=" + platform.python_version(), *(f"{d}={m.version(d)}" for d in ("numpy", "scipy", "pyarrow", "polars", "pandas", "faiss-cpu", "numba", "ray")))'
 for tool in podman runc debootstrap; do
   command -v "$tool" >/dev/null || missing "$tool" "$tool not found${CI:+ (CI is set)}: apt-get install podman runc debootstrap"
 done
@@ -311,7 +313,41 @@ same = [a.read_bytes() == b.read_bytes() for a, b in zip(*runs)]
 assert all(same), f"{same.count(False)} of {len(same)} manifest files differ"
 print(f"{len(same)} manifest files byte-identical to the local run")
 EOF
-    ); then pass job-manifest "$detail"; else fail job-manifest "$(echo "$detail" | tail -1)"; fi
+    ); then
+      pass job-manifest "$detail"
+    else
+      # where the two runs part: each stage's outputs compared in pipeline order, and the versions of
+      # the numeric packages on each side (the host's .venv, the image's /opt/venv)
+      versions=$(podman exec "$RUN_ID-head" python -c "$VERSIONS_PY" 2>&1 | tail -1)
+      where=$("$PY" - "$WORK/job-out" "$WORK/local" "$("$PY" -c "$VERSIONS_PY")" "$versions" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+job, local = map(Path, sys.argv[1:3])
+order = ["uids", "rejects", "tags", "sample", "dedup", "models", "fit", "assign", "signatures", "solve", "after", "manifest"]
+files = lambda r: {p.relative_to(r) for p in r.rglob("*") if p.is_file() and p.relative_to(r).parts[0] in order}
+def content(path):  # JSON without its timings (a solve's seconds differ from run to run)
+    if path.suffix != ".json":
+        return path.read_bytes()
+    untimed = lambda x: ({k: untimed(v) for k, v in x.items() if "seconds" not in k} if isinstance(x, dict)
+                         else [untimed(v) for v in x] if isinstance(x, list) else x)
+    try:
+        return untimed(json.loads(path.read_text()))
+    except ValueError:
+        return path.read_bytes()
+parts = []
+for stage in order:
+    names = sorted(p for p in files(job) & files(local) if p.parts[0] == stage)
+    differ = [str(p) for p in names if content(job / p) != content(local / p)]
+    if differ:
+        parts.append(f"{stage} {len(differ)}/{len(names)} ({differ[0]})")
+host, image = (dict(kv.split("=", 1) for kv in v.split() if "=" in kv) for v in sys.argv[3:5])
+drift = [f"{k} {host.get(k)} here, {image.get(k)} in the image" for k in sorted(set(host) | set(image)) if host.get(k) != image.get(k)]
+print(f"differing outputs in pipeline order: {'; '.join(parts) or 'none'}; "
+      f"package versions: {'; '.join(drift) or 'the same on both sides'}")
+EOF
+      )
+      fail job-manifest "$(echo "$detail" | tail -1); $(echo "$where" | tail -1)"
+    fi
     if [ "$cuda_ok" = 1 ]; then  # a GPU node of deploy/Dockerfile.cuda joins the CPU head: same Python, same Ray
       t=$(now)
       start_node cuda "$CUDA_IMAGE" --address="$NODE_IP:$GCS" --num-cpus=1 $(node_ports 15)

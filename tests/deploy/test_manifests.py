@@ -276,3 +276,18 @@ def test_dockerfile_is_consistent_with_the_repo(kind):
     # KubeRay's probes need bash and wget; the user is uid 1000 like Ray's own images
     assert re.search(r"apt-get install[^&]*\bbash\b[^&]*\bwget\b", " ".join(runs))
     assert ("USER", "1000") in steps
+
+
+def test_this_environment_runs_the_versions_the_cpu_image_pins():
+    """scripts/setup.sh installs within deploy/requirements-cpu.txt: the suite, the benchmarks and the
+    host reference run of scripts/test_images.sh (whose manifests must equal a cluster job's, byte for
+    byte) use the image's numerics, not a release PyPI made since the lock."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    drift = {name: (installed[canonicalize_name(name)], pin) for name, pin in pins("cpu").items()
+             if canonicalize_name(name) in installed and installed[canonicalize_name(name)].split("+")[0] != pin}
+    assert not drift, (f"installed (here, pinned): {drift}: rerun bash scripts/setup.sh, or after an upgrade "
+                       f"on purpose .venv/bin/python deploy/lock.py")
