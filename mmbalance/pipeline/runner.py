@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from mmbalance.io.store import RunStore, UnitCheck
 from mmbalance.pipeline import resume
+from mmbalance.pipeline.executor import release_memory
 from mmbalance.pipeline.progress import StageProgress
 from mmbalance.pipeline.stage import GlobalStage, RunContext, Stage, UnitFailure, UnitStage, identity_of
 from mmbalance.schemas.contract import InputError
@@ -178,6 +179,7 @@ class Runner:
             declared.check_writes(outputs, key)
             store.mark_done(declared.name, key, declared.marker_summary(result), outputs)
         state.results[declared.name] = result
+        release_memory()  # the stage's working set (the fit's sample and its copies) back to the OS
         state.stage_seconds[declared.name] = round(time.perf_counter() - start, 3)
 
     def repair(self, damaged: list[resume.Damage]) -> None:
