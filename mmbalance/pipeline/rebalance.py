@@ -31,7 +31,8 @@ import mmbalance
 from mmbalance.io.storage import configure_storage, ensure_bucket
 from mmbalance.io.store import RunStore
 from mmbalance.operators import tag as tag_op
-from mmbalance.pipeline import fit, resume
+from mmbalance.pipeline import resume
+from mmbalance.pipeline.sampling import sample_threshold
 from mmbalance.pipeline.executor import LocalExecutor, RayExecutor, ray_session
 from mmbalance.pipeline.fingerprint import shard_fingerprints
 from mmbalance.pipeline.plan import plan_run
@@ -274,7 +275,7 @@ class Rebalancer:
         if previous.changes:  # before the new run record: a run killed here redoes the same update
             resume.apply_update(store, recipe, previous.previous_shards, shards, previous.changes)
         if previous.rewrite:  # another corpus size: the finished scans' fit-sample candidates follow it
-            resume.narrow_samples(store, [s.shard_id for s in shards], fit.sample_threshold(recipe, run["input_rows"]))
+            resume.narrow_samples(store, [s.shard_id for s in shards], sample_threshold(recipe, run["input_rows"]))
         if previous.rewrite or not store.exists("run.json"):
             store.write_json("run.json", obj=run)
             store.write_json("shards.json", obj=[{**s.to_dict(), "fingerprint": self.shard_fingerprints[s.relpath]}
@@ -297,7 +298,7 @@ class Rebalancer:
             recipe=self.recipe,
             source_columns=tuple(layout_columns),
             embedding_dims=tuple(sorted(dims.items())),
-            sample_threshold=fit.sample_threshold(self.recipe, run["input_rows"]),
+            sample_threshold=sample_threshold(self.recipe, run["input_rows"]),
         )
         return RunState(self.recipe, self.store, ctx, shards, run, active_stages(self.recipe), self.options, executor,
                         stage_seconds=dict(self.stage_seconds))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpora import RECIPE_FROM_ISSUE, held_out_table, run_outputs
 
-from mmbalance.pipeline import fit
+from mmbalance.pipeline.sampling import sample_threshold
 from mmbalance.pipeline.rebalance import Rebalancer, RunOptions, rebalance
 from mmbalance.schemas.contract import InputError
 from mmbalance.io.recipes import load_recipe
@@ -113,9 +113,9 @@ def test_a_grown_corpus_narrows_the_kept_sample_candidates_instead_of_rescanning
     keeps it, removing 3,000 raises it (rescanned)."""
     recipe = baseline["recipe"]
     total = sum(SIZES.values())
-    assert fit.sample_threshold(recipe, total + 2500) < fit.sample_threshold(recipe, total)
-    assert fit.sample_threshold(recipe, total - 600) == fit.sample_threshold(recipe, total)
-    assert fit.sample_threshold(recipe, total - 3000) > fit.sample_threshold(recipe, total)
+    assert sample_threshold(recipe, total + 2500) < sample_threshold(recipe, total)
+    assert sample_threshold(recipe, total - 600) == sample_threshold(recipe, total)
+    assert sample_threshold(recipe, total - 3000) > sample_threshold(recipe, total)
 
 
 @pytest.mark.ray
