@@ -31,22 +31,10 @@ def format_of(relpath: str, declared: str = "auto") -> str:
     return "webdataset" if relpath.endswith(TAR_SUFFIXES) else "parquet"
 
 
-# A local shard is read in pieces of this size as its pages are decoded, not a row group's column
-# chunks at once (pyarrow's pre_buffer, made for object stores): 4,096-row batches out of 16,384-row
-# row groups of two 512-d fp16 embeddings then peak at ~58 MB of Arrow memory instead of ~101 MB
-# (peak RSS ~40 MB lower), at the same CPU (benchmarks/results/read_buffer.json). On an object
-# store every read is a request, so there the chunks are still fetched whole and coalesced.
-LOCAL_READ_BUFFER = 1 << 20
-
-
-def open_source(handle, relpath: str, verify_checksums: bool = False, local: bool = False) -> pq.ParquetFile:
+def open_source(handle, relpath: str, verify_checksums: bool = False) -> pq.ParquetFile:
     """A source shard's ParquetFile, verifying page CRCs on request (``execution.verify_checksums``);
-    ``local``: read through a small buffer (a local file); an unreadable footer is an input error
-    naming the file."""
+    an unreadable footer is an input error naming the file."""
     try:
-        if local:
-            return pq.ParquetFile(handle, page_checksum_verification=verify_checksums, buffer_size=LOCAL_READ_BUFFER,
-                                  pre_buffer=False)
         return pq.ParquetFile(handle, page_checksum_verification=verify_checksums)
     except READ_ERRORS as err:
         raise unreadable(relpath, err) from None
@@ -107,7 +95,7 @@ class ParquetShard:
         except OSError as err:
             raise unreadable(relpath, err) from None
         try:
-            self.pfile = open_source(self._handle, relpath, verify_checksums, local=isinstance(fs, pafs.LocalFileSystem))
+            self.pfile = open_source(self._handle, relpath, verify_checksums)
         except BaseException:
             self._handle.close()
             raise

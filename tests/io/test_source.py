@@ -8,7 +8,6 @@ import io
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -39,29 +38,3 @@ def test_polars_files_and_an_empty_file():
     empty = io.BytesIO()
     pq.write_table(TABLE.slice(0, 0), empty, write_page_checksum=True)
     assert has_page_checksums(pa.BufferReader(empty.getvalue())) is None
-
-
-def test_a_local_read_gives_the_same_batches_as_the_whole_chunk_read_and_names_a_corrupt_file(tmp_path):
-    """open_source(local=True) (a 1 MiB buffer, no pre-buffering) changes how pages are fetched, not
-    what is read; a damaged page is still an input error naming the file."""
-    from mmbalance.io.source import open_source, source_batches
-    from mmbalance.schemas.contract import InputError
-
-    rng = np.random.default_rng(0)
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(20_000 * 64).astype(np.float16)), 64)
-    table = pa.table({"uid": [f"u{i}" for i in range(20_000)], "emb": emb})
-    path = tmp_path / "shard.parquet"
-    pq.write_table(table, path, row_group_size=8_192, use_dictionary=["uid"], write_page_checksum=True)
-
-    def read(local: bool, name: str = "shard.parquet") -> pa.Table:
-        with pafs.LocalFileSystem().open_input_file(str(path)) as handle:  # as the scan opens a shard
-            return pa.concat_tables(source_batches(open_source(handle, name, verify_checksums=True, local=local),
-                                                   name, ["uid", "emb"], 4096))
-
-    assert read(local=True).equals(read(local=False))
-    assert read(local=True).equals(table)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # inside the embedding pages
-    path.write_bytes(bytes(data))
-    with pytest.raises(InputError, match="shard.parquet"):
-        read(local=True)
