@@ -20,7 +20,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def _guarded(fn, debug: bool):
-    from mmbalance.errors import known_error, sigterm_exits
+    from mmbalance.errors import exit_code, known_error, sigterm_exits
 
     with sigterm_exits():
         try:
@@ -31,7 +31,7 @@ def _guarded(fn, debug: bool):
             _fail("interrupted; rerun the same command to resume", 130)
         except SystemExit as exc:  # SIGTERM during a run: outputs so far are complete shards only
             if exc.code and exc.code != 0:
-                _fail("terminated; rerun the same command to resume", int(exc.code) if isinstance(exc.code, int) else 1)
+                _fail("terminated; rerun the same command to resume", exit_code(exc))
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
             known = known_error(exc)

@@ -29,10 +29,23 @@ def known_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+_terminated_by: list[int] = []  # the signal _exit_on_sigterm answered, if any
+
+
 def _exit_on_sigterm(signum, frame):
     # as Ctrl-C does: the stack unwinds, temporaries are removed, the run lock is released, and
     # every finished shard keeps its done marker, so the same command resumes
+    _terminated_by.append(signum)
     raise SystemExit(128 + signum)
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The status a SystemExit ends the command with: 128 + the signal when SIGTERM raised it, also
+    where Ray replaced our SystemExit with its own ``SystemExit(1)`` (a signal that arrives while the
+    driver blocks in ``ray.wait`` surfaces from Ray's C++ as that), else its code (a non-integer: 1)."""
+    if _terminated_by:
+        return 128 + _terminated_by[-1]
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 @contextlib.contextmanager
