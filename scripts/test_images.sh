@@ -320,24 +320,16 @@ EOF
       # the numeric packages on each side (the host's .venv, the image's /opt/venv)
       versions=$(podman exec "$RUN_ID-head" python -c "$VERSIONS_PY" 2>&1 | tail -1)
       where=$("$PY" - "$WORK/job-out" "$WORK/local" "$("$PY" -c "$VERSIONS_PY")" "$versions" 2>&1 <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
-job, local = map(Path, sys.argv[1:3])
+sys.path.insert(0, "scripts")
+from compare_runs import outputs  # every file of a run; JSON without its timings
+job, local = (outputs(Path(p)) for p in sys.argv[1:3])
 order = ["uids", "rejects", "tags", "sample", "dedup", "models", "fit", "assign", "signatures", "solve", "after", "manifest"]
-files = lambda r: {p.relative_to(r) for p in r.rglob("*") if p.is_file() and p.relative_to(r).parts[0] in order}
-def content(path):  # JSON without its timings (a solve's seconds differ from run to run)
-    if path.suffix != ".json":
-        return path.read_bytes()
-    untimed = lambda x: ({k: untimed(v) for k, v in x.items() if "seconds" not in k} if isinstance(x, dict)
-                         else [untimed(v) for v in x] if isinstance(x, list) else x)
-    try:
-        return untimed(json.loads(path.read_text()))
-    except ValueError:
-        return path.read_bytes()
 parts = []
 for stage in order:
-    names = sorted(p for p in files(job) & files(local) if p.parts[0] == stage)
-    differ = [str(p) for p in names if content(job / p) != content(local / p)]
+    names = sorted(rel for rel in set(job) & set(local) if rel.split("/")[0] == stage)
+    differ = [rel for rel in names if job[rel] != local[rel]]
     if differ:
         parts.append(f"{stage} {len(differ)}/{len(names)} ({differ[0]})")
 host, image = (dict(kv.split("=", 1) for kv in v.split() if "=" in kv) for v in sys.argv[3:5])
