@@ -105,7 +105,7 @@ def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20)
     import pyarrow.parquet as pq
 
     from mmbalance.io.recipes import load_recipe
-    from mmbalance.pipeline import fit
+    from mmbalance.pipeline.sampling import sample_threshold
     from mmbalance.pipeline.shards import discover_shards
     from mmbalance.pipeline.stage import RunContext, run_unit
     from mmbalance.pipeline.stages import STAGES
@@ -121,7 +121,7 @@ def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20)
     scan = next(s for s in STAGES if s.name == "scan")
     with tempfile.TemporaryDirectory() as out:
         ctx = RunContext(str(corpus), out, spec, tuple(dict.fromkeys(columns)), dims,
-                         fit.sample_threshold(spec, sum(s.num_rows for s in found)))
+                         sample_threshold(spec, sum(s.num_rows for s in found)))
         tasks = [ScanTask(shard=s, rows=s.num_rows, sample_threshold=ctx.sample_threshold) for s in found[:shards + 1]]
         run_unit(scan, ctx, False, tasks[0])
         profile = cProfile.Profile(time.process_time)
