@@ -10,6 +10,12 @@ between any two runs: solution.json is compared without its timings instead.
 
     python scripts/compare_runs.py --base 20b1f5a --work /tmp/compare
     python scripts/compare_runs.py --work /tmp/compare --cases demo --executors local --reuse-base
+    python scripts/compare_runs.py --base b779166 --work /tmp/compare --tables   # a deliberate re-encoding
+
+``--tables``: a Parquet file whose bytes differ passes when its table does (schema and values, the
+run's packed embedding columns unpacked as the pipeline reads them), and the done markers' size and
+checksum of Parquet files are not compared: for a change of how files are encoded, not of what they
+hold. The manifests' (uid, weight, repeats) are compared either way.
 
 Cases (corpora from ``mmbalance synth``, generated once under --work):
     demo      the demo: 20k rows in 8 shards, caption tags, a k=60 image cluster, a cap, M4 with
@@ -133,8 +139,9 @@ def without_timings(value):
     return value
 
 
-def outputs(run_dir: Path) -> dict[str, bytes]:
-    """Every file of a run by path; JSON files (report, stage statistics, done markers) without timings."""
+def outputs(run_dir: Path, tables: bool = False) -> dict[str, bytes]:
+    """Every file of a run by path; JSON files (report, stage statistics, done markers) without timings
+    (``tables``: nor the markers' records of Parquet files)."""
     found = {}
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir).as_posix()
@@ -145,7 +152,8 @@ def outputs(run_dir: Path) -> dict[str, bytes]:
             value = without_timings(json.loads(data))
             if rel.startswith("_done/"):  # the records of JSON files with timings (compared above, without them)
                 value = {k: v for k, v in value.items() if k != "solution_digest"}
-                value["_outputs"] = {f: r for f, r in value.get("_outputs", {}).items() if not f.endswith(".json")}
+                value["_outputs"] = {f: r for f, r in value.get("_outputs", {}).items()
+                                     if not f.endswith(".json") and not (tables and f.endswith(".parquet"))}
             data = json.dumps(value, sort_keys=True, indent=1).encode()
         found[rel] = data
     return found
@@ -184,8 +192,19 @@ def json_difference(a: bytes, b: bytes, limit: int = 5) -> list[str]:
     return out
 
 
-def compare(base: Path, head: Path) -> list[str]:
-    left, right = outputs(base), outputs(head)
+def table_difference(a: Path, b: Path) -> str | None:
+    """None when two Parquet files hold the same table (packed embedding columns unpacked)."""
+    sys.path.insert(0, str(ROOT))
+    from mmbalance.io.store import unpack_float_lists
+
+    left, right = (unpack_float_lists(pq.read_table(p)) for p in (a, b))
+    if not left.schema.equals(right.schema):
+        return f"schemas differ: {left.schema} != {right.schema}"
+    return None if left.equals(right) else "tables differ"
+
+
+def compare(base: Path, head: Path, tables: bool = False) -> list[str]:
+    left, right = outputs(base, tables), outputs(head, tables)
     problems = [f"only in base: {rel}" for rel in sorted(set(left) - set(right))]
     problems += [f"only in head: {rel}" for rel in sorted(set(right) - set(left))]
     manifests = 0
@@ -195,7 +214,11 @@ def compare(base: Path, head: Path) -> list[str]:
             why = manifest_difference(base / rel, head / rel)
             if why:
                 problems.append(f"{rel}: (uid, weight, repeats) {why}")
-        if left[rel] != right[rel]:
+        if left[rel] != right[rel] and tables and rel.endswith(".parquet"):
+            why = table_difference(base / rel, head / rel)
+            if why:
+                problems.append(f"{rel}: {why}")
+        elif left[rel] != right[rel]:
             detail = "; ".join(json_difference(left[rel], right[rel])) if rel.endswith(".json") else "bytes differ"
             problems.append(f"{rel}: {detail}")
     if manifests == 0:
@@ -211,6 +234,7 @@ def main() -> int:
     parser.add_argument("--cases", default="demo,tags200k,utility50k", help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--executors", default="local,ray")
     parser.add_argument("--reuse-base", action="store_true", help="keep the base's finished runs from an earlier call")
+    parser.add_argument("--tables", action="store_true", help="Parquet files pass when their tables are equal (see above)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -221,7 +245,7 @@ def main() -> int:
         for executor in args.executors.split(","):
             base_out, base_s = run(base_src, case, executor, work, "base", args.reuse_base)
             head_out, head_s = run(args.head.resolve(), case, executor, work, "head", False)
-            problems = compare(base_out, head_out)
+            problems = compare(base_out, head_out, args.tables)
             files = len(outputs(head_out))
             status = "identical" if not problems else f"{len(problems)} differences"
             print(f"{case} {executor}: {status} ({files} files; command seconds base {base_s}, head {head_s})", flush=True)
@@ -230,7 +254,8 @@ def main() -> int:
             failed |= bool(problems)
             summary.append({"case": case, "executor": executor, "identical": not problems, "files": files,
                             "base_seconds": base_s, "head_seconds": head_s})
-    (work / "compare.json").write_text(json.dumps({"base": args.base, "head": str(args.head), "runs": summary}, indent=2) + "\n")
+    (work / "compare.json").write_text(json.dumps({"base": args.base, "head": str(args.head), "tables": args.tables, "runs": summary},
+                                                  indent=2) + "\n")
     return 1 if failed else 0
 
 

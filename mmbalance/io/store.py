@@ -149,6 +149,56 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 READ_BATCH_ROWS = 4096
+PACKED = b"mmbalance.packed"  # field metadata of a packed float list column: b"float16:512"
+_PACKABLE = {pa.float16(): "float16", pa.float32(): "float32"}
+
+
+def pack_float_lists(table: pa.Table) -> pa.Table:
+    """Fixed-size float16/float32 list columns as fixed-size binary, one value per row. Parquet
+    stores a float list value by value, with a level pair each (float16 as a 2-byte fixed-length
+    value): a 20k-row sample of two 512-d float16 columns took 0.9 s to write and 0.3 s to read,
+    as binary ~5x and ~2x less. Lists with null values inside are left as they are."""
+    fields, columns = [], []
+    for field, column in zip(table.schema, table.columns):
+        kind = _PACKABLE.get(field.type.value_type) if pa.types.is_fixed_size_list(field.type) else None
+        arr = column.combine_chunks() if kind else None
+        dim = field.type.list_size if kind else 0
+        flat = arr.values.slice(arr.offset * dim, len(arr) * dim) if kind else None
+        if not kind or flat.null_count:
+            fields.append(field)
+            columns.append(column)
+            continue
+        width = dim * field.type.value_type.byte_width
+        values = flat.buffers()[1].slice(flat.offset * field.type.value_type.byte_width, len(flat) * field.type.value_type.byte_width)
+        validity = pa.array(arr.is_valid().to_numpy(zero_copy_only=False)).buffers()[1] if arr.null_count else None
+        columns.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(arr), [validity, values], arr.null_count))
+        fields.append(pa.field(field.name, pa.binary(width), field.nullable, {**(field.metadata or {}), PACKED: f"{kind}:{dim}".encode()}))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def unpack_float_lists(table: pa.Table) -> pa.Table:
+    """``pack_float_lists`` undone: each packed column back to fixed_size_list<element: float>
+    (the child name Parquet reads a list back with), zero-copy."""
+    if not any(f.metadata and PACKED in f.metadata for f in table.schema):
+        return table
+    fields, columns = [], []
+    for field, column in zip(table.schema, table.columns):
+        meta = dict(field.metadata or {})
+        if PACKED not in meta:
+            fields.append(field)
+            columns.append(column)
+            continue
+        kind, dim = meta.pop(PACKED).decode().split(":")
+        value_type = pa.float16() if kind == "float16" else pa.float32()
+        list_type = pa.list_(pa.field("element", value_type), int(dim))
+        chunks = []
+        for chunk in column.chunks:
+            values = pa.Array.from_buffers(value_type, len(chunk) * int(dim), [None, chunk.buffers()[1]], 0, chunk.offset * int(dim))
+            mask = chunk.is_null() if chunk.null_count else None
+            chunks.append(pa.FixedSizeListArray.from_arrays(values, type=list_type, mask=mask))
+        fields.append(pa.field(field.name, list_type, field.nullable, meta or None))
+        columns.append(pa.chunked_array(chunks, list_type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
 def _selected_schema(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
@@ -275,7 +325,11 @@ class RunStore:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return InputError(f"{self.uri_of(*parts)}: damaged run file ({first}); rerun with --overwrite to start over")
 
-    def write_table(self, *parts: str, table: pa.Table, row_group_size: int = 65536) -> None:
+    def write_table(self, *parts: str, table: pa.Table, row_group_size: int = 65536, packed: bool = False) -> None:
+        """``packed``: embedding columns stored as fixed-size binary (``pack_float_lists``), for the
+        run's own files only; ``read_table`` unpacks them."""
+        if packed:
+            table = pack_float_lists(table)
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=row_group_size, **parquet_options(table.schema))
         self._write_bytes(parts, buf.getvalue())
@@ -293,14 +347,14 @@ class RunStore:
         data = pa.py_buffer(self.read_bytes(*parts))
         try:
             if filters is not None:
-                return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters)
+                return unpack_float_lists(pq.read_table(pa.BufferReader(data), columns=columns, filters=filters))
             # in batches: decoding a whole file at once peaks far above the table's size (a 20k-row
             # sample with two 512-d float16 columns, 40 MB: +321 MB of RSS whole, +145 MB in batches,
             # and 4x faster)
             pfile = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
             batches = list(pfile.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False))
             schema = batches[0].schema if batches else _selected_schema(pfile.schema_arrow, columns)
-            return pa.Table.from_batches(batches, schema=schema)
+            return unpack_float_lists(pa.Table.from_batches(batches, schema=schema))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
             raise self._damaged(parts, err) from None
 

@@ -47,7 +47,7 @@ class Fit(GlobalStage):
                 raise InputError("the fit sample is empty: no valid rows to cluster or tag")
             return {"sample_rows": 0}
         sample, info = fitting.fit_models(recipe, store, sample, state.shards, dups, state.valid_rows() - n_dups, ctx=state.ctx)
-        store.write_table("fit", "sample.parquet", table=sample)
+        store.write_table("fit", "sample.parquet", table=sample, packed=True)
         return info
 
 

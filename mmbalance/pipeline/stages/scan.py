@@ -142,5 +142,5 @@ def write_sample(store: RunStore, shard_id: str, candidates: pa.Table) -> int:
         # one list child name too: Parquet reads a list's child back as "element", Arrow makes "item"
         fields = [pa.field(f.name, pa.list_(f.type.value_type, f.type.list_size) if pa.types.is_fixed_size_list(f.type) else f.type,
                            f.nullable) for f in candidates.schema]
-        store.write_table("sample", f"{shard_id}.parquet", table=candidates.cast(pa.schema(fields)).combine_chunks())
+        store.write_table("sample", f"{shard_id}.parquet", table=candidates.cast(pa.schema(fields)).combine_chunks(), packed=True)
     return candidates.num_rows
