@@ -56,13 +56,28 @@ def test_fixed_size_float16_nan_and_inf_are_found():
     m[1, 2] = np.nan
     m[3, 0] = -np.inf
     arr = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), 4)
-    is_null, wrong, bad = embedding_problems(arr, 4)
-    assert bad.tolist() == [False, True, False, True, False] and not wrong.any() and not is_null.any()
+    found = embedding_problems(arr, 4)
+    assert found.nonfinite.tolist() == [False, True, False, True, False] and not found.wrong_dim.any() and not found.is_null.any()
     # a slice keeps its own rows (offset handling)
-    _, _, bad = embedding_problems(arr.slice(2, 3), 4)
-    assert bad.tolist() == [False, True, False]
-    _, wrong, _ = embedding_problems(arr, 8)
-    assert wrong.all()
+    assert embedding_problems(arr.slice(2, 3), 4).nonfinite.tolist() == [False, True, False]
+    assert embedding_problems(arr, 8).wrong_dim.all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_fixed_rows_problems_agree_with_numpy_on_every_float16_value(dtype):
+    """Every float16 bit pattern (NaN payloads, infinities, subnormals, both zeros) alone in a row,
+    and beside a finite value and a zero, against numpy's isfinite and == 0 in float64."""
+    from mmbalance.operators.validate import fixed_rows_problems
+
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    for other in (None, np.float16(0.5), np.float16(-0.0)):
+        column = every[:, None] if other is None else np.stack([every, np.full_like(every, other)], axis=1)
+        matrix = column.astype(dtype)
+        nonfinite, zero = fixed_rows_problems(matrix)
+        with np.errstate(invalid="ignore"):
+            wide = matrix.astype(np.float64)
+        assert np.array_equal(nonfinite, ~np.isfinite(wide).all(axis=1))
+        assert np.array_equal(zero, (wide == 0).all(axis=1))
 
 
 def test_status_and_utility_checks():
@@ -85,14 +100,13 @@ def test_embedding_problems_null_rows(fixed):
         arr = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8, np.float32)), 4, mask=pa.array([False, True]))
     else:
         arr = pa.array([[0.0] * 4, None], pa.list_(pa.float32()))
-    is_null, wrong, bad = embedding_problems(arr, 4)
-    assert is_null.tolist() == [False, True] and not wrong.any() and not bad.any()
+    found = embedding_problems(arr, 4)
+    assert found.is_null.tolist() == [False, True] and not found.wrong_dim.any() and not found.nonfinite.any()
+    assert found.all_zero.tolist() == [True, False]
 
 
 @pytest.mark.parametrize("fixed", [True, False])
 def test_all_zero_rows_either_sign_with_slices_nulls_and_other_lengths(fixed):
-    from mmbalance.operators.validate import all_zero_rows
-
     rows = [[0.0, 0.0, 0.0], [0.0, 1e-4, 0.0], None, [-0.0, 0.0, -0.0], [0.0, 0.0, 0.0]]
     if fixed:
         flat = np.array([v if v is not None else [0.0] * 3 for v in rows], np.float16).reshape(-1)
@@ -102,8 +116,8 @@ def test_all_zero_rows_either_sign_with_slices_nulls_and_other_lengths(fixed):
         rows += [[0.0, 0.0], [0.0] * 4, [2.0, 0.0, 0.0]]  # other lengths: a dimension problem, not this one
         arr = pa.array(rows, pa.list_(pa.float32()))
         expected = [True, False, False, True, True, False, False, False]
-    assert all_zero_rows(arr, 3).tolist() == expected
-    assert all_zero_rows(arr.slice(1), 3).tolist() == expected[1:]
+    assert embedding_problems(arr, 3).all_zero.tolist() == expected
+    assert embedding_problems(arr.slice(1), 3).all_zero.tolist() == expected[1:]
     result = validate_rows(pa.table({"uid": [str(i) for i in range(len(rows))], "e": arr}),
                            parse_recipe({"input": {"columns": {"image_embedding": "e"}}}), {"e": 3})
     zero = [r for r in result.rejects.column("reason").to_pylist() if r.startswith("all-zero")]
