@@ -41,9 +41,10 @@ from mmbalance.operators.assign import assign_table
 from mmbalance.operators.cluster.index import assign, gpu_available
 from mmbalance.operators.cluster.kmeans import KMeansModel, default_init_size, fit_kmeans, greedy_kmeanspp
 from mmbalance.operators.cluster.select_k import silhouette_cosine
-from mmbalance.operators.hashing import sample_priority
+from mmbalance.operators.hashing import hash_uids, sample_priority
 from mmbalance.operators.models import load_models, save_model
 from mmbalance.pipeline import fit as pipeline_fit
+from mmbalance.pipeline.sampling import sample_threshold
 from mmbalance.pipeline.stage import RunContext
 from mmbalance.pipeline.stages.scan import sample_candidates
 from mmbalance.io.store import RunStore
@@ -58,7 +59,7 @@ def pipeline_context(path: Path, out: Path, rows: int, dim: int, k: int, sample_
                                     "clusters": [{"name": CLUSTER_NAME, "k": k, "seed": seed}],
                                     "sample": {"size": sample_size, "seed": seed}})
     return RunContext(input_uri=str(path.parent), out=str(out), recipe=recipe, source_columns=("uid", "img"),
-                      embedding_dims=(("img", dim),), sample_threshold=pipeline_fit.sample_threshold(recipe, rows))
+                      embedding_dims=(("img", dim),), sample_threshold=sample_threshold(recipe, rows))
 
 
 def _tags(table: pa.Table, first_row: int) -> pa.Table:
@@ -88,7 +89,8 @@ class PipelineSample:
         self.ctx, self.parts, self.rows = ctx, [], 0
 
     def __call__(self, table: pa.Table) -> None:
-        cand = sample_candidates(self.ctx, self.ctx.sample_threshold, table, _tags(table, self.rows), np.arange(table.num_rows))
+        tags = _tags(table, self.rows)
+        cand = sample_candidates(self.ctx, self.ctx.sample_threshold, table, tags, np.arange(table.num_rows), hash_uids(tags.column("uid")))
         if cand is not None:
             self.parts.append(cand)
         self.rows += table.num_rows

@@ -101,11 +101,11 @@ def hash_uids(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return _fnv1a_mix(offsets, data)
 
 
-def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+def sample_priority(uids: pa.Array | pa.ChunkedArray | None, seed: int, hashes: np.ndarray | None = None) -> np.ndarray:
     """Uniform uint64 priority per uid for the fit sample (bottom-k): a function of (uid, seed)
-    only, so every shard agrees."""
+    only, so every shard agrees. ``hashes``: the uids' ``hash_uids``, when the caller has them."""
     salt = splitmix64(np.array([int(seed) % 2**64], np.uint64) * GOLDEN)
-    return mix64(hash_uids(uids) ^ salt)
+    return mix64((hash_uids(uids) if hashes is None else hashes) ^ salt)
 
 
 def _audit_salt(seed: int) -> int:

@@ -62,6 +62,7 @@ def test_sample_priority_is_the_salted_finaliser():
     for seed in (0, 12345, 2**64 + 3):
         salt = _splitmix64((seed % 2**64) * 0x9E3779B97F4A7C15 & MASK)
         assert sample_priority(pa.array(uids), seed).tolist() == [_finalise(_reference_hash(u) ^ salt) for u in uids]
+        assert sample_priority(None, seed, hashes=hash_uids(pa.array(uids))).tolist() == sample_priority(pa.array(uids), seed).tolist()
     assert sample_priority(pa.array(uids), 0).tolist() == [5472610599946147009, 3827420770621535150,
                                                            8253178748209636727, 15586148582901884014]
 

@@ -80,7 +80,7 @@ class Scan(UnitStage):
                 if audit:
                     audits.append(audit)
                 if task.sample_threshold is not None and len(keep):
-                    candidates = sample_candidates(ctx, task.sample_threshold, table, tags, keep)
+                    candidates = sample_candidates(ctx, task.sample_threshold, table, tags, keep, hashes[-1])
                     if candidates is not None:
                         samples.append(candidates)
                 add_reasons(reasons, result.reason_counts)
@@ -121,8 +121,9 @@ def heavy_columns(recipe: Recipe) -> list[str]:
     return [c for c in (cols.image_embedding, cols.text_embedding, cols.image) if c and c not in read]
 
 
-def sample_candidates(ctx: RunContext, threshold: int, table: pa.Table, tags: pa.Table, keep: np.ndarray) -> pa.Table | None:
-    priority = sample_priority(tags.column("uid"), ctx.recipe.sample.seed)
+def sample_candidates(ctx: RunContext, threshold: int, table: pa.Table, tags: pa.Table, keep: np.ndarray,
+                      uid_hashes: np.ndarray) -> pa.Table | None:
+    priority = sample_priority(None, ctx.recipe.sample.seed, hashes=uid_hashes)
     chosen = np.flatnonzero(priority <= np.uint64(threshold))
     if len(chosen) == 0:
         return None
