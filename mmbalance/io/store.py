@@ -142,8 +142,10 @@ _OUTPUT_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # 
 
 
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
-    # Dictionary encoding slows embedding lists 4x (stack notes); only string columns use it.
-    dict_cols = [f.name for f in schema if pa.types.is_string(f.type)]
+    # Dictionary encoding slows embedding lists 4x (stack notes); only string columns use it, and not
+    # the uid, a unique key: a dictionary of every value is a hash table to build and a larger file
+    # (a 25k-row manifest: 9.0 -> 6.1 ms to write, 108 -> 64 KB; tags 11.3 -> 8.3 ms, 102 -> 91 KB)
+    dict_cols = [f.name for f in schema if pa.types.is_string(f.type) and f.name != "uid"]
     # page CRCs cost little and let a reader verify them (execution.verify_checksums)
     return {"use_dictionary": dict_cols, "compression": "zstd", "write_page_checksum": True}
 
