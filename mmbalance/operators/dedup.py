@@ -32,7 +32,10 @@ def find_duplicates(shard_index: np.ndarray, row: np.ndarray, uid_hash: np.ndarr
     the uid strings of candidate rows so hash collisions are never reported as duplicates."""
     if len(uid_hash) == 0:
         return DUPLICATES_SCHEMA.empty_table()
-    order = np.lexsort((row, shard_index, uid_hash))
+    # equal hashes side by side: one plain sort of the hashes (a bucket holds ~1M rows; ordering every
+    # row by (hash, shard, row) took 3 stable sorts, 2/3 of the dedup stage), then the few rows whose
+    # hash repeats ordered by (hash, shard, row)
+    order = np.argsort(uid_hash)
     h = uid_hash[order]
     repeated = np.zeros(len(h), bool)
     same_as_prev = h[1:] == h[:-1]
@@ -41,6 +44,7 @@ def find_duplicates(shard_index: np.ndarray, row: np.ndarray, uid_hash: np.ndarr
     if not repeated.any():
         return DUPLICATES_SCHEMA.empty_table()
     cand = order[repeated]
+    cand = cand[np.lexsort((row[cand], shard_index[cand], uid_hash[cand]))]
     cand_shard, cand_row = shard_index[cand], row[cand]
     uids = np.empty(len(cand), dtype=object)
     for s in np.unique(cand_shard):
