@@ -255,6 +255,21 @@ def bench_corpus(work: Path, rows: int, dim: int, rows_per_shard: int) -> Path:
     return corpus
 
 
+def reprofile(args: argparse.Namespace, recipe: Path) -> None:
+    """The py-spy profiles of an existing result file redone (e.g. after run_profile.py changed),
+    with the command that redid them recorded beside the file's own."""
+    payload = json.loads(args.out.read_text())
+    rows = args.profile_rows or max(e["rows"] for e in payload["results"])
+    entry = next(e for e in payload["results"] if e["rows"] == rows)
+    corpus = bench_corpus(args.work, rows, args.dim, args.rows_per_shard)
+    entry["profile"] = [profile_run(corpus, recipe, args.work / f"profile-{rows}-{executor}", executor)
+                        for executor in args.executors]
+    payload["profile_command"] = " ".join(["python", *sys.argv])
+    payload["profile_loadavg_1_5_15_at_end"] = load()
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
@@ -264,12 +279,17 @@ def main() -> None:
     parser.add_argument("--base-source", type=Path, default=None,
                         help="A/B: also run this mmbalance source tree (git archive REV | tar -x -C DIR), alternating with this one")
     parser.add_argument("--repeat", type=int, default=1, help="runs per executor (and per source)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only redo the py-spy profiles of an existing --out file's profiled size (its other figures kept)")
     corpus_options(parser, "rebalance.json")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.work / "recipe.yaml"
     recipe.write_text(RECIPE)
+    if args.profile_only:
+        reprofile(args, recipe)
+        return
     sources = [("this tree", None)] + ([(f"base {args.base_source}", args.base_source)] if args.base_source else [])
     results = []
     for rows in args.rows:

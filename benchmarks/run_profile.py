@@ -25,10 +25,12 @@ from pathlib import Path
 RATE = 50  # samples per second and process
 
 
-def _kind(process: str) -> str:
-    if "mmbalance.cli" in process:
+def _kind(process: str, frames: list[str]) -> str:
+    """By the command line, else by the stack: py-spy sometimes reads a process's command line as ""
+    (then every run's driver counted as a daemon, and its stages went unprofiled)."""
+    if "mmbalance.cli" in process or any(f.startswith("<module> (mmbalance/cli.py") for f in frames):
         return "driver"
-    if "default_worker" in process or "setup_worker" in process:
+    if "default_worker" in process or "setup_worker" in process or any("ray/_private/workers/default_worker.py" in f for f in frames):
         return "ray worker"
     return "ray daemon"
 
@@ -59,6 +61,7 @@ def summarise(raw: Path, top: int = 20) -> dict:
     stages: collections.Counter = collections.Counter()
     own: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     inclusive: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    samples = []
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not line.startswith("process ") or not count.isdigit():
@@ -66,9 +69,16 @@ def summarise(raw: Path, top: int = 20) -> dict:
         parts = stack.split(";")
         last = max(i for i, p in enumerate(parts) if p.startswith("process "))
         # a function's samples together, whichever of its lines they were on
-        kind, frames, n = _kind(parts[last]), [re.sub(r":\d+\)$", ")", f) for f in parts[last + 1:]], int(count)
+        samples.append((parts[last], [re.sub(r":\d+\)$", ")", f) for f in parts[last + 1:]], int(count)))
+    kind_of: dict[str, str] = {}  # pid -> kind, from any of its threads' stacks (a helper thread's tells nothing)
+    for process, frames, _ in samples:
+        pid, kind = process.split(":")[0], _kind(process, frames)
+        if kind != "ray daemon" or pid not in kind_of:
+            kind_of[pid] = kind
+    for process, frames, n in samples:
+        kind = kind_of[process.split(":")[0]]
         processes[kind] += n
-        pids[kind].add(parts[last].split(":")[0])
+        pids[kind].add(process.split(":")[0])
         if kind == "driver":
             stages[_stage_of(frames)] += n
         if any(f.startswith("_find_and_load ") for f in frames):
