@@ -341,7 +341,9 @@ def main() -> None:
             "scan_over_stages": "single_stream_scan.seconds / summed_stage_seconds (the old figure, issue 13)",
             "profile": "one more run per executor under py-spy (run_profile.py): CPU seconds by process kind and by the "
                        "driver's stage, seconds spent importing, top functions; stage_seconds_under_profiler are slowed by it. "
-                       "py-spy counts a thread that waits for a core as busy: on a loaded machine trust the shares less",
+                       "py-spy counts a thread that waits for a core as busy (on a loaded machine trust the shares less), and it "
+                       "samples only threads running Python: the Parquet decode runs on Arrow's own threads and is mostly "
+                       "missing, so for the scan use scan_cpu_profile or bench_scan_instructions.py",
             "scan_cpu_profile": "4 scan units in one process under cProfile with a CPU clock (load does not move the shares), "
                                 "beside a plain read of the same shards' mapped columns (read_cpu_s_same_rows)",
             "summed_stage_seconds": "sum of report.json stage_seconds: inspect, every stage's wall time, report, export",
