@@ -29,7 +29,7 @@ def fixed_rows_problems(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a 2-D float matrix: (holds a NaN or inf, is all zero of either sign). float16 in
     one pass: with the sign bit cleared, a value's bits order as its magnitude (inf above every
     finite value, NaN above inf), so a row's largest bits say both (>= 0x7C00: NaN or inf; 0: all
-    zero); 2.5x faster than a bit test and a zero test, each with its boolean temporary."""
+    zero); 2-2.7x faster than a bit test and a zero test, each with its boolean temporary."""
     if len(matrix) == 0 or matrix.shape[1] == 0:
         return np.zeros(len(matrix), bool), np.ones(len(matrix), bool)
     if matrix.dtype == np.float16:
