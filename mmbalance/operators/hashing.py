@@ -101,11 +101,16 @@ def hash_uids(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return _fnv1a_mix(offsets, data)
 
 
-def sample_priority(uids: pa.Array | pa.ChunkedArray | None, seed: int, hashes: np.ndarray | None = None) -> np.ndarray:
+def sample_priority(uids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
     """Uniform uint64 priority per uid for the fit sample (bottom-k): a function of (uid, seed)
-    only, so every shard agrees. ``hashes``: the uids' ``hash_uids``, when the caller has them."""
+    only, so every shard agrees."""
+    return sample_priority_of_hashes(hash_uids(uids), seed)
+
+
+def sample_priority_of_hashes(uid_hashes: np.ndarray, seed: int) -> np.ndarray:
+    """``sample_priority`` from the uids' ``hash_uids`` (a new array; the hashes are not changed)."""
     salt = splitmix64(np.array([int(seed) % 2**64], np.uint64) * GOLDEN)
-    return mix64((hash_uids(uids) if hashes is None else hashes) ^ salt)
+    return mix64(uid_hashes ^ salt)
 
 
 def _audit_salt(seed: int) -> int:

@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from mmbalance.operators.hashing import audit_priority, blake2b_priority, hash_uids, sample_priority, shard_key, uniforms
+from mmbalance.operators.hashing import (audit_priority, blake2b_priority, hash_uids, sample_priority, sample_priority_of_hashes,
+                                         shard_key, uniforms)
 
 MASK = 2**64 - 1
 
@@ -62,7 +63,9 @@ def test_sample_priority_is_the_salted_finaliser():
     for seed in (0, 12345, 2**64 + 3):
         salt = _splitmix64((seed % 2**64) * 0x9E3779B97F4A7C15 & MASK)
         assert sample_priority(pa.array(uids), seed).tolist() == [_finalise(_reference_hash(u) ^ salt) for u in uids]
-        assert sample_priority(None, seed, hashes=hash_uids(pa.array(uids))).tolist() == sample_priority(pa.array(uids), seed).tolist()
+        hashes = hash_uids(pa.array(uids))
+        assert sample_priority_of_hashes(hashes, seed).tolist() == sample_priority(pa.array(uids), seed).tolist()
+        assert hashes.tolist() == hash_uids(pa.array(uids)).tolist()  # the caller's hashes stay as they were
     assert sample_priority(pa.array(uids), 0).tolist() == [5472610599946147009, 3827420770621535150,
                                                            8253178748209636727, 15586148582901884014]
 

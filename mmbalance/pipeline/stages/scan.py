@@ -14,7 +14,7 @@ from mmbalance.io.source import read_source
 from mmbalance.io.store import RunStore, UnitCheck, resolve_filesystem
 from mmbalance.operators import tag, validate
 from mmbalance.operators.arrays import embedding_matrix, fixed_size_list
-from mmbalance.operators.hashing import hash_uids, sample_priority
+from mmbalance.operators.hashing import hash_uids, sample_priority_of_hashes
 from mmbalance.pipeline.rows import embedding_columns
 from mmbalance.pipeline.stage import INPUT_SHARD, Output, RunContext, ShardTask, UnitStage
 from mmbalance.schemas.contract import REJECTS_SCHEMA, UID_HASH_SCHEMA, InputError, add_reasons, tags_schema
@@ -123,7 +123,7 @@ def heavy_columns(recipe: Recipe) -> list[str]:
 
 def sample_candidates(ctx: RunContext, threshold: int, table: pa.Table, tags: pa.Table, keep: np.ndarray,
                       uid_hashes: np.ndarray) -> pa.Table | None:
-    priority = sample_priority(None, ctx.recipe.sample.seed, hashes=uid_hashes)
+    priority = sample_priority_of_hashes(uid_hashes, ctx.recipe.sample.seed)
     chosen = np.flatnonzero(priority <= np.uint64(threshold))
     if len(chosen) == 0:
         return None
