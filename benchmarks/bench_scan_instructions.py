@@ -33,39 +33,25 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ("uid", "caption", "image_emb", "text_emb", "gender", "occupation")  # bench_rebalance.py's
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rebalance import RECIPE  # noqa: E402
+from run_profile import scan_units  # noqa: E402
 
 
 def child(mode: str, shards: int, corpus: Path, recipe: Path) -> None:
     """The measured process: ``shards`` scan units of the corpus (or plain reads of their columns)."""
-    import dataclasses
-
     import pyarrow.parquet as pq
 
-    from mmbalance.io.recipes import load_recipe
-    from mmbalance.pipeline.shards import discover_shards
-    from mmbalance.pipeline.stage import RunContext, run_unit
-    from mmbalance.pipeline.stages import STAGES
-    from mmbalance.pipeline.stages.scan import ScanTask
+    from mmbalance.pipeline.stage import run_unit
 
-    try:
-        from mmbalance.pipeline.sampling import sample_threshold
-    except ImportError:  # a base from before ec3625e
-        from mmbalance.pipeline.fit import sample_threshold
-    spec = load_recipe(recipe)
-    _, found = discover_shards(str(corpus))
-    found = [dataclasses.replace(s, num_rows=pq.ParquetFile(corpus / s.relpath).metadata.num_rows) for s in found[:shards]]
-    dims = tuple((c, pq.ParquetFile(corpus / found[0].relpath).schema_arrow.field(c).type.list_size) for c in ("image_emb", "text_emb"))
-    scan = next(s for s in STAGES if s.name == "scan")
-    total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in corpus.glob("*.parquet"))
     with tempfile.TemporaryDirectory() as out:
-        ctx = RunContext(str(corpus), out, spec, COLUMNS, dims, sample_threshold(spec, total_rows))
-        for shard in found:
+        scan, ctx, tasks = scan_units(corpus, recipe, out, shards)
+        for task in tasks:
             if mode == "scan":
-                run_unit(scan, ctx, False, ScanTask(shard=shard, rows=shard.num_rows, sample_threshold=ctx.sample_threshold))
+                run_unit(scan, ctx, False, task)
             else:  # "read", or "read-crc": checking page CRCs as the scan does (execution.verify_checksums)
-                pfile = pq.ParquetFile(corpus / shard.relpath, page_checksum_verification=mode == "read-crc")
-                for _ in pfile.iter_batches(spec.execution.batch_rows, columns=list(COLUMNS)):
+                pfile = pq.ParquetFile(corpus / task.shard.relpath, page_checksum_verification=mode == "read-crc")
+                for _ in pfile.iter_batches(ctx.recipe.execution.batch_rows, columns=list(ctx.source_columns)):
                     pass
 
 
@@ -94,9 +80,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = args.recipe
         if recipe is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from bench_rebalance import RECIPE
-
             recipe = Path(tmp) / "recipe.yaml"
             recipe.write_text(RECIPE)
         if args.child:

@@ -103,24 +103,24 @@ def summarise(raw: Path, top: int = 20) -> dict:
     }
 
 
-def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20) -> dict:
-    """The scan's own work by CPU time (cProfile with a CPU clock, so other jobs' load does not move
-    the shares, unlike sampled wall time): ``shards`` scan units in this process, after one untimed
-    unit (imports, caches), beside a plain read of the same shards' mapped columns."""
-    import cProfile
+def scan_units(corpus: Path, recipe: Path, out: str, count: int):
+    """(the scan stage, a run context writing under ``out``, the first ``count`` shards' scan tasks)
+    for running scan units in this process as a worker runs them; the recipe's mapped columns, the
+    corpus's embedding dimensions. Also runs against an older tree's package (PYTHONPATH)."""
     import dataclasses
-    import pstats
-    import time
 
     import pyarrow.parquet as pq
 
     from mmbalance.io.recipes import load_recipe
-    from mmbalance.pipeline.sampling import sample_threshold
     from mmbalance.pipeline.shards import discover_shards
-    from mmbalance.pipeline.stage import RunContext, run_unit
+    from mmbalance.pipeline.stage import RunContext
     from mmbalance.pipeline.stages import STAGES
     from mmbalance.pipeline.stages.scan import ScanTask
 
+    try:
+        from mmbalance.pipeline.sampling import sample_threshold
+    except ImportError:  # a tree from before ec3625e
+        from mmbalance.pipeline.fit import sample_threshold
     spec = load_recipe(recipe)
     _, found = discover_shards(str(corpus))
     found = [dataclasses.replace(s, num_rows=pq.ParquetFile(corpus / s.relpath).metadata.num_rows) for s in found]
@@ -129,10 +129,24 @@ def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20)
     dims = tuple((c, pq.ParquetFile(corpus / found[0].relpath).schema_arrow.field(c).type.list_size)
                  for c in (spec.input.columns.image_embedding, spec.input.columns.text_embedding) if c)
     scan = next(s for s in STAGES if s.name == "scan")
+    ctx = RunContext(str(corpus), out, spec, tuple(dict.fromkeys(columns)), dims, sample_threshold(spec, sum(s.num_rows for s in found)))
+    return scan, ctx, [ScanTask(shard=s, rows=s.num_rows, sample_threshold=ctx.sample_threshold) for s in found[:count]]
+
+
+def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20) -> dict:
+    """The scan's own work by CPU time (cProfile with a CPU clock, so other jobs' load does not move
+    the shares, unlike sampled wall time): ``shards`` scan units in this process, after one untimed
+    unit (imports, caches), beside a plain read of the same shards' mapped columns."""
+    import cProfile
+    import pstats
+    import time
+
+    import pyarrow.parquet as pq
+
+    from mmbalance.pipeline.stage import run_unit
+
     with tempfile.TemporaryDirectory() as out:
-        ctx = RunContext(str(corpus), out, spec, tuple(dict.fromkeys(columns)), dims,
-                         sample_threshold(spec, sum(s.num_rows for s in found)))
-        tasks = [ScanTask(shard=s, rows=s.num_rows, sample_threshold=ctx.sample_threshold) for s in found[:shards + 1]]
+        scan, ctx, tasks = scan_units(corpus, recipe, out, shards + 1)
         run_unit(scan, ctx, False, tasks[0])
         profile = cProfile.Profile(time.process_time)
         profile.enable()
@@ -141,7 +155,7 @@ def scan_cpu_profile(corpus: Path, recipe: Path, shards: int = 4, top: int = 20)
         profile.disable()
     started = time.process_time()
     for task in tasks[1:]:
-        for _ in pq.ParquetFile(corpus / task.shard.relpath).iter_batches(spec.execution.batch_rows, columns=list(ctx.source_columns)):
+        for _ in pq.ParquetFile(corpus / task.shard.relpath).iter_batches(ctx.recipe.execution.batch_rows, columns=list(ctx.source_columns)):
             pass
     read_cpu = time.process_time() - started
     stats = pstats.Stats(profile)
