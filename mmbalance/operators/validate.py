@@ -35,8 +35,10 @@ def fixed_rows_problems(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if matrix.dtype == np.float16:
         top = np.bitwise_and(matrix.view(np.uint16), np.uint16(0x7FFF)).max(axis=1)
         return top >= 0x7C00, top == 0
-    # float32 truthiness is != 0 for either sign of zero: any() needs no boolean temporary
-    return ~np.isfinite(matrix).all(axis=1), ~matrix.any(axis=1)
+    # float32 truthiness is != 0 for either sign of zero: any() needs no boolean temporary; comparing a
+    # signaling NaN raises numpy's "invalid value" warning, which a run would print for nothing
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(matrix).all(axis=1), ~matrix.any(axis=1)
 
 
 @dataclass

@@ -63,6 +63,7 @@ def test_fixed_size_float16_nan_and_inf_are_found():
     assert embedding_problems(arr, 8).wrong_dim.all()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a NaN payload is data to reject, not a warning to print
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_fixed_rows_problems_agree_with_numpy_on_every_float16_value(dtype):
     """Every float16 bit pattern (NaN payloads, infinities, subnormals, both zeros) alone in a row,
