@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,11 @@ class Outcome:
     exit_code: int
     stderr: str
     detail: object = None
+    warnings: list[str] = field(default_factory=list)  # Python warnings the run raised (a user would see them)
+
+
+# the warning categories Python does not print by default (outside __main__)
+HIDDEN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
 def _run(tmp: Path, case: Case) -> tuple[Outcome, Path]:
@@ -410,8 +416,10 @@ def _run(tmp: Path, case: Case) -> tuple[Outcome, Path]:
         res = subprocess.run([sys.executable, "-m", "mmbalance.cli", *args, "--num-cpus", "1"], env=cluster_env(),
                              capture_output=True, text=True, timeout=100)
         return Outcome(res.returncode, res.stderr), out
-    result = CliRunner().invoke(app, args)
-    return Outcome(result.exit_code, result.stderr, result.exception), out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, args)
+    return Outcome(result.exit_code, result.stderr, result.exception, [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_BY_DEFAULT)]), out
 
 
 def _read(directory: Path) -> pl.DataFrame:
@@ -436,6 +444,8 @@ def test_there_are_at_least_20_kinds():
 )
 def test_bad_input(tmp_path, case):
     result, out = _run(tmp_path, case)
+    # bad input is said in mmbalance's own lines: no stray library warning beside them (a plot of no rows, a NaN compared)
+    assert not result.warnings, result.warnings
     if isinstance(case.expect, Error):
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.exit_code == 2, (result.exit_code, result.stderr, result.detail)

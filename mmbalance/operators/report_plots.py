@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmbalance.io.store import RunStore
-from mmbalance.operators.html import png, pyplot
+from mmbalance.operators.html import escape, png, pyplot
 from mmbalance.schemas.contract import tag_column
 
 HIST_BINS = 40
@@ -74,6 +74,8 @@ def plot_heatmaps(report: dict[str, Any], index: int) -> tuple[str, int]:
     score = {r: max(abs(t[v].get(r, 0.0)) for _, t in tables for v in values) for r in labels}
     shown = sorted(labels, key=lambda r: (-score[r], r))[:HEATMAP_MAX_LABELS]
     shown.sort(key=lambda r: -max(abs(tables[0][1][v].get(r, 0.0)) for v in values))
+    if not shown or not values:  # no labelled row (every row rejected): nothing to draw, and matplotlib would warn
+        return '<p class="muted">no labelled rows to plot</p>', 0
     mats = [np.array([[t[v].get(r, 0.0) for r in shown] for v in values]) for _, t in tables]
     vmax = max(float(np.abs(m).max()) if m.size else 0.0 for m in mats) or 1.0
     fig, axes = plt.subplots(len(mats), 1, figsize=(max(5.0, 0.42 * len(shown) + 2.0), 0.45 * len(values) * len(mats) + 1.6),
@@ -107,6 +109,8 @@ def label_sizes(before: pa.Table, after: pa.Table, label: str) -> dict[str, np.n
 
 
 def plot_rank(sizes: dict[str, np.ndarray], label: str) -> str:
+    if not any(len(s) for s in sizes.values()):
+        return f'<p class="muted">{escape(label)}: no labelled rows to plot</p>'
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.0, 2.8))
     for name, s in sizes.items():
