@@ -419,7 +419,8 @@ def _run(tmp: Path, case: Case) -> tuple[Outcome, Path]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = CliRunner().invoke(app, args)
-    return Outcome(result.exit_code, result.stderr, result.exception, [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_BY_DEFAULT)]), out
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_BY_DEFAULT)]
+    return Outcome(result.exit_code, result.stderr, result.exception, shown), out
 
 
 def _read(directory: Path) -> pl.DataFrame:

@@ -70,12 +70,12 @@ def plot_heatmaps(report: dict[str, Any], index: int) -> tuple[str, int]:
     tables = [(name, report[key]["association"][index]["gaps"]) for key, _, name in VIEWS[:2]]
     values = list(tables[0][1])
     labels = list(next(iter(tables[0][1].values()), {}))
+    if not labels:  # no labelled row (every row rejected): nothing to draw, and matplotlib would warn
+        return '<p class="muted">no labelled rows to plot</p>', 0
     # the labels with the largest gap before or after, when there are too many to show
     score = {r: max(abs(t[v].get(r, 0.0)) for _, t in tables for v in values) for r in labels}
     shown = sorted(labels, key=lambda r: (-score[r], r))[:HEATMAP_MAX_LABELS]
     shown.sort(key=lambda r: -max(abs(tables[0][1][v].get(r, 0.0)) for v in values))
-    if not shown or not values:  # no labelled row (every row rejected): nothing to draw, and matplotlib would warn
-        return '<p class="muted">no labelled rows to plot</p>', 0
     mats = [np.array([[t[v].get(r, 0.0) for r in shown] for v in values]) for _, t in tables]
     vmax = max(float(np.abs(m).max()) if m.size else 0.0 for m in mats) or 1.0
     fig, axes = plt.subplots(len(mats), 1, figsize=(max(5.0, 0.42 * len(shown) + 2.0), 0.45 * len(values) * len(mats) + 1.6),
