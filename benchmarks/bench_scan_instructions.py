@@ -95,17 +95,17 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     rows = pq.ParquetFile(sorted(args.corpus.glob("*.parquet"))[1]).metadata.num_rows
-    read = (counts[("plain read", 3)] - counts[("plain read", 1)]) / 2
+    per_shard = {label: (counts[(label, 3)] - counts[(label, 1)]) / 2 for label, _, _ in sides}
+    read = per_shard["plain read"]
     result = {
         "benchmark": "scan instructions per shard (callgrind), against a plain read of the same columns",
         "command": " ".join(["python", *sys.argv]),
         "corpus": str(args.corpus), "rows_per_shard": rows,
         "method": "per-shard = (count with 3 shards - count with 1 shard) / 2, each in a fresh process under callgrind",
-        "sides": {label: {"instructions_per_shard": round((counts[(label, 3)] - counts[(label, 1)]) / 2),
-                          "instructions_per_row": round((counts[(label, 3)] - counts[(label, 1)]) / 2 / rows),
-                          "over_plain_read": round((counts[(label, 3)] - counts[(label, 1)]) / 2 / read, 3),
+        "sides": {label: {"instructions_per_shard": round(n), "instructions_per_row": round(n / rows),
+                          "over_plain_read": round(n / read, 3),
                           "raw": {"1 shard": counts[(label, 1)], "3 shards": counts[(label, 3)]}}
-                  for label, _, _ in sides},
+                  for label, n in per_shard.items()},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

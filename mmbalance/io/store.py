@@ -153,6 +153,7 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
 READ_BATCH_ROWS = 4096
 PACKED = b"mmbalance.packed"  # field metadata of a packed float list column: b"float16:512"
 _PACKABLE = {pa.float16(): "float16", pa.float32(): "float32"}
+_UNPACKED = {name: kind for kind, name in _PACKABLE.items()}
 
 
 def pack_float_lists(table: pa.Table) -> pa.Table:
@@ -195,12 +196,12 @@ def unpack_float_lists(table: pa.Table) -> pa.Table:
             fields.append(field)
             columns.append(column)
             continue
-        kind, dim = meta.pop(PACKED).decode().split(":")
-        value_type = pa.float16() if kind == "float16" else pa.float32()
-        list_type = pa.list_(pa.field("element", value_type), int(dim))
+        kind, size = meta.pop(PACKED).decode().split(":")
+        value_type, dim = _UNPACKED[kind], int(size)
+        list_type = pa.list_(pa.field("element", value_type), dim)
         chunks = []
         for chunk in column.chunks:
-            values = pa.Array.from_buffers(value_type, len(chunk) * int(dim), [None, chunk.buffers()[1]], 0, chunk.offset * int(dim))
+            values = pa.Array.from_buffers(value_type, len(chunk) * dim, [None, chunk.buffers()[1]], 0, chunk.offset * dim)
             mask = chunk.is_null() if chunk.null_count else None
             chunks.append(pa.FixedSizeListArray.from_arrays(values, type=list_type, mask=mask))
         fields.append(pa.field(field.name, list_type, field.nullable, meta or None))

@@ -66,12 +66,12 @@ def plot_worst_pairs(report: dict[str, Any], index: int, top: int = 8) -> str:
 
 
 def plot_heatmaps(report: dict[str, Any], index: int) -> tuple[str, int]:
-    plt = pyplot()
     tables = [(name, report[key]["association"][index]["gaps"]) for key, _, name in VIEWS[:2]]
     values = list(tables[0][1])
     labels = list(next(iter(tables[0][1].values()), {}))
     if not labels:  # no labelled row (every row rejected): nothing to draw, and matplotlib would warn
         return '<p class="muted">no labelled rows to plot</p>', 0
+    plt = pyplot()
     # the labels with the largest gap before or after, when there are too many to show
     score = {r: max(abs(t[v].get(r, 0.0)) for _, t in tables for v in values) for r in labels}
     shown = sorted(labels, key=lambda r: (-score[r], r))[:HEATMAP_MAX_LABELS]
